@@ -1,0 +1,9 @@
+//! meshd: a service-mesh control plane serving Envoy's xDS APIs.
+//!
+//! Data flows one way (see ARCHITECTURE.md):
+//! [`sources`] → [`model::Store`] → [`model::MeshSnapshot`] → [`xds::translate`] →
+//! [`xds::server`] → Envoy. [`admin`] shows what is happening; [`bootstrap`] writes the
+//! Envoy side of the handshake.
+
+pub mod model;
+pub mod sources;

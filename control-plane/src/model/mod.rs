@@ -1,0 +1,232 @@
+//! The mesh model: what meshd knows about the world, independent of where it came from.
+//!
+//! Sources (the config directory, later Kubernetes) turn the outside world into
+//! [`MeshObject`]s; the [`store`] keeps the current set and publishes immutable,
+//! versioned [`snapshot::MeshSnapshot`]s; [`proxy_view`] cuts out what one proxy needs.
+//! Nothing in here knows about gRPC, Envoy or the Kubernetes API.
+
+pub mod proxy_view;
+pub mod snapshot;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+pub use proxy_view::ProxyView;
+pub use snapshot::MeshSnapshot;
+pub use store::{Store, StoreConfig, StoreEvent};
+
+/// The DNS suffix of services, as in `web.default.svc.cluster.local`.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// A namespaced object's identity.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How a port's bytes are understood by the sidecars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 (and HTTP/2 if the client speaks it) through an HTTP connection manager.
+    Http,
+    /// HTTP/2 end to end, also towards the upstream.
+    Http2,
+    /// gRPC: HTTP/2 end to end.
+    Grpc,
+    /// Opaque bytes through a TCP proxy.
+    Tcp,
+}
+
+impl Protocol {
+    pub fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+
+    /// Whether the upstream connection must be HTTP/2.
+    pub fn needs_http2_upstream(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The port a service port forwards to on its endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    /// A container port name, resolved per pod.
+    Named(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: TargetPort,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub key: ObjectKey,
+    /// The virtual IP (`spec.clusterIP`), if the service has one.
+    pub cluster_ip: Option<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Pods selected by these labels become endpoints, unless EndpointSlices name the service.
+    pub selector: Option<BTreeMap<String, String>>,
+}
+
+impl Service {
+    /// `name.namespace.svc.cluster.local`
+    pub fn hostname(&self) -> String {
+        format!(
+            "{}.{}.svc.{CLUSTER_DOMAIN}",
+            self.key.name, self.key.namespace
+        )
+    }
+
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSlicePort {
+    pub name: Option<String>,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    pub addresses: Vec<IpAddr>,
+    pub ready: bool,
+    /// The pod behind this endpoint (`targetRef` of kind Pod), if named.
+    pub pod: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSlice {
+    pub key: ObjectKey,
+    /// The service (same namespace) this slice belongs to.
+    pub service: String,
+    pub ports: Vec<EndpointSlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+}
+
+/// A service this workload calls, and the local port its sidecar listens on for it
+/// (`explicit` capture mode).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct Upstream {
+    pub service: ObjectKey,
+    pub port: u16,
+    pub local_port: u16,
+}
+
+/// A pod: one sidecar's worth of application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub key: ObjectKey,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    /// The pod IP. In explicit mode the sidecar's inbound listeners bind here.
+    pub address: Option<IpAddr>,
+    pub ready: bool,
+    pub container_ports: Vec<ContainerPort>,
+    /// Inbound port → the local port the application really listens on (default: the same).
+    pub app_ports: BTreeMap<u16, u16>,
+    pub upstreams: Vec<Upstream>,
+}
+
+impl Workload {
+    /// The port on 127.0.0.1 where the application serves what arrives on `port`.
+    pub fn app_port(&self, port: u16) -> u16 {
+        self.app_ports.get(&port).copied().unwrap_or(port)
+    }
+
+    pub fn container_port_named(&self, name: &str) -> Option<u16> {
+        self.container_ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.port)
+    }
+}
+
+/// Anything a source can tell the store about.
+/// Objects are `Arc`s so that snapshots share everything that did not change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeshObject {
+    Namespace(Arc<Namespace>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Workload(Arc<Workload>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKind {
+    Namespace,
+    Service,
+    EndpointSlice,
+    Workload,
+}
+
+impl fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ObjectKind::Namespace => "Namespace",
+            ObjectKind::Service => "Service",
+            ObjectKind::EndpointSlice => "EndpointSlice",
+            ObjectKind::Workload => "Pod",
+        })
+    }
+}
+
+impl MeshObject {
+    pub fn kind(&self) -> ObjectKind {
+        match self {
+            MeshObject::Namespace(_) => ObjectKind::Namespace,
+            MeshObject::Service(_) => ObjectKind::Service,
+            MeshObject::EndpointSlice(_) => ObjectKind::EndpointSlice,
+            MeshObject::Workload(_) => ObjectKind::Workload,
+        }
+    }
+
+    /// Namespaces are keyed with an empty namespace.
+    pub fn key(&self) -> ObjectKey {
+        match self {
+            MeshObject::Namespace(n) => ObjectKey::new("", n.name.clone()),
+            MeshObject::Service(s) => s.key.clone(),
+            MeshObject::EndpointSlice(s) => s.key.clone(),
+            MeshObject::Workload(w) => w.key.clone(),
+        }
+    }
+}

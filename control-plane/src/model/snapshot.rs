@@ -1,0 +1,283 @@
+//! An immutable, versioned view of the whole mesh, with the derived facts every
+//! consumer needs (endpoints per service port, inbound ports per workload) computed once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::{
+    EndpointSlice, MeshObject, Namespace, ObjectKey, Protocol, Service, ServicePort, TargetPort,
+    Workload,
+};
+
+/// One address:port that serves a service port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    pub port: u16,
+    pub ready: bool,
+    /// The pod behind the endpoint, when known (by `targetRef` or by its pod IP).
+    pub workload: Option<ObjectKey>,
+}
+
+/// A port on which a workload receives mesh traffic, and the services that send it there.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InboundPort {
+    pub port: u16,
+    pub protocol: Protocol,
+    pub services: Vec<ObjectKey>,
+}
+
+/// `(service, service port number)`
+pub type ServicePortKey = (ObjectKey, u16);
+
+#[derive(Debug, Default)]
+pub struct MeshSnapshot {
+    pub version: u64,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    pub workloads: BTreeMap<ObjectKey, Arc<Workload>>,
+    /// Every port of every service, with its endpoints (ready or not), sorted.
+    pub endpoints: BTreeMap<ServicePortKey, Arc<Vec<Endpoint>>>,
+    /// Per workload, the ports on which some service sends it traffic.
+    pub inbound: HashMap<ObjectKey, Vec<InboundPort>>,
+}
+
+impl MeshSnapshot {
+    pub fn build(version: u64, objects: impl IntoIterator<Item = MeshObject>) -> MeshSnapshot {
+        let mut snap = MeshSnapshot {
+            version,
+            ..Default::default()
+        };
+        for obj in objects {
+            match obj {
+                MeshObject::Namespace(n) => {
+                    snap.namespaces.insert(n.name.clone(), n);
+                }
+                MeshObject::Service(s) => {
+                    snap.services.insert(s.key.clone(), s);
+                }
+                MeshObject::EndpointSlice(s) => {
+                    snap.endpoint_slices.insert(s.key.clone(), s);
+                }
+                MeshObject::Workload(w) => {
+                    snap.workloads.insert(w.key.clone(), w);
+                }
+            }
+        }
+        snap.derive_endpoints();
+        snap
+    }
+
+    pub fn service_endpoints(&self, service: &ObjectKey, port: u16) -> &[Endpoint] {
+        self.endpoints
+            .get(&(service.clone(), port))
+            .map(|e| e.as_slice())
+            .unwrap_or_default()
+    }
+
+    fn derive_endpoints(&mut self) {
+        let mut slices_by_service: HashMap<ObjectKey, Vec<&EndpointSlice>> = HashMap::new();
+        for slice in self.endpoint_slices.values() {
+            slices_by_service
+                .entry(ObjectKey::new(&slice.key.namespace, &slice.service))
+                .or_default()
+                .push(slice);
+        }
+        let by_address: HashMap<(&str, IpAddr), &Workload> = self
+            .workloads
+            .values()
+            .filter_map(|w| Some(((w.key.namespace.as_str(), w.address?), &**w)))
+            .collect();
+
+        let mut endpoints = BTreeMap::new();
+        let mut inbound: HashMap<ObjectKey, Vec<InboundPort>> = HashMap::new();
+        for svc in self.services.values() {
+            let slices = slices_by_service.get(&svc.key);
+            for port in &svc.ports {
+                let mut eps = match slices {
+                    Some(slices) => from_slices(svc, port, slices, &by_address),
+                    None => from_selector(svc, port, self.workloads.values()),
+                };
+                eps.sort();
+                eps.dedup();
+                for ep in &eps {
+                    let Some(workload) = &ep.workload else { continue };
+                    let ports = inbound.entry(workload.clone()).or_default();
+                    match ports.iter_mut().find(|p| p.port == ep.port) {
+                        Some(existing) => {
+                            if !existing.services.contains(&svc.key) {
+                                existing.services.push(svc.key.clone());
+                            }
+                        }
+                        None => ports.push(InboundPort {
+                            port: ep.port,
+                            protocol: port.protocol,
+                            services: vec![svc.key.clone()],
+                        }),
+                    }
+                }
+                endpoints.insert((svc.key.clone(), port.port), Arc::new(eps));
+            }
+        }
+        for ports in inbound.values_mut() {
+            ports.sort_by_key(|p| p.port);
+        }
+        self.endpoints = endpoints;
+        self.inbound = inbound;
+    }
+}
+
+fn from_slices(
+    svc: &Service,
+    port: &ServicePort,
+    slices: &[&EndpointSlice],
+    by_address: &HashMap<(&str, IpAddr), &Workload>,
+) -> Vec<Endpoint> {
+    let wanted = port.name.as_deref().unwrap_or("");
+    let mut out = Vec::new();
+    for slice in slices {
+        let Some(slice_port) = slice
+            .ports
+            .iter()
+            .find(|p| p.name.as_deref().unwrap_or("") == wanted)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            for &address in &ep.addresses {
+                let workload = match &ep.pod {
+                    Some(pod) => Some(ObjectKey::new(&svc.key.namespace, pod)),
+                    None => by_address
+                        .get(&(svc.key.namespace.as_str(), address))
+                        .map(|w| w.key.clone()),
+                };
+                out.push(Endpoint {
+                    address,
+                    port: slice_port.port,
+                    ready: ep.ready,
+                    workload,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn from_selector<'a>(
+    svc: &Service,
+    port: &ServicePort,
+    workloads: impl Iterator<Item = &'a Arc<Workload>>,
+) -> Vec<Endpoint> {
+    let Some(selector) = svc.selector.as_ref().filter(|s| !s.is_empty()) else {
+        return Vec::new();
+    };
+    workloads
+        .filter(|w| w.key.namespace == svc.key.namespace)
+        .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .filter_map(|w| {
+            let target = match &port.target_port {
+                TargetPort::Number(n) => *n,
+                TargetPort::Named(name) => w.container_port_named(name)?,
+            };
+            Some(Endpoint {
+                address: w.address?,
+                port: target,
+                ready: w.ready,
+                workload: Some(w.key.clone()),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{EndpointSlicePort, SliceEndpoint};
+
+    fn pod(name: &str, ip: &str, app: &str) -> MeshObject {
+        MeshObject::Workload(Arc::new(Workload {
+            key: ObjectKey::new("default", name),
+            labels: [("app".to_string(), app.to_string())].into(),
+            service_account: "default".into(),
+            address: Some(ip.parse().unwrap()),
+            ready: true,
+            container_ports: vec![super::super::ContainerPort {
+                name: Some("http".into()),
+                port: 8080,
+            }],
+            app_ports: Default::default(),
+            upstreams: vec![],
+        }))
+    }
+
+    fn svc(name: &str, target: TargetPort) -> MeshObject {
+        MeshObject::Service(Arc::new(Service {
+            key: ObjectKey::new("default", name),
+            cluster_ip: None,
+            ports: vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: target,
+                protocol: Protocol::Http,
+            }],
+            selector: Some([("app".to_string(), name.to_string())].into()),
+        }))
+    }
+
+    #[test]
+    fn selector_endpoints_resolve_named_target_ports() {
+        let snap = MeshSnapshot::build(
+            1,
+            vec![
+                svc("web", TargetPort::Named("http".into())),
+                pod("web-1", "10.0.0.1", "web"),
+                pod("web-2", "10.0.0.2", "web"),
+                pod("db-1", "10.0.0.3", "db"),
+            ],
+        );
+        let eps = snap.service_endpoints(&ObjectKey::new("default", "web"), 80);
+        let addrs: Vec<String> = eps
+            .iter()
+            .map(|e| format!("{}:{}", e.address, e.port))
+            .collect();
+        assert_eq!(addrs, ["10.0.0.1:8080", "10.0.0.2:8080"]);
+        let inbound = &snap.inbound[&ObjectKey::new("default", "web-1")];
+        assert_eq!(inbound.len(), 1);
+        assert_eq!(inbound[0].port, 8080);
+        assert!(!snap.inbound.contains_key(&ObjectKey::new("default", "db-1")));
+    }
+
+    #[test]
+    fn endpoint_slices_take_precedence_over_the_selector() {
+        let slice = MeshObject::EndpointSlice(Arc::new(EndpointSlice {
+            key: ObjectKey::new("default", "web-abc"),
+            service: "web".into(),
+            ports: vec![EndpointSlicePort {
+                name: Some("http".into()),
+                port: 9090,
+            }],
+            endpoints: vec![SliceEndpoint {
+                addresses: vec!["10.0.0.2".parse().unwrap()],
+                ready: false,
+                pod: None,
+            }],
+        }));
+        let snap = MeshSnapshot::build(
+            1,
+            vec![
+                svc("web", TargetPort::Number(8080)),
+                pod("web-1", "10.0.0.1", "web"),
+                pod("web-2", "10.0.0.2", "web"),
+                slice,
+            ],
+        );
+        let eps = snap.service_endpoints(&ObjectKey::new("default", "web"), 80);
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].port, 9090);
+        assert!(!eps[0].ready);
+        // The pod is found by its IP even without a targetRef.
+        assert_eq!(eps[0].workload, Some(ObjectKey::new("default", "web-2")));
+    }
+}

@@ -1,0 +1,241 @@
+//! The store: the current set of mesh objects, and the debounced publisher of snapshots.
+//!
+//! Sources send [`StoreEvent`]s. The store applies them to its state and, once a burst
+//! has been quiet for `debounce` (or `debounce_max` after its first event, whichever
+//! comes first), builds one new immutable [`MeshSnapshot`] and publishes it on a
+//! `watch` channel. Events that change nothing publish nothing, so a source may resend
+//! its whole state freely.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::snapshot::MeshSnapshot;
+use super::{MeshObject, ObjectKey, ObjectKind};
+
+#[derive(Debug, Clone, Copy)]
+pub struct StoreConfig {
+    /// Quiet time after the last event of a burst before a snapshot is built.
+    pub debounce: Duration,
+    /// Upper bound on how long a continuous burst can hold a snapshot back.
+    pub debounce_max: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            debounce: Duration::from_millis(100),
+            debounce_max: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum StoreEvent {
+    Upsert(MeshObject),
+    Delete(ObjectKind, ObjectKey),
+    /// The source's complete state: everything not in it is removed.
+    Replace(Vec<MeshObject>),
+}
+
+/// Handle to the running store. Cloning shares it.
+#[derive(Clone, Debug)]
+pub struct Store {
+    events: mpsc::UnboundedSender<StoreEvent>,
+    snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+}
+
+impl Store {
+    /// Starts the store task with `initial` objects, published at once as version 1.
+    pub fn start(config: StoreConfig, initial: Vec<MeshObject>) -> Store {
+        let mut state = State::default();
+        state.replace(initial);
+        let first = Arc::new(state.snapshot(1));
+        let (snap_tx, snap_rx) = watch::channel(first);
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(config, state, ev_rx, snap_tx));
+        Store {
+            events: ev_tx,
+            snapshots: snap_rx,
+        }
+    }
+
+    pub fn send(&self, event: StoreEvent) {
+        // The store task only ends when every handle is gone, so this cannot fail
+        // while `self` exists.
+        let _ = self.events.send(event);
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<MeshSnapshot>> {
+        self.snapshots.clone()
+    }
+
+    pub fn current(&self) -> Arc<MeshSnapshot> {
+        self.snapshots.borrow().clone()
+    }
+}
+
+async fn run(
+    config: StoreConfig,
+    mut state: State,
+    mut events: mpsc::UnboundedReceiver<StoreEvent>,
+    snapshots: watch::Sender<Arc<MeshSnapshot>>,
+) {
+    let mut version = 1;
+    while let Some(first) = events.recv().await {
+        let burst_start = Instant::now();
+        let mut changed = state.apply(first);
+        let hard_deadline = burst_start + config.debounce_max;
+        loop {
+            let deadline = (Instant::now() + config.debounce).min(hard_deadline);
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => changed |= state.apply(ev),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if changed {
+            version += 1;
+            let snap = state.snapshot(version);
+            tracing::debug!(
+                version,
+                debounce_ms = burst_start.elapsed().as_millis() as u64,
+                services = snap.services.len(),
+                workloads = snap.workloads.len(),
+                "published mesh snapshot"
+            );
+            snapshots.send_replace(Arc::new(snap));
+        }
+    }
+}
+
+/// The objects as of now, kept as `Arc`s so that snapshots share unchanged objects.
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<(ObjectKind, ObjectKey), MeshObject>,
+}
+
+impl State {
+    /// Applies one event; returns whether anything changed.
+    fn apply(&mut self, event: StoreEvent) -> bool {
+        match event {
+            StoreEvent::Upsert(obj) => self.upsert(obj),
+            StoreEvent::Delete(kind, key) => self.objects.remove(&(kind, key)).is_some(),
+            StoreEvent::Replace(objs) => self.replace(objs),
+        }
+    }
+
+    fn upsert(&mut self, obj: MeshObject) -> bool {
+        let id = (obj.kind(), obj.key());
+        if self.objects.get(&id).is_some_and(|old| *old == obj) {
+            return false;
+        }
+        self.objects.insert(id, obj);
+        true
+    }
+
+    fn replace(&mut self, objs: Vec<MeshObject>) -> bool {
+        let mut next = BTreeMap::new();
+        let mut changed = false;
+        for obj in objs {
+            let id = (obj.kind(), obj.key());
+            let kept = match self.objects.get(&id) {
+                Some(old) if *old == obj => old.clone(),
+                _ => {
+                    changed = true;
+                    obj
+                }
+            };
+            next.insert(id, kept);
+        }
+        changed |= next.len() != self.objects.len();
+        self.objects = next;
+        changed
+    }
+
+    fn snapshot(&self, version: u64) -> MeshSnapshot {
+        MeshSnapshot::build(version, self.objects.values().cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Namespace;
+
+    fn ns(name: &str) -> MeshObject {
+        MeshObject::Namespace(Arc::new(Namespace {
+            name: name.into(),
+            labels: Default::default(),
+        }))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_becomes_one_snapshot() {
+        let store = Store::start(StoreConfig::default(), vec![]);
+        let mut rx = store.subscribe();
+        assert_eq!(rx.borrow_and_update().version, 1);
+        for i in 0..10 {
+            store.send(StoreEvent::Upsert(ns(&format!("n{i}"))));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        rx.changed().await.unwrap();
+        let snap = rx.borrow_and_update().clone();
+        assert_eq!(snap.version, 2);
+        assert_eq!(snap.namespaces.len(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_continuous_burst_is_capped_by_debounce_max() {
+        let config = StoreConfig {
+            debounce: Duration::from_millis(100),
+            debounce_max: Duration::from_millis(500),
+        };
+        let store = Store::start(config, vec![]);
+        let mut rx = store.subscribe();
+        rx.borrow_and_update();
+        let start = Instant::now();
+        let sender = store.clone();
+        tokio::spawn(async move {
+            for i in 0..100 {
+                sender.send(StoreEvent::Upsert(ns(&format!("n{i}"))));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        rx.changed().await.unwrap();
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(500) && waited < Duration::from_millis(600),
+            "first snapshot after {waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replace_with_the_same_state_publishes_nothing() {
+        let store = Store::start(StoreConfig::default(), vec![ns("a"), ns("b")]);
+        let mut rx = store.subscribe();
+        rx.borrow_and_update();
+        store.send(StoreEvent::Replace(vec![ns("b"), ns("a")]));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!rx.has_changed().unwrap());
+        store.send(StoreEvent::Replace(vec![ns("a")]));
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow().namespaces.len(), 1);
+        assert_eq!(rx.borrow().version, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delete_removes_an_object() {
+        let store = Store::start(StoreConfig::default(), vec![ns("a")]);
+        let mut rx = store.subscribe();
+        rx.borrow_and_update();
+        store.send(StoreEvent::Delete(ObjectKind::Namespace, ObjectKey::new("", "a")));
+        rx.changed().await.unwrap();
+        assert!(rx.borrow().namespaces.is_empty());
+    }
+}

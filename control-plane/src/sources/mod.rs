@@ -1,0 +1,15 @@
+//! Sources turn the outside world into [`crate::model`] objects and feed the store.
+//!
+//! - [`convert`]: Kubernetes API objects → model objects, with errors naming the field.
+//!   Shared by every source so that a Service means the same thing wherever it came from.
+//! - [`file`]: the embedded default — a directory of Kubernetes-style YAML, watched live.
+
+pub mod convert;
+pub mod file;
+
+/// Annotation on a pod naming the services it calls and the local port for each
+/// (`explicit` capture): `"web:80=15001, db.data:5432=15002"`.
+pub const UPSTREAMS_ANNOTATION: &str = "meshd.io/upstreams";
+/// Annotation on a pod mapping an inbound port to the port the app really listens on
+/// at 127.0.0.1: `"8080=18080"`. Unlisted ports are served on the same port number.
+pub const APP_PORTS_ANNOTATION: &str = "meshd.io/app-ports";
