@@ -7,3 +7,6 @@
 
 pub mod model;
 pub mod sources;
+pub mod xds;
+pub mod admin;
+pub mod bootstrap;

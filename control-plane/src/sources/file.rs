@@ -254,9 +254,9 @@ impl FileSource {
         (objects, errors)
     }
 
-    /// Watches the directory and sends the directory's state to the store after every
-    /// change. Runs until the store goes away.
-    pub async fn watch(mut self, store: Store, shared: SharedErrors) -> anyhow::Result<()> {
+    /// Starts watching the directory: after every change, the directory's state goes to
+    /// the store. Fails now if the directory cannot be watched.
+    pub fn spawn_watch(mut self, store: Store, shared: SharedErrors) -> notify::Result<()> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if res.is_ok() {
@@ -265,15 +265,18 @@ impl FileSource {
         })?;
         watcher.watch(&self.dir, notify::RecursiveMode::Recursive)?;
         publish_errors(&shared, &self.errors, &[]);
-        while rx.recv().await.is_some() {
-            // Editors write in several steps; let the burst land before reading.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            while rx.try_recv().is_ok() {}
-            let before = self.errors.clone();
-            let objects = self.scan();
-            publish_errors(&shared, &self.errors, &before);
-            store.send(StoreEvent::Replace(objects));
-        }
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            while rx.recv().await.is_some() {
+                // Editors write in several steps; let the burst land before reading.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while rx.try_recv().is_ok() {}
+                let before = self.errors.clone();
+                let objects = self.scan();
+                publish_errors(&shared, &self.errors, &before);
+                store.send(StoreEvent::Replace(objects));
+            }
+        });
         Ok(())
     }
 }

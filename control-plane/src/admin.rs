@@ -1,0 +1,133 @@
+//! The admin HTTP API: health, and everything needed to debug a proxy's config.
+//!
+//! - `GET /healthz`, `GET /readyz`
+//! - `GET /debug/snapshot`: mesh snapshot version, object counts, config errors
+//! - `GET /debug/proxies`: every connected proxy: what was sent, ACKed, NACKed and why
+//! - `GET /debug/proxy-config?workload=<ns>/<pod>`: the resources that workload's
+//!   sidecar should have, by type, with their versions
+//!
+//! Nothing here ever contains key material.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::model::ObjectKey;
+use crate::sources::file::SharedErrors;
+use crate::xds::cache::XdsSnapshot;
+use crate::xds::resources::ResourceType;
+use crate::xds::status::{ProxyRegistry, ProxyStatus};
+
+#[derive(Clone, Debug)]
+pub struct AdminState {
+    pub snapshots: watch::Receiver<Arc<XdsSnapshot>>,
+    pub registry: ProxyRegistry,
+    pub config_errors: SharedErrors,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ok\n" }))
+        .route("/debug/snapshot", get(snapshot))
+        .route("/debug/proxies", get(proxies))
+        .route("/debug/proxy-config", get(proxy_config))
+        .with_state(state)
+}
+
+/// `GET /debug/snapshot`
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotSummary {
+    pub version: u64,
+    pub namespaces: usize,
+    pub services: usize,
+    pub workloads: usize,
+    pub endpoints: usize,
+    pub connected_proxies: usize,
+    pub config_errors: Vec<String>,
+}
+
+async fn snapshot(State(state): State<AdminState>) -> Json<SnapshotSummary> {
+    let snap = state.snapshots.borrow().clone();
+    let errors = state
+        .config_errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    Json(SnapshotSummary {
+        version: snap.version(),
+        namespaces: snap.mesh.namespaces.len(),
+        services: snap.mesh.services.len(),
+        workloads: snap.mesh.workloads.len(),
+        endpoints: snap.mesh.endpoints.values().map(|e| e.len()).sum(),
+        connected_proxies: state.registry.len(),
+        config_errors: errors,
+    })
+}
+
+async fn proxies(State(state): State<AdminState>) -> Json<Vec<ProxyStatus>> {
+    Json(state.registry.list())
+}
+
+#[derive(Debug, Deserialize)]
+struct ProxyConfigQuery {
+    workload: String,
+}
+
+/// `GET /debug/proxy-config`
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProxyConfig {
+    pub workload: String,
+    pub snapshot_version: u64,
+    /// type (`cds`, …) → resource name → version
+    pub resources: BTreeMap<String, BTreeMap<String, String>>,
+    pub problems: Vec<String>,
+}
+
+async fn proxy_config(
+    State(state): State<AdminState>,
+    Query(q): Query<ProxyConfigQuery>,
+) -> impl IntoResponse {
+    let Some((ns, name)) = q.workload.split_once('/') else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("workload must be <namespace>/<pod>, not {:?}\n", q.workload),
+        )
+            .into_response();
+    };
+    let snap = state.snapshots.borrow().clone();
+    let Some((view, resources)) = snap.proxy_resources(&ObjectKey::new(ns, name)) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no pod {} in mesh snapshot {}\n", q.workload, snap.version()),
+        )
+            .into_response();
+    };
+    let by_type = ResourceType::PUSH_ORDER
+        .into_iter()
+        .map(|t| {
+            let set = resources
+                .get(t)
+                .values()
+                .map(|r| (r.name.clone(), r.version.clone()))
+                .collect();
+            (t.short().to_string(), set)
+        })
+        .collect();
+    Json(ProxyConfig {
+        workload: q.workload,
+        snapshot_version: snap.version(),
+        resources: by_type,
+        problems: view.problems,
+    })
+    .into_response()
+}

@@ -1,0 +1,153 @@
+//! Per-snapshot xDS resources.
+//!
+//! Every mesh snapshot becomes one [`XdsSnapshot`]: the encoded cluster, endpoints and
+//! route of every service port, built once and shared by all proxies. A service port
+//! whose inputs did not change keeps the previous snapshot's `Arc`s, so a change only
+//! re-encodes what it touches. Per-proxy resources (its listeners and inbound clusters)
+//! are assembled from these by [`XdsSnapshot::proxy_resources`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::resources::{ProxyResources, Resource, ResourceType};
+use super::translate;
+use crate::model::snapshot::{Endpoint, ServicePortKey};
+use crate::model::{MeshSnapshot, ObjectKey, ProxyView, Service};
+
+/// The shared resources of one service port and the inputs they were built from.
+#[derive(Debug)]
+pub struct ServicePortResources {
+    service: Arc<Service>,
+    endpoints: Arc<Vec<Endpoint>>,
+    pub cluster: Arc<Resource>,
+    pub load_assignment: Arc<Resource>,
+    pub route: Option<Arc<Resource>>,
+}
+
+#[derive(Debug, Default)]
+pub struct XdsSnapshot {
+    pub mesh: Arc<MeshSnapshot>,
+    pub services: HashMap<ServicePortKey, Arc<ServicePortResources>>,
+}
+
+impl XdsSnapshot {
+    pub fn build(mesh: Arc<MeshSnapshot>, previous: Option<&XdsSnapshot>) -> XdsSnapshot {
+        let mut services = HashMap::with_capacity(mesh.endpoints.len());
+        for svc in mesh.services.values() {
+            for port in &svc.ports {
+                let key = (svc.key.clone(), port.port);
+                let endpoints = mesh.endpoints.get(&key).cloned().unwrap_or_default();
+                let old = previous.and_then(|p| p.services.get(&key));
+                let same_service = old.is_some_and(|o| o.service == *svc);
+                let same_endpoints = old.is_some_and(|o| o.endpoints == endpoints);
+                let entry = match old {
+                    Some(old) if same_service && same_endpoints => old.clone(),
+                    _ => {
+                        let name = translate::service_cluster_name(svc, port.port);
+                        let (cluster, route) = match old.filter(|_| same_service) {
+                            Some(old) => (old.cluster.clone(), old.route.clone()),
+                            None => (
+                                Resource::encode(&name, &translate::service_cluster(svc, port)),
+                                port.protocol.is_http().then(|| {
+                                    Resource::encode(&name, &translate::service_route(svc, port))
+                                }),
+                            ),
+                        };
+                        let load_assignment = match old.filter(|_| same_endpoints) {
+                            Some(old) => old.load_assignment.clone(),
+                            None => Resource::encode(
+                                &name,
+                                &translate::service_load_assignment(&name, &endpoints),
+                            ),
+                        };
+                        Arc::new(ServicePortResources {
+                            service: svc.clone(),
+                            endpoints,
+                            cluster,
+                            load_assignment,
+                            route,
+                        })
+                    }
+                };
+                services.insert(key, entry);
+            }
+        }
+        XdsSnapshot { mesh, services }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.mesh.version
+    }
+
+    /// Everything the sidecar of `workload` should have, or `None` if the mesh has no
+    /// such workload (yet).
+    pub fn proxy_resources(&self, workload: &ObjectKey) -> Option<(ProxyView, ProxyResources)> {
+        let mut view = ProxyView::build(&self.mesh, workload)?;
+        let mut out = ProxyResources::default();
+        match view.workload.address {
+            Some(address) => {
+                for inbound in &view.inbound {
+                    let app_port = view.workload.app_port(inbound.port);
+                    out.insert(
+                        ResourceType::Cluster,
+                        Resource::encode(
+                            translate::inbound_cluster_name(inbound.port),
+                            &translate::inbound_cluster(inbound, app_port),
+                        ),
+                    );
+                    out.insert(
+                        ResourceType::Listener,
+                        Resource::encode(
+                            translate::inbound_listener_name(address, inbound.port),
+                            &translate::inbound_listener(address, inbound),
+                        ),
+                    );
+                }
+            }
+            None if !view.inbound.is_empty() => view
+                .problems
+                .push("the pod has no IP (status.podIP): no inbound listeners".to_string()),
+            None => {}
+        }
+        for out_port in &view.outbound {
+            let key = (out_port.service.key.clone(), out_port.port.port);
+            let Some(shared) = self.services.get(&key) else {
+                continue;
+            };
+            out.insert(ResourceType::Cluster, shared.cluster.clone());
+            out.insert(ResourceType::Endpoint, shared.load_assignment.clone());
+            if let Some(route) = &shared.route {
+                out.insert(ResourceType::Route, route.clone());
+            }
+            out.insert(
+                ResourceType::Listener,
+                Resource::encode(
+                    translate::outbound_listener_name(out_port.upstream.local_port),
+                    &translate::outbound_listener(out_port),
+                ),
+            );
+        }
+        Some((view, out))
+    }
+}
+
+/// Follows the mesh snapshots and publishes the matching xDS snapshots.
+pub fn spawn_translator(
+    mut mesh: watch::Receiver<Arc<MeshSnapshot>>,
+) -> watch::Receiver<Arc<XdsSnapshot>> {
+    let first = Arc::new(XdsSnapshot::build(mesh.borrow_and_update().clone(), None));
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(async move {
+        while mesh.changed().await.is_ok() {
+            let snap = mesh.borrow_and_update().clone();
+            let previous = tx.borrow().clone();
+            let next = XdsSnapshot::build(snap, Some(&previous));
+            if tx.send(Arc::new(next)).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,250 @@
+//! Incremental (delta) ADS streams.
+//!
+//! Per type the stream tracks the subscription (wildcard and/or explicit names) and
+//! what the proxy has: name → version, seeded from `initial_resource_versions` when a
+//! proxy reconnects. A response carries only resources whose version differs from what
+//! the proxy has, and `removed_resources` for what it has that is gone. Explicitly
+//! subscribed names that do not exist are reported once in `removed_resources`, so the
+//! proxy does not wait for them. A NACK is recorded; the proxy keeps its config.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as DeltaResource,
+};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::node::identify;
+use super::resources::ResourceType;
+use super::server::{ProxyConn, StreamContext, log_stream_end};
+use super::status::{Nack, XdsFlavor, now_rfc3339};
+
+#[derive(Debug, Default)]
+struct TypeState {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the proxy has: name → version.
+    has: HashMap<String, String>,
+    /// Subscribed names already reported as not existing.
+    told_missing: BTreeSet<String>,
+    answered_once: bool,
+}
+
+type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+
+pub(crate) async fn run(
+    mut ctx: StreamContext,
+    mut requests: Streaming<DeltaDiscoveryRequest>,
+    tx: Tx,
+) {
+    let first = match requests.next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return log_stream_end(None, &e.to_string()),
+        None => return log_stream_end(None, "closed by the client"),
+    };
+    let id = match identify(first.node.as_ref()) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!("refused an xDS stream: {e}");
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
+    };
+    let mut stream = DeltaStream {
+        conn: ProxyConn::connect(&mut ctx, id, XdsFlavor::Delta),
+        types: BTreeMap::new(),
+        tx,
+    };
+    let reason = stream.serve(ctx, first, requests).await;
+    log_stream_end(Some(&stream.conn.id), &reason);
+}
+
+struct DeltaStream {
+    conn: ProxyConn,
+    types: BTreeMap<ResourceType, TypeState>,
+    tx: Tx,
+}
+
+impl DeltaStream {
+    async fn serve(
+        &mut self,
+        mut ctx: StreamContext,
+        first: DeltaDiscoveryRequest,
+        mut requests: Streaming<DeltaDiscoveryRequest>,
+    ) -> String {
+        if let Err(e) = self.on_request(first).await {
+            return e;
+        }
+        loop {
+            tokio::select! {
+                req = requests.next() => match req {
+                    Some(Ok(req)) => {
+                        if let Err(e) = self.on_request(req).await {
+                            return e;
+                        }
+                    }
+                    Some(Err(status)) => return format!("stream error: {}", status.message()),
+                    None => return "closed by the proxy".to_string(),
+                },
+                changed = ctx.snapshots.changed() => {
+                    if changed.is_err() {
+                        return "meshd is shutting down".to_string();
+                    }
+                    let snapshot = ctx.snapshots.borrow_and_update().clone();
+                    self.conn.refresh(snapshot);
+                    for t in ResourceType::PUSH_ORDER {
+                        if let Err(e) = self.respond(t).await {
+                            return e;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), String> {
+        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
+            self.conn.record_unknown_type(&req.type_url);
+            return Ok(());
+        };
+        if !req.response_nonce.is_empty() {
+            let nonce = req.response_nonce.clone();
+            match &req.error_detail {
+                Some(err) => {
+                    tracing::warn!(
+                        node = %self.conn.id.node_id, type = t.short(), nonce = %nonce,
+                        "proxy rejected config (NACK), keeping its last accepted config: {}",
+                        err.message
+                    );
+                    self.conn.status.update(|s| {
+                        let ts = s.type_mut(t.short());
+                        if ts.sent_nonce == nonce {
+                            ts.pending = false;
+                        }
+                        ts.nacked = true;
+                        ts.last_nack = Some(Nack {
+                            nonce,
+                            message: err.message.clone(),
+                            at: now_rfc3339(),
+                        });
+                    });
+                }
+                None => self.conn.status.update(|s| {
+                    let ts = s.type_mut(t.short());
+                    if ts.sent_nonce == nonce {
+                        ts.pending = false;
+                        ts.nacked = false;
+                    }
+                    ts.acked_nonce = nonce;
+                }),
+            }
+        }
+        let first_for_type = !self.types.contains_key(&t);
+        let state = self.types.entry(t).or_default();
+        if first_for_type {
+            // An empty first subscription is the legacy form of a wildcard.
+            state.wildcard = req.resource_names_subscribe.is_empty();
+            state.has = req.initial_resource_versions.into_iter().collect();
+        }
+        for name in req.resource_names_subscribe {
+            if name == "*" {
+                state.wildcard = true;
+                continue;
+            }
+            // A (re)subscription asks for the resource even if the proxy had it.
+            if !first_for_type {
+                state.has.remove(&name);
+            }
+            state.told_missing.remove(&name);
+            state.names.insert(name);
+        }
+        for name in req.resource_names_unsubscribe {
+            if name == "*" {
+                state.wildcard = false;
+                continue;
+            }
+            state.names.remove(&name);
+            state.has.remove(&name);
+            state.told_missing.remove(&name);
+        }
+        self.respond(t).await
+    }
+
+    async fn respond(&mut self, t: ResourceType) -> Result<(), String> {
+        let Some(state) = self.types.get_mut(&t) else {
+            return Ok(());
+        };
+        let set = self.conn.resources.get(t);
+        let wants = |name: &str| state.wildcard || state.names.contains(name);
+        let updates: Vec<_> = set
+            .values()
+            .filter(|r| wants(&r.name) && state.has.get(&r.name) != Some(&r.version))
+            .cloned()
+            .collect();
+        let mut removed: Vec<String> = state
+            .has
+            .keys()
+            .filter(|n| !set.contains_key(*n) || !wants(n))
+            .cloned()
+            .collect();
+        let missing: Vec<String> = state
+            .names
+            .iter()
+            .filter(|n| {
+                !set.contains_key(*n) && !state.has.contains_key(*n) && !state.told_missing.contains(*n)
+            })
+            .cloned()
+            .collect();
+        removed.extend(missing.iter().cloned());
+        if updates.is_empty() && removed.is_empty() && state.answered_once {
+            return Ok(());
+        }
+        for r in &updates {
+            state.has.insert(r.name.clone(), r.version.clone());
+            state.told_missing.remove(&r.name);
+        }
+        for name in &removed {
+            state.has.remove(name);
+        }
+        state.told_missing.extend(missing);
+        state.answered_once = true;
+        let nonce = self.conn.next_nonce();
+        let version = self.conn.snapshot.version().to_string();
+        let now_has = state.has.len();
+        let response = DeltaDiscoveryResponse {
+            system_version_info: version.clone(),
+            resources: updates
+                .iter()
+                .map(|r| DeltaResource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    resource: Some(r.body.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: t.type_url(),
+            removed_resources: removed,
+            nonce: nonce.clone(),
+            ..Default::default()
+        };
+        tracing::debug!(
+            node = %self.conn.id.node_id, type = t.short(),
+            updated = response.resources.len(), removed = response.removed_resources.len(),
+            "push"
+        );
+        self.conn.status.update(|s| {
+            let ts = s.type_mut(t.short());
+            ts.resources = now_has;
+            ts.sent_version = version;
+            ts.sent_nonce = nonce;
+            ts.pending = true;
+            ts.responses += 1;
+        });
+        self.tx
+            .send(Ok(response))
+            .await
+            .map_err(|_| "the proxy went away".to_string())
+    }
+}

@@ -1,0 +1,15 @@
+//! Envoy's side: translation of the model into xDS resources and the ADS server.
+//!
+//! - [`translate`]: pure functions, model → Envoy protos.
+//! - [`cache`]: one [`cache::XdsSnapshot`] per mesh snapshot; shared resources built once.
+//! - [`server`] with [`sotw`] and [`delta`]: one task per ADS stream.
+//! - [`status`]: per-proxy sent/ACK/NACK state for the admin API.
+
+pub mod cache;
+mod delta;
+pub mod node;
+pub mod resources;
+pub mod server;
+mod sotw;
+pub mod status;
+pub mod translate;

@@ -1,0 +1,123 @@
+//! xDS resource types and encoded resources.
+//!
+//! A [`Resource`] is encoded once, when it is translated, and carries a content version
+//! (a hash of its bytes). Streams compare versions to decide what to send, and many
+//! proxies share the same `Arc<Resource>`.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use envoy_types::pb::google::protobuf::Any;
+use prost::{Message, Name};
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+
+/// The xDS resource types meshd serves, in the order a change is pushed: clusters
+/// before the endpoints that fill them, listeners before the routes they name, and
+/// clusters before the listeners that send traffic to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum ResourceType {
+    Cluster,
+    Endpoint,
+    Listener,
+    Route,
+}
+
+impl ResourceType {
+    pub const PUSH_ORDER: [ResourceType; 4] = [
+        ResourceType::Cluster,
+        ResourceType::Endpoint,
+        ResourceType::Listener,
+        ResourceType::Route,
+    ];
+
+    pub fn type_url(self) -> String {
+        match self {
+            ResourceType::Cluster => Cluster::type_url(),
+            ResourceType::Endpoint => ClusterLoadAssignment::type_url(),
+            ResourceType::Listener => Listener::type_url(),
+            ResourceType::Route => RouteConfiguration::type_url(),
+        }
+    }
+
+    pub fn from_type_url(url: &str) -> Option<ResourceType> {
+        Self::PUSH_ORDER.into_iter().find(|t| t.type_url() == url)
+    }
+
+    /// The short name used in logs, metrics and the admin API.
+    pub fn short(self) -> &'static str {
+        match self {
+            ResourceType::Cluster => "cds",
+            ResourceType::Endpoint => "eds",
+            ResourceType::Listener => "lds",
+            ResourceType::Route => "rds",
+        }
+    }
+
+    /// Clusters and listeners are subscribed to as a whole ("wildcard"); endpoints and
+    /// routes by name.
+    pub fn is_wildcard_type(self) -> bool {
+        matches!(self, ResourceType::Cluster | ResourceType::Listener)
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One encoded resource with its content version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    pub name: String,
+    pub version: String,
+    pub body: Any,
+}
+
+impl Resource {
+    pub fn encode<M: Message + Name>(name: impl Into<String>, msg: &M) -> Arc<Resource> {
+        let value = msg.encode_to_vec();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        value.hash(&mut h);
+        Arc::new(Resource {
+            name: name.into(),
+            version: format!("{:016x}", h.finish()),
+            body: Any {
+                type_url: M::type_url(),
+                value,
+            },
+        })
+    }
+}
+
+/// Resources of one type by name.
+pub type ResourceSet = BTreeMap<String, Arc<Resource>>;
+
+/// Everything one proxy should have, by type.
+#[derive(Debug, Default, Clone)]
+pub struct ProxyResources {
+    sets: [ResourceSet; 4],
+}
+
+impl ProxyResources {
+    pub fn get(&self, t: ResourceType) -> &ResourceSet {
+        &self.sets[t.index()]
+    }
+
+    pub fn insert(&mut self, t: ResourceType, r: Arc<Resource>) {
+        self.sets[t.index()].insert(r.name.clone(), r);
+    }
+}
+
+/// A version string for a set of resources: changes whenever any member changes.
+pub fn set_version<'a>(resources: impl Iterator<Item = &'a Resource>) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for r in resources {
+        r.name.hash(&mut h);
+        r.version.hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
+}

@@ -1,0 +1,216 @@
+//! State-of-the-world ADS streams.
+//!
+//! Per type: the subscription (wildcard for CDS/LDS, names for EDS/RDS), the last
+//! response sent (nonce, version, and the name→version of each resource in it) and
+//! whether the proxy answered it. A response is sent when the set the proxy should have
+//! differs from the last one sent — after a new snapshot or a changed subscription.
+//! Requests carrying an older nonce than the last response are stale and ignored, as
+//! the protocol says. A NACK is recorded and nothing is resent until the config
+//! changes, so the proxy keeps its last accepted config.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::node::identify;
+use super::resources::{ResourceType, set_version};
+use super::server::{ProxyConn, StreamContext, log_stream_end};
+use super::status::{Nack, XdsFlavor, now_rfc3339};
+
+#[derive(Debug)]
+enum Subscription {
+    Wildcard,
+    Names(BTreeSet<String>),
+}
+
+#[derive(Debug)]
+struct Sent {
+    nonce: String,
+    resources: BTreeMap<String, String>,
+}
+
+#[derive(Debug)]
+struct TypeState {
+    subscription: Subscription,
+    sent: Option<Sent>,
+}
+
+type Tx = mpsc::Sender<Result<DiscoveryResponse, Status>>;
+
+pub(crate) async fn run(
+    mut ctx: StreamContext,
+    mut requests: Streaming<DiscoveryRequest>,
+    tx: Tx,
+) {
+    let first = match requests.next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return log_stream_end(None, &e.to_string()),
+        None => return log_stream_end(None, "closed by the client"),
+    };
+    let id = match identify(first.node.as_ref()) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!("refused an xDS stream: {e}");
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
+    };
+    let mut stream = SotwStream {
+        conn: ProxyConn::connect(&mut ctx, id, XdsFlavor::Sotw),
+        types: BTreeMap::new(),
+        tx,
+    };
+    let reason = stream.serve(ctx, first, requests).await;
+    log_stream_end(Some(&stream.conn.id), &reason);
+}
+
+struct SotwStream {
+    conn: ProxyConn,
+    types: BTreeMap<ResourceType, TypeState>,
+    tx: Tx,
+}
+
+impl SotwStream {
+    /// Serves until the stream ends; returns why it ended.
+    async fn serve(
+        &mut self,
+        mut ctx: StreamContext,
+        first: DiscoveryRequest,
+        mut requests: Streaming<DiscoveryRequest>,
+    ) -> String {
+        if let Err(e) = self.on_request(first).await {
+            return e;
+        }
+        loop {
+            tokio::select! {
+                req = requests.next() => match req {
+                    Some(Ok(req)) => {
+                        if let Err(e) = self.on_request(req).await {
+                            return e;
+                        }
+                    }
+                    Some(Err(status)) => return format!("stream error: {}", status.message()),
+                    None => return "closed by the proxy".to_string(),
+                },
+                changed = ctx.snapshots.changed() => {
+                    if changed.is_err() {
+                        return "meshd is shutting down".to_string();
+                    }
+                    let snapshot = ctx.snapshots.borrow_and_update().clone();
+                    self.conn.refresh(snapshot);
+                    for t in ResourceType::PUSH_ORDER {
+                        if let Err(e) = self.respond(t).await {
+                            return e;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), String> {
+        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
+            self.conn.record_unknown_type(&req.type_url);
+            return Ok(());
+        };
+        let state = self.types.entry(t).or_insert(TypeState {
+            subscription: Subscription::Names(BTreeSet::new()),
+            sent: None,
+        });
+        if !req.response_nonce.is_empty() {
+            let current = state.sent.as_ref().map(|s| s.nonce.as_str());
+            if current != Some(req.response_nonce.as_str()) {
+                tracing::trace!(node = %self.conn.id.node_id, type = t.short(), nonce = %req.response_nonce, "stale request ignored");
+                return Ok(());
+            }
+            let nonce = req.response_nonce.clone();
+            match &req.error_detail {
+                Some(err) => {
+                    tracing::warn!(
+                        node = %self.conn.id.node_id, type = t.short(), nonce = %nonce,
+                        "proxy rejected config (NACK), keeping its last accepted config: {}",
+                        err.message
+                    );
+                    self.conn.status.update(|s| {
+                        let ts = s.type_mut(t.short());
+                        ts.pending = false;
+                        ts.nacked = true;
+                        ts.last_nack = Some(Nack {
+                            nonce,
+                            message: err.message.clone(),
+                            at: now_rfc3339(),
+                        });
+                    });
+                }
+                None => self.conn.status.update(|s| {
+                    let ts = s.type_mut(t.short());
+                    ts.pending = false;
+                    ts.nacked = false;
+                    ts.acked_nonce = nonce;
+                }),
+            }
+        }
+        let wildcard = t.is_wildcard_type()
+            && (req.resource_names.is_empty() || req.resource_names.iter().any(|n| n == "*"));
+        state.subscription = if wildcard {
+            Subscription::Wildcard
+        } else {
+            Subscription::Names(req.resource_names.into_iter().collect())
+        };
+        self.respond(t).await
+    }
+
+    /// Sends type `t` if what the proxy should have differs from what it was last sent.
+    async fn respond(&mut self, t: ResourceType) -> Result<(), String> {
+        let Some(state) = self.types.get_mut(&t) else {
+            return Ok(()); // never asked for
+        };
+        let set = self.conn.resources.get(t);
+        let selected: Vec<_> = match &state.subscription {
+            Subscription::Wildcard => set.values().cloned().collect(),
+            Subscription::Names(names) => names.iter().filter_map(|n| set.get(n)).cloned().collect(),
+        };
+        let listing: BTreeMap<String, String> = selected
+            .iter()
+            .map(|r| (r.name.clone(), r.version.clone()))
+            .collect();
+        match &state.sent {
+            Some(sent) if sent.resources == listing => return Ok(()),
+            // Named resources that do not exist: nothing to say yet.
+            None if selected.is_empty() && matches!(state.subscription, Subscription::Names(_)) => {
+                return Ok(());
+            }
+            _ => {}
+        }
+        let nonce = self.conn.next_nonce();
+        let version = set_version(selected.iter().map(|r| &**r));
+        let response = DiscoveryResponse {
+            version_info: version.clone(),
+            resources: selected.iter().map(|r| r.body.clone()).collect(),
+            type_url: t.type_url(),
+            nonce: nonce.clone(),
+            ..Default::default()
+        };
+        let count = listing.len();
+        state.sent = Some(Sent {
+            nonce: nonce.clone(),
+            resources: listing,
+        });
+        self.conn.status.update(|s| {
+            let ts = s.type_mut(t.short());
+            ts.resources = count;
+            ts.sent_version = version;
+            ts.sent_nonce = nonce;
+            ts.pending = true;
+            ts.responses += 1;
+        });
+        tracing::debug!(node = %self.conn.id.node_id, type = t.short(), resources = count, "push");
+        self.tx
+            .send(Ok(response))
+            .await
+            .map_err(|_| "the proxy went away".to_string())
+    }
+}

@@ -1,0 +1,163 @@
+//! What every connected proxy has been sent, has ACKed and has rejected — the answer to
+//! "why does this proxy not have my config?", served by the admin API and `meshctl`.
+//!
+//! Each stream owns its own `Mutex<ProxyStatus>`; the registry's map is only locked when
+//! a stream connects or disconnects, or when someone reads it, never on a push.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdsFlavor {
+    /// State of the world (`StreamAggregatedResources`).
+    Sotw,
+    /// Incremental (`DeltaAggregatedResources`).
+    Delta,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Nack {
+    pub nonce: String,
+    pub message: String,
+    pub at: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TypeStatus {
+    /// Names of the resources the proxy should now have.
+    pub resources: usize,
+    pub sent_version: String,
+    pub sent_nonce: String,
+    pub acked_nonce: String,
+    /// The last response was neither ACKed nor NACKed yet.
+    pub pending: bool,
+    /// The last answered response was rejected; cleared by the next ACK.
+    pub nacked: bool,
+    pub last_nack: Option<Nack>,
+    pub responses: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyStatus {
+    pub stream: u64,
+    pub node_id: String,
+    /// `namespace/pod`
+    pub workload: String,
+    pub flavor: XdsFlavor,
+    pub connected_at: String,
+    /// The newest mesh snapshot this stream has computed its config from.
+    pub snapshot_version: u64,
+    /// The newest snapshot whose every response the proxy has ACKed.
+    pub synced_version: Option<u64>,
+    /// By short type name (`cds`, `eds`, `lds`, `rds`).
+    pub types: BTreeMap<String, TypeStatus>,
+    /// Type URLs the proxy asked for that meshd does not serve.
+    pub unknown_type_urls: Vec<String>,
+    /// Why part of this proxy's config is missing, if it is.
+    pub problems: Vec<String>,
+}
+
+impl ProxyStatus {
+    pub fn new(node_id: String, workload: String, flavor: XdsFlavor) -> Self {
+        Self {
+            stream: 0,
+            node_id,
+            workload,
+            flavor,
+            connected_at: now_rfc3339(),
+            snapshot_version: 0,
+            synced_version: None,
+            types: BTreeMap::new(),
+            unknown_type_urls: Vec::new(),
+            problems: Vec::new(),
+        }
+    }
+
+    pub fn type_mut(&mut self, short: &str) -> &mut TypeStatus {
+        if !self.types.contains_key(short) {
+            self.types.insert(short.to_string(), TypeStatus::default());
+        }
+        self.types.get_mut(short).expect("just inserted")
+    }
+
+    /// Marks the proxy in sync with its snapshot if nothing is outstanding.
+    pub fn recompute_sync(&mut self) {
+        if !self.types.is_empty() && self.types.values().all(|t| !t.pending && !t.nacked) {
+            self.synced_version = Some(self.snapshot_version);
+        }
+    }
+}
+
+type Entries = BTreeMap<u64, Arc<Mutex<ProxyStatus>>>;
+
+/// All connected proxies. Cloning shares it.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyRegistry {
+    entries: Arc<Mutex<Entries>>,
+    next: Arc<AtomicU64>,
+}
+
+impl ProxyRegistry {
+    pub fn register(&self, mut status: ProxyStatus) -> ProxyHandle {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        status.stream = id;
+        let status = Arc::new(Mutex::new(status));
+        lock(&self.entries).insert(id, status.clone());
+        ProxyHandle {
+            id,
+            entries: self.entries.clone(),
+            status,
+        }
+    }
+
+    /// A copy of every connected proxy's status, by stream id.
+    pub fn list(&self) -> Vec<ProxyStatus> {
+        let entries: Vec<_> = lock(&self.entries).values().cloned().collect();
+        entries.iter().map(|s| lock(s).clone()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.entries).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One stream's entry; dropping it removes the proxy from the registry.
+#[derive(Debug)]
+pub struct ProxyHandle {
+    id: u64,
+    entries: Arc<Mutex<Entries>>,
+    status: Arc<Mutex<ProxyStatus>>,
+}
+
+impl ProxyHandle {
+    pub fn update<R>(&self, f: impl FnOnce(&mut ProxyStatus) -> R) -> R {
+        let mut status = lock(&self.status);
+        let r = f(&mut status);
+        status.recompute_sync();
+        r
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        lock(&self.entries).remove(&self.id);
+    }
+}
+
+/// A poisoned lock only means another stream panicked mid-update; the status data is
+/// still the best we have.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}

@@ -1,0 +1,327 @@
+//! Translation: model → Envoy resources. Pure functions, no I/O, no gRPC.
+//!
+//! Shapes (`explicit` capture; `transparent` will change only the outbound listener):
+//! - a service port becomes an EDS cluster `outbound|<port>||<host>`, its endpoints a
+//!   `ClusterLoadAssignment` of the same name and, for HTTP ports, a route configuration
+//!   of the same name. These are shared by every proxy that calls the service.
+//! - each inbound port of a workload becomes a listener `inbound|<podIP>:<port>` that
+//!   forwards to a static cluster `inbound|<port>||` at 127.0.0.1:<app port>.
+//! - each declared upstream becomes a listener `outbound|127.0.0.1:<local port>` that
+//!   sends to the service's cluster, over RDS for HTTP ports, `tcp_proxy` for TCP.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Http2ProtocolOptions,
+    SocketAddress, TrafficDirection, address, config_source, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
+    route_match,
+};
+use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::StdoutAccessLog;
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use envoy_types::pb::google::protobuf::{Any, Duration};
+use prost::{Message, Name};
+
+use crate::model::proxy_view::Outbound;
+use crate::model::snapshot::{Endpoint, InboundPort};
+use crate::model::{Service, ServicePort};
+
+const CONNECT_TIMEOUT: Duration = Duration {
+    seconds: 5,
+    nanos: 0,
+};
+const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+pub fn service_cluster_name(svc: &Service, port: u16) -> String {
+    format!("outbound|{port}||{}", svc.hostname())
+}
+
+pub fn inbound_cluster_name(port: u16) -> String {
+    format!("inbound|{port}||")
+}
+
+pub fn inbound_listener_name(address: IpAddr, port: u16) -> String {
+    format!("inbound|{}", std::net::SocketAddr::new(address, port))
+}
+
+pub fn outbound_listener_name(local_port: u16) -> String {
+    format!("outbound|127.0.0.1:{local_port}")
+}
+
+/// The EDS cluster of a service port.
+pub fn service_cluster(svc: &Service, port: &ServicePort) -> Cluster {
+    let mut cluster = Cluster {
+        name: service_cluster_name(svc, port.port),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        }),
+        connect_timeout: Some(CONNECT_TIMEOUT),
+        ..Default::default()
+    };
+    if port.protocol.needs_http2_upstream() {
+        set_http2_upstream(&mut cluster);
+    }
+    cluster
+}
+
+/// The ready endpoints of a service port.
+pub fn service_load_assignment(cluster_name: &str, endpoints: &[Endpoint]) -> ClusterLoadAssignment {
+    let lb_endpoints = endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .map(|e| LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(EnvoyEndpoint {
+                address: Some(socket(e.address, e.port)),
+                ..Default::default()
+            })),
+            health_status: HealthStatus::Healthy as i32,
+            ..Default::default()
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: cluster_name.to_string(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The route configuration of an HTTP service port: everything to its cluster.
+pub fn service_route(svc: &Service, port: &ServicePort) -> RouteConfiguration {
+    let name = service_cluster_name(svc, port.port);
+    RouteConfiguration {
+        name: name.clone(),
+        virtual_hosts: vec![VirtualHost {
+            name: format!("{}:{}", svc.hostname(), port.port),
+            domains: vec!["*".to_string()],
+            routes: vec![route_to(&name)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The static cluster that hands inbound traffic to the local application.
+pub fn inbound_cluster(inbound: &InboundPort, app_port: u16) -> Cluster {
+    let name = inbound_cluster_name(inbound.port);
+    let mut cluster = Cluster {
+        name: name.clone(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+        connect_timeout: Some(CONNECT_TIMEOUT),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: name,
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(EnvoyEndpoint {
+                        address: Some(socket(IpAddr::V4(Ipv4Addr::LOCALHOST), app_port)),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    if inbound.protocol.needs_http2_upstream() {
+        set_http2_upstream(&mut cluster);
+    }
+    cluster
+}
+
+/// The listener on the workload's own address for one inbound port.
+pub fn inbound_listener(address: IpAddr, inbound: &InboundPort) -> Listener {
+    let name = inbound_listener_name(address, inbound.port);
+    let cluster = inbound_cluster_name(inbound.port);
+    let filter = if inbound.protocol.is_http() {
+        let inline = RouteConfiguration {
+            name: name.clone(),
+            virtual_hosts: vec![VirtualHost {
+                name: "inbound".to_string(),
+                domains: vec!["*".to_string()],
+                routes: vec![route_to(&cluster)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        http_filter_chain_filter(
+            &name,
+            http_connection_manager::RouteSpecifier::RouteConfig(inline),
+        )
+    } else {
+        tcp_proxy_filter(&name, &cluster)
+    };
+    Listener {
+        name,
+        address: Some(socket(address, inbound.port)),
+        filter_chains: vec![FilterChain {
+            filters: vec![filter],
+            ..Default::default()
+        }],
+        traffic_direction: TrafficDirection::Inbound as i32,
+        ..Default::default()
+    }
+}
+
+/// The listener on 127.0.0.1:<local port> through which the app reaches an upstream.
+pub fn outbound_listener(out: &Outbound) -> Listener {
+    let name = outbound_listener_name(out.upstream.local_port);
+    let cluster = service_cluster_name(&out.service, out.port.port);
+    let filter = if out.port.protocol.is_http() {
+        http_filter_chain_filter(
+            &name,
+            http_connection_manager::RouteSpecifier::Rds(Rds {
+                config_source: Some(ads()),
+                route_config_name: cluster,
+            }),
+        )
+    } else {
+        tcp_proxy_filter(&name, &cluster)
+    };
+    Listener {
+        name,
+        address: Some(socket(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            out.upstream.local_port,
+        )),
+        filter_chains: vec![FilterChain {
+            filters: vec![filter],
+            ..Default::default()
+        }],
+        traffic_direction: TrafficDirection::Outbound as i32,
+        ..Default::default()
+    }
+}
+
+fn http_filter_chain_filter(
+    stat_prefix: &str,
+    routes: http_connection_manager::RouteSpecifier,
+) -> Filter {
+    let hcm = HttpConnectionManager {
+        stat_prefix: stat_prefix.to_string(),
+        route_specifier: Some(routes),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".to_string(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(any(&Router::default()))),
+            ..Default::default()
+        }],
+        access_log: vec![stdout_access_log()],
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.http_connection_manager".to_string(),
+        config_type: Some(filter::ConfigType::TypedConfig(any(&hcm))),
+    }
+}
+
+fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {
+    let tcp = TcpProxy {
+        stat_prefix: stat_prefix.to_string(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+        access_log: vec![stdout_access_log()],
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.tcp_proxy".to_string(),
+        config_type: Some(filter::ConfigType::TypedConfig(any(&tcp))),
+    }
+}
+
+fn route_to(cluster: &str) -> Route {
+    Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_string())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
+            // No overall deadline: streams (gRPC, SSE) may legitimately last long.
+            timeout: Some(Duration {
+                seconds: 0,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn stdout_access_log() -> AccessLog {
+    AccessLog {
+        name: "envoy.access_loggers.stdout".to_string(),
+        config_type: Some(access_log::ConfigType::TypedConfig(any(
+            &StdoutAccessLog::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
+fn set_http2_upstream(cluster: &mut Cluster) {
+    let opts = HttpProtocolOptions {
+        upstream_protocol_options: Some(
+            http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(
+                        http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                            Http2ProtocolOptions::default(),
+                        ),
+                    ),
+                },
+            ),
+        ),
+        ..Default::default()
+    };
+    cluster
+        .typed_extension_protocol_options
+        .insert(HTTP_PROTOCOL_OPTIONS_KEY.to_string(), any(&opts));
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        resource_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+fn socket(ip: IpAddr, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+pub fn any<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
