@@ -108,7 +108,11 @@ async fn proxy_config(
     let Some((view, resources)) = snap.proxy_resources(&ObjectKey::new(ns, name)) else {
         return (
             StatusCode::NOT_FOUND,
-            format!("no pod {} in mesh snapshot {}\n", q.workload, snap.version()),
+            format!(
+                "no pod {} in mesh snapshot {}\n",
+                q.workload,
+                snap.version()
+            ),
         )
             .into_response();
     };

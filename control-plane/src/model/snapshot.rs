@@ -103,7 +103,9 @@ impl MeshSnapshot {
                 eps.sort();
                 eps.dedup();
                 for ep in &eps {
-                    let Some(workload) = &ep.workload else { continue };
+                    let Some(workload) = &ep.workload else {
+                        continue;
+                    };
                     let ports = inbound.entry(workload.clone()).or_default();
                     match ports.iter_mut().find(|p| p.port == ep.port) {
                         Some(existing) => {
@@ -246,7 +248,11 @@ mod tests {
         let inbound = &snap.inbound[&ObjectKey::new("default", "web-1")];
         assert_eq!(inbound.len(), 1);
         assert_eq!(inbound[0].port, 8080);
-        assert!(!snap.inbound.contains_key(&ObjectKey::new("default", "db-1")));
+        assert!(
+            !snap
+                .inbound
+                .contains_key(&ObjectKey::new("default", "db-1"))
+        );
     }
 
     #[test]

@@ -234,7 +234,10 @@ mod tests {
         let store = Store::start(StoreConfig::default(), vec![ns("a")]);
         let mut rx = store.subscribe();
         rx.borrow_and_update();
-        store.send(StoreEvent::Delete(ObjectKind::Namespace, ObjectKey::new("", "a")));
+        store.send(StoreEvent::Delete(
+            ObjectKind::Namespace,
+            ObjectKey::new("", "a"),
+        ));
         rx.changed().await.unwrap();
         assert!(rx.borrow().namespaces.is_empty());
     }

@@ -194,11 +194,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice>
         endpoints.push(SliceEndpoint {
             addresses,
             // Kubernetes: an unset `ready` is to be read as ready.
-            ready: ep
-                .conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true),
+            ready: ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
             pod,
         });
     }
@@ -244,13 +240,19 @@ pub fn pod(pod: &core::Pod) -> Result<Workload> {
     let annotations = pod.metadata.annotations.as_ref();
     let upstreams = match annotations.and_then(|a| a.get(UPSTREAMS_ANNOTATION)) {
         Some(text) => parse_upstreams(text, &key.namespace).map_err(|m| {
-            FieldError::new(format!("metadata.annotations[\"{UPSTREAMS_ANNOTATION}\"]"), m)
+            FieldError::new(
+                format!("metadata.annotations[\"{UPSTREAMS_ANNOTATION}\"]"),
+                m,
+            )
         })?,
         None => Vec::new(),
     };
     let app_ports = match annotations.and_then(|a| a.get(APP_PORTS_ANNOTATION)) {
         Some(text) => parse_app_ports(text).map_err(|m| {
-            FieldError::new(format!("metadata.annotations[\"{APP_PORTS_ANNOTATION}\"]"), m)
+            FieldError::new(
+                format!("metadata.annotations[\"{APP_PORTS_ANNOTATION}\"]"),
+                m,
+            )
         })?,
         None => BTreeMap::new(),
     };

@@ -98,8 +98,8 @@ impl FieldError {
 
 fn parse_document(value: serde_yaml::Value) -> Result<MeshObject, (Option<String>, FieldError)> {
     let text = |key: &str| value.get(key).and_then(|v| v.as_str()).map(str::to_string);
-    let api_version = text("apiVersion")
-        .ok_or_else(|| (None, FieldError::new("apiVersion", "is required")))?;
+    let api_version =
+        text("apiVersion").ok_or_else(|| (None, FieldError::new("apiVersion", "is required")))?;
     let kind = text("kind").ok_or_else(|| (None, FieldError::new("kind", "is required")))?;
     let meta = value.get("metadata");
     let name = meta.and_then(|m| m.get("name")).and_then(|v| v.as_str());
@@ -258,11 +258,12 @@ impl FileSource {
     /// the store. Fails now if the directory cannot be watched.
     pub fn spawn_watch(mut self, store: Store, shared: SharedErrors) -> notify::Result<()> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
-                let _ = tx.send(());
-            }
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                if res.is_ok() {
+                    let _ = tx.send(());
+                }
+            })?;
         watcher.watch(&self.dir, notify::RecursiveMode::Recursive)?;
         publish_errors(&shared, &self.errors, &[]);
         tokio::spawn(async move {
@@ -383,7 +384,11 @@ status: {podIP: 10.0.0.1}
         assert_eq!(errs.len(), 2);
         assert_eq!(errs[0].field.as_deref(), Some("metadata.name"));
         assert_eq!(errs[1].document, Some(2));
-        assert!(errs[1].message.contains("apps/v1 Deployment is not supported"));
+        assert!(
+            errs[1]
+                .message
+                .contains("apps/v1 Deployment is not supported")
+        );
     }
 
     #[test]

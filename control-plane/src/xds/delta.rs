@@ -193,7 +193,9 @@ impl DeltaStream {
             .names
             .iter()
             .filter(|n| {
-                !set.contains_key(*n) && !state.has.contains_key(*n) && !state.told_missing.contains(*n)
+                !set.contains_key(*n)
+                    && !state.has.contains_key(*n)
+                    && !state.told_missing.contains(*n)
             })
             .cloned()
             .collect();

@@ -40,11 +40,7 @@ struct TypeState {
 
 type Tx = mpsc::Sender<Result<DiscoveryResponse, Status>>;
 
-pub(crate) async fn run(
-    mut ctx: StreamContext,
-    mut requests: Streaming<DiscoveryRequest>,
-    tx: Tx,
-) {
+pub(crate) async fn run(mut ctx: StreamContext, mut requests: Streaming<DiscoveryRequest>, tx: Tx) {
     let first = match requests.next().await {
         Some(Ok(r)) => r,
         Some(Err(e)) => return log_stream_end(None, &e.to_string()),
@@ -171,7 +167,9 @@ impl SotwStream {
         let set = self.conn.resources.get(t);
         let selected: Vec<_> = match &state.subscription {
             Subscription::Wildcard => set.values().cloned().collect(),
-            Subscription::Names(names) => names.iter().filter_map(|n| set.get(n)).cloned().collect(),
+            Subscription::Names(names) => {
+                names.iter().filter_map(|n| set.get(n)).cloned().collect()
+            }
         };
         let listing: BTreeMap<String, String> = selected
             .iter()

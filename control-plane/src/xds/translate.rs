@@ -85,7 +85,10 @@ pub fn service_cluster(svc: &Service, port: &ServicePort) -> Cluster {
 }
 
 /// The ready endpoints of a service port.
-pub fn service_load_assignment(cluster_name: &str, endpoints: &[Endpoint]) -> ClusterLoadAssignment {
+pub fn service_load_assignment(
+    cluster_name: &str,
+    endpoints: &[Endpoint],
+) -> ClusterLoadAssignment {
     let lb_endpoints = endpoints
         .iter()
         .filter(|e| e.ready)
@@ -225,7 +228,9 @@ fn http_filter_chain_filter(
         route_specifier: Some(routes),
         http_filters: vec![HttpFilter {
             name: "envoy.filters.http.router".to_string(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(any(&Router::default()))),
+            config_type: Some(http_filter::ConfigType::TypedConfig(
+                any(&Router::default()),
+            )),
             ..Default::default()
         }],
         access_log: vec![stdout_access_log()],

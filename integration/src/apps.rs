@@ -1,0 +1,185 @@
+//! Small real applications behind the sidecars, and clients that talk to them.
+//!
+//! [`HttpApp`] answers every request with its own name (body and `x-app` header);
+//! [`TcpApp`] answers each line with `<name>: <line>`. Both count what they served, so a
+//! test can tell which backend a request reached.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::http::HeaderMap;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// An HTTP server on 127.0.0.1 that names itself in every response.
+#[derive(Debug)]
+pub struct HttpApp {
+    pub name: String,
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl HttpApp {
+    pub async fn start(name: &str) -> anyhow::Result<HttpApp> {
+        Self::start_on(name, "127.0.0.1:0".parse()?).await
+    }
+
+    pub async fn start_on(name: &str, addr: SocketAddr) -> anyhow::Result<HttpApp> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("app {name}: cannot listen on {addr}"))?;
+        let addr = listener.local_addr()?;
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (n, h) = (name.to_string(), hits.clone());
+        let app = axum::Router::new().fallback(move |headers: HeaderMap| {
+            let (n, h) = (n.clone(), h.clone());
+            async move {
+                h.fetch_add(1, Ordering::Relaxed);
+                let via = headers
+                    .get("x-forwarded-proto")
+                    .map(|_| " (via proxy)")
+                    .unwrap_or("");
+                ([("x-app", n.clone())], format!("{n}{via}\n"))
+            }
+        });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(HttpApp {
+            name: name.to_string(),
+            addr,
+            hits,
+            task,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for HttpApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TCP server on 127.0.0.1 that answers each line with `<name>: <line>`.
+#[derive(Debug)]
+pub struct TcpApp {
+    pub name: String,
+    pub addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl TcpApp {
+    pub async fn start(name: &str) -> anyhow::Result<TcpApp> {
+        Self::start_on(name, "127.0.0.1:0".parse()?).await
+    }
+
+    pub async fn start_on(name: &str, addr: SocketAddr) -> anyhow::Result<TcpApp> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("app {name}: cannot listen on {addr}"))?;
+        let addr = listener.local_addr()?;
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (n, c) = (name.to_string(), connections.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::Relaxed);
+                let n = n.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = sock.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if w.write_all(format!("{n}: {line}\n").as_bytes())
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(TcpApp {
+            name: name.to_string(),
+            addr,
+            connections,
+            task,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for TcpApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What an HTTP client saw.
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    pub status: u16,
+    /// The `x-app` header: which app answered, if any did.
+    pub app: Option<String>,
+    pub body: String,
+}
+
+/// A GET through whatever listens at `addr` (e.g. a sidecar's outbound port).
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<HttpReply> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let resp = client
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .with_context(|| format!("GET http://{addr}{path}"))?;
+    let status = resp.status().as_u16();
+    let app = resp
+        .headers()
+        .get("x-app")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = resp.text().await?;
+    Ok(HttpReply { status, app, body })
+}
+
+/// Sends one line over a new TCP connection to `addr` and returns the reply line.
+pub async fn tcp_roundtrip(addr: SocketAddr, line: &str) -> anyhow::Result<String> {
+    let fut = async {
+        let mut sock = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
+        sock.write_all(format!("{line}\n").as_bytes()).await?;
+        let mut reply = String::new();
+        BufReader::new(&mut sock).read_line(&mut reply).await?;
+        if reply.is_empty() {
+            anyhow::bail!("connection to {addr} closed without a reply");
+        }
+        Ok(reply.trim_end().to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .with_context(|| format!("no reply from {addr} within 5s"))?
+}

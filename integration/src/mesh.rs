@@ -1,0 +1,216 @@
+//! A mesh config directory for a test, written as the YAML a user would write.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use tempfile::TempDir;
+
+use crate::net::pod_ip;
+
+/// A temporary config directory. Files are replaced atomically (written under a hidden
+/// name, then renamed), as a careful user or a ConfigMap update would.
+#[derive(Debug)]
+pub struct MeshDir {
+    dir: TempDir,
+}
+
+impl MeshDir {
+    pub fn new() -> anyhow::Result<MeshDir> {
+        Ok(MeshDir {
+            dir: tempfile::Builder::new().prefix("meshd-mesh-").tempdir()?,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `docs` as one multi-document YAML file.
+    pub fn write(&self, file: &str, docs: &[String]) -> anyhow::Result<()> {
+        self.write_raw(file, &docs.join("---\n"))
+    }
+
+    pub fn write_raw(&self, file: &str, text: &str) -> anyhow::Result<()> {
+        let tmp = self.dir.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.dir.path().join(file))?;
+        Ok(())
+    }
+
+    pub fn remove(&self, file: &str) -> anyhow::Result<()> {
+        std::fs::remove_file(self.dir.path().join(file))?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServicePortDef {
+    pub name: String,
+    pub port: u16,
+    pub target_port: u16,
+    pub app_protocol: Option<String>,
+}
+
+/// A `v1` Service selecting pods by `app: <selector>`.
+#[derive(Debug, Clone)]
+pub struct ServiceDef {
+    pub namespace: String,
+    pub name: String,
+    pub selector_app: String,
+    pub ports: Vec<ServicePortDef>,
+}
+
+impl ServiceDef {
+    /// A service whose pods carry `app: <name>`.
+    pub fn new(namespace: &str, name: &str) -> ServiceDef {
+        ServiceDef {
+            namespace: namespace.into(),
+            name: name.into(),
+            selector_app: name.into(),
+            ports: Vec::new(),
+        }
+    }
+
+    /// An HTTP port (named `http-…`).
+    pub fn http_port(mut self, port: u16, target_port: u16) -> Self {
+        self.ports.push(ServicePortDef {
+            name: format!("http-{port}"),
+            port,
+            target_port,
+            app_protocol: None,
+        });
+        self
+    }
+
+    /// A TCP port.
+    pub fn tcp_port(mut self, port: u16, target_port: u16) -> Self {
+        self.ports.push(ServicePortDef {
+            name: format!("tcp-{port}"),
+            port,
+            target_port,
+            app_protocol: None,
+        });
+        self
+    }
+
+    pub fn yaml(&self) -> String {
+        let mut s = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  selector:\n    app: {}\n  ports:\n",
+            self.name, self.namespace, self.selector_app
+        );
+        for p in &self.ports {
+            let _ = writeln!(
+                s,
+                "    - name: {}\n      port: {}\n      targetPort: {}",
+                p.name, p.port, p.target_port
+            );
+            if let Some(ap) = &p.app_protocol {
+                let _ = writeln!(s, "      appProtocol: {ap}");
+            }
+        }
+        s
+    }
+}
+
+/// A `v1` Pod with its own loopback IP, ports, app ports and upstreams.
+#[derive(Debug, Clone)]
+pub struct PodDef {
+    pub namespace: String,
+    pub name: String,
+    pub app: String,
+    pub ip: Ipv4Addr,
+    pub service_account: String,
+    pub container_ports: Vec<u16>,
+    pub app_ports: Vec<(u16, u16)>,
+    /// (service[.namespace], service port, local port)
+    pub upstreams: Vec<(String, u16, u16)>,
+}
+
+impl PodDef {
+    /// A pod labelled `app: <app>` on a fresh loopback address.
+    pub fn new(namespace: &str, name: &str, app: &str) -> PodDef {
+        PodDef {
+            namespace: namespace.into(),
+            name: name.into(),
+            app: app.into(),
+            ip: pod_ip(),
+            service_account: app.into(),
+            container_ports: Vec::new(),
+            app_ports: Vec::new(),
+            upstreams: Vec::new(),
+        }
+    }
+
+    /// Receives mesh traffic on `<pod IP>:port` and hands it to the app at
+    /// 127.0.0.1:app_port.
+    pub fn serves(mut self, port: u16, app_port: u16) -> Self {
+        self.container_ports.push(port);
+        self.app_ports.push((port, app_port));
+        self
+    }
+
+    /// Calls `service:port` through the sidecar at 127.0.0.1:local_port.
+    pub fn calls(mut self, service: &str, port: u16, local_port: u16) -> Self {
+        self.upstreams.push((service.into(), port, local_port));
+        self
+    }
+
+    pub fn node_id(&self) -> String {
+        format!("{}.{}", self.name, self.namespace)
+    }
+
+    /// Where the sidecar listens for this pod's calls to its `i`-th upstream.
+    pub fn outbound(&self, i: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.upstreams[i].2))
+    }
+
+    /// The pod's inbound address for `port`, as a peer sidecar would reach it.
+    pub fn inbound(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip, port))
+    }
+
+    pub fn yaml(&self) -> String {
+        let mut s = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n    app: {}\n",
+            self.name, self.namespace, self.app
+        );
+        let mut annotations = Vec::new();
+        if !self.upstreams.is_empty() {
+            let ups: Vec<String> = self
+                .upstreams
+                .iter()
+                .map(|(svc, port, local)| format!("{svc}:{port}={local}"))
+                .collect();
+            annotations.push(format!("    meshd.io/upstreams: \"{}\"", ups.join(", ")));
+        }
+        if !self.app_ports.is_empty() {
+            let ports: Vec<String> = self
+                .app_ports
+                .iter()
+                .map(|(p, a)| format!("{p}={a}"))
+                .collect();
+            annotations.push(format!("    meshd.io/app-ports: \"{}\"", ports.join(", ")));
+        }
+        if !annotations.is_empty() {
+            s.push_str("  annotations:\n");
+            for a in annotations {
+                s.push_str(&a);
+                s.push('\n');
+            }
+        }
+        let _ = writeln!(
+            s,
+            "spec:\n  serviceAccountName: {}\n  containers:\n    - name: app\n      image: test/{}",
+            self.service_account, self.app
+        );
+        if !self.container_ports.is_empty() {
+            s.push_str("      ports:\n");
+            for p in &self.container_ports {
+                let _ = writeln!(s, "        - containerPort: {p}");
+            }
+        }
+        let _ = writeln!(s, "status:\n  podIP: {}", self.ip);
+        s
+    }
+}

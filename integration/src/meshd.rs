@@ -1,0 +1,196 @@
+//! A real `meshd` process on free ports, and `meshctl` to talk to it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use meshd::admin::SnapshotSummary;
+use meshd::xds::status::ProxyStatus;
+pub use meshd::xds::status::XdsFlavor;
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+use crate::net::free_port;
+use crate::tools::meshd_binary;
+use crate::wait::eventually;
+
+#[derive(Debug)]
+pub struct Meshd {
+    child: Child,
+    pub xds_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    work: TempDir,
+    http: reqwest::Client,
+}
+
+impl Meshd {
+    /// Starts meshd on `config_dir` (debounce 50 ms) and waits until it serves.
+    pub async fn start(config_dir: &Path) -> anyhow::Result<Meshd> {
+        Self::start_with(config_dir, &["--debounce", "50ms"]).await
+    }
+
+    /// Starts meshd with extra command-line arguments.
+    pub async fn start_with(config_dir: &Path, extra: &[&str]) -> anyhow::Result<Meshd> {
+        let work = tempfile::Builder::new().prefix("meshd-run-").tempdir()?;
+        let xds_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let admin_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let log = std::fs::File::create(work.path().join("meshd.log"))?;
+        let child = Command::new(meshd_binary("meshd")?)
+            .arg("--config-dir")
+            .arg(config_dir)
+            .arg("--xds-address")
+            .arg(xds_addr.to_string())
+            .arg("--admin-address")
+            .arg(admin_addr.to_string())
+            .args(["--log", "info,meshd=debug"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start meshd")?;
+        let mut meshd = Meshd {
+            child,
+            xds_addr,
+            admin_addr,
+            work,
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(5))
+                .build()?,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = meshd.child.try_wait()? {
+                bail!("meshd exited ({status})\nmeshd log:\n{}", meshd.log());
+            }
+            match meshd.snapshot().await {
+                Ok(_) => break,
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    bail!(
+                        "meshd did not serve within 20s: {e:#}\nmeshd log:\n{}",
+                        meshd.log()
+                    )
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        Ok(meshd)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    /// Everything meshd has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.work.path().join("meshd.log")).unwrap_or_default()
+    }
+
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.admin_url());
+        let resp = self.http.get(&url).send().await?.error_for_status()?;
+        Ok(resp.json().await?)
+    }
+
+    pub async fn snapshot(&self) -> anyhow::Result<SnapshotSummary> {
+        self.get_json("/debug/snapshot").await
+    }
+
+    pub async fn proxies(&self) -> anyhow::Result<Vec<ProxyStatus>> {
+        self.get_json("/debug/proxies").await
+    }
+
+    /// Waits until meshd has published a snapshot newer than `version`; returns it.
+    pub async fn wait_snapshot_after(&self, version: u64) -> anyhow::Result<SnapshotSummary> {
+        eventually(
+            &format!("a mesh snapshot newer than {version}"),
+            Duration::from_secs(10),
+            || async {
+                let s = self.snapshot().await?;
+                if s.version > version {
+                    Ok(s)
+                } else {
+                    bail!("snapshot is still {}", s.version)
+                }
+            },
+        )
+        .await
+    }
+
+    /// Waits until the proxy `node_id` has ACKed everything meshd sent it for snapshot
+    /// `version` or later, including at least clusters and listeners.
+    pub async fn wait_synced(&self, node_id: &str, version: u64) -> anyhow::Result<ProxyStatus> {
+        eventually(
+            &format!("proxy {node_id} to ACK snapshot {version}"),
+            Duration::from_secs(15),
+            || async {
+                let proxies = self.proxies().await?;
+                let p = proxies
+                    .into_iter()
+                    .find(|p| p.node_id == node_id)
+                    .with_context(|| format!("{node_id} is not connected"))?;
+                let acked = |t: &str| p.types.get(t).is_some_and(|s| !s.pending && !s.nacked);
+                if p.synced_version.is_some_and(|v| v >= version) && acked("cds") && acked("lds") {
+                    Ok(p)
+                } else {
+                    bail!("{node_id} is at {:?}: {:?}", p.synced_version, p.types)
+                }
+            },
+        )
+        .await
+    }
+
+    /// Runs `meshctl` with `args`, pointed at this meshd's admin API.
+    pub async fn meshctl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Command::new(meshd_binary("meshctl")?)
+            .args(args)
+            .env("MESHD_ADMIN", self.admin_url())
+            .output()
+            .await
+            .context("cannot run meshctl")
+    }
+
+    /// Writes a sidecar bootstrap with `meshctl bootstrap`; returns its path.
+    pub async fn bootstrap(
+        &self,
+        namespace: &str,
+        pod: &str,
+        flavor: XdsFlavor,
+        admin_port: u16,
+        dir: &Path,
+    ) -> anyhow::Result<PathBuf> {
+        let path = dir.join(format!("{pod}.{namespace}.bootstrap.json"));
+        let flavor = match flavor {
+            XdsFlavor::Sotw => "sotw",
+            XdsFlavor::Delta => "delta",
+        };
+        let out = self
+            .meshctl(&[
+                "bootstrap",
+                "--namespace",
+                namespace,
+                "--pod",
+                pod,
+                "--xds-address",
+                &self.xds_addr.to_string(),
+                "--admin-port",
+                &admin_port.to_string(),
+                "--xds-protocol",
+                flavor,
+                "-o",
+                path.to_str().context("non-UTF-8 temp path")?,
+            ])
+            .await?;
+        if !out.status.success() {
+            bail!(
+                "meshctl bootstrap failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(path)
+    }
+}
