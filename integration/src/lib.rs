@@ -20,6 +20,7 @@ pub mod meshd;
 pub mod net;
 pub mod tools;
 pub mod wait;
+pub mod xds_client;
 
 pub use meshd::XdsFlavor;
 
