@@ -14,6 +14,7 @@
 //! `cargo build`.
 
 pub mod apps;
+pub mod demo;
 pub mod envoy;
 pub mod mesh;
 pub mod meshd;

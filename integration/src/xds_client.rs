@@ -42,11 +42,15 @@ pub fn node(namespace: &str, pod: &str) -> Node {
     }
 }
 
-async fn client(addr: SocketAddr) -> anyhow::Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>> {
-    Ok(AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-        .await
-        .with_context(|| format!("connect to meshd xDS at {addr}"))?
-        .max_decoding_message_size(usize::MAX))
+async fn client(
+    addr: SocketAddr,
+) -> anyhow::Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>> {
+    Ok(
+        AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+            .await
+            .with_context(|| format!("connect to meshd xDS at {addr}"))?
+            .max_decoding_message_size(usize::MAX),
+    )
 }
 
 /// A state-of-the-world ADS stream.
@@ -94,7 +98,12 @@ impl SotwClient {
     }
 
     /// Rejects `resp` with `message`.
-    pub async fn nack(&self, resp: &DiscoveryResponse, names: &[&str], message: &str) -> anyhow::Result<()> {
+    pub async fn nack(
+        &self,
+        resp: &DiscoveryResponse,
+        names: &[&str],
+        message: &str,
+    ) -> anyhow::Result<()> {
         self.send(DiscoveryRequest {
             type_url: resp.type_url.clone(),
             resource_names: names.iter().map(|s| s.to_string()).collect(),
@@ -161,7 +170,12 @@ impl DeltaClient {
     }
 
     /// Subscribes to `names` of `type_url` (empty: wildcard on a first request).
-    pub async fn subscribe(&self, node: Option<Node>, type_url: &str, names: &[&str]) -> anyhow::Result<()> {
+    pub async fn subscribe(
+        &self,
+        node: Option<Node>,
+        type_url: &str,
+        names: &[&str],
+    ) -> anyhow::Result<()> {
         self.send(DeltaDiscoveryRequest {
             node,
             type_url: type_url.to_string(),
@@ -207,7 +221,12 @@ pub fn resource_names(resp: &DiscoveryResponse) -> anyhow::Result<Vec<String>> {
     resp.resources
         .iter()
         .map(|any| {
-            anyhow::ensure!(any.type_url == resp.type_url, "resource type {} in a {} response", any.type_url, resp.type_url);
+            anyhow::ensure!(
+                any.type_url == resp.type_url,
+                "resource type {} in a {} response",
+                any.type_url,
+                resp.type_url
+            );
             Ok(match any.type_url.as_str() {
                 CDS => Cluster::decode(any.value.as_slice())?.name,
                 EDS => ClusterLoadAssignment::decode(any.value.as_slice())?.cluster_name,

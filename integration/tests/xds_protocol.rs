@@ -62,10 +62,15 @@ impl Fixture {
         let api = PodDef::new(NS, "api-1", "api").serves(9000, 19000);
         self.mesh.write(
             "api.yaml",
-            &[ServiceDef::new(NS, "api").http_port(9000, 9000).yaml(), api.yaml()],
+            &[
+                ServiceDef::new(NS, "api").http_port(9000, 9000).yaml(),
+                api.yaml(),
+            ],
         )?;
-        self.mesh
-            .write("client.yaml", &[self.client.clone().calls("api", 9000, 15003).yaml()])
+        self.mesh.write(
+            "client.yaml",
+            &[self.client.clone().calls("api", 9000, 15003).yaml()],
+        )
     }
 }
 
@@ -73,7 +78,8 @@ impl Fixture {
 async fn sotw_versions_acks_nacks_and_stale_nonces() -> anyhow::Result<()> {
     let f = Fixture::start().await?;
     let mut c = SotwClient::connect(f.meshd.xds_addr).await?;
-    c.request(Some(node(NS, "client-1")), CDS, &[], None).await?;
+    c.request(Some(node(NS, "client-1")), CDS, &[], None)
+        .await?;
     let r1 = c.recv().await?;
     assert_eq!(r1.type_url, CDS);
     assert_eq!(resource_names(&r1)?, [DB, WEB]);
@@ -91,7 +97,8 @@ async fn sotw_versions_acks_nacks_and_stale_nonces() -> anyhow::Result<()> {
     assert_ne!(r2.version_info, r1.version_info);
 
     // NACK: recorded, and the same config is not pushed again.
-    c.nack(&r2, &[], "cluster api: something Envoy did not like").await?;
+    c.nack(&r2, &[], "cluster api: something Envoy did not like")
+        .await?;
     c.expect_silence(QUIET).await?;
     let proxies = f.meshd.proxies().await?;
     let cds = &proxies[0].types["cds"];
@@ -99,7 +106,10 @@ async fn sotw_versions_acks_nacks_and_stale_nonces() -> anyhow::Result<()> {
     let nack = cds.last_nack.as_ref().context("NACK recorded")?;
     assert_eq!(nack.message, "cluster api: something Envoy did not like");
     assert_eq!(nack.nonce, r2.nonce);
-    assert!(f.meshd.log().contains("something Envoy did not like"), "NACK is logged");
+    assert!(
+        f.meshd.log().contains("something Envoy did not like"),
+        "NACK is logged"
+    );
     let status = f.meshd.meshctl(&["status"]).await?;
     assert!(String::from_utf8_lossy(&status.stdout).contains("cds rejected at"));
 
@@ -112,11 +122,19 @@ async fn sotw_versions_acks_nacks_and_stale_nonces() -> anyhow::Result<()> {
     let r3 = c.recv().await?;
     assert_eq!(resource_names(&r3)?, [DB, WEB]);
     c.request(None, CDS, &[], Some(&r3)).await?;
-    eventually("the ACK to clear the NACK", Duration::from_secs(5), || async {
-        let p = f.meshd.proxies().await?;
-        ensure!(!p[0].types["cds"].nacked && !p[0].types["cds"].pending, "{:?}", p[0].types);
-        Ok(())
-    })
+    eventually(
+        "the ACK to clear the NACK",
+        Duration::from_secs(5),
+        || async {
+            let p = f.meshd.proxies().await?;
+            ensure!(
+                !p[0].types["cds"].nacked && !p[0].types["cds"].pending,
+                "{:?}",
+                p[0].types
+            );
+            Ok(())
+        },
+    )
     .await?;
     Ok(())
 }
@@ -126,7 +144,8 @@ async fn sotw_named_subscriptions_skip_resources_that_do_not_exist() -> anyhow::
     let f = Fixture::start().await?;
     let mut c = SotwClient::connect(f.meshd.xds_addr).await?;
     let nope = "outbound|1||nope.shop.svc.cluster.local";
-    c.request(Some(node(NS, "client-1")), EDS, &[WEB, nope], None).await?;
+    c.request(Some(node(NS, "client-1")), EDS, &[WEB, nope], None)
+        .await?;
     let r = c.recv().await?;
     assert_eq!(resource_names(&r)?, [WEB]);
     // Only the names asked for, even though the client also may call db.
@@ -137,14 +156,16 @@ async fn sotw_named_subscriptions_skip_resources_that_do_not_exist() -> anyhow::
 
     // Asking only for a name that does not exist gets no answer.
     let mut c2 = SotwClient::connect(f.meshd.xds_addr).await?;
-    c2.request(Some(node(NS, "client-1")), RDS, &[nope], None).await?;
+    c2.request(Some(node(NS, "client-1")), RDS, &[nope], None)
+        .await?;
     c2.expect_silence(QUIET).await?;
     let _ = f.web;
     Ok(())
 }
 
 #[tokio::test]
-async fn a_change_pushes_clusters_before_listeners_and_listeners_before_routes() -> anyhow::Result<()> {
+async fn a_change_pushes_clusters_before_listeners_and_listeners_before_routes()
+-> anyhow::Result<()> {
     let f = Fixture::start().await?;
     let mut c = SotwClient::connect(f.meshd.xds_addr).await?;
     let n = Some(node(NS, "client-1"));
@@ -182,7 +203,8 @@ async fn unknown_type_urls_are_ignored_and_reported() -> anyhow::Result<()> {
     let f = Fixture::start().await?;
     let mut c = SotwClient::connect(f.meshd.xds_addr).await?;
     let unknown = "type.googleapis.com/envoy.config.example.v3.Nothing";
-    c.request(Some(node(NS, "client-1")), unknown, &[], None).await?;
+    c.request(Some(node(NS, "client-1")), unknown, &[], None)
+        .await?;
     c.expect_silence(QUIET).await?;
     // The stream still works.
     c.request(None, CDS, &[], None).await?;
@@ -201,28 +223,44 @@ async fn a_stream_without_node_metadata_is_refused() -> anyhow::Result<()> {
     c.request(Some(bare), CDS, &[], None).await?;
     let status = c.recv_status().await?;
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert!(status.message().contains("node.metadata.namespace"), "{}", status.message());
+    assert!(
+        status.message().contains("node.metadata.namespace"),
+        "{}",
+        status.message()
+    );
 
     let mut d = DeltaClient::connect(f.meshd.xds_addr).await?;
     d.subscribe(None, CDS, &[]).await?;
     let err = d.recv().await.unwrap_err();
-    let status = err.downcast_ref::<tonic::Status>().context("a gRPC status")?;
+    let status = err
+        .downcast_ref::<tonic::Status>()
+        .context("a gRPC status")?;
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("must carry `node`"));
     Ok(())
 }
 
 #[tokio::test]
-async fn a_pod_that_is_not_in_the_mesh_gets_an_empty_config_until_it_appears() -> anyhow::Result<()> {
+async fn a_pod_that_is_not_in_the_mesh_gets_an_empty_config_until_it_appears() -> anyhow::Result<()>
+{
     let f = Fixture::start().await?;
     let mut c = SotwClient::connect(f.meshd.xds_addr).await?;
     c.request(Some(node(NS, "late-1")), CDS, &[], None).await?;
     let r = c.recv().await?;
     assert!(r.resources.is_empty());
     let p = f.meshd.proxies().await?;
-    assert!(p[0].problems[0].contains("no pod shop/late-1"), "{:?}", p[0].problems);
+    assert!(
+        p[0].problems[0].contains("no pod shop/late-1"),
+        "{:?}",
+        p[0].problems
+    );
     c.request(None, CDS, &[], Some(&r)).await?;
-    f.mesh.write("late.yaml", &[PodDef::new(NS, "late-1", "late").calls("web", 80, 15009).yaml()])?;
+    f.mesh.write(
+        "late.yaml",
+        &[PodDef::new(NS, "late-1", "late")
+            .calls("web", 80, 15009)
+            .yaml()],
+    )?;
     let r = c.recv().await?;
     assert_eq!(resource_names(&r)?, [WEB]);
     Ok(())
@@ -274,15 +312,21 @@ async fn delta_subscriptions_removals_and_reconnects() -> anyhow::Result<()> {
         .collect();
     drop(d);
     let mut d2 = DeltaClient::connect(f.meshd.xds_addr).await?;
-    d2.send(envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
-        node: Some(node(NS, "client-1")),
-        type_url: CDS.to_string(),
-        initial_resource_versions: versions,
-        ..Default::default()
-    })
+    d2.send(
+        envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+            node: Some(node(NS, "client-1")),
+            type_url: CDS.to_string(),
+            initial_resource_versions: versions,
+            ..Default::default()
+        },
+    )
     .await?;
     let r4 = d2.recv().await?;
-    assert!(r4.resources.is_empty(), "resent {:?}", r4.resources.iter().map(|r| &r.name).collect::<Vec<_>>());
+    assert!(
+        r4.resources.is_empty(),
+        "resent {:?}",
+        r4.resources.iter().map(|r| &r.name).collect::<Vec<_>>()
+    );
     assert!(r4.removed_resources.is_empty());
     Ok(())
 }
@@ -291,20 +335,27 @@ async fn delta_subscriptions_removals_and_reconnects() -> anyhow::Result<()> {
 async fn a_proxy_vanishing_mid_stream_does_not_disturb_the_others() -> anyhow::Result<()> {
     let f = Fixture::start().await?;
     let mut gone = SotwClient::connect(f.meshd.xds_addr).await?;
-    gone.request(Some(node(NS, "web-1")), CDS, &[], None).await?;
+    gone.request(Some(node(NS, "web-1")), CDS, &[], None)
+        .await?;
     gone.recv().await?;
     let mut stays = SotwClient::connect(f.meshd.xds_addr).await?;
-    stays.request(Some(node(NS, "client-1")), CDS, &[], None).await?;
+    stays
+        .request(Some(node(NS, "client-1")), CDS, &[], None)
+        .await?;
     let r = stays.recv().await?;
     stays.request(None, CDS, &[], Some(&r)).await?;
     assert_eq!(f.meshd.proxies().await?.len(), 2);
 
     drop(gone);
-    eventually("meshd to forget the vanished proxy", Duration::from_secs(5), || async {
-        let p = f.meshd.proxies().await?;
-        ensure!(p.len() == 1 && p[0].node_id == "client-1.shop", "{p:?}");
-        Ok(())
-    })
+    eventually(
+        "meshd to forget the vanished proxy",
+        Duration::from_secs(5),
+        || async {
+            let p = f.meshd.proxies().await?;
+            ensure!(p.len() == 1 && p[0].node_id == "client-1.shop", "{p:?}");
+            Ok(())
+        },
+    )
     .await?;
     f.add_api()?;
     let r = stays.recv().await?;
