@@ -271,3 +271,51 @@ async fn a_broken_file_keeps_traffic_flowing_and_is_reported() -> anyhow::Result
     .await?;
     Ok(())
 }
+
+/// Endpoints can also come from EndpointSlices (a service without a selector), and an
+/// endpoint that turns not-ready stops receiving traffic.
+#[tokio::test]
+async fn endpoint_slices_drive_endpoints_and_readiness() -> anyhow::Result<()> {
+    init_test_logging();
+    let app = HttpApp::start("web-1").await?;
+    let web1 = PodDef::new(NS, "web-1", "web").serves(8080, app.port());
+    let client = PodDef::new(NS, "client-1", "client").calls("web", 80, free_port());
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+                   spec:\n  ports: [{name: http, port: 80, targetPort: 8080}]\n";
+    let slice = |ready: bool| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc\n  \
+             namespace: shop\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\n\
+             ports: [{{name: http, port: 8080}}]\nendpoints:\n  - addresses: [\"{}\"]\n    \
+             conditions: {{ready: {ready}}}\n    targetRef: {{kind: Pod, name: web-1}}\n",
+            web1.ip
+        )
+    };
+    let mesh = MeshDir::new()?;
+    mesh.write("web.yaml", &[service.to_string(), web1.yaml(), slice(true)])?;
+    mesh.write("client.yaml", &[client.yaml()])?;
+    let meshd = Meshd::start(mesh.path()).await?;
+    let _web = Sidecar::start(&meshd, NS, "web-1", XdsFlavor::Delta).await?;
+    let client_sidecar = Sidecar::start(&meshd, NS, "client-1", XdsFlavor::Delta).await?;
+    let seen = eventually("traffic via the slice", WAIT, || {
+        answering_apps(client.outbound(0), 1)
+    })
+    .await?;
+    assert_eq!(seen, BTreeSet::from(["web-1".to_string()]));
+
+    let before = meshd.snapshot().await?.version;
+    mesh.write(
+        "web.yaml",
+        &[service.to_string(), web1.yaml(), slice(false)],
+    )?;
+    let after = meshd.wait_snapshot_after(before).await?;
+    meshd
+        .wait_synced(&client_sidecar.node_id, after.version)
+        .await?;
+    let reply = http_get(client.outbound(0), "/").await?;
+    assert_eq!(
+        reply.status, 503,
+        "a not-ready endpoint got traffic: {reply:?}"
+    );
+    Ok(())
+}
