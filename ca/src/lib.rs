@@ -1,0 +1,21 @@
+//! meshd's certificate authority. No gRPC, no Kubernetes: keys, certificates and files.
+//!
+//! - [`SpiffeId`]: workload identities, `spiffe://<td>/ns/<ns>/sa/<sa>`.
+//! - [`Authority`]: a signing CA (a root meshd generated, or a user's root or
+//!   intermediate) and the [`TrustBundle`] of roots proxies must trust. It issues
+//!   short-lived ECDSA P-256 workload certificates whose only SAN is the SPIFFE id.
+//! - [`store`]: where the signing CA comes from — a directory where meshd creates the
+//!   root on first start (key file mode 0600), or plug-in files — with every check done
+//!   at start so a bad CA fails loudly, naming the file.
+//!
+//! Private keys are [`PrivateKeyPem`]s: zeroized on drop, never printed by `Debug`.
+
+mod authority;
+mod pem;
+pub mod spiffe;
+pub mod store;
+
+pub use authority::{
+    Authority, CaConfig, CaError, IssuedCertificate, PrivateKeyPem, TrustBundle, generate_root,
+};
+pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError};

@@ -1,0 +1,37 @@
+//! PEM and X.509 helpers shared by the loader and the authority.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// The `CERTIFICATE` blocks of a PEM bundle: (PEM text of the block, DER).
+pub fn certificate_blocks(text: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let blocks = pem::parse_many(text).map_err(|e| format!("not valid PEM: {e}"))?;
+    Ok(blocks
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| (pem::encode(&p), p.into_contents()))
+        .collect())
+}
+
+pub fn parse(der: &[u8]) -> Result<X509Certificate<'_>, String> {
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c)
+        .map_err(|e| format!("not a valid X.509 certificate: {e}"))
+}
+
+pub fn not_after(cert: &X509Certificate<'_>) -> SystemTime {
+    to_system_time(cert.validity().not_after.timestamp())
+}
+
+pub fn not_before(cert: &X509Certificate<'_>) -> SystemTime {
+    to_system_time(cert.validity().not_before.timestamp())
+}
+
+fn to_system_time(unix: i64) -> SystemTime {
+    if unix >= 0 {
+        UNIX_EPOCH + Duration::from_secs(unix as u64)
+    } else {
+        UNIX_EPOCH
+    }
+}
