@@ -140,13 +140,13 @@ pub fn load(chain_path: &Path, key_path: &Path, config: CaConfig) -> Result<Auth
                 format!("{which} is not a CA certificate (basicConstraints CA:TRUE is missing)"),
             ));
         }
-        if let Ok(Some(ku)) = cert.key_usage() {
-            if !ku.value.key_cert_sign() {
-                return Err(CaError::file(
-                    chain_path,
-                    format!("{which} may not sign certificates (keyUsage lacks keyCertSign)"),
-                ));
-            }
+        if let Ok(Some(ku)) = cert.key_usage()
+            && !ku.value.key_cert_sign()
+        {
+            return Err(CaError::file(
+                chain_path,
+                format!("{which} may not sign certificates (keyUsage lacks keyCertSign)"),
+            ));
         }
     }
     let signer = parse(&chain[0].1).map_err(|m| CaError::file(chain_path, m))?;
