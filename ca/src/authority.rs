@@ -82,20 +82,23 @@ pub struct IssuedCertificate {
     /// The leaf followed by any intermediates up to (not including) the root.
     pub chain_pem: String,
     pub key: PrivateKeyPem,
+    /// `notBefore`: the issue time less the backdate.
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    pub issued_at: SystemTime,
     /// Big-endian serial number.
     pub serial: Vec<u8>,
 }
 
 impl IssuedCertificate {
-    /// When the certificate should be replaced: half its lifetime.
+    /// When the certificate should be replaced: half its lifetime after it was issued
+    /// (the backdate does not count, or short lifetimes would be due at once).
     pub fn refresh_at(&self) -> SystemTime {
         let life = self
             .not_after
-            .duration_since(self.not_before)
+            .duration_since(self.issued_at)
             .unwrap_or_default();
-        self.not_before + life / 2
+        self.issued_at + life / 2
     }
 }
 
@@ -205,6 +208,17 @@ impl Authority {
     /// Issues a certificate for `id` valid for `ttl` (never past the signing CA's own
     /// expiry).
     pub fn issue_for(&self, id: &SpiffeId, ttl: Duration) -> Result<IssuedCertificate, CaError> {
+        self.issue_with_dns(id, ttl, &[])
+    }
+
+    /// Like [`Authority::issue_for`], with DNS names beside the SPIFFE id — for servers
+    /// that clients reach by name (meshd's own xDS port).
+    pub fn issue_with_dns(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        dns_names: &[&str],
+    ) -> Result<IssuedCertificate, CaError> {
         let err = |message: String| CaError::Issue {
             id: id.to_string(),
             message,
@@ -217,6 +231,13 @@ impl Authority {
         params.subject_alt_names = vec![SanType::URI(
             id.to_string().try_into().map_err(|e| err(format!("{e}")))?,
         )];
+        for name in dns_names {
+            params.subject_alt_names.push(SanType::DnsName(
+                (*name)
+                    .try_into()
+                    .map_err(|e| err(format!("{name:?}: {e}")))?,
+            ));
+        }
         params.not_before = to_offset(not_before);
         params.not_after = to_offset(not_after);
         let serial = next_serial();
@@ -241,6 +262,7 @@ impl Authority {
             key: PrivateKeyPem::new(key.serialize_pem()),
             not_before,
             not_after,
+            issued_at: now,
             serial,
         })
     }
@@ -375,7 +397,7 @@ mod tests {
         );
         assert_eq!(
             issued.refresh_at(),
-            issued.not_before + Duration::from_secs(330)
+            issued.issued_at + Duration::from_secs(300)
         );
     }
 

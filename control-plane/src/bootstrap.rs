@@ -1,11 +1,13 @@
-//! The Envoy side of the handshake: a bootstrap that names the workload and points ADS
-//! at meshd. Written by `meshctl bootstrap`.
+//! The Envoy side of the handshake: a bootstrap that names the workload, points ADS at
+//! meshd over mutual TLS, and keeps Envoy's admin interface on loopback. Written by
+//! `meshctl bootstrap`, with the proxy's bootstrap certificate and key beside it.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
-use crate::xds::node::{NAMESPACE_KEY, POD_KEY};
+use crate::xds::node::{NAMESPACE_KEY, POD_KEY, SERVICE_ACCOUNT_KEY};
 use crate::xds::status::XdsFlavor;
 
 /// The name of the bootstrap's static cluster that reaches meshd.
@@ -15,12 +17,19 @@ pub const XDS_CLUSTER: &str = "meshd-xds";
 pub struct BootstrapOptions {
     pub namespace: String,
     pub pod: String,
+    pub service_account: String,
     /// meshd's xDS endpoint: an IP or a DNS name.
     pub xds_host: String,
     pub xds_port: u16,
+    /// The SPIFFE id meshd's serving certificate must carry.
+    pub meshd_identity: String,
     /// Envoy's admin interface, always on loopback.
     pub admin_port: u16,
     pub flavor: XdsFlavor,
+    /// The proxy's client certificate chain, its key and the trust bundle (PEM files).
+    pub cert_chain: PathBuf,
+    pub private_key: PathBuf,
+    pub trust_bundle: PathBuf,
 }
 
 impl BootstrapOptions {
@@ -45,7 +54,11 @@ pub fn envoy_bootstrap(opts: &BootstrapOptions) -> Value {
         "node": {
             "id": opts.node_id(),
             "cluster": opts.namespace,
-            "metadata": { NAMESPACE_KEY: opts.namespace, POD_KEY: opts.pod },
+            "metadata": {
+                NAMESPACE_KEY: opts.namespace,
+                POD_KEY: opts.pod,
+                SERVICE_ACCOUNT_KEY: opts.service_account,
+            },
         },
         "admin": {
             "address": { "socket_address": { "address": "127.0.0.1", "port_value": opts.admin_port } }
@@ -70,6 +83,27 @@ pub fn envoy_bootstrap(opts: &BootstrapOptions) -> Value {
                         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                         "explicit_http_config": { "http2_protocol_options": {} },
                     }
+                },
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                        "sni": "meshd",
+                        "common_tls_context": {
+                            "alpn_protocols": ["h2"],
+                            "tls_certificates": [{
+                                "certificate_chain": { "filename": opts.cert_chain },
+                                "private_key": { "filename": opts.private_key },
+                            }],
+                            "validation_context": {
+                                "trusted_ca": { "filename": opts.trust_bundle },
+                                "match_typed_subject_alt_names": [{
+                                    "san_type": "URI",
+                                    "matcher": { "exact": opts.meshd_identity },
+                                }],
+                            },
+                        },
+                    },
                 },
                 "load_assignment": {
                     "cluster_name": XDS_CLUSTER,

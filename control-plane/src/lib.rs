@@ -7,6 +7,8 @@
 
 pub mod admin;
 pub mod bootstrap;
+pub mod cli;
+pub mod identity;
 pub mod model;
 pub mod sources;
 pub mod xds;

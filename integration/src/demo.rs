@@ -62,10 +62,16 @@ pub async fn run(dir: &Path, flavor: XdsFlavor, requests: usize) -> anyhow::Resu
     }
 
     let mut sidecars = Vec::new();
-    for key in snap.workloads.keys() {
-        let sidecar = Sidecar::start(&meshd, &key.namespace, &key.name, flavor)
-            .await
-            .with_context(|| format!("sidecar for {key}"))?;
+    for (key, workload) in &snap.workloads {
+        let sidecar = Sidecar::start(
+            &meshd,
+            &key.namespace,
+            &key.name,
+            &workload.service_account,
+            flavor,
+        )
+        .await
+        .with_context(|| format!("sidecar for {key}"))?;
         println!(
             "  envoy for {key} is live (admin on 127.0.0.1:{})",
             sidecar.admin_port

@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
+use crate::mesh::PodDef;
 use crate::meshd::{Meshd, XdsFlavor};
 use crate::net::free_port;
 use crate::tools::envoy_binary;
@@ -21,18 +22,42 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Starts Envoy for `namespace/pod` against `meshd` and waits until Envoy is live
-    /// (its initial xDS fetch is done).
+    /// Starts Envoy for the pod `pod`.
+    pub async fn for_pod(
+        meshd: &Meshd,
+        pod: &PodDef,
+        flavor: XdsFlavor,
+    ) -> anyhow::Result<Sidecar> {
+        Self::start(
+            meshd,
+            &pod.namespace,
+            &pod.name,
+            &pod.service_account,
+            flavor,
+        )
+        .await
+    }
+
+    /// Starts Envoy for `namespace/pod` running as `service_account`, against `meshd`,
+    /// and waits until Envoy is live (its initial xDS fetch is done).
     pub async fn start(
         meshd: &Meshd,
         namespace: &str,
         pod: &str,
+        service_account: &str,
         flavor: XdsFlavor,
     ) -> anyhow::Result<Sidecar> {
         let work = tempfile::Builder::new().prefix("meshd-envoy-").tempdir()?;
         let admin_port = free_port();
         let bootstrap = meshd
-            .bootstrap(namespace, pod, flavor, admin_port, work.path())
+            .bootstrap(
+                namespace,
+                pod,
+                service_account,
+                flavor,
+                admin_port,
+                work.path(),
+            )
             .await?;
         let log = std::fs::File::create(work.path().join("envoy.log"))?;
         let child = Command::new(envoy_binary()?)

@@ -44,6 +44,8 @@ impl Meshd {
             .arg(xds_addr.to_string())
             .arg("--admin-address")
             .arg(admin_addr.to_string())
+            .arg("--ca-dir")
+            .arg(work.path().join("ca"))
             .args(["--log", "info,meshd=debug"])
             .args(extra)
             .stdin(Stdio::null())
@@ -79,6 +81,11 @@ impl Meshd {
             }
         }
         Ok(meshd)
+    }
+
+    /// meshd's CA directory (root certificate and key), for minting test certificates.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.work.path().join("ca")
     }
 
     pub fn admin_url(&self) -> String {
@@ -159,6 +166,7 @@ impl Meshd {
         &self,
         namespace: &str,
         pod: &str,
+        service_account: &str,
         flavor: XdsFlavor,
         admin_port: u16,
         dir: &Path,
@@ -175,6 +183,10 @@ impl Meshd {
                 namespace,
                 "--pod",
                 pod,
+                "--service-account",
+                service_account,
+                "--ca-dir",
+                self.ca_dir().to_str().context("non-UTF-8 temp path")?,
                 "--xds-address",
                 &self.xds_addr.to_string(),
                 "--admin-port",

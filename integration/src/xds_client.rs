@@ -23,8 +23,51 @@ pub const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfigurat
 
 const RECV_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The node a `meshctl bootstrap` sidecar of `namespace/pod` presents.
-pub fn node(namespace: &str, pod: &str) -> Node {
+/// A client certificate for the xDS port: what `meshctl bootstrap` gives a sidecar.
+#[derive(Debug, Clone)]
+pub struct ClientCert {
+    pub chain_pem: String,
+    key_pem: String,
+    pub trust_bundle_pem: String,
+}
+
+impl ClientCert {
+    /// Mints a certificate for `spiffe://cluster.local/ns/<namespace>/sa/<service_account>`
+    /// with the CA in `ca_dir` (meshd's `--ca-dir`).
+    pub fn mint(
+        ca_dir: &std::path::Path,
+        namespace: &str,
+        service_account: &str,
+    ) -> anyhow::Result<ClientCert> {
+        let (ca, _) = meshd_ca::store::open(
+            &meshd_ca::store::CaSource::Directory(ca_dir.to_path_buf()),
+            meshd_ca::CaConfig::default(),
+        )?;
+        let id = ca.workload_id(namespace, service_account)?;
+        let issued = ca.issue(&id)?;
+        Ok(ClientCert {
+            chain_pem: issued.chain_pem.clone(),
+            key_pem: issued.key.secret_pem().to_string(),
+            trust_bundle_pem: ca.trust_bundle().pem(),
+        })
+    }
+
+    /// A certificate for the same identity from a CA this mesh does not trust.
+    pub fn from_foreign_ca(
+        namespace: &str,
+        service_account: &str,
+        trust_bundle_pem: &str,
+    ) -> anyhow::Result<ClientCert> {
+        let dir = tempfile::tempdir()?;
+        let mut cert = Self::mint(dir.path(), namespace, service_account)?;
+        cert.trust_bundle_pem = trust_bundle_pem.to_string();
+        Ok(cert)
+    }
+}
+
+/// The node a `meshctl bootstrap` sidecar of `namespace/pod` running as
+/// `service_account` presents.
+pub fn node(namespace: &str, pod: &str, service_account: &str) -> Node {
     let s = |v: &str| Value {
         kind: Some(Kind::StringValue(v.to_string())),
     };
@@ -35,6 +78,7 @@ pub fn node(namespace: &str, pod: &str) -> Node {
             fields: [
                 ("namespace".to_string(), s(namespace)),
                 ("pod".to_string(), s(pod)),
+                ("service_account".to_string(), s(service_account)),
             ]
             .into(),
         }),
@@ -44,13 +88,19 @@ pub fn node(namespace: &str, pod: &str) -> Node {
 
 async fn client(
     addr: SocketAddr,
+    cert: &ClientCert,
 ) -> anyhow::Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>> {
-    Ok(
-        AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-            .await
-            .with_context(|| format!("connect to meshd xDS at {addr}"))?
-            .max_decoding_message_size(usize::MAX),
-    )
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&cert.trust_bundle_pem))
+        .identity(Identity::from_pem(&cert.chain_pem, &cert.key_pem))
+        .domain_name("meshd");
+    let channel = Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .connect()
+        .await
+        .with_context(|| format!("connect to meshd xDS at {addr}"))?;
+    Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX))
 }
 
 /// A state-of-the-world ADS stream.
@@ -61,10 +111,10 @@ pub struct SotwClient {
 }
 
 impl SotwClient {
-    /// Opens the stream; the first request is sent with [`SotwClient::send`].
-    pub async fn connect(addr: SocketAddr) -> anyhow::Result<SotwClient> {
+    /// Opens the stream with `cert`; the first request is sent with [`SotwClient::send`].
+    pub async fn connect(addr: SocketAddr, cert: &ClientCert) -> anyhow::Result<SotwClient> {
         let (tx, rx) = mpsc::channel(16);
-        let resp = client(addr)
+        let resp = client(addr, cert)
             .await?
             .stream_aggregated_resources(ReceiverStream::new(rx))
             .await?;
@@ -153,9 +203,9 @@ pub struct DeltaClient {
 }
 
 impl DeltaClient {
-    pub async fn connect(addr: SocketAddr) -> anyhow::Result<DeltaClient> {
+    pub async fn connect(addr: SocketAddr, cert: &ClientCert) -> anyhow::Result<DeltaClient> {
         let (tx, rx) = mpsc::channel(16);
-        let resp = client(addr)
+        let resp = client(addr, cert)
             .await?
             .delta_aggregated_resources(ReceiverStream::new(rx))
             .await?;

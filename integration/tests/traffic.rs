@@ -54,9 +54,9 @@ async fn http_and_tcp_flow(flavor: XdsFlavor) -> anyhow::Result<()> {
         ],
     )?;
     let meshd = Meshd::start(mesh.path()).await?;
-    let web_sidecar = Sidecar::start(&meshd, NS, "web-1", flavor).await?;
-    let db_sidecar = Sidecar::start(&meshd, NS, "db-1", flavor).await?;
-    let client_sidecar = Sidecar::start(&meshd, NS, "client-1", flavor).await?;
+    let web_sidecar = Sidecar::for_pod(&meshd, &web, flavor).await?;
+    let db_sidecar = Sidecar::for_pod(&meshd, &db, flavor).await?;
+    let client_sidecar = Sidecar::for_pod(&meshd, &client, flavor).await?;
 
     let reply = eventually("HTTP through both sidecars", WAIT, || async {
         let r = http_get(client.outbound(0), "/hello").await?;
@@ -131,8 +131,8 @@ async fn mesh_changes_live(flavor: XdsFlavor) -> anyhow::Result<()> {
     )?;
     mesh.write("client.yaml", &[client.yaml()])?;
     let meshd = Meshd::start(mesh.path()).await?;
-    let _s1 = Sidecar::start(&meshd, NS, "web-1", flavor).await?;
-    let client_sidecar = Sidecar::start(&meshd, NS, "client-1", flavor).await?;
+    let _s1 = Sidecar::for_pod(&meshd, &web1, flavor).await?;
+    let client_sidecar = Sidecar::for_pod(&meshd, &client, flavor).await?;
     let only_web1 = eventually("web-1 to answer", WAIT, || {
         answering_apps(client.outbound(0), 1)
     })
@@ -140,7 +140,7 @@ async fn mesh_changes_live(flavor: XdsFlavor) -> anyhow::Result<()> {
     assert_eq!(only_web1, BTreeSet::from(["web-1".to_string()]));
 
     // A new endpoint file: web-2 starts receiving traffic.
-    let _s2 = Sidecar::start(&meshd, NS, "web-2", flavor).await?;
+    let _s2 = Sidecar::for_pod(&meshd, &web2, flavor).await?;
     mesh.write("web-2.yaml", &[web2.yaml()])?;
     eventually("web-2 to receive traffic", WAIT, || async {
         let seen = answering_apps(client.outbound(0), 20).await?;
@@ -168,7 +168,7 @@ async fn mesh_changes_live(flavor: XdsFlavor) -> anyhow::Result<()> {
     // A new service, and the client starts calling it: reachable without restarts.
     let api_port = free_port();
     let client = client.calls("api", 9000, api_port);
-    let _s3 = Sidecar::start(&meshd, NS, "api-1", flavor).await?;
+    let _s3 = Sidecar::for_pod(&meshd, &api1, flavor).await?;
     mesh.write(
         "api.yaml",
         &[
@@ -211,8 +211,8 @@ async fn a_broken_file_keeps_traffic_flowing_and_is_reported() -> anyhow::Result
     mesh.write("web.yaml", &[service.clone(), web1.yaml()])?;
     mesh.write("client.yaml", &[client.yaml()])?;
     let meshd = Meshd::start(mesh.path()).await?;
-    let _web = Sidecar::start(&meshd, NS, "web-1", XdsFlavor::Delta).await?;
-    let client_sidecar = Sidecar::start(&meshd, NS, "client-1", XdsFlavor::Delta).await?;
+    let _web = Sidecar::for_pod(&meshd, &web1, XdsFlavor::Delta).await?;
+    let client_sidecar = Sidecar::for_pod(&meshd, &client, XdsFlavor::Delta).await?;
     eventually("traffic", WAIT, || answering_apps(client.outbound(0), 1)).await?;
 
     // A wrong field in the web service, and a file that is not YAML at all.
@@ -295,8 +295,8 @@ async fn endpoint_slices_drive_endpoints_and_readiness() -> anyhow::Result<()> {
     mesh.write("web.yaml", &[service.to_string(), web1.yaml(), slice(true)])?;
     mesh.write("client.yaml", &[client.yaml()])?;
     let meshd = Meshd::start(mesh.path()).await?;
-    let _web = Sidecar::start(&meshd, NS, "web-1", XdsFlavor::Delta).await?;
-    let client_sidecar = Sidecar::start(&meshd, NS, "client-1", XdsFlavor::Delta).await?;
+    let _web = Sidecar::for_pod(&meshd, &web1, XdsFlavor::Delta).await?;
+    let client_sidecar = Sidecar::for_pod(&meshd, &client, XdsFlavor::Delta).await?;
     let seen = eventually("traffic via the slice", WAIT, || {
         answering_apps(client.outbound(0), 1)
     })

@@ -12,7 +12,7 @@ use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};
 use meshd_integration::meshd::Meshd;
 use meshd_integration::wait::eventually;
 use meshd_integration::xds_client::{
-    CDS, DeltaClient, EDS, LDS, RDS, SotwClient, node, resource_names,
+    CDS, ClientCert, DeltaClient, EDS, LDS, RDS, SotwClient, node, resource_names,
 };
 
 const NS: &str = "shop";
@@ -56,6 +56,11 @@ impl Fixture {
         })
     }
 
+    /// A client certificate for `shop/<service_account>` from meshd's CA.
+    fn cert(&self, service_account: &str) -> anyhow::Result<ClientCert> {
+        ClientCert::mint(&self.meshd.ca_dir(), NS, service_account)
+    }
+
     /// Adds the `api` service and makes the client call it: a new cluster, endpoints,
     /// listener and route for the client.
     fn add_api(&self) -> anyhow::Result<()> {
@@ -77,8 +82,8 @@ impl Fixture {
 #[tokio::test]
 async fn sotw_versions_acks_nacks_and_stale_nonces() -> anyhow::Result<()> {
     let f = Fixture::start().await?;
-    let mut c = SotwClient::connect(f.meshd.xds_addr).await?;
-    c.request(Some(node(NS, "client-1")), CDS, &[], None)
+    let mut c = SotwClient::connect(f.meshd.xds_addr, &f.cert("client")?).await?;
+    c.request(Some(node(NS, "client-1", "client")), CDS, &[], None)
         .await?;
     let r1 = c.recv().await?;
     assert_eq!(r1.type_url, CDS);
@@ -142,10 +147,15 @@ async fn sotw_versions_acks_nacks_and_stale_nonces() -> anyhow::Result<()> {
 #[tokio::test]
 async fn sotw_named_subscriptions_skip_resources_that_do_not_exist() -> anyhow::Result<()> {
     let f = Fixture::start().await?;
-    let mut c = SotwClient::connect(f.meshd.xds_addr).await?;
+    let mut c = SotwClient::connect(f.meshd.xds_addr, &f.cert("client")?).await?;
     let nope = "outbound|1||nope.shop.svc.cluster.local";
-    c.request(Some(node(NS, "client-1")), EDS, &[WEB, nope], None)
-        .await?;
+    c.request(
+        Some(node(NS, "client-1", "client")),
+        EDS,
+        &[WEB, nope],
+        None,
+    )
+    .await?;
     let r = c.recv().await?;
     assert_eq!(resource_names(&r)?, [WEB]);
     // Only the names asked for, even though the client also may call db.
@@ -155,8 +165,8 @@ async fn sotw_named_subscriptions_skip_resources_that_do_not_exist() -> anyhow::
     assert_eq!(cla.endpoints[0].lb_endpoints.len(), 1);
 
     // Asking only for a name that does not exist gets no answer.
-    let mut c2 = SotwClient::connect(f.meshd.xds_addr).await?;
-    c2.request(Some(node(NS, "client-1")), RDS, &[nope], None)
+    let mut c2 = SotwClient::connect(f.meshd.xds_addr, &f.cert("client")?).await?;
+    c2.request(Some(node(NS, "client-1", "client")), RDS, &[nope], None)
         .await?;
     c2.expect_silence(QUIET).await?;
     let _ = f.web;
@@ -167,8 +177,8 @@ async fn sotw_named_subscriptions_skip_resources_that_do_not_exist() -> anyhow::
 async fn a_change_pushes_clusters_before_listeners_and_listeners_before_routes()
 -> anyhow::Result<()> {
     let f = Fixture::start().await?;
-    let mut c = SotwClient::connect(f.meshd.xds_addr).await?;
-    let n = Some(node(NS, "client-1"));
+    let mut c = SotwClient::connect(f.meshd.xds_addr, &f.cert("client")?).await?;
+    let n = Some(node(NS, "client-1", "client"));
     c.request(n, CDS, &[], None).await?;
     let cds = c.recv().await?;
     c.request(None, CDS, &[], Some(&cds)).await?;
@@ -201,9 +211,9 @@ async fn a_change_pushes_clusters_before_listeners_and_listeners_before_routes()
 #[tokio::test]
 async fn unknown_type_urls_are_ignored_and_reported() -> anyhow::Result<()> {
     let f = Fixture::start().await?;
-    let mut c = SotwClient::connect(f.meshd.xds_addr).await?;
+    let mut c = SotwClient::connect(f.meshd.xds_addr, &f.cert("client")?).await?;
     let unknown = "type.googleapis.com/envoy.config.example.v3.Nothing";
-    c.request(Some(node(NS, "client-1")), unknown, &[], None)
+    c.request(Some(node(NS, "client-1", "client")), unknown, &[], None)
         .await?;
     c.expect_silence(QUIET).await?;
     // The stream still works.
@@ -217,8 +227,8 @@ async fn unknown_type_urls_are_ignored_and_reported() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_stream_without_node_metadata_is_refused() -> anyhow::Result<()> {
     let f = Fixture::start().await?;
-    let mut c = SotwClient::connect(f.meshd.xds_addr).await?;
-    let mut bare = node(NS, "client-1");
+    let mut c = SotwClient::connect(f.meshd.xds_addr, &f.cert("client")?).await?;
+    let mut bare = node(NS, "client-1", "client");
     bare.metadata = None;
     c.request(Some(bare), CDS, &[], None).await?;
     let status = c.recv_status().await?;
@@ -229,7 +239,7 @@ async fn a_stream_without_node_metadata_is_refused() -> anyhow::Result<()> {
         status.message()
     );
 
-    let mut d = DeltaClient::connect(f.meshd.xds_addr).await?;
+    let mut d = DeltaClient::connect(f.meshd.xds_addr, &f.cert("client")?).await?;
     d.subscribe(None, CDS, &[]).await?;
     let err = d.recv().await.unwrap_err();
     let status = err
@@ -244,8 +254,9 @@ async fn a_stream_without_node_metadata_is_refused() -> anyhow::Result<()> {
 async fn a_pod_that_is_not_in_the_mesh_gets_an_empty_config_until_it_appears() -> anyhow::Result<()>
 {
     let f = Fixture::start().await?;
-    let mut c = SotwClient::connect(f.meshd.xds_addr).await?;
-    c.request(Some(node(NS, "late-1")), CDS, &[], None).await?;
+    let mut c = SotwClient::connect(f.meshd.xds_addr, &f.cert("late")?).await?;
+    c.request(Some(node(NS, "late-1", "late")), CDS, &[], None)
+        .await?;
     let r = c.recv().await?;
     assert!(r.resources.is_empty());
     let p = f.meshd.proxies().await?;
@@ -269,8 +280,9 @@ async fn a_pod_that_is_not_in_the_mesh_gets_an_empty_config_until_it_appears() -
 #[tokio::test]
 async fn delta_subscriptions_removals_and_reconnects() -> anyhow::Result<()> {
     let f = Fixture::start().await?;
-    let mut d = DeltaClient::connect(f.meshd.xds_addr).await?;
-    d.subscribe(Some(node(NS, "client-1")), CDS, &[]).await?;
+    let mut d = DeltaClient::connect(f.meshd.xds_addr, &f.cert("client")?).await?;
+    d.subscribe(Some(node(NS, "client-1", "client")), CDS, &[])
+        .await?;
     let r1 = d.recv().await?;
     let mut names: Vec<_> = r1.resources.iter().map(|r| r.name.clone()).collect();
     names.sort();
@@ -311,10 +323,10 @@ async fn delta_subscriptions_removals_and_reconnects() -> anyhow::Result<()> {
         .map(|r| (r.name.clone(), r.version.clone()))
         .collect();
     drop(d);
-    let mut d2 = DeltaClient::connect(f.meshd.xds_addr).await?;
+    let mut d2 = DeltaClient::connect(f.meshd.xds_addr, &f.cert("client")?).await?;
     d2.send(
         envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
-            node: Some(node(NS, "client-1")),
+            node: Some(node(NS, "client-1", "client")),
             type_url: CDS.to_string(),
             initial_resource_versions: versions,
             ..Default::default()
@@ -334,13 +346,13 @@ async fn delta_subscriptions_removals_and_reconnects() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_proxy_vanishing_mid_stream_does_not_disturb_the_others() -> anyhow::Result<()> {
     let f = Fixture::start().await?;
-    let mut gone = SotwClient::connect(f.meshd.xds_addr).await?;
-    gone.request(Some(node(NS, "web-1")), CDS, &[], None)
+    let mut gone = SotwClient::connect(f.meshd.xds_addr, &f.cert("web")?).await?;
+    gone.request(Some(node(NS, "web-1", "web")), CDS, &[], None)
         .await?;
     gone.recv().await?;
-    let mut stays = SotwClient::connect(f.meshd.xds_addr).await?;
+    let mut stays = SotwClient::connect(f.meshd.xds_addr, &f.cert("client")?).await?;
     stays
-        .request(Some(node(NS, "client-1")), CDS, &[], None)
+        .request(Some(node(NS, "client-1", "client")), CDS, &[], None)
         .await?;
     let r = stays.recv().await?;
     stays.request(None, CDS, &[], Some(&r)).await?;

@@ -3,11 +3,14 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use meshd::admin::{ProxyConfig, SnapshotSummary};
 use meshd::bootstrap::{BootstrapOptions, envoy_bootstrap};
+use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
+use meshd::identity::MESHD_SERVICE_ACCOUNT;
 use meshd::sources::file::FileSource;
 use meshd::xds::status::{ProxyStatus, XdsFlavor};
 
@@ -21,30 +24,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Write the Envoy bootstrap for a workload's sidecar.
+    /// Write the Envoy bootstrap for a workload's sidecar, with its client certificate.
     ///
     /// The bootstrap names the pod (node id `<pod>.<namespace>` and metadata), points
-    /// ADS at meshd and puts Envoy's admin interface on 127.0.0.1.
-    Bootstrap {
-        /// The pod this sidecar belongs to.
-        #[arg(long)]
-        pod: String,
-        /// The pod's namespace.
-        #[arg(long, short = 'n', default_value = "default")]
-        namespace: String,
-        /// meshd's xDS address, host:port (host may be a DNS name).
-        #[arg(long, default_value = "127.0.0.1:15010")]
-        xds_address: String,
-        /// Port of Envoy's admin interface on 127.0.0.1.
-        #[arg(long, default_value_t = 15000)]
-        admin_port: u16,
-        /// xDS flavour: state of the world or incremental.
-        #[arg(long, value_enum, default_value_t = Flavor::Delta)]
-        xds_protocol: Flavor,
-        /// Write to this file instead of standard output.
-        #[arg(long, short = 'o')]
-        output: Option<PathBuf>,
-    },
+    /// ADS at meshd over mutual TLS and puts Envoy's admin interface on 127.0.0.1.
+    /// Beside it go `<name>-cert.pem` (a certificate for the pod's identity
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>, minted with the
+    /// mesh CA), `<name>-key.pem` (mode 0600) and `<name>-ca.pem` (the trust bundle).
+    Bootstrap(Box<BootstrapArgs>),
     /// Check a config directory offline and list every problem.
     ///
     /// Exits with status 1 if anything is wrong, so it can guard a CI pipeline.
@@ -73,6 +60,39 @@ enum Command {
     },
 }
 
+#[derive(Debug, clap::Args)]
+struct BootstrapArgs {
+    /// The pod this sidecar belongs to.
+    #[arg(long)]
+    pod: String,
+    /// The pod's namespace.
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// The pod's service account: its identity.
+    #[arg(long, default_value = "default")]
+    service_account: String,
+    /// meshd's xDS address, host:port (host may be a DNS name).
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    xds_address: String,
+    /// meshd's namespace, as given to meshd (part of the identity Envoy checks).
+    #[arg(long, env = "MESHD_NAMESPACE", default_value = DEFAULT_MESHD_NAMESPACE)]
+    meshd_namespace: String,
+    #[command(flatten)]
+    ca: CaArgs,
+    /// Lifetime of the bootstrap certificate Envoy uses towards meshd.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_ttl: Duration,
+    /// Port of Envoy's admin interface on 127.0.0.1.
+    #[arg(long, default_value_t = 15000)]
+    admin_port: u16,
+    /// xDS flavour: state of the world or incremental.
+    #[arg(long, value_enum, default_value_t = Flavor::Delta)]
+    xds_protocol: Flavor,
+    /// The bootstrap file to write (its certificate files go beside it).
+    #[arg(long, short = 'o')]
+    output: PathBuf,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Flavor {
     Sotw,
@@ -98,35 +118,65 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Bootstrap {
-            pod,
-            namespace,
-            xds_address,
-            admin_port,
-            xds_protocol,
-            output,
-        } => {
+        Command::Bootstrap(args) => {
+            let BootstrapArgs {
+                pod,
+                namespace,
+                service_account,
+                xds_address,
+                meshd_namespace,
+                ca,
+                cert_ttl,
+                admin_port,
+                xds_protocol,
+                output,
+            } = *args;
             let (host, port) = xds_address
                 .rsplit_once(':')
                 .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
                 .with_context(|| format!("--xds-address {xds_address:?}: expected host:port"))?;
+            let (authority, _) = ca.open(cert_ttl)?;
+            let id = authority
+                .workload_id(&namespace, &service_account)
+                .context("--namespace / --service-account")?;
+            let meshd_identity = authority
+                .workload_id(&meshd_namespace, MESHD_SERVICE_ACCOUNT)
+                .context("--meshd-namespace")?;
+            let issued = authority.issue(&id)?;
+            let stem = output
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .context("--output needs a file name")?
+                .to_string();
+            let dir = output.parent().unwrap_or(std::path::Path::new(""));
+            let beside = |suffix: &str| dir.join(format!("{stem}-{suffix}.pem"));
+            let (cert_path, key_path, ca_path) = (beside("cert"), beside("key"), beside("ca"));
+            write_file(&cert_path, &issued.chain_pem, 0o644)?;
+            write_file(&key_path, issued.key.secret_pem(), 0o600)?;
+            write_file(&ca_path, &authority.trust_bundle().pem(), 0o644)?;
             let opts = BootstrapOptions {
                 namespace,
                 pod,
+                service_account,
                 xds_host: host.to_string(),
                 xds_port: port,
+                meshd_identity: meshd_identity.to_string(),
                 admin_port,
                 flavor: match xds_protocol {
                     Flavor::Sotw => XdsFlavor::Sotw,
                     Flavor::Delta => XdsFlavor::Delta,
                 },
+                cert_chain: absolute(&cert_path)?,
+                private_key: absolute(&key_path)?,
+                trust_bundle: absolute(&ca_path)?,
             };
             let text = serde_json::to_string_pretty(&envoy_bootstrap(&opts))? + "\n";
-            match output {
-                Some(path) => std::fs::write(&path, text)
-                    .with_context(|| format!("cannot write {}", path.display()))?,
-                None => std::io::stdout().write_all(text.as_bytes())?,
-            }
+            write_file(&output, &text, 0o644)?;
+            eprintln!(
+                "wrote {} for {id} (certificate valid until {})",
+                output.display(),
+                humantime::format_rfc3339_seconds(issued.not_after)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Analyze { dir } => {
@@ -246,4 +296,29 @@ async fn get_json<T: serde::de::DeserializeOwned>(admin: &str, path: &str) -> an
     resp.json()
         .await
         .with_context(|| format!("{url}: unexpected answer"))
+}
+
+/// Writes `text` to `path` with `mode` (0600 for keys), replacing what was there.
+fn write_file(path: &std::path::Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    // An existing file keeps its old mode on open; make sure a key is private.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use meshd::admin::{self, AdminState};
+use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
+use meshd::identity::CertManager;
 use meshd::model::{Store, StoreConfig};
 use meshd::sources::file::FileSource;
 use meshd::xds::cache::spawn_translator;
@@ -28,9 +30,22 @@ struct Args {
     #[arg(long, env = "MESHD_CONFIG_DIR", value_name = "DIR")]
     config_dir: PathBuf,
 
-    /// Address of the xDS (ADS) gRPC server.
-    #[arg(long, env = "MESHD_XDS_ADDRESS", default_value = "127.0.0.1:15010")]
+    /// Address of the xDS (ADS) gRPC server. It speaks TLS only and requires a client
+    /// certificate from the mesh CA (`meshctl bootstrap` writes one).
+    #[arg(long, env = "MESHD_XDS_ADDRESS", default_value = "127.0.0.1:15012")]
     xds_address: SocketAddr,
+
+    #[command(flatten)]
+    ca: CaArgs,
+
+    /// Lifetime of workload certificates; they are re-issued at half of it.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    workload_cert_ttl: Duration,
+
+    /// meshd's own namespace, part of its serving identity
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/meshd.
+    #[arg(long, env = "MESHD_NAMESPACE", default_value = DEFAULT_MESHD_NAMESPACE)]
+    namespace: String,
 
     /// Address of the admin HTTP API (/healthz, /readyz, /debug/...).
     #[arg(long, env = "MESHD_ADMIN_ADDRESS", default_value = "127.0.0.1:15014")]
@@ -71,6 +86,22 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    if args.workload_cert_ttl < Duration::from_secs(2) {
+        anyhow::bail!(
+            "--workload-cert-ttl {:?} is too short: certificates must live at least 2s",
+            args.workload_cert_ttl
+        );
+    }
+    let (authority, opened) = args.ca.open(args.workload_cert_ttl)?;
+    tracing::info!(
+        source = ?args.ca.source(),
+        trust_domain = %args.ca.trust_domain,
+        ?opened,
+        "mesh CA ready"
+    );
+    let certs = CertManager::new(authority, &args.namespace)?;
+    certs.spawn_rotation();
+
     let dir = &args.config_dir;
     if !dir.is_dir() {
         anyhow::bail!("--config-dir {}: not a directory", dir.display());
@@ -95,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
         .spawn_watch(store.clone(), config_errors.clone())
         .with_context(|| format!("cannot watch {}", dir.display()))?;
 
-    let snapshots = spawn_translator(store.subscribe());
+    let snapshots = spawn_translator(store.subscribe(), args.ca.trust_domain.clone());
     let registry = ProxyRegistry::default();
 
     let admin_listener = tokio::net::TcpListener::bind(args.admin_address)
@@ -115,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
     let xds_listener = tokio::net::TcpListener::bind(args.xds_address)
         .await
         .with_context(|| format!("cannot listen on --xds-address {}", args.xds_address))?;
-    tracing::info!(xds = %args.xds_address, admin = %args.admin_address, "meshd serving");
+    tracing::info!(xds = %args.xds_address, admin = %args.admin_address, identity = %certs.server_id(), "meshd serving");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -123,9 +154,9 @@ async fn main() -> anyhow::Result<()> {
     });
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(AdsServer::new(snapshots, registry).into_service())
+        .add_service(AdsServer::new(snapshots, registry, certs.clone()).into_service())
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(xds_listener),
+            meshd::xds::tls::incoming(xds_listener, certs)?,
             stopped(stop_rx.clone()),
         );
     // ADS streams never end by themselves: after a short grace period they are cut,

@@ -14,6 +14,8 @@ use tokio::sync::watch;
 use super::resources::{ProxyResources, Resource, ResourceType};
 use super::translate;
 use crate::model::snapshot::{Endpoint, ServicePortKey};
+use meshd_ca::SpiffeId;
+
 use crate::model::{MeshSnapshot, ObjectKey, ProxyView, Service};
 
 /// The shared resources of one service port and the inputs they were built from.
@@ -21,6 +23,8 @@ use crate::model::{MeshSnapshot, ObjectKey, ProxyView, Service};
 pub struct ServicePortResources {
     service: Arc<Service>,
     endpoints: Arc<Vec<Endpoint>>,
+    /// The SPIFFE ids of the endpoints' pods: whom the cluster's TLS accepts.
+    identities: Vec<SpiffeId>,
     pub cluster: Arc<Resource>,
     pub load_assignment: Arc<Resource>,
     pub route: Option<Arc<Resource>>,
@@ -32,15 +36,38 @@ pub struct XdsSnapshot {
     pub services: HashMap<ServicePortKey, Arc<ServicePortResources>>,
 }
 
+/// The SPIFFE ids of the pods behind `endpoints`, sorted and unique. Endpoints whose pod
+/// is unknown contribute nothing: no identity can be verified for them.
+fn endpoint_identities(
+    mesh: &MeshSnapshot,
+    endpoints: &[Endpoint],
+    trust_domain: &str,
+) -> Vec<SpiffeId> {
+    let mut ids: Vec<SpiffeId> = endpoints
+        .iter()
+        .filter_map(|e| mesh.workloads.get(e.workload.as_ref()?))
+        .filter_map(|w| SpiffeId::new(trust_domain, &w.key.namespace, &w.service_account).ok())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
 impl XdsSnapshot {
-    pub fn build(mesh: Arc<MeshSnapshot>, previous: Option<&XdsSnapshot>) -> XdsSnapshot {
+    pub fn build(
+        mesh: Arc<MeshSnapshot>,
+        previous: Option<&XdsSnapshot>,
+        trust_domain: &str,
+    ) -> XdsSnapshot {
         let mut services = HashMap::with_capacity(mesh.endpoints.len());
         for svc in mesh.services.values() {
             for port in &svc.ports {
                 let key = (svc.key.clone(), port.port);
                 let endpoints = mesh.endpoints.get(&key).cloned().unwrap_or_default();
+                let identities = endpoint_identities(&mesh, &endpoints, trust_domain);
                 let old = previous.and_then(|p| p.services.get(&key));
-                let same_service = old.is_some_and(|o| o.service == *svc);
+                let same_service =
+                    old.is_some_and(|o| o.service == *svc && o.identities == identities);
                 let same_endpoints = old.is_some_and(|o| o.endpoints == endpoints);
                 let entry = match old {
                     Some(old) if same_service && same_endpoints => old.clone(),
@@ -49,7 +76,10 @@ impl XdsSnapshot {
                         let (cluster, route) = match old.filter(|_| same_service) {
                             Some(old) => (old.cluster.clone(), old.route.clone()),
                             None => (
-                                Resource::encode(&name, &translate::service_cluster(svc, port)),
+                                Resource::encode(
+                                    &name,
+                                    &translate::service_cluster(svc, port, &identities),
+                                ),
                                 port.protocol.is_http().then(|| {
                                     Resource::encode(&name, &translate::service_route(svc, port))
                                 }),
@@ -65,6 +95,7 @@ impl XdsSnapshot {
                         Arc::new(ServicePortResources {
                             service: svc.clone(),
                             endpoints,
+                            identities,
                             cluster,
                             load_assignment,
                             route,
@@ -136,14 +167,19 @@ impl XdsSnapshot {
 /// Follows the mesh snapshots and publishes the matching xDS snapshots.
 pub fn spawn_translator(
     mut mesh: watch::Receiver<Arc<MeshSnapshot>>,
+    trust_domain: String,
 ) -> watch::Receiver<Arc<XdsSnapshot>> {
-    let first = Arc::new(XdsSnapshot::build(mesh.borrow_and_update().clone(), None));
+    let first = Arc::new(XdsSnapshot::build(
+        mesh.borrow_and_update().clone(),
+        None,
+        &trust_domain,
+    ));
     let (tx, rx) = watch::channel(first);
     tokio::spawn(async move {
         while mesh.changed().await.is_ok() {
             let snap = mesh.borrow_and_update().clone();
             let previous = tx.borrow().clone();
-            let next = XdsSnapshot::build(snap, Some(&previous));
+            let next = XdsSnapshot::build(snap, Some(&previous), &trust_domain);
             if tx.send(Arc::new(next)).is_err() {
                 break;
             }

@@ -16,7 +16,6 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use super::node::identify;
 use super::resources::ResourceType;
 use super::server::{ProxyConn, StreamContext, log_stream_end};
 use super::status::{Nack, XdsFlavor, now_rfc3339};
@@ -44,11 +43,10 @@ pub(crate) async fn run(
         Some(Err(e)) => return log_stream_end(None, &e.to_string()),
         None => return log_stream_end(None, "closed by the client"),
     };
-    let id = match identify(first.node.as_ref()) {
+    let id = match ctx.identify(first.node.as_ref()) {
         Ok(id) => id,
-        Err(e) => {
-            tracing::warn!("refused an xDS stream: {e}");
-            let _ = tx.send(Err(e.into())).await;
+        Err(status) => {
+            let _ = tx.send(Err(status)).await;
             return;
         }
     };
@@ -74,6 +72,7 @@ impl DeltaStream {
         first: DeltaDiscoveryRequest,
         mut requests: Streaming<DeltaDiscoveryRequest>,
     ) -> String {
+        let mut cert_changes = ctx.certs.changes();
         if let Err(e) = self.on_request(first).await {
             return e;
         }
@@ -93,7 +92,17 @@ impl DeltaStream {
                         return "meshd is shutting down".to_string();
                     }
                     let snapshot = ctx.snapshots.borrow_and_update().clone();
-                    self.conn.refresh(snapshot);
+                    self.conn.refresh(snapshot, &ctx.certs);
+                    for t in ResourceType::PUSH_ORDER {
+                        if let Err(e) = self.respond(t).await {
+                            return e;
+                        }
+                    }
+                }
+                _ = cert_changes.changed() => {
+                    cert_changes.borrow_and_update();
+                    let snapshot = self.conn.snapshot.clone();
+                    self.conn.refresh(snapshot, &ctx.certs);
                     for t in ResourceType::PUSH_ORDER {
                         if let Err(e) = self.respond(t).await {
                             return e;

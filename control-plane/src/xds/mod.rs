@@ -12,4 +12,5 @@ pub mod resources;
 pub mod server;
 mod sotw;
 pub mod status;
+pub mod tls;
 pub mod translate;

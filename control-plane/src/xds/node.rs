@@ -1,21 +1,31 @@
-//! Who is on the other end of a stream, from the `Node` of its first request.
+//! Who is on the other end of a stream.
 //!
-//! `meshctl bootstrap` writes `node.id = <pod>.<namespace>` and the metadata keys
-//! [`NAMESPACE_KEY`] and [`POD_KEY`]. (Once the xDS port requires client certificates,
-//! the certificate's identity must agree with these; until then they are trusted.)
+//! The identity is the SPIFFE id in the client certificate the xDS port verified. The
+//! node of the first request says which pod the proxy serves (`node.metadata`:
+//! [`NAMESPACE_KEY`], [`POD_KEY`], [`SERVICE_ACCOUNT_KEY`], written by
+//! `meshctl bootstrap`); a node that claims a namespace or service account other than
+//! its certificate's is refused. Whether the named pod really runs as that service
+//! account is checked against the mesh on every snapshot (see `server::ProxyConn`).
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::value::Kind;
+use meshd_ca::SpiffeId;
+use rustls_pki_types::CertificateDer;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::model::ObjectKey;
 
 pub const NAMESPACE_KEY: &str = "namespace";
 pub const POD_KEY: &str = "pod";
+pub const SERVICE_ACCOUNT_KEY: &str = "service_account";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyId {
     pub node_id: String,
     pub workload: ObjectKey,
+    /// Verified from the client certificate.
+    pub identity: SpiffeId,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -31,10 +41,65 @@ pub enum NodeError {
     MissingMetadata { node_id: String, key: &'static str },
 }
 
-pub fn identify(node: Option<&Node>) -> Result<ProxyId, NodeError> {
+/// Why a verified peer may not speak for the node it claims.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("no client certificate was presented")]
+    NoCertificate,
+    #[error("the client certificate carries no workload SPIFFE id: {0}")]
+    NoSpiffeId(String),
+    #[error("the client certificate is for trust domain {got:?}, this mesh is {want:?}")]
+    ForeignTrustDomain { got: String, want: String },
+    #[error("node {node_id:?} claims {key} {claimed:?} but its client certificate is {identity}")]
+    Mismatch {
+        node_id: String,
+        key: &'static str,
+        claimed: String,
+        identity: String,
+    },
+}
+
+/// The workload SPIFFE id of the leaf certificate the peer presented.
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<SpiffeId, IdentityError> {
+    let leaf = certs
+        .and_then(|c| c.first())
+        .ok_or(IdentityError::NoCertificate)?;
+    let (_, cert) = X509Certificate::from_der(leaf)
+        .map_err(|e| IdentityError::NoSpiffeId(format!("unreadable certificate: {e}")))?;
+    let sans = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .ok_or_else(|| IdentityError::NoSpiffeId("no subjectAltName".into()))?;
+    let uris: Vec<&str> = sans
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => one
+            .parse()
+            .map_err(|e: meshd_ca::SpiffeIdError| IdentityError::NoSpiffeId(e.to_string())),
+        _ => Err(IdentityError::NoSpiffeId(format!(
+            "expected exactly one URI SAN, found {}",
+            uris.len()
+        ))),
+    }
+}
+
+/// Reads the node and checks it against the verified identity.
+pub fn identify(
+    node: Option<&Node>,
+    identity: SpiffeId,
+    trust_domain: &str,
+) -> Result<ProxyId, IdentifyError> {
     let node = node.ok_or(NodeError::MissingNode)?;
     if node.id.is_empty() {
-        return Err(NodeError::MissingId);
+        return Err(NodeError::MissingId.into());
     }
     let field = |key: &'static str| {
         node.metadata
@@ -49,8 +114,45 @@ pub fn identify(node: Option<&Node>) -> Result<ProxyId, NodeError> {
                 key,
             })
     };
+    let namespace = field(NAMESPACE_KEY)?;
+    let pod = field(POD_KEY)?;
+    let service_account = field(SERVICE_ACCOUNT_KEY)?;
+    if identity.trust_domain() != trust_domain {
+        return Err(IdentityError::ForeignTrustDomain {
+            got: identity.trust_domain().to_string(),
+            want: trust_domain.to_string(),
+        }
+        .into());
+    }
+    for (key, claimed, actual) in [
+        (NAMESPACE_KEY, &namespace, identity.namespace()),
+        (
+            SERVICE_ACCOUNT_KEY,
+            &service_account,
+            identity.service_account(),
+        ),
+    ] {
+        if claimed != actual {
+            return Err(IdentityError::Mismatch {
+                node_id: node.id.clone(),
+                key,
+                claimed: claimed.clone(),
+                identity: identity.to_string(),
+            }
+            .into());
+        }
+    }
     Ok(ProxyId {
         node_id: node.id.clone(),
-        workload: ObjectKey::new(field(NAMESPACE_KEY)?, field(POD_KEY)?),
+        workload: ObjectKey::new(namespace, pod),
+        identity,
     })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentifyError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }

@@ -15,12 +15,15 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 
-/// The xDS resource types meshd serves, in the order a change is pushed: clusters
-/// before the endpoints that fill them, listeners before the routes they name, and
-/// clusters before the listeners that send traffic to them.
+/// The xDS resource types meshd serves, in the order a change is pushed: secrets
+/// before the clusters and listeners that use them, clusters before the endpoints that
+/// fill them, listeners before the routes they name, and clusters before the listeners
+/// that send traffic to them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum ResourceType {
+    Secret,
     Cluster,
     Endpoint,
     Listener,
@@ -28,7 +31,8 @@ pub enum ResourceType {
 }
 
 impl ResourceType {
-    pub const PUSH_ORDER: [ResourceType; 4] = [
+    pub const PUSH_ORDER: [ResourceType; 5] = [
+        ResourceType::Secret,
         ResourceType::Cluster,
         ResourceType::Endpoint,
         ResourceType::Listener,
@@ -37,6 +41,7 @@ impl ResourceType {
 
     pub fn type_url(self) -> String {
         match self {
+            ResourceType::Secret => Secret::type_url(),
             ResourceType::Cluster => Cluster::type_url(),
             ResourceType::Endpoint => ClusterLoadAssignment::type_url(),
             ResourceType::Listener => Listener::type_url(),
@@ -51,6 +56,7 @@ impl ResourceType {
     /// The short name used in logs, metrics and the admin API.
     pub fn short(self) -> &'static str {
         match self {
+            ResourceType::Secret => "sds",
             ResourceType::Cluster => "cds",
             ResourceType::Endpoint => "eds",
             ResourceType::Listener => "lds",
@@ -69,12 +75,24 @@ impl ResourceType {
     }
 }
 
-/// One encoded resource with its content version.
-#[derive(Debug, Clone, PartialEq)]
+/// One encoded resource with its content version. `Debug` leaves out the body: a
+/// secret's body holds a private key.
+#[derive(Clone, PartialEq)]
 pub struct Resource {
     pub name: String,
     pub version: String,
     pub body: Any,
+}
+
+impl std::fmt::Debug for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resource")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("type_url", &self.body.type_url)
+            .field("bytes", &self.body.value.len())
+            .finish()
+    }
 }
 
 impl Resource {
@@ -99,7 +117,7 @@ pub type ResourceSet = BTreeMap<String, Arc<Resource>>;
 /// Everything one proxy should have, by type.
 #[derive(Debug, Default, Clone)]
 pub struct ProxyResources {
-    sets: [ResourceSet; 4],
+    sets: [ResourceSet; 5],
 }
 
 impl ProxyResources {

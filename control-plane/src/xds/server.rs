@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -19,11 +20,15 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use meshd_ca::SpiffeId;
+
 use super::cache::XdsSnapshot;
-use super::node::{NodeError, ProxyId};
-use super::resources::ProxyResources;
+use super::node::{IdentifyError, IdentityError, ProxyId, identify, peer_identity};
+use super::resources::{ProxyResources, Resource, ResourceType};
 use super::status::{ProxyHandle, ProxyRegistry, ProxyStatus, XdsFlavor};
+use super::translate;
 use super::{delta, sotw};
+use crate::identity::CertManager;
 
 /// Responses queued per stream before the stream task waits for the proxy to read.
 const STREAM_BUFFER: usize = 8;
@@ -32,13 +37,29 @@ const STREAM_BUFFER: usize = 8;
 pub struct AdsServer {
     snapshots: watch::Receiver<Arc<XdsSnapshot>>,
     registry: ProxyRegistry,
+    certs: Arc<CertManager>,
 }
 
 impl AdsServer {
-    pub fn new(snapshots: watch::Receiver<Arc<XdsSnapshot>>, registry: ProxyRegistry) -> Self {
+    pub fn new(
+        snapshots: watch::Receiver<Arc<XdsSnapshot>>,
+        registry: ProxyRegistry,
+        certs: Arc<CertManager>,
+    ) -> Self {
         Self {
             snapshots,
             registry,
+            certs,
+        }
+    }
+
+    fn context<T>(&self, request: &Request<T>) -> StreamContext {
+        let certs = request.peer_certs();
+        StreamContext {
+            snapshots: self.snapshots.clone(),
+            registry: self.registry.clone(),
+            certs: self.certs.clone(),
+            peer: peer_identity(certs.as_ref().map(|c| c.as_slice())),
         }
     }
 
@@ -61,10 +82,7 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let ctx = StreamContext {
-            snapshots: self.snapshots.clone(),
-            registry: self.registry.clone(),
-        };
+        let ctx = self.context(&request);
         tokio::spawn(sotw::run(ctx, request.into_inner(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -74,10 +92,7 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let ctx = StreamContext {
-            snapshots: self.snapshots.clone(),
-            registry: self.registry.clone(),
-        };
+        let ctx = self.context(&request);
         tokio::spawn(delta::run(ctx, request.into_inner(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -87,11 +102,28 @@ impl AggregatedDiscoveryService for AdsServer {
 pub(crate) struct StreamContext {
     pub snapshots: watch::Receiver<Arc<XdsSnapshot>>,
     pub registry: ProxyRegistry,
+    pub certs: Arc<CertManager>,
+    /// The identity the TLS handshake verified, or why there is none.
+    pub peer: Result<SpiffeId, IdentityError>,
 }
 
-impl From<NodeError> for Status {
-    fn from(e: NodeError) -> Status {
-        Status::invalid_argument(e.to_string())
+impl StreamContext {
+    /// Who the stream is, from the verified certificate and the first request's node.
+    /// A refusal is logged with its reason and returned as the stream's status.
+    pub fn identify(&self, node: Option<&Node>) -> Result<ProxyId, Status> {
+        let peer = self.peer.clone().map_err(IdentifyError::from);
+        let result = peer.and_then(|p| identify(node, p, self.certs.trust_domain()));
+        result.map_err(|e| {
+            let node_id = node.map(|n| n.id.as_str()).unwrap_or("");
+            tracing::warn!(node = node_id, "refused an xDS stream: {e}");
+            match e {
+                IdentifyError::Node(e) => Status::invalid_argument(e.to_string()),
+                IdentifyError::Identity(IdentityError::NoCertificate) => {
+                    Status::unauthenticated(e.to_string())
+                }
+                IdentifyError::Identity(e) => Status::permission_denied(e.to_string()),
+            }
+        })
     }
 }
 
@@ -110,9 +142,10 @@ impl ProxyConn {
         let status = ctx.registry.register(ProxyStatus::new(
             id.node_id.clone(),
             id.workload.to_string(),
+            id.identity.to_string(),
             flavor,
         ));
-        tracing::info!(node = %id.node_id, workload = %id.workload, ?flavor, "proxy connected");
+        tracing::info!(node = %id.node_id, workload = %id.workload, identity = %id.identity, ?flavor, "proxy connected");
         let snapshot = ctx.snapshots.borrow_and_update().clone();
         let mut conn = ProxyConn {
             id,
@@ -121,13 +154,25 @@ impl ProxyConn {
             status,
             nonce: 0,
         };
-        conn.refresh(snapshot);
+        conn.refresh(snapshot, &ctx.certs);
         conn
     }
 
-    /// Recomputes what the proxy should have from `snapshot`.
-    pub fn refresh(&mut self, snapshot: Arc<XdsSnapshot>) {
-        let (problems, resources) = match snapshot.proxy_resources(&self.id.workload) {
+    /// Recomputes what the proxy should have from `snapshot` and its certificates.
+    pub fn refresh(&mut self, snapshot: Arc<XdsSnapshot>, certs: &CertManager) {
+        let (mut problems, mut resources) = match snapshot.proxy_resources(&self.id.workload) {
+            Some((view, _))
+                if view.workload.service_account != self.id.identity.service_account() =>
+            {
+                (
+                    vec![format!(
+                        "pod {} runs as service account {:?}, but the proxy authenticated as {}: \
+                     serving nothing",
+                        self.id.workload, view.workload.service_account, self.id.identity
+                    )],
+                    ProxyResources::default(),
+                )
+            }
             Some((view, resources)) => (view.problems, resources),
             None => (
                 vec![format!(
@@ -137,6 +182,26 @@ impl ProxyConn {
                 ProxyResources::default(),
             ),
         };
+        // Secrets for the proxy's own, verified identity, and nothing else.
+        match certs.workload_certificate(&self.id.identity) {
+            Ok(cert) => {
+                resources.insert(
+                    ResourceType::Secret,
+                    Resource::encode(
+                        translate::WORKLOAD_SECRET,
+                        &translate::workload_secret(&cert),
+                    ),
+                );
+                resources.insert(
+                    ResourceType::Secret,
+                    Resource::encode(
+                        translate::ROOT_SECRET,
+                        &translate::root_secret(certs.trust_bundle()),
+                    ),
+                );
+            }
+            Err(e) => problems.push(format!("no workload certificate: {e}")),
+        }
         let version = snapshot.version();
         self.status.update(|s| {
             if s.problems != problems {

@@ -15,7 +15,6 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use super::node::identify;
 use super::resources::{ResourceType, set_version};
 use super::server::{ProxyConn, StreamContext, log_stream_end};
 use super::status::{Nack, XdsFlavor, now_rfc3339};
@@ -46,11 +45,10 @@ pub(crate) async fn run(mut ctx: StreamContext, mut requests: Streaming<Discover
         Some(Err(e)) => return log_stream_end(None, &e.to_string()),
         None => return log_stream_end(None, "closed by the client"),
     };
-    let id = match identify(first.node.as_ref()) {
+    let id = match ctx.identify(first.node.as_ref()) {
         Ok(id) => id,
-        Err(e) => {
-            tracing::warn!("refused an xDS stream: {e}");
-            let _ = tx.send(Err(e.into())).await;
+        Err(status) => {
+            let _ = tx.send(Err(status)).await;
             return;
         }
     };
@@ -77,6 +75,7 @@ impl SotwStream {
         first: DiscoveryRequest,
         mut requests: Streaming<DiscoveryRequest>,
     ) -> String {
+        let mut cert_changes = ctx.certs.changes();
         if let Err(e) = self.on_request(first).await {
             return e;
         }
@@ -96,7 +95,17 @@ impl SotwStream {
                         return "meshd is shutting down".to_string();
                     }
                     let snapshot = ctx.snapshots.borrow_and_update().clone();
-                    self.conn.refresh(snapshot);
+                    self.conn.refresh(snapshot, &ctx.certs);
+                    for t in ResourceType::PUSH_ORDER {
+                        if let Err(e) = self.respond(t).await {
+                            return e;
+                        }
+                    }
+                }
+                _ = cert_changes.changed() => {
+                    cert_changes.borrow_and_update();
+                    let snapshot = self.conn.snapshot.clone();
+                    self.conn.refresh(snapshot, &ctx.certs);
                     for t in ResourceType::PUSH_ORDER {
                         if let Err(e) = self.respond(t).await {
                             return e;

@@ -47,6 +47,8 @@ pub struct ProxyStatus {
     pub node_id: String,
     /// `namespace/pod`
     pub workload: String,
+    /// The SPIFFE id from the proxy's verified client certificate.
+    pub identity: String,
     pub flavor: XdsFlavor,
     pub connected_at: String,
     /// The newest mesh snapshot this stream has computed its config from.
@@ -62,11 +64,12 @@ pub struct ProxyStatus {
 }
 
 impl ProxyStatus {
-    pub fn new(node_id: String, workload: String, flavor: XdsFlavor) -> Self {
+    pub fn new(node_id: String, workload: String, identity: String, flavor: XdsFlavor) -> Self {
         Self {
             stream: 0,
             node_id,
             workload,
+            identity,
             flavor,
             connected_at: now_rfc3339(),
             snapshot_version: 0,

@@ -8,6 +8,12 @@
 //!   forwards to a static cluster `inbound|<port>||` at 127.0.0.1:<app port>.
 //! - each declared upstream becomes a listener `outbound|127.0.0.1:<local port>` that
 //!   sends to the service's cluster, over RDS for HTTP ports, `tcp_proxy` for TCP.
+//!
+//! Mutual TLS: every sidecar gets two SDS secrets over ADS, [`WORKLOAD_SECRET`] (its own
+//! certificate and key) and [`ROOT_SECRET`] (the trust bundle). Inbound chains
+//! terminate mTLS and require a client certificate from the bundle; service clusters
+//! originate mTLS and accept only a server whose SPIFFE id is one of the identities of
+//! that service's endpoints.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -17,8 +23,9 @@ use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, EdsClusterConfig,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Http2ProtocolOptions,
-    SocketAddress, TrafficDirection, address, config_source, socket_address,
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, HealthStatus,
+    Http2ProtocolOptions, SocketAddress, TrafficDirection, TransportSocket, address, config_source,
+    data_source, socket_address, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -34,10 +41,17 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret,
+    SubjectAltNameMatcher, TlsCertificate, UpstreamTlsContext, common_tls_context, secret,
+    subject_alt_name_matcher,
+};
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
-use envoy_types::pb::google::protobuf::{Any, Duration};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration};
+use meshd_ca::{IssuedCertificate, SpiffeId, TrustBundle};
 use prost::{Message, Name};
 
 use crate::model::proxy_view::Outbound;
@@ -48,6 +62,11 @@ const CONNECT_TIMEOUT: Duration = Duration {
     seconds: 5,
     nanos: 0,
 };
+/// SDS name of a proxy's own certificate and key.
+pub const WORKLOAD_SECRET: &str = "default";
+/// SDS name of the trust bundle.
+pub const ROOT_SECRET: &str = "ROOTCA";
+
 const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 pub fn service_cluster_name(svc: &Service, port: u16) -> String {
@@ -66,8 +85,8 @@ pub fn outbound_listener_name(local_port: u16) -> String {
     format!("outbound|127.0.0.1:{local_port}")
 }
 
-/// The EDS cluster of a service port.
-pub fn service_cluster(svc: &Service, port: &ServicePort) -> Cluster {
+/// The EDS cluster of a service port; its TLS accepts only `identities`.
+pub fn service_cluster(svc: &Service, port: &ServicePort, identities: &[SpiffeId]) -> Cluster {
     let mut cluster = Cluster {
         name: service_cluster_name(svc, port.port),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
@@ -76,6 +95,7 @@ pub fn service_cluster(svc: &Service, port: &ServicePort) -> Cluster {
             service_name: String::new(),
         }),
         connect_timeout: Some(CONNECT_TIMEOUT),
+        transport_socket: Some(upstream_mtls(identities)),
         ..Default::default()
     };
     if port.protocol.needs_http2_upstream() {
@@ -182,6 +202,7 @@ pub fn inbound_listener(address: IpAddr, inbound: &InboundPort) -> Listener {
         address: Some(socket(address, inbound.port)),
         filter_chains: vec![FilterChain {
             filters: vec![filter],
+            transport_socket: Some(downstream_mtls()),
             ..Default::default()
         }],
         traffic_direction: TrafficDirection::Inbound as i32,
@@ -216,6 +237,107 @@ pub fn outbound_listener(out: &Outbound) -> Listener {
         }],
         traffic_direction: TrafficDirection::Outbound as i32,
         ..Default::default()
+    }
+}
+
+/// A proxy's own certificate and key, as the SDS secret [`WORKLOAD_SECRET`].
+pub fn workload_secret(cert: &IssuedCertificate) -> Secret {
+    Secret {
+        name: WORKLOAD_SECRET.to_string(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: Some(inline(&cert.chain_pem)),
+            private_key: Some(inline(cert.key.secret_pem())),
+            ..Default::default()
+        })),
+    }
+}
+
+/// The trust bundle, as the SDS secret [`ROOT_SECRET`].
+pub fn root_secret(bundle: &TrustBundle) -> Secret {
+    Secret {
+        name: ROOT_SECRET.to_string(),
+        r#type: Some(secret::Type::ValidationContext(
+            CertificateValidationContext {
+                trusted_ca: Some(inline(&bundle.pem())),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+fn inline(text: &str) -> DataSource {
+    DataSource {
+        specifier: Some(data_source::Specifier::InlineString(text.to_string())),
+        ..Default::default()
+    }
+}
+
+fn sds(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig {
+        name: name.to_string(),
+        sds_config: Some(ads()),
+    }
+}
+
+/// Server side of mTLS on an inbound chain: present the workload certificate, require
+/// a client certificate from the trust bundle.
+fn downstream_mtls() -> TransportSocket {
+    let ctx = DownstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(WORKLOAD_SECRET)],
+            validation_context_type: Some(
+                common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(sds(
+                    ROOT_SECRET,
+                )),
+            ),
+            ..Default::default()
+        }),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    };
+    tls_socket(any(&ctx))
+}
+
+/// Client side of mTLS towards a service: present the workload certificate, accept
+/// only a server certificate from the trust bundle naming one of `identities`.
+fn upstream_mtls(identities: &[SpiffeId]) -> TransportSocket {
+    let matchers = identities
+        .iter()
+        .map(|id| SubjectAltNameMatcher {
+            san_type: subject_alt_name_matcher::SanType::Uri as i32,
+            matcher: Some(StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::Exact(id.to_string())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect();
+    let ctx = UpstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(WORKLOAD_SECRET)],
+            validation_context_type: Some(
+                common_tls_context::ValidationContextType::CombinedValidationContext(
+                    common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(CertificateValidationContext {
+                            match_typed_subject_alt_names: matchers,
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds(ROOT_SECRET)),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    tls_socket(any(&ctx))
+}
+
+fn tls_socket(config: Any) -> TransportSocket {
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".to_string(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(config)),
     }
 }
 

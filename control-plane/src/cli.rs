@@ -1,0 +1,61 @@
+//! Command-line pieces `meshd` and `meshctl` share, so a flag means the same in both.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use meshd_ca::store::{CaSource, Opened, open};
+use meshd_ca::{Authority, CaConfig, CaError, DEFAULT_TRUST_DOMAIN};
+
+/// Where the mesh CA lives and how it issues.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CaArgs {
+    /// Directory of meshd's own root CA (root-cert.pem, root-key.pem); the root is
+    /// generated there on first start.
+    #[arg(
+        long,
+        env = "MESHD_CA_DIR",
+        default_value = ".meshd/ca",
+        value_name = "DIR"
+    )]
+    pub ca_dir: PathBuf,
+
+    /// Plug-in CA instead of --ca-dir: PEM chain, signing certificate first, root last.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    pub ca_cert_chain: Option<PathBuf>,
+
+    /// Plug-in CA: the signing certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "ca_cert_chain")]
+    pub ca_key: Option<PathBuf>,
+
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, env = "MESHD_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+}
+
+impl CaArgs {
+    pub fn source(&self) -> CaSource {
+        match (&self.ca_cert_chain, &self.ca_key) {
+            (Some(chain), Some(key)) => CaSource::PlugIn {
+                cert_chain: chain.clone(),
+                key: key.clone(),
+            },
+            _ => CaSource::Directory(self.ca_dir.clone()),
+        }
+    }
+
+    /// Opens (or on first use creates) the CA, issuing certificates valid for `ttl`.
+    pub fn open(&self, ttl: Duration) -> Result<(Authority, Opened), CaError> {
+        open(
+            &self.source(),
+            CaConfig {
+                trust_domain: self.trust_domain.clone(),
+                workload_ttl: ttl,
+                ..CaConfig::default()
+            },
+        )
+    }
+}
+
+/// meshd's own namespace: part of its serving identity
+/// (`spiffe://<td>/ns/<namespace>/sa/meshd`).
+pub const DEFAULT_MESHD_NAMESPACE: &str = "meshd-system";
