@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::Context;
-use meshd::model::{MeshSnapshot, Protocol};
+use meshd::model::{MeshDefaults, MeshSnapshot, Protocol};
 use meshd::sources::file::FileSource;
 
 use crate::apps::{HttpApp, TcpApp, http_get, tcp_roundtrip};
@@ -33,7 +33,7 @@ pub async fn run(dir: &Path, flavor: XdsFlavor, requests: usize) -> anyhow::Resu
     if let Some(e) = source.errors().first() {
         anyhow::bail!("{e}");
     }
-    let snap = MeshSnapshot::build(1, objects);
+    let snap = MeshSnapshot::build(1, MeshDefaults::default(), objects);
 
     println!("starting meshd on {}", dir.display());
     let meshd = Meshd::start(dir).await?;

@@ -11,7 +11,7 @@ use clap::{Parser, ValueEnum};
 use meshd::admin::{self, AdminState};
 use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
 use meshd::identity::CertManager;
-use meshd::model::{Store, StoreConfig};
+use meshd::model::{MeshDefaults, MtlsMode, Store, StoreConfig};
 use meshd::sources::file::FileSource;
 use meshd::xds::cache::spawn_translator;
 use meshd::xds::server::AdsServer;
@@ -42,6 +42,15 @@ struct Args {
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     workload_cert_ttl: Duration,
 
+    /// Namespace whose policies apply to the whole mesh (default: --namespace).
+    #[arg(long, env = "MESHD_ROOT_NAMESPACE")]
+    root_namespace: Option<String>,
+
+    /// mTLS mode of every inbound port no PeerAuthentication covers. PERMISSIVE and
+    /// DISABLE accept plaintext: opt in only while migrating.
+    #[arg(long, value_enum, default_value_t = ModeArg::Strict)]
+    mtls_mode: ModeArg,
+
     /// meshd's own namespace, part of its serving identity
     /// spiffe://<trust-domain>/ns/<namespace>/sa/meshd.
     #[arg(long, env = "MESHD_NAMESPACE", default_value = DEFAULT_MESHD_NAMESPACE)]
@@ -66,6 +75,14 @@ struct Args {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+#[value(rename_all = "UPPER")]
+enum ModeArg {
+    Strict,
+    Permissive,
+    Disable,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -116,6 +133,17 @@ async fn main() -> anyhow::Result<()> {
     );
     let store = Store::start(
         StoreConfig {
+            defaults: MeshDefaults {
+                root_namespace: args
+                    .root_namespace
+                    .clone()
+                    .unwrap_or(args.namespace.clone()),
+                mtls_mode: match args.mtls_mode {
+                    ModeArg::Strict => MtlsMode::Strict,
+                    ModeArg::Permissive => MtlsMode::Permissive,
+                    ModeArg::Disable => MtlsMode::Disable,
+                },
+            },
             debounce: args.debounce,
             debounce_max: args.debounce_max,
         },

@@ -181,6 +181,49 @@ impl Workload {
     }
 }
 
+/// How an inbound port accepts traffic (`PeerAuthentication` `mtls.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Mutual TLS only.
+    Strict,
+    /// Mutual TLS and plaintext on the same port.
+    Permissive,
+    /// Plaintext only.
+    Disable,
+}
+
+/// A `security.meshd.io/v1alpha1` PeerAuthentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAuthentication {
+    pub key: ObjectKey,
+    /// `selector.matchLabels`; `None` applies to the whole namespace (or, in the root
+    /// namespace, to the whole mesh).
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `None` is UNSET: inherit from the next wider policy.
+    pub mode: Option<MtlsMode>,
+    /// `portLevelMtls`: per container port.
+    pub port_modes: BTreeMap<u16, MtlsMode>,
+}
+
+/// Mesh-wide settings from meshd's configuration that shape the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshDefaults {
+    /// Policies in this namespace apply to every workload.
+    pub root_namespace: String,
+    /// The mode when no PeerAuthentication says otherwise.
+    pub mtls_mode: MtlsMode,
+}
+
+impl Default for MeshDefaults {
+    fn default() -> Self {
+        Self {
+            root_namespace: "meshd-system".to_string(),
+            mtls_mode: MtlsMode::Strict,
+        }
+    }
+}
+
 /// Anything a source can tell the store about.
 /// Objects are `Arc`s so that snapshots share everything that did not change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +232,7 @@ pub enum MeshObject {
     Service(Arc<Service>),
     EndpointSlice(Arc<EndpointSlice>),
     Workload(Arc<Workload>),
+    PeerAuthentication(Arc<PeerAuthentication>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -197,6 +241,7 @@ pub enum ObjectKind {
     Service,
     EndpointSlice,
     Workload,
+    PeerAuthentication,
 }
 
 impl fmt::Display for ObjectKind {
@@ -206,6 +251,7 @@ impl fmt::Display for ObjectKind {
             ObjectKind::Service => "Service",
             ObjectKind::EndpointSlice => "EndpointSlice",
             ObjectKind::Workload => "Pod",
+            ObjectKind::PeerAuthentication => "PeerAuthentication",
         })
     }
 }
@@ -217,6 +263,7 @@ impl MeshObject {
             MeshObject::Service(_) => ObjectKind::Service,
             MeshObject::EndpointSlice(_) => ObjectKind::EndpointSlice,
             MeshObject::Workload(_) => ObjectKind::Workload,
+            MeshObject::PeerAuthentication(_) => ObjectKind::PeerAuthentication,
         }
     }
 
@@ -227,6 +274,7 @@ impl MeshObject {
             MeshObject::Service(s) => s.key.clone(),
             MeshObject::EndpointSlice(s) => s.key.clone(),
             MeshObject::Workload(w) => w.key.clone(),
+            MeshObject::PeerAuthentication(p) => p.key.clone(),
         }
     }
 }

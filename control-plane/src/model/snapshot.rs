@@ -6,8 +6,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::{
-    EndpointSlice, MeshObject, Namespace, ObjectKey, Protocol, Service, ServicePort, TargetPort,
-    Workload,
+    EndpointSlice, MeshDefaults, MeshObject, MtlsMode, Namespace, ObjectKey, PeerAuthentication,
+    Protocol, Service, ServicePort, TargetPort, Workload,
 };
 
 /// One address:port that serves a service port.
@@ -18,6 +18,9 @@ pub struct Endpoint {
     pub ready: bool,
     /// The pod behind the endpoint, when known (by `targetRef` or by its pod IP).
     pub workload: Option<ObjectKey>,
+    /// How the endpoint's port accepts traffic: callers send plaintext only to
+    /// DISABLE ports. Unknown pods count as the mesh default.
+    pub mtls: MtlsMode,
 }
 
 /// A port on which a workload receives mesh traffic, and the services that send it there.
@@ -26,6 +29,7 @@ pub struct InboundPort {
     pub port: u16,
     pub protocol: Protocol,
     pub services: Vec<ObjectKey>,
+    pub mtls: MtlsMode,
 }
 
 /// `(service, service port number)`
@@ -34,6 +38,8 @@ pub type ServicePortKey = (ObjectKey, u16);
 #[derive(Debug, Default)]
 pub struct MeshSnapshot {
     pub version: u64,
+    pub defaults: MeshDefaults,
+    pub peer_authentications: BTreeMap<ObjectKey, Arc<PeerAuthentication>>,
     pub namespaces: BTreeMap<String, Arc<Namespace>>,
     pub services: BTreeMap<ObjectKey, Arc<Service>>,
     pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
@@ -45,9 +51,14 @@ pub struct MeshSnapshot {
 }
 
 impl MeshSnapshot {
-    pub fn build(version: u64, objects: impl IntoIterator<Item = MeshObject>) -> MeshSnapshot {
+    pub fn build(
+        version: u64,
+        defaults: MeshDefaults,
+        objects: impl IntoIterator<Item = MeshObject>,
+    ) -> MeshSnapshot {
         let mut snap = MeshSnapshot {
             version,
+            defaults,
             ..Default::default()
         };
         for obj in objects {
@@ -64,6 +75,9 @@ impl MeshSnapshot {
                 MeshObject::Workload(w) => {
                     snap.workloads.insert(w.key.clone(), w);
                 }
+                MeshObject::PeerAuthentication(p) => {
+                    snap.peer_authentications.insert(p.key.clone(), p);
+                }
             }
         }
         snap.derive_endpoints();
@@ -75,6 +89,46 @@ impl MeshSnapshot {
             .get(&(service.clone(), port))
             .map(|e| e.as_slice())
             .unwrap_or_default()
+    }
+
+    /// The mTLS mode of `port` on `workload`: the most specific PeerAuthentication that
+    /// sets one wins — the workload's own (by selector, port level first), then its
+    /// namespace's, then the root namespace's — else the mesh default. Among equally
+    /// specific policies the first by name counts.
+    pub fn mtls_mode(&self, workload: &Workload, port: u16) -> MtlsMode {
+        let selects = |p: &PeerAuthentication| {
+            p.selector
+                .as_ref()
+                .is_some_and(|sel| sel.iter().all(|(k, v)| workload.labels.get(k) == Some(v)))
+        };
+        let ns = workload.key.namespace.as_str();
+        let root = self.defaults.root_namespace.as_str();
+        let own: Vec<&PeerAuthentication> = self
+            .peer_authentications
+            .values()
+            .filter(|p| p.key.namespace == ns)
+            .map(|p| &**p)
+            .collect();
+        let mesh_wide = self
+            .peer_authentications
+            .values()
+            .filter(|p| p.key.namespace == root && p.selector.is_none())
+            .find_map(|p| p.mode);
+        let candidates = [
+            own.iter()
+                .filter(|p| selects(p))
+                .find_map(|p| p.port_modes.get(&port).copied()),
+            own.iter().filter(|p| selects(p)).find_map(|p| p.mode),
+            own.iter()
+                .filter(|p| p.selector.is_none())
+                .find_map(|p| p.mode),
+            mesh_wide,
+        ];
+        candidates
+            .into_iter()
+            .flatten()
+            .next()
+            .unwrap_or(self.defaults.mtls_mode)
     }
 
     fn derive_endpoints(&mut self) {
@@ -117,6 +171,7 @@ impl MeshSnapshot {
                             port: ep.port,
                             protocol: port.protocol,
                             services: vec![svc.key.clone()],
+                            mtls: ep.mtls,
                         }),
                     }
                 }
@@ -160,6 +215,7 @@ fn from_slices(
                     port: slice_port.port,
                     ready: ep.ready,
                     workload,
+                    mtls: MtlsMode::Strict,
                 });
             }
         }
@@ -188,6 +244,7 @@ fn from_selector<'a>(
                 port: target,
                 ready: w.ready,
                 workload: Some(w.key.clone()),
+                mtls: MtlsMode::Strict,
             })
         })
         .collect()
@@ -232,6 +289,7 @@ mod tests {
     fn selector_endpoints_resolve_named_target_ports() {
         let snap = MeshSnapshot::build(
             1,
+            MeshDefaults::default(),
             vec![
                 svc("web", TargetPort::Named("http".into())),
                 pod("web-1", "10.0.0.1", "web"),
@@ -272,6 +330,7 @@ mod tests {
         }));
         let snap = MeshSnapshot::build(
             1,
+            MeshDefaults::default(),
             vec![
                 svc("web", TargetPort::Number(8080)),
                 pod("web-1", "10.0.0.1", "web"),
@@ -285,5 +344,95 @@ mod tests {
         assert!(!eps[0].ready);
         // The pod is found by its IP even without a targetRef.
         assert_eq!(eps[0].workload, Some(ObjectKey::new("default", "web-2")));
+    }
+
+    fn pa(
+        ns: &str,
+        name: &str,
+        app: Option<&str>,
+        mode: Option<MtlsMode>,
+        ports: &[(u16, MtlsMode)],
+    ) -> MeshObject {
+        MeshObject::PeerAuthentication(Arc::new(PeerAuthentication {
+            key: ObjectKey::new(ns, name),
+            selector: app.map(|a| [("app".to_string(), a.to_string())].into()),
+            mode,
+            port_modes: ports.iter().copied().collect(),
+        }))
+    }
+
+    #[test]
+    fn the_most_specific_peer_authentication_decides() {
+        let other = MeshObject::Workload(Arc::new(Workload {
+            key: ObjectKey::new("other", "x-1"),
+            ..match pod("x-1", "10.0.0.9", "x") {
+                MeshObject::Workload(w) => (*w).clone(),
+                _ => unreachable!(),
+            }
+        }));
+        let snap = MeshSnapshot::build(
+            1,
+            MeshDefaults::default(),
+            vec![
+                pod("web-1", "10.0.0.1", "web"),
+                pod("db-1", "10.0.0.2", "db"),
+                other,
+                pa(
+                    "meshd-system",
+                    "mesh",
+                    None,
+                    Some(MtlsMode::Permissive),
+                    &[],
+                ),
+                pa("default", "ns", None, Some(MtlsMode::Strict), &[]),
+                pa(
+                    "default",
+                    "web",
+                    Some("web"),
+                    Some(MtlsMode::Disable),
+                    &[(8080, MtlsMode::Permissive)],
+                ),
+            ],
+        );
+        let w = |ns: &str, n: &str| snap.workloads[&ObjectKey::new(ns, n)].clone();
+        assert_eq!(
+            snap.mtls_mode(&w("default", "web-1"), 8080),
+            MtlsMode::Permissive
+        );
+        assert_eq!(
+            snap.mtls_mode(&w("default", "web-1"), 9090),
+            MtlsMode::Disable
+        );
+        assert_eq!(
+            snap.mtls_mode(&w("default", "db-1"), 8080),
+            MtlsMode::Strict
+        );
+        assert_eq!(
+            snap.mtls_mode(&w("other", "x-1"), 8080),
+            MtlsMode::Permissive
+        );
+
+        let bare = MeshSnapshot::build(
+            1,
+            MeshDefaults::default(),
+            vec![pod("web-1", "10.0.0.1", "web")],
+        );
+        let web = bare.workloads[&ObjectKey::new("default", "web-1")].clone();
+        assert_eq!(
+            bare.mtls_mode(&web, 8080),
+            MtlsMode::Strict,
+            "STRICT by default"
+        );
+        // UNSET inherits.
+        let unset = MeshSnapshot::build(
+            1,
+            MeshDefaults::default(),
+            vec![
+                pod("web-1", "10.0.0.1", "web"),
+                pa("default", "web", Some("web"), None, &[]),
+                pa("default", "ns", None, Some(MtlsMode::Permissive), &[]),
+            ],
+        );
+        assert_eq!(unset.mtls_mode(&web, 8080), MtlsMode::Permissive);
     }
 }

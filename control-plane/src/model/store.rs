@@ -14,10 +14,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::snapshot::MeshSnapshot;
-use super::{MeshObject, ObjectKey, ObjectKind};
+use super::{MeshDefaults, MeshObject, ObjectKey, ObjectKind};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StoreConfig {
+    /// Mesh-wide settings every snapshot carries.
+    pub defaults: MeshDefaults,
     /// Quiet time after the last event of a burst before a snapshot is built.
     pub debounce: Duration,
     /// Upper bound on how long a continuous burst can hold a snapshot back.
@@ -27,6 +29,7 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
+            defaults: MeshDefaults::default(),
             debounce: Duration::from_millis(100),
             debounce_max: Duration::from_secs(1),
         }
@@ -51,7 +54,10 @@ pub struct Store {
 impl Store {
     /// Starts the store task with `initial` objects, published at once as version 1.
     pub fn start(config: StoreConfig, initial: Vec<MeshObject>) -> Store {
-        let mut state = State::default();
+        let mut state = State {
+            defaults: config.defaults.clone(),
+            objects: BTreeMap::new(),
+        };
         state.replace(initial);
         let first = Arc::new(state.snapshot(1));
         let (snap_tx, snap_rx) = watch::channel(first);
@@ -115,8 +121,8 @@ async fn run(
 }
 
 /// The objects as of now, kept as `Arc`s so that snapshots share unchanged objects.
-#[derive(Default)]
 struct State {
+    defaults: MeshDefaults,
     objects: BTreeMap<(ObjectKind, ObjectKey), MeshObject>,
 }
 
@@ -159,7 +165,11 @@ impl State {
     }
 
     fn snapshot(&self, version: u64) -> MeshSnapshot {
-        MeshSnapshot::build(version, self.objects.values().cloned())
+        MeshSnapshot::build(
+            version,
+            self.defaults.clone(),
+            self.objects.values().cloned(),
+        )
     }
 }
 
@@ -195,6 +205,7 @@ mod tests {
         let config = StoreConfig {
             debounce: Duration::from_millis(100),
             debounce_max: Duration::from_millis(500),
+            ..StoreConfig::default()
         };
         let store = Store::start(config, vec![]);
         let mut rx = store.subscribe();

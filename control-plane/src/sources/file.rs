@@ -2,8 +2,8 @@
 //!
 //! Every `*.yaml`/`*.yml` file under the directory (recursively; names starting with `.`
 //! are skipped, which also makes Kubernetes ConfigMap mounts work) may hold several
-//! documents of kind `v1` Namespace, Service and Pod and `discovery.k8s.io/v1`
-//! EndpointSlice.
+//! documents of kind `v1` Namespace, Service and Pod, `discovery.k8s.io/v1`
+//! EndpointSlice, and `security.meshd.io/v1alpha1` PeerAuthentication.
 //!
 //! Each file is all or nothing: if any document in it is wrong, the file's last good
 //! content stays in force and the error is reported with file, document, object and
@@ -23,6 +23,7 @@ use notify::Watcher;
 use serde::Deserialize;
 
 use super::convert::{self, FieldError};
+use super::crd;
 use crate::model::{MeshObject, ObjectKey, Store, StoreEvent};
 
 /// One problem in the config directory.
@@ -125,11 +126,17 @@ fn parse_document(value: serde_yaml::Value) -> Result<MeshObject, (Option<String
         ("discovery.k8s.io/v1", "EndpointSlice") => typed::<discovery::EndpointSlice>(value)
             .and_then(|s| convert::endpoint_slice(&s))
             .map(|s| MeshObject::EndpointSlice(Arc::new(s))),
+        (crd::GROUP_VERSION, "PeerAuthentication") => {
+            typed::<crd::PeerAuthenticationResource>(value)
+                .and_then(|p| crd::peer_authentication(&p))
+                .map(|p| MeshObject::PeerAuthentication(Arc::new(p)))
+        }
         _ => Err(FieldError::new(
             "kind",
             format!(
                 "{api_version} {kind} is not supported here; expected v1 Namespace, Service \
-                 or Pod, or discovery.k8s.io/v1 EndpointSlice"
+                 or Pod, discovery.k8s.io/v1 EndpointSlice, or {} PeerAuthentication",
+                crd::GROUP_VERSION
             ),
         )),
     };
@@ -423,5 +430,43 @@ status: {podIP: 10.0.0.1}
         assert_eq!(src.scan().len(), 2);
         assert_eq!(src.errors().len(), 2);
         assert!(src.errors()[0].to_string().contains("also defined in"));
+    }
+
+    #[test]
+    fn peer_authentications_parse_and_bad_ones_name_the_field() {
+        let good = "apiVersion: security.meshd.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: web, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n  portLevelMtls: {\"8080\": {mode: PERMISSIVE}}\n";
+        let objs = parse_file(&p(), good).unwrap();
+        let MeshObject::PeerAuthentication(pa) = &objs[0] else {
+            panic!("{objs:?}")
+        };
+        assert_eq!(pa.port_modes[&8080], crate::model::MtlsMode::Permissive);
+        for (bad, field, says) in [
+            (
+                good.replace("mode: STRICT", "mode: strict"),
+                "spec.mtls.mode",
+                "is not a mode",
+            ),
+            (
+                good.replace("  selector: {matchLabels: {app: web}}\n", ""),
+                "spec.portLevelMtls[\"8080\"]",
+                "need spec.selector",
+            ),
+            (
+                good.replace("\"8080\"", "http"),
+                "spec.portLevelMtls[\"http\"]",
+                "port number",
+            ),
+            (
+                good.replace("mtls: {mode: STRICT}", "mtsl: {mode: STRICT}"),
+                "spec.mtsl",
+                "unknown field `mtsl`",
+            ),
+        ] {
+            let errs = parse_file(&p(), &bad).unwrap_err();
+            let e = &errs[0];
+            assert_eq!(e.object.as_deref(), Some("PeerAuthentication shop/web"));
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
     }
 }

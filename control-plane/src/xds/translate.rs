@@ -22,6 +22,7 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, EdsClusterConfig,
 };
+use envoy_types::pb::envoy::config::core::v3::Metadata;
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, HealthStatus,
     Http2ProtocolOptions, SocketAddress, TrafficDirection, TransportSocket, address, config_source,
@@ -30,17 +31,21 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
-use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
+};
 use envoy_types::pb::envoy::config::route::v3::{
     Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
     route_match,
 };
 use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::StdoutAccessLog;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret,
     SubjectAltNameMatcher, TlsCertificate, UpstreamTlsContext, common_tls_context, secret,
@@ -50,13 +55,13 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
-use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration, Struct, Value, value};
 use meshd_ca::{IssuedCertificate, SpiffeId, TrustBundle};
 use prost::{Message, Name};
 
 use crate::model::proxy_view::Outbound;
 use crate::model::snapshot::{Endpoint, InboundPort};
-use crate::model::{Service, ServicePort};
+use crate::model::{MtlsMode, Service, ServicePort};
 
 const CONNECT_TIMEOUT: Duration = Duration {
     seconds: 5,
@@ -66,6 +71,10 @@ const CONNECT_TIMEOUT: Duration = Duration {
 pub const WORKLOAD_SECRET: &str = "default";
 /// SDS name of the trust bundle.
 pub const ROOT_SECRET: &str = "ROOTCA";
+
+/// Endpoint metadata that makes a cluster talk plaintext to a DISABLE port.
+const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
+const PLAINTEXT_MATCH: (&str, &str) = ("meshd.tls", "disabled");
 
 const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
@@ -96,6 +105,14 @@ pub fn service_cluster(svc: &Service, port: &ServicePort, identities: &[SpiffeId
         }),
         connect_timeout: Some(CONNECT_TIMEOUT),
         transport_socket: Some(upstream_mtls(identities)),
+        // Endpoints whose port is DISABLE carry metadata that selects plaintext.
+        transport_socket_matches: vec![
+            envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch {
+                name: "plaintext".to_string(),
+                r#match: Some(plaintext_match()),
+                transport_socket: Some(raw_buffer()),
+            },
+        ],
         ..Default::default()
     };
     if port.protocol.needs_http2_upstream() {
@@ -118,6 +135,10 @@ pub fn service_load_assignment(
                 ..Default::default()
             })),
             health_status: HealthStatus::Healthy as i32,
+            metadata: (e.mtls == MtlsMode::Disable).then(|| Metadata {
+                filter_metadata: [(TRANSPORT_SOCKET_MATCH.to_string(), plaintext_match())].into(),
+                ..Default::default()
+            }),
             ..Default::default()
         })
         .collect();
@@ -197,14 +218,35 @@ pub fn inbound_listener(address: IpAddr, inbound: &InboundPort) -> Listener {
     } else {
         tcp_proxy_filter(&name, &cluster)
     };
+    let chain = |transport_protocol: &str, tls: bool| FilterChain {
+        filter_chain_match: (!transport_protocol.is_empty()).then(|| FilterChainMatch {
+            transport_protocol: transport_protocol.to_string(),
+            ..Default::default()
+        }),
+        filters: vec![filter.clone()],
+        transport_socket: tls.then(downstream_mtls),
+        ..Default::default()
+    };
+    // PERMISSIVE: the TLS inspector tells mTLS from plaintext on the same port.
+    let (filter_chains, listener_filters) = match inbound.mtls {
+        MtlsMode::Strict => (vec![chain("", true)], vec![]),
+        MtlsMode::Disable => (vec![chain("", false)], vec![]),
+        MtlsMode::Permissive => (
+            vec![chain("tls", true), chain("raw_buffer", false)],
+            vec![ListenerFilter {
+                name: "envoy.filters.listener.tls_inspector".to_string(),
+                config_type: Some(listener_filter::ConfigType::TypedConfig(any(
+                    &TlsInspector::default(),
+                ))),
+                ..Default::default()
+            }],
+        ),
+    };
     Listener {
         name,
         address: Some(socket(address, inbound.port)),
-        filter_chains: vec![FilterChain {
-            filters: vec![filter],
-            transport_socket: Some(downstream_mtls()),
-            ..Default::default()
-        }],
+        filter_chains,
+        listener_filters,
         traffic_direction: TrafficDirection::Inbound as i32,
         ..Default::default()
     }
@@ -332,6 +374,27 @@ fn upstream_mtls(identities: &[SpiffeId]) -> TransportSocket {
         ..Default::default()
     };
     tls_socket(any(&ctx))
+}
+
+fn plaintext_match() -> Struct {
+    Struct {
+        fields: [(
+            PLAINTEXT_MATCH.0.to_string(),
+            Value {
+                kind: Some(value::Kind::StringValue(PLAINTEXT_MATCH.1.to_string())),
+            },
+        )]
+        .into(),
+    }
+}
+
+fn raw_buffer() -> TransportSocket {
+    TransportSocket {
+        name: "envoy.transport_sockets.raw_buffer".to_string(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(any(
+            &RawBuffer::default(),
+        ))),
+    }
 }
 
 fn tls_socket(config: Any) -> TransportSocket {
