@@ -154,6 +154,12 @@ impl MeshSnapshot {
                     Some(slices) => from_slices(svc, port, slices, &by_address),
                     None => from_selector(svc, port, self.workloads.values()),
                 };
+                for ep in &mut eps {
+                    ep.mtls = match ep.workload.as_ref().and_then(|w| self.workloads.get(w)) {
+                        Some(w) => self.mtls_mode(w, ep.port),
+                        None => self.defaults.mtls_mode,
+                    };
+                }
                 eps.sort();
                 eps.dedup();
                 for ep in &eps {
@@ -406,6 +412,26 @@ mod tests {
         assert_eq!(
             snap.mtls_mode(&w("default", "db-1"), 8080),
             MtlsMode::Strict
+        );
+        let web_svc = MeshSnapshot::build(
+            1,
+            MeshDefaults::default(),
+            vec![
+                svc("web", TargetPort::Number(8080)),
+                pod("web-1", "10.0.0.1", "web"),
+                pa("default", "web", Some("web"), Some(MtlsMode::Disable), &[]),
+            ],
+        );
+        let eps = web_svc.service_endpoints(&ObjectKey::new("default", "web"), 80);
+        assert_eq!(
+            eps[0].mtls,
+            MtlsMode::Disable,
+            "endpoints carry their port's mode"
+        );
+        assert_eq!(
+            web_svc.inbound[&ObjectKey::new("default", "web-1")][0].mtls,
+            MtlsMode::Disable,
+            "inbound ports carry their mode"
         );
         assert_eq!(
             snap.mtls_mode(&w("other", "x-1"), 8080),
