@@ -187,6 +187,21 @@ impl Authority {
         &self.config
     }
 
+    /// The same signer, also trusting `roots` (during a root rotation).
+    pub fn with_extra_roots(mut self, roots: &[String]) -> Authority {
+        for r in roots {
+            if !self.bundle.roots.contains(r) {
+                self.bundle.roots.push(r.clone());
+            }
+        }
+        self
+    }
+
+    /// The root this authority's certificates chain up to (first in the bundle).
+    pub fn signing_root(&self) -> &str {
+        &self.bundle.roots[0]
+    }
+
     pub fn trust_bundle(&self) -> &TrustBundle {
         &self.bundle
     }

@@ -10,7 +10,10 @@ pub fn certificate_blocks(text: &str) -> Result<Vec<(String, Vec<u8>)>, String> 
     Ok(blocks
         .into_iter()
         .filter(|p| p.tag() == "CERTIFICATE")
-        .map(|p| (pem::encode(&p), p.into_contents()))
+        .map(|p| {
+            let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+            (pem::encode_config(&p, config), p.into_contents())
+        })
         .collect())
 }
 

@@ -21,6 +21,12 @@ use crate::pem::{certificate_blocks, not_after, not_before, parse};
 
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 pub const ROOT_KEY_FILE: &str = "root-key.pem";
+/// A root being rotated in (see [`stage_next_root`]).
+pub const NEXT_ROOT_CERT_FILE: &str = "next-root-cert.pem";
+pub const NEXT_ROOT_KEY_FILE: &str = "next-root-key.pem";
+/// The root most recently rotated out, kept for the record.
+pub const PREVIOUS_ROOT_CERT_FILE: &str = "previous-root-cert.pem";
+pub const PREVIOUS_ROOT_KEY_FILE: &str = "previous-root-key.pem";
 /// Lifetime of a root meshd generates.
 pub const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
@@ -74,6 +80,36 @@ fn open_dir(dir: &Path, config: CaConfig) -> Result<(Authority, Opened), CaError
             ),
         )),
     }
+}
+
+/// Root rotation, step 1: generates the next root beside the current one. Fails if a
+/// rotation is already staged.
+pub fn stage_next_root(dir: &Path, config: &CaConfig) -> Result<(), CaError> {
+    let (cert_pem, key_pem) = generate_root(&config.trust_domain, ROOT_VALIDITY)?;
+    write_new(&dir.join(NEXT_ROOT_KEY_FILE), key_pem.secret_pem(), 0o600)?;
+    write_new(&dir.join(NEXT_ROOT_CERT_FILE), &cert_pem, 0o644)
+}
+
+/// The staged next root, if a rotation is under way.
+pub fn load_next_root(dir: &Path, config: CaConfig) -> Result<Option<Authority>, CaError> {
+    let (cert, key) = (dir.join(NEXT_ROOT_CERT_FILE), dir.join(NEXT_ROOT_KEY_FILE));
+    if !cert.exists() {
+        return Ok(None);
+    }
+    load(&cert, &key, config).map(Some)
+}
+
+/// Root rotation, last step: the next root becomes the root; the old one is kept as
+/// `previous-root-*.pem`.
+pub fn promote_next_root(dir: &Path) -> Result<(), CaError> {
+    let mv = |from: &str, to: &str| {
+        std::fs::rename(dir.join(from), dir.join(to))
+            .map_err(|e| CaError::file(dir.join(from), format!("cannot rename to {to}: {e}")))
+    };
+    mv(ROOT_CERT_FILE, PREVIOUS_ROOT_CERT_FILE)?;
+    mv(ROOT_KEY_FILE, PREVIOUS_ROOT_KEY_FILE)?;
+    mv(NEXT_ROOT_KEY_FILE, ROOT_KEY_FILE)?;
+    mv(NEXT_ROOT_CERT_FILE, ROOT_CERT_FILE)
 }
 
 fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), CaError> {

@@ -5,6 +5,10 @@
 //! - `GET /debug/proxies`: every connected proxy: what was sent, ACKed, NACKed and why
 //! - `GET /debug/proxy-config?workload=<ns>/<pod>`: the resources that workload's
 //!   sidecar should have, by type, with their versions
+//! - `GET /ca/status`, `POST /ca/rotate-root`: the staged root rotation
+//!
+//! The admin API listens on loopback by default and has no authentication yet: do not
+//! expose it beyond the host (the authenticated gRPC admin API is still to come).
 //!
 //! Nothing here ever contains key material.
 
@@ -19,6 +23,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::identity::{CertManager, RotationError};
 use crate::model::ObjectKey;
 use crate::sources::file::SharedErrors;
 use crate::xds::cache::XdsSnapshot;
@@ -30,6 +35,7 @@ pub struct AdminState {
     pub snapshots: watch::Receiver<Arc<XdsSnapshot>>,
     pub registry: ProxyRegistry,
     pub config_errors: SharedErrors,
+    pub certs: Arc<CertManager>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -39,6 +45,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/snapshot", get(snapshot))
         .route("/debug/proxies", get(proxies))
         .route("/debug/proxy-config", get(proxy_config))
+        .route("/ca/status", get(ca_status))
+        .route("/ca/rotate-root", axum::routing::post(rotate_root))
         .with_state(state)
 }
 
@@ -134,4 +142,18 @@ async fn proxy_config(
         problems: view.problems,
     })
     .into_response()
+}
+
+async fn ca_status(State(state): State<AdminState>) -> impl IntoResponse {
+    Json(state.certs.rotation_status())
+}
+
+async fn rotate_root(State(state): State<AdminState>) -> axum::response::Response {
+    match state.certs.start_root_rotation() {
+        Ok(status) => Json(status).into_response(),
+        Err(e @ (RotationError::InProgress(_) | RotationError::PlugIn)) => {
+            (StatusCode::CONFLICT, format!("{e}\n")).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
 }

@@ -43,16 +43,18 @@ impl CaArgs {
         }
     }
 
+    /// How the CA issues: this trust domain, certificates valid for `ttl`.
+    pub fn config(&self, ttl: Duration) -> CaConfig {
+        CaConfig {
+            trust_domain: self.trust_domain.clone(),
+            workload_ttl: ttl,
+            ..CaConfig::default()
+        }
+    }
+
     /// Opens (or on first use creates) the CA, issuing certificates valid for `ttl`.
     pub fn open(&self, ttl: Duration) -> Result<(Authority, Opened), CaError> {
-        open(
-            &self.source(),
-            CaConfig {
-                trust_domain: self.trust_domain.clone(),
-                workload_ttl: ttl,
-                ..CaConfig::default()
-            },
-        )
+        open(&self.source(), self.config(ttl))
     }
 }
 

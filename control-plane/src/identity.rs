@@ -1,19 +1,32 @@
-//! Certificates for the proxies meshd serves, and for meshd's own xDS port.
+//! Certificates for the proxies meshd serves and for meshd's own xDS port, and the
+//! staged rotation of the root.
 //!
 //! The [`CertManager`] owns the CA. A proxy's workload certificate is issued the first
 //! time a stream of that identity needs it, shared by every proxy of the identity, and
 //! re-issued at half its lifetime by [`CertManager::spawn_rotation`]. Every change bumps
-//! a generation on a `watch` channel; streams follow it and push the new secret (SDS),
-//! and the xDS TLS acceptor follows it to serve with a fresh certificate.
+//! a generation on a `watch` channel; streams follow it and push the new secrets (SDS),
+//! and the xDS TLS acceptor follows it to serve with a fresh certificate and bundle.
+//!
+//! Root rotation (own CA directory only) runs in three steps, each pushed to every
+//! proxy before the next:
+//! 1. **trusting**: a new root is generated and added to the trust bundle; leaves are
+//!    still signed by the old root.
+//! 2. **signing**: after `grace`, leaves are re-issued by the new root; both roots stay
+//!    trusted, so old and new leaves verify each other.
+//! 3. **done**: once no leaf signed by the old root can still be valid (one workload
+//!    lifetime later), the old root leaves the bundle and the files are promoted.
 //!
 //! Private keys stay inside [`meshd_ca::IssuedCertificate`]s: they leave this process
 //! only as the SDS secret of the proxy whose identity they certify.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
 
+use meshd_ca::store::{self, CaSource};
 use meshd_ca::{Authority, CaError, IssuedCertificate, SpiffeId, TrustBundle};
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 /// The service account meshd's own serving certificate names.
@@ -21,9 +34,44 @@ pub const MESHD_SERVICE_ACCOUNT: &str = "meshd";
 /// DNS names in meshd's serving certificate, for clients that check names.
 pub const MESHD_DNS_NAMES: &[&str] = &["meshd", "localhost"];
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    /// Step 1 done at `since`.
+    Trusting {
+        since: SystemTime,
+    },
+    /// Step 2 done; old leaves are all expired at `old_leaves_expire`.
+    Signing {
+        old_leaves_expire: SystemTime,
+    },
+}
+
+/// What `meshctl ca status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RotationStatus {
+    /// `idle`, `trusting-new-root` or `signing-with-new-root`.
+    pub phase: String,
+    /// Serial numbers of the roots in the trust bundle, the signing root first.
+    pub trusted_roots: Vec<String>,
+    pub next_step_at: Option<String>,
+    pub last_completed_at: Option<String>,
+}
+
+#[derive(Debug)]
+struct Rotation {
+    phase: Phase,
+    last_completed: Option<SystemTime>,
+}
+
 #[derive(Debug)]
 pub struct CertManager {
-    authority: Authority,
+    source: CaSource,
+    config: meshd_ca::CaConfig,
+    authority: RwLock<Arc<Authority>>,
+    /// How long proxies get to receive a new root before leaves are signed with it.
+    grace: Duration,
+    rotation: Mutex<Rotation>,
     /// Identity of meshd's xDS server.
     server_id: SpiffeId,
     server: Mutex<Option<Arc<IssuedCertificate>>>,
@@ -31,9 +79,38 @@ pub struct CertManager {
     generation: watch::Sender<u64>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    #[error("a root rotation is already under way ({0})")]
+    InProgress(String),
+    #[error(
+        "the CA is a plug-in (--ca-cert-chain): rotate it where it is issued, then restart meshd"
+    )]
+    PlugIn,
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
+
 impl CertManager {
-    /// `namespace` is meshd's own namespace, used in its serving identity.
-    pub fn new(authority: Authority, namespace: &str) -> Result<Arc<CertManager>, CaError> {
+    /// Opens the CA from `source`. `namespace` is meshd's own namespace, used in its
+    /// serving identity. A rotation staged before a restart resumes at step 1.
+    pub fn open(
+        source: CaSource,
+        config: meshd_ca::CaConfig,
+        namespace: &str,
+        grace: Duration,
+    ) -> Result<Arc<CertManager>, CaError> {
+        let (mut authority, _) = store::open(&source, config.clone())?;
+        let mut phase = Phase::Idle;
+        if let CaSource::Directory(dir) = &source
+            && let Some(next) = store::load_next_root(dir, config.clone())?
+        {
+            tracing::info!("resuming a staged root rotation at step 1 (trusting the new root)");
+            authority = authority.with_extra_roots(next.trust_bundle().roots());
+            phase = Phase::Trusting {
+                since: SystemTime::now(),
+            };
+        }
         let server_id = authority
             .workload_id(namespace, MESHD_SERVICE_ACCOUNT)
             .map_err(|e| CaError::Issue {
@@ -41,7 +118,14 @@ impl CertManager {
                 message: e.to_string(),
             })?;
         Ok(Arc::new(CertManager {
-            authority,
+            source,
+            config,
+            authority: RwLock::new(Arc::new(authority)),
+            grace,
+            rotation: Mutex::new(Rotation {
+                phase,
+                last_completed: None,
+            }),
             server_id,
             server: Mutex::new(None),
             workloads: Mutex::new(HashMap::new()),
@@ -49,12 +133,19 @@ impl CertManager {
         }))
     }
 
-    pub fn trust_domain(&self) -> &str {
-        &self.authority.config().trust_domain
+    fn authority(&self) -> Arc<Authority> {
+        self.authority
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    pub fn trust_bundle(&self) -> &TrustBundle {
-        self.authority.trust_bundle()
+    pub fn trust_domain(&self) -> &str {
+        &self.config.trust_domain
+    }
+
+    pub fn trust_bundle(&self) -> TrustBundle {
+        self.authority().trust_bundle().clone()
     }
 
     pub fn server_id(&self) -> &SpiffeId {
@@ -72,7 +163,7 @@ impl CertManager {
         if let Some(c) = certs.get(id).filter(|c| c.refresh_at() > SystemTime::now()) {
             return Ok(c.clone());
         }
-        let issued = Arc::new(self.authority.issue(id)?);
+        let issued = Arc::new(self.authority().issue(id)?);
         tracing::info!(identity = %id, not_after = %humantime::format_rfc3339_seconds(issued.not_after), "issued workload certificate");
         certs.insert(id.clone(), issued.clone());
         Ok(issued)
@@ -87,30 +178,146 @@ impl CertManager {
         {
             return Ok(c.clone());
         }
-        let ttl = self.authority.config().workload_ttl;
-        let issued = Arc::new(self.authority.issue_with_dns(
+        let issued = Arc::new(self.authority().issue_with_dns(
             &self.server_id,
-            ttl,
+            self.config.workload_ttl,
             MESHD_DNS_NAMES,
         )?);
         *server = Some(issued.clone());
         Ok(issued)
     }
 
+    /// Step 1 of a root rotation: a new root joins the trust bundle.
+    pub fn start_root_rotation(&self) -> Result<RotationStatus, RotationError> {
+        let CaSource::Directory(dir) = &self.source else {
+            return Err(RotationError::PlugIn);
+        };
+        {
+            let mut rotation = lock(&self.rotation);
+            if rotation.phase != Phase::Idle {
+                return Err(RotationError::InProgress(phase_name(rotation.phase).into()));
+            }
+            store::stage_next_root(dir, &self.config)?;
+            let next = self.load_next(dir)?;
+            let trusting = self
+                .load_current(dir)?
+                .with_extra_roots(next.trust_bundle().roots());
+            *self.authority.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(trusting);
+            rotation.phase = Phase::Trusting {
+                since: SystemTime::now(),
+            };
+        }
+        tracing::info!("root rotation step 1/3: the new root is trusted alongside the old one");
+        self.generation.send_modify(|g| *g += 1);
+        Ok(self.rotation_status())
+    }
+
+    pub fn rotation_status(&self) -> RotationStatus {
+        let rotation = lock(&self.rotation);
+        let next = match rotation.phase {
+            Phase::Idle => None,
+            Phase::Trusting { since } => Some(since + self.grace),
+            Phase::Signing { old_leaves_expire } => Some(old_leaves_expire),
+        };
+        RotationStatus {
+            phase: phase_name(rotation.phase).to_string(),
+            trusted_roots: self
+                .trust_bundle()
+                .roots()
+                .iter()
+                .map(|pem| root_serial(pem))
+                .collect(),
+            next_step_at: next.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            last_completed_at: rotation
+                .last_completed
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        }
+    }
+
+    fn dir(&self) -> Option<&PathBuf> {
+        match &self.source {
+            CaSource::Directory(d) => Some(d),
+            CaSource::PlugIn { .. } => None,
+        }
+    }
+
+    fn load_current(&self, dir: &std::path::Path) -> Result<Authority, CaError> {
+        store::load(
+            &dir.join(store::ROOT_CERT_FILE),
+            &dir.join(store::ROOT_KEY_FILE),
+            self.config.clone(),
+        )
+    }
+
+    fn load_next(&self, dir: &std::path::Path) -> Result<Authority, CaError> {
+        store::load_next_root(dir, self.config.clone())?.ok_or_else(|| CaError::File {
+            path: dir.join(store::NEXT_ROOT_CERT_FILE),
+            message: "is missing: the staged root disappeared".into(),
+        })
+    }
+
+    /// Moves a root rotation on when its step is due. Returns whether it changed
+    /// anything.
+    fn advance_rotation(&self) -> Result<bool, CaError> {
+        let Some(dir) = self.dir() else {
+            return Ok(false);
+        };
+        let now = SystemTime::now();
+        let mut rotation = lock(&self.rotation);
+        match rotation.phase {
+            Phase::Trusting { since } if now >= since + self.grace => {
+                let old = self.load_current(dir)?;
+                let signing = self
+                    .load_next(dir)?
+                    .with_extra_roots(old.trust_bundle().roots());
+                *self.authority.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(signing);
+                // Every leaf is re-issued by the new root now.
+                lock(&self.workloads).clear();
+                *lock(&self.server) = None;
+                rotation.phase = Phase::Signing {
+                    old_leaves_expire: now + self.config.workload_ttl + Duration::from_secs(1),
+                };
+                tracing::info!(
+                    "root rotation step 2/3: certificates are now signed by the new root"
+                );
+                Ok(true)
+            }
+            Phase::Signing { old_leaves_expire } if now >= old_leaves_expire => {
+                store::promote_next_root(dir)?;
+                let done = self.load_current(dir)?;
+                *self.authority.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(done);
+                rotation.phase = Phase::Idle;
+                rotation.last_completed = Some(now);
+                tracing::info!(
+                    "root rotation step 3/3: the old root is no longer trusted; rotation complete"
+                );
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Re-issues every certificate that reached half its lifetime. Returns when the
     /// next one is due.
     fn rotate_due(&self) -> Option<SystemTime> {
         let now = SystemTime::now();
-        let mut rotated = 0;
+        let mut changed = match self.advance_rotation() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("root rotation cannot proceed: {e}");
+                false
+            }
+        };
+        let authority = self.authority();
         let mut next: Option<SystemTime> = None;
         {
             let mut certs = lock(&self.workloads);
             for (id, cert) in certs.iter_mut() {
                 if cert.refresh_at() <= now {
-                    match self.authority.issue(id) {
+                    match authority.issue(id) {
                         Ok(fresh) => {
                             *cert = Arc::new(fresh);
-                            rotated += 1;
+                            changed = true;
                         }
                         Err(e) => tracing::error!(identity = %id, "cannot rotate certificate: {e}"),
                     }
@@ -119,17 +326,17 @@ impl CertManager {
             }
         }
         let server_due = lock(&self.server).as_ref().map(|c| c.refresh_at());
-        if server_due.is_some_and(|t| t <= now) {
+        if server_due.is_none_or(|t| t <= now) {
             match self.server_certificate() {
-                Ok(_) => rotated += 1,
-                Err(e) => tracing::error!("cannot rotate meshd's serving certificate: {e}"),
+                Ok(_) => changed |= server_due.is_some(),
+                Err(e) => tracing::error!("cannot issue meshd's serving certificate: {e}"),
             }
         }
         if let Some(t) = lock(&self.server).as_ref().map(|c| c.refresh_at()) {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
-        if rotated > 0 {
-            tracing::info!(rotated, "rotated certificates at half their lifetime");
+        if changed {
+            tracing::debug!("certificates or trust bundle changed");
             self.generation.send_modify(|g| *g += 1);
         }
         next
@@ -142,15 +349,41 @@ impl CertManager {
             loop {
                 let Some(manager) = weak.upgrade() else { break };
                 let next = manager.rotate_due();
+                let rotating = lock(&manager.rotation).phase != Phase::Idle;
                 drop(manager);
+                let max = if rotating {
+                    Duration::from_millis(250)
+                } else {
+                    Duration::from_secs(30)
+                };
                 let wait = next
                     .and_then(|t| t.duration_since(SystemTime::now()).ok())
                     .unwrap_or(Duration::from_secs(1))
-                    .clamp(Duration::from_millis(50), Duration::from_secs(30));
+                    .clamp(Duration::from_millis(50), max);
                 tokio::time::sleep(wait).await;
             }
         });
     }
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Idle => "idle",
+        Phase::Trusting { .. } => "trusting-new-root",
+        Phase::Signing { .. } => "signing-with-new-root",
+    }
+}
+
+/// A root's serial number, hex, to tell roots apart in status output.
+fn root_serial(pem: &str) -> String {
+    pem::parse(pem)
+        .ok()
+        .and_then(|p| {
+            x509_parser::parse_x509_certificate(p.contents())
+                .ok()
+                .map(|(_, c)| c.raw_serial_as_string())
+        })
+        .unwrap_or_else(|| "?".to_string())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

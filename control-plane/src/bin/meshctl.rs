@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use meshd::admin::{ProxyConfig, SnapshotSummary};
 use meshd::bootstrap::{BootstrapOptions, envoy_bootstrap};
 use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
-use meshd::identity::MESHD_SERVICE_ACCOUNT;
+use meshd::identity::{MESHD_SERVICE_ACCOUNT, RotationStatus};
 use meshd::sources::file::FileSource;
 use meshd::xds::status::{ProxyStatus, XdsFlavor};
 
@@ -48,6 +48,9 @@ enum Command {
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// The mesh CA: status and staged root rotation.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Show the resources meshd serves to one workload's sidecar.
     ProxyConfig {
         /// The workload, as <namespace>/<pod>.
@@ -57,6 +60,26 @@ enum Command {
         admin: String,
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
         output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Show the roots meshd trusts and where a root rotation stands.
+    Status {
+        #[arg(long, env = "MESHD_ADMIN", default_value = "http://127.0.0.1:15014")]
+        admin: String,
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Start a root rotation without downtime.
+    ///
+    /// Step 1 adds a new root to every proxy's trust bundle; step 2 (after meshd's
+    /// --root-rotation-grace) signs new certificates with it; step 3 (one certificate
+    /// lifetime later) drops the old root. Follow it with `meshctl ca status`.
+    RotateRoot {
+        #[arg(long, env = "MESHD_ADMIN", default_value = "http://127.0.0.1:15014")]
+        admin: String,
     },
 }
 
@@ -257,6 +280,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ca(CaCommand::Status { admin, output }) => {
+            let status: RotationStatus = get_json(&admin, "/ca/status").await?;
+            print_rotation(&status, output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca(CaCommand::RotateRoot { admin }) => {
+            let status: RotationStatus = post_json(&admin, "/ca/rotate-root").await?;
+            println!("root rotation started");
+            print_rotation(&status, Output::Table)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::ProxyConfig {
             workload,
             admin,
@@ -283,9 +317,42 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn print_rotation(status: &RotationStatus, output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(status)?);
+        return Ok(());
+    }
+    println!("root rotation: {}", status.phase);
+    for (i, root) in status.trusted_roots.iter().enumerate() {
+        let role = if i == 0 { "signing" } else { "trusted" };
+        println!("  root {root} ({role})");
+    }
+    if let Some(t) = &status.next_step_at {
+        println!("  next step at {t}");
+    }
+    if let Some(t) = &status.last_completed_at {
+        println!("  last rotation completed at {t}");
+    }
+    Ok(())
+}
+
 async fn get_json<T: serde::de::DeserializeOwned>(admin: &str, path: &str) -> anyhow::Result<T> {
+    call_json(reqwest::Method::GET, admin, path).await
+}
+
+async fn post_json<T: serde::de::DeserializeOwned>(admin: &str, path: &str) -> anyhow::Result<T> {
+    call_json(reqwest::Method::POST, admin, path).await
+}
+
+async fn call_json<T: serde::de::DeserializeOwned>(
+    method: reqwest::Method,
+    admin: &str,
+    path: &str,
+) -> anyhow::Result<T> {
     let url = format!("{}{path}", admin.trim_end_matches('/'));
-    let resp = reqwest::get(&url)
+    let resp = reqwest::Client::new()
+        .request(method, &url)
+        .send()
         .await
         .with_context(|| format!("cannot reach meshd's admin API at {admin}"))?;
     let status = resp.status();

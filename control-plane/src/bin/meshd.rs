@@ -42,6 +42,11 @@ struct Args {
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     workload_cert_ttl: Duration,
 
+    /// During a root rotation, how long proxies get to receive the new root before
+    /// certificates are signed by it.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    root_rotation_grace: Duration,
+
     /// Namespace whose policies apply to the whole mesh (default: --namespace).
     #[arg(long, env = "MESHD_ROOT_NAMESPACE")]
     root_namespace: Option<String>,
@@ -109,14 +114,17 @@ async fn main() -> anyhow::Result<()> {
             args.workload_cert_ttl
         );
     }
-    let (authority, opened) = args.ca.open(args.workload_cert_ttl)?;
+    let certs = CertManager::open(
+        args.ca.source(),
+        args.ca.config(args.workload_cert_ttl),
+        &args.namespace,
+        args.root_rotation_grace,
+    )?;
     tracing::info!(
         source = ?args.ca.source(),
         trust_domain = %args.ca.trust_domain,
-        ?opened,
         "mesh CA ready"
     );
-    let certs = CertManager::new(authority, &args.namespace)?;
     certs.spawn_rotation();
 
     let dir = &args.config_dir;
@@ -164,6 +172,7 @@ async fn main() -> anyhow::Result<()> {
         snapshots: snapshots.clone(),
         registry: registry.clone(),
         config_errors,
+        certs: certs.clone(),
     });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(admin_listener, admin_app).await {

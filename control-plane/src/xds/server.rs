@@ -196,7 +196,7 @@ impl ProxyConn {
                     ResourceType::Secret,
                     Resource::encode(
                         translate::ROOT_SECRET,
-                        &translate::root_secret(certs.trust_bundle()),
+                        &translate::root_secret(&certs.trust_bundle()),
                     ),
                 );
             }

@@ -1,0 +1,156 @@
+//! A full root rotation while traffic flows: not one request fails, and at the end the
+//! sidecars present certificates from the new root and trust only it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use meshd::identity::RotationStatus;
+use meshd_integration::apps::{HttpApp, http_get};
+use meshd_integration::envoy::Sidecar;
+use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};
+use meshd_integration::meshd::Meshd;
+use meshd_integration::net::free_port;
+use meshd_integration::tls::connect;
+use meshd_integration::wait::eventually;
+use meshd_integration::xds_client::ClientCert;
+use meshd_integration::{XdsFlavor, init_test_logging};
+
+const NS: &str = "shop";
+
+#[tokio::test]
+async fn a_root_rotation_under_traffic_fails_no_request() -> anyhow::Result<()> {
+    init_test_logging();
+    let app = HttpApp::start("web-1").await?;
+    let web = PodDef::new(NS, "web-1", "web").serves(8080, app.port());
+    let client = PodDef::new(NS, "client-1", "client").calls("web", 80, free_port());
+    let dir = MeshDir::new()?;
+    dir.write(
+        "mesh.yaml",
+        &[
+            ServiceDef::new(NS, "web").http_port(80, 8080).yaml(),
+            web.yaml(),
+            client.yaml(),
+        ],
+    )?;
+    let meshd = Meshd::start_with(
+        dir.path(),
+        &[
+            "--debounce",
+            "50ms",
+            "--workload-cert-ttl",
+            "4s",
+            "--root-rotation-grace",
+            "2s",
+        ],
+    )
+    .await?;
+    let _web = Sidecar::for_pod(&meshd, &web, XdsFlavor::Delta).await?;
+    let _client = Sidecar::for_pod(&meshd, &client, XdsFlavor::Sotw).await?;
+    eventually("traffic", Duration::from_secs(15), || async {
+        ensure!(http_get(client.outbound(0), "/").await?.status == 200);
+        Ok(())
+    })
+    .await?;
+    let old_root = std::fs::read_to_string(meshd.ca_dir().join("root-cert.pem"))?;
+
+    // Requests in a loop for the whole rotation.
+    let failures = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let traffic = {
+        let (failures, sent, stop, addr) = (
+            failures.clone(),
+            sent.clone(),
+            stop.clone(),
+            client.outbound(0),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.notified() => break,
+                    r = http_get(addr, "/") => {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        if !r.is_ok_and(|r| r.status == 200) {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    let out = meshd.meshctl(&["ca", "rotate-root"]).await?;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(printed.contains("trusting-new-root"), "{printed}");
+
+    let phases = std::sync::Mutex::new(Vec::<String>::new());
+    let done = eventually(
+        "the rotation to complete",
+        Duration::from_secs(30),
+        || async {
+            let s: RotationStatus = meshd.get_json("/ca/status").await?;
+            {
+                let mut seen = phases.lock().unwrap();
+                if seen.last() != Some(&s.phase) {
+                    seen.push(s.phase.clone());
+                }
+            }
+            ensure!(
+                s.phase == "idle" && s.last_completed_at.is_some(),
+                "at {}",
+                s.phase
+            );
+            Ok(s)
+        },
+    )
+    .await?;
+    let phases = phases.into_inner().unwrap();
+    // Keep traffic going a little past the end.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.notify_one();
+    traffic.await?;
+
+    assert!(
+        phases.contains(&"signing-with-new-root".to_string()),
+        "phases seen: {phases:?}"
+    );
+    assert_eq!(
+        done.trusted_roots.len(),
+        1,
+        "only the new root is trusted at the end"
+    );
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(sent > 100, "only {sent} requests during the rotation");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "requests failed during the root rotation (of {sent})"
+    );
+
+    // web-1 now presents a certificate from the new root, and the old root is gone.
+    let new_root = std::fs::read_to_string(meshd.ca_dir().join("root-cert.pem"))?;
+    assert_ne!(new_root, old_root);
+    let probe = ClientCert::mint(&meshd.ca_dir(), NS, "client")?;
+    assert_eq!(probe.trust_bundle_pem, new_root);
+    let (_, server) = connect(web.inbound(8080), &new_root, Some(&probe))
+        .await
+        .context("web-1's certificate verifies against the new root alone")?;
+    assert_eq!(server.uri_sans, ["spiffe://cluster.local/ns/shop/sa/web"]);
+    assert!(
+        connect(web.inbound(8080), &old_root, Some(&probe))
+            .await
+            .is_err(),
+        "web-1's certificate still verifies against the old root"
+    );
+    let status = meshd.meshctl(&["ca", "status"]).await?;
+    assert!(String::from_utf8_lossy(&status.stdout).contains("last rotation completed"));
+    Ok(())
+}
