@@ -304,4 +304,89 @@ mod tests {
         let err = err_of(load(&c, &k, cfg()));
         assert!(err.contains("is not a CA certificate"), "{err}");
     }
+
+    /// A CA certificate signed by `issuer` (or self-signed), valid from `from` to `to`.
+    fn ca_cert(
+        name: &str,
+        issuer: Option<&rcgen::Issuer<'_, KeyPair>>,
+        from: std::time::SystemTime,
+        to: std::time::SystemTime,
+    ) -> (String, KeyPair) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let secs = |t: std::time::SystemTime| {
+            time::OffsetDateTime::from_unix_timestamp(
+                t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64,
+            )
+            .unwrap()
+        };
+        params.not_before = secs(from);
+        params.not_after = secs(to);
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = match issuer {
+            Some(i) => params.signed_by(&key, i).unwrap(),
+            None => params.self_signed(&key).unwrap(),
+        };
+        (cert.pem(), key)
+    }
+
+    #[test]
+    fn a_plug_in_intermediate_signs_leaves_that_chain_to_the_users_root() {
+        let now = SystemTime::now();
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let (root_pem, root_key) = ca_cert("corp root", None, now - year, now + year);
+        let root_issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
+        let (int_pem, int_key) = ca_cert(
+            "mesh intermediate",
+            Some(&root_issuer),
+            now - year,
+            now + year,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let chain = dir.path().join("chain.pem");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&chain, format!("{int_pem}{root_pem}")).unwrap();
+        std::fs::write(&key, int_key.serialize_pem()).unwrap();
+        let source = CaSource::PlugIn {
+            cert_chain: chain.clone(),
+            key: key.clone(),
+        };
+        let (ca, _) = open(&source, cfg()).unwrap();
+        assert_eq!(ca.trust_bundle().roots().len(), 1);
+        let leaf = ca
+            .issue(&SpiffeId::new("cluster.local", "shop", "web").unwrap())
+            .unwrap();
+        let blocks = certificate_blocks(&leaf.chain_pem).unwrap();
+        assert_eq!(blocks.len(), 2, "leaf followed by the intermediate");
+        let leaf_cert = parse(&blocks[0].1).unwrap();
+        let int_cert = parse(&blocks[1].1).unwrap();
+        leaf_cert
+            .verify_signature(Some(int_cert.public_key()))
+            .unwrap();
+
+        // Without the root at the end, the chain is refused, naming the file.
+        std::fs::write(&chain, &int_pem).unwrap();
+        let err = err_of(load(&chain, &key, cfg()));
+        assert!(err.contains("chain.pem: must end with the root"), "{err}");
+    }
+
+    #[test]
+    fn an_expired_root_is_refused_at_start() {
+        let now = SystemTime::now();
+        let day = Duration::from_secs(24 * 3600);
+        let (pem, key) = ca_cert("old root", None, now - 10 * day, now - day);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("root-cert.pem"), pem).unwrap();
+        std::fs::write(dir.path().join("root-key.pem"), key.serialize_pem()).unwrap();
+        let err = open(&CaSource::Directory(dir.path().into()), cfg())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("root-cert.pem: the signing certificate expired on"),
+            "{err}"
+        );
+    }
 }

@@ -348,3 +348,41 @@ async fn private_keys_never_appear_in_logs_or_admin_output() -> anyhow::Result<(
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn meshd_refuses_a_broken_plug_in_ca_and_names_the_file() -> anyhow::Result<()> {
+    init_test_logging();
+    let dir = MeshDir::new()?;
+    let ca = tempfile::tempdir()?;
+    let (chain, key) = (ca.path().join("chain.pem"), ca.path().join("key.pem"));
+    // A real CA certificate with the key of another one.
+    let good = ClientCert::mint(&ca.path().join("a"), NS, "x")?;
+    let other = ClientCert::mint(&ca.path().join("b"), NS, "x")?;
+    std::fs::write(&chain, &good.trust_bundle_pem)?;
+    std::fs::write(
+        &key,
+        std::fs::read_to_string(ca.path().join("b/root-key.pem"))?,
+    )?;
+    let _ = other;
+    let err = Meshd::start_with(
+        dir.path(),
+        &[
+            "--ca-cert-chain",
+            chain.to_str().context("utf-8")?,
+            "--ca-key",
+            key.to_str().context("utf-8")?,
+        ],
+    )
+    .await
+    .expect_err("meshd must not start with a key that does not match");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("meshd exited"), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "{}: does not belong to the signing certificate",
+            key.display()
+        )),
+        "{msg}"
+    );
+    Ok(())
+}
