@@ -20,9 +20,10 @@ use tracing_subscriber::EnvFilter;
 
 /// meshd — a small, fast service-mesh control plane for Envoy.
 ///
-/// Reads Kubernetes-style YAML (Namespaces, Services, Pods, EndpointSlices) from a
-/// directory, watches it, and serves listeners, clusters, routes and endpoints to
-/// Envoy sidecars over ADS (state of the world and delta).
+/// Reads Kubernetes-style YAML (Namespaces, Services, Pods, EndpointSlices,
+/// PeerAuthentications) from a directory, watches it, runs the mesh CA, and serves
+/// listeners, clusters, routes, endpoints and mTLS secrets to Envoy sidecars over ADS
+/// (state of the world and delta) on a TLS port that requires client certificates.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
