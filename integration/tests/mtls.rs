@@ -101,8 +101,15 @@ async fn sidecars_speak_mutual_tls_with_spiffe_certificates_of_the_configured_li
         handshakes >= Some(1),
         "client sidecar TLS handshakes: {handshakes:?}"
     );
-    let inbound = m.web_sidecar.stat("listener.ssl.handshake").await;
-    let _ = inbound; // listener stat names vary by address; the direct probe above is the proof
+    // And web-1's sidecar terminated TLS on its inbound listener.
+    let inbound = m
+        .web_sidecar
+        .stat(&format!("listener.{}_8080.ssl.handshake", m.web.ip))
+        .await?;
+    assert!(
+        inbound >= Some(2),
+        "web-1 inbound TLS handshakes: {inbound:?}"
+    );
     Ok(())
 }
 

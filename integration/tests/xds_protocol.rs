@@ -24,7 +24,6 @@ const QUIET: Duration = Duration::from_millis(400);
 struct Fixture {
     mesh: MeshDir,
     meshd: Meshd,
-    web: PodDef,
     client: PodDef,
 }
 
@@ -51,7 +50,6 @@ impl Fixture {
         Ok(Fixture {
             mesh,
             meshd,
-            web,
             client,
         })
     }
@@ -169,7 +167,6 @@ async fn sotw_named_subscriptions_skip_resources_that_do_not_exist() -> anyhow::
     c2.request(Some(node(NS, "client-1", "client")), RDS, &[nope], None)
         .await?;
     c2.expect_silence(QUIET).await?;
-    let _ = f.web;
     Ok(())
 }
 

@@ -92,7 +92,7 @@ impl DeltaStream {
                         return "meshd is shutting down".to_string();
                     }
                     let snapshot = ctx.snapshots.borrow_and_update().clone();
-                    self.conn.refresh(snapshot, &ctx.certs);
+                    self.conn.refresh(snapshot);
                     for t in ResourceType::PUSH_ORDER {
                         if let Err(e) = self.respond(t).await {
                             return e;
@@ -101,8 +101,7 @@ impl DeltaStream {
                 }
                 _ = cert_changes.changed() => {
                     cert_changes.borrow_and_update();
-                    let snapshot = self.conn.snapshot.clone();
-                    self.conn.refresh(snapshot, &ctx.certs);
+                    self.conn.refresh_secrets(&ctx.certs);
                     for t in ResourceType::PUSH_ORDER {
                         if let Err(e) = self.respond(t).await {
                             return e;

@@ -133,6 +133,9 @@ pub(crate) struct ProxyConn {
     pub id: ProxyId,
     pub snapshot: Arc<XdsSnapshot>,
     pub resources: ProxyResources,
+    /// The proxy's SDS secrets, encoded when its certificate changes.
+    secrets: Vec<Arc<Resource>>,
+    secret_problem: Option<String>,
     pub status: ProxyHandle,
     nonce: u64,
 }
@@ -149,17 +152,46 @@ impl ProxyConn {
         let snapshot = ctx.snapshots.borrow_and_update().clone();
         let mut conn = ProxyConn {
             id,
-            snapshot: snapshot.clone(),
+            snapshot,
             resources: ProxyResources::default(),
+            secrets: Vec::new(),
+            secret_problem: None,
             status,
             nonce: 0,
         };
-        conn.refresh(snapshot, &ctx.certs);
+        conn.refresh_secrets(&ctx.certs);
         conn
     }
 
-    /// Recomputes what the proxy should have from `snapshot` and its certificates.
-    pub fn refresh(&mut self, snapshot: Arc<XdsSnapshot>, certs: &CertManager) {
+    /// Fetches the proxy's secrets again (after the certificates changed): its own,
+    /// verified identity's certificate and key, and the trust bundle — nothing else.
+    pub fn refresh_secrets(&mut self, certs: &CertManager) {
+        match certs.workload_certificate(&self.id.identity) {
+            Ok(cert) => {
+                self.secrets = vec![
+                    Resource::encode(
+                        translate::WORKLOAD_SECRET,
+                        &translate::workload_secret(&cert),
+                    ),
+                    Resource::encode(
+                        translate::ROOT_SECRET,
+                        &translate::root_secret(&certs.trust_bundle()),
+                    ),
+                ];
+                self.secret_problem = None;
+            }
+            Err(e) => {
+                self.secrets.clear();
+                self.secret_problem = Some(format!("no workload certificate: {e}"));
+            }
+        }
+        let snapshot = self.snapshot.clone();
+        self.refresh(snapshot);
+    }
+
+    /// Recomputes what the proxy should have from `snapshot` (keeping its secrets: the
+    /// certificate manager is only asked when certificates change, never per snapshot).
+    pub fn refresh(&mut self, snapshot: Arc<XdsSnapshot>) {
         let (mut problems, mut resources) = match snapshot.proxy_resources(&self.id.workload) {
             Some((view, _))
                 if view.workload.service_account != self.id.identity.service_account() =>
@@ -182,26 +214,10 @@ impl ProxyConn {
                 ProxyResources::default(),
             ),
         };
-        // Secrets for the proxy's own, verified identity, and nothing else.
-        match certs.workload_certificate(&self.id.identity) {
-            Ok(cert) => {
-                resources.insert(
-                    ResourceType::Secret,
-                    Resource::encode(
-                        translate::WORKLOAD_SECRET,
-                        &translate::workload_secret(&cert),
-                    ),
-                );
-                resources.insert(
-                    ResourceType::Secret,
-                    Resource::encode(
-                        translate::ROOT_SECRET,
-                        &translate::root_secret(&certs.trust_bundle()),
-                    ),
-                );
-            }
-            Err(e) => problems.push(format!("no workload certificate: {e}")),
+        for secret in &self.secrets {
+            resources.insert(ResourceType::Secret, secret.clone());
         }
+        problems.extend(self.secret_problem.clone());
         let version = snapshot.version();
         self.status.update(|s| {
             if s.problems != problems {

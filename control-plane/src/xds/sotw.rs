@@ -95,7 +95,7 @@ impl SotwStream {
                         return "meshd is shutting down".to_string();
                     }
                     let snapshot = ctx.snapshots.borrow_and_update().clone();
-                    self.conn.refresh(snapshot, &ctx.certs);
+                    self.conn.refresh(snapshot);
                     for t in ResourceType::PUSH_ORDER {
                         if let Err(e) = self.respond(t).await {
                             return e;
@@ -104,8 +104,7 @@ impl SotwStream {
                 }
                 _ = cert_changes.changed() => {
                     cert_changes.borrow_and_update();
-                    let snapshot = self.conn.snapshot.clone();
-                    self.conn.refresh(snapshot, &ctx.certs);
+                    self.conn.refresh_secrets(&ctx.certs);
                     for t in ResourceType::PUSH_ORDER {
                         if let Err(e) = self.respond(t).await {
                             return e;
