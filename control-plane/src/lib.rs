@@ -6,6 +6,7 @@
 //! Envoy side of the handshake.
 
 pub mod admin;
+pub mod authz;
 pub mod bootstrap;
 pub mod cli;
 pub mod identity;

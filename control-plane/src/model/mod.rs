@@ -233,6 +233,7 @@ pub enum MeshObject {
     EndpointSlice(Arc<EndpointSlice>),
     Workload(Arc<Workload>),
     PeerAuthentication(Arc<PeerAuthentication>),
+    AuthorizationPolicy(Arc<crate::authz::AuthorizationPolicy>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -242,6 +243,7 @@ pub enum ObjectKind {
     EndpointSlice,
     Workload,
     PeerAuthentication,
+    AuthorizationPolicy,
 }
 
 impl fmt::Display for ObjectKind {
@@ -252,6 +254,7 @@ impl fmt::Display for ObjectKind {
             ObjectKind::EndpointSlice => "EndpointSlice",
             ObjectKind::Workload => "Pod",
             ObjectKind::PeerAuthentication => "PeerAuthentication",
+            ObjectKind::AuthorizationPolicy => "AuthorizationPolicy",
         })
     }
 }
@@ -264,6 +267,7 @@ impl MeshObject {
             MeshObject::EndpointSlice(_) => ObjectKind::EndpointSlice,
             MeshObject::Workload(_) => ObjectKind::Workload,
             MeshObject::PeerAuthentication(_) => ObjectKind::PeerAuthentication,
+            MeshObject::AuthorizationPolicy(_) => ObjectKind::AuthorizationPolicy,
         }
     }
 
@@ -275,6 +279,7 @@ impl MeshObject {
             MeshObject::EndpointSlice(s) => s.key.clone(),
             MeshObject::Workload(w) => w.key.clone(),
             MeshObject::PeerAuthentication(p) => p.key.clone(),
+            MeshObject::AuthorizationPolicy(p) => p.key.clone(),
         }
     }
 }

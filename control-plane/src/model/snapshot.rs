@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::authz::AuthorizationPolicy;
+
 use super::{
     EndpointSlice, MeshDefaults, MeshObject, MtlsMode, Namespace, ObjectKey, PeerAuthentication,
     Protocol, Service, ServicePort, TargetPort, Workload,
@@ -40,6 +42,7 @@ pub struct MeshSnapshot {
     pub version: u64,
     pub defaults: MeshDefaults,
     pub peer_authentications: BTreeMap<ObjectKey, Arc<PeerAuthentication>>,
+    pub authorization_policies: BTreeMap<ObjectKey, Arc<AuthorizationPolicy>>,
     pub namespaces: BTreeMap<String, Arc<Namespace>>,
     pub services: BTreeMap<ObjectKey, Arc<Service>>,
     pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
@@ -78,6 +81,9 @@ impl MeshSnapshot {
                 MeshObject::PeerAuthentication(p) => {
                     snap.peer_authentications.insert(p.key.clone(), p);
                 }
+                MeshObject::AuthorizationPolicy(p) => {
+                    snap.authorization_policies.insert(p.key.clone(), p);
+                }
             }
         }
         snap.derive_endpoints();
@@ -89,6 +95,23 @@ impl MeshSnapshot {
             .get(&(service.clone(), port))
             .map(|e| e.as_slice())
             .unwrap_or_default()
+    }
+
+    /// The AuthorizationPolicies that apply to `workload`: those of its namespace whose
+    /// selector matches it (or that have none), and those of the root namespace.
+    pub fn authorization_policies_for(&self, workload: &Workload) -> Vec<&AuthorizationPolicy> {
+        let root = self.defaults.root_namespace.as_str();
+        self.authorization_policies
+            .values()
+            .filter(|p| {
+                let ns = p.key.namespace.as_str();
+                (ns == workload.key.namespace || ns == root)
+                    && p.selector.as_ref().is_none_or(|sel| {
+                        sel.iter().all(|(k, v)| workload.labels.get(k) == Some(v))
+                    })
+            })
+            .map(|p| &**p)
+            .collect()
     }
 
     /// The mTLS mode of `port` on `workload`: the most specific PeerAuthentication that

@@ -5,11 +5,15 @@
 //! error. Unknown fields are errors: a typo must not silently weaken security.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Deserialize;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::convert::{FieldError, object_key};
+use crate::authz::{self, Action, Cidr, Condition, Operation, Rule, Source, StringMatch};
 use crate::model::{MtlsMode, PeerAuthentication};
 
 pub const GROUP_VERSION: &str = "security.meshd.io/v1alpha1";
@@ -32,7 +36,7 @@ pub struct PeerAuthenticationSpec {
     pub port_level_mtls: Option<BTreeMap<String, MtlsSpec>>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     #[serde(default)]
@@ -102,4 +106,285 @@ pub fn peer_authentication(
         mode,
         port_modes,
     })
+}
+
+/// `security.meshd.io/v1alpha1` AuthorizationPolicy: who may do what to the selected
+/// workloads. Semantics: see [`crate::authz`].
+#[derive(CustomResource, Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "security.meshd.io",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    namespaced,
+    shortname = "ap",
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// ALLOW (default), DENY or AUDIT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleSpec {
+    #[serde(default)]
+    pub from: Vec<FromSpec>,
+    #[serde(default)]
+    pub to: Vec<ToSpec>,
+    #[serde(default)]
+    pub when: Vec<ConditionSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FromSpec {
+    pub source: SourceSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceSpec {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ToSpec {
+    pub operation: OperationSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OperationSpec {
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub not_ports: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConditionSpec {
+    /// `request.headers[<name>]`
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
+}
+
+/// Checks an AuthorizationPolicy and turns it into the model, naming the first wrong
+/// field. `trust_domain` completes principals written without `spiffe://`.
+pub fn authorization_policy(
+    r: &AuthorizationPolicy,
+) -> Result<authz::AuthorizationPolicy, FieldError> {
+    let key = object_key(&r.metadata)?;
+    let spec = &r.spec;
+    let action = match spec.action.as_deref() {
+        None | Some("ALLOW") => Action::Allow,
+        Some("DENY") => Action::Deny,
+        Some("AUDIT") => Action::Audit,
+        Some(other) => {
+            return Err(FieldError::new(
+                "spec.action",
+                format!("{other:?} is not an action: use ALLOW, DENY or AUDIT"),
+            ));
+        }
+    };
+    let selector = spec
+        .selector
+        .as_ref()
+        .map(|s| s.match_labels.clone())
+        .filter(|l| !l.is_empty());
+    let mut rules = Vec::new();
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        if rule.from.is_empty() && rule.to.is_empty() && rule.when.is_empty() {
+            return Err(FieldError::new(
+                at,
+                "an empty rule matches every request; say what it should match \
+                 (e.g. from: [{source: {namespaces: [\"*\"]}}] for any mesh workload)",
+            ));
+        }
+        let mut from = Vec::new();
+        for (j, f) in rule.from.iter().enumerate() {
+            from.push(source(&f.source, &format!("{at}.from[{j}].source"))?);
+        }
+        let mut to = Vec::new();
+        for (j, t) in rule.to.iter().enumerate() {
+            to.push(operation(&t.operation, &format!("{at}.to[{j}].operation"))?);
+        }
+        let mut when = Vec::new();
+        for (j, c) in rule.when.iter().enumerate() {
+            let at = format!("{at}.when[{j}]");
+            let header = c
+                .key
+                .strip_prefix("request.headers[")
+                .and_then(|k| k.strip_suffix(']'))
+                .filter(|k| !k.is_empty())
+                .ok_or_else(|| {
+                    FieldError::new(
+                        format!("{at}.key"),
+                        format!("{:?} is not supported: use request.headers[<name>]", c.key),
+                    )
+                })?;
+            if c.values.is_empty() && c.not_values.is_empty() {
+                return Err(FieldError::new(at, "needs values or notValues"));
+            }
+            when.push(Condition {
+                header: header.to_ascii_lowercase(),
+                values: patterns(&c.values),
+                not_values: patterns(&c.not_values),
+            });
+        }
+        rules.push(Rule { from, to, when });
+    }
+    Ok(authz::AuthorizationPolicy {
+        key,
+        selector,
+        action,
+        rules,
+    })
+}
+
+fn patterns(v: &[String]) -> Vec<StringMatch> {
+    v.iter().map(|s| StringMatch::parse(s)).collect()
+}
+
+fn source(s: &SourceSpec, at: &str) -> Result<Source, FieldError> {
+    let principals = |list: &[String], field: &str| {
+        list.iter()
+            .enumerate()
+            .map(|(k, p)| {
+                principal(p).map_err(|m| FieldError::new(format!("{at}.{field}[{k}]"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let cidrs = |list: &[String], field: &str| {
+        list.iter()
+            .enumerate()
+            .map(|(k, c)| cidr(c).map_err(|m| FieldError::new(format!("{at}.{field}[{k}]"), m)))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let out = Source {
+        principals: principals(&s.principals, "principals")?,
+        not_principals: principals(&s.not_principals, "notPrincipals")?,
+        namespaces: patterns(&s.namespaces),
+        not_namespaces: patterns(&s.not_namespaces),
+        ip_blocks: cidrs(&s.ip_blocks, "ipBlocks")?,
+        not_ip_blocks: cidrs(&s.not_ip_blocks, "notIpBlocks")?,
+    };
+    if out == Source::default() {
+        return Err(FieldError::new(
+            at,
+            "an empty source matches every caller; list what it should match",
+        ));
+    }
+    Ok(out)
+}
+
+/// A principal pattern: a SPIFFE id (`spiffe://td/ns/x/sa/y`, or Istio's form without
+/// the scheme), optionally `prefix*`/`*suffix`, or `*`.
+fn principal(p: &str) -> Result<StringMatch, String> {
+    if p == "*" {
+        return Ok(StringMatch::Any);
+    }
+    let full = if p.starts_with("spiffe://") || p.starts_with('*') {
+        p.to_string()
+    } else {
+        format!("spiffe://{p}")
+    };
+    let pattern = StringMatch::parse(&full);
+    // Check the fixed part against the SPIFFE form where it is complete.
+    if let StringMatch::Exact(id) = &pattern {
+        id.parse::<meshd_ca::SpiffeId>()
+            .map_err(|e| e.to_string())?;
+    } else if let StringMatch::Prefix(pre) = &pattern
+        && !pre.starts_with("spiffe://")
+    {
+        return Err(format!(
+            "{p:?} is not a SPIFFE id pattern (spiffe://<trust-domain>/ns/<ns>/sa/<sa>, prefix* or *suffix)"
+        ));
+    }
+    Ok(pattern)
+}
+
+fn cidr(c: &str) -> Result<Cidr, String> {
+    let bad = || format!("{c:?} is not an IP address or CIDR block");
+    let (addr, len) = match c.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (c, None),
+    };
+    let address: IpAddr = addr.parse().map_err(|_| bad())?;
+    let max = if address.is_ipv4() { 32 } else { 128 };
+    let prefix_len = match len {
+        None => max,
+        Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(bad)?,
+    };
+    Ok(Cidr {
+        address,
+        prefix_len,
+    })
+}
+
+fn operation(o: &OperationSpec, at: &str) -> Result<Operation, FieldError> {
+    let ports = |list: &[String], field: &str| {
+        list.iter()
+            .enumerate()
+            .map(|(k, p)| {
+                p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                    FieldError::new(
+                        format!("{at}.{field}[{k}]"),
+                        format!("{p:?} is not a port number (1-65535)"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let out = Operation {
+        ports: ports(&o.ports, "ports")?,
+        not_ports: ports(&o.not_ports, "notPorts")?,
+        methods: patterns(&o.methods),
+        not_methods: patterns(&o.not_methods),
+        paths: patterns(&o.paths),
+        not_paths: patterns(&o.not_paths),
+        hosts: patterns(&o.hosts),
+        not_hosts: patterns(&o.not_hosts),
+    };
+    if out == Operation::default() {
+        return Err(FieldError::new(
+            at,
+            "an empty operation matches every request; list what it should match",
+        ));
+    }
+    Ok(out)
 }

@@ -126,6 +126,9 @@ fn parse_document(value: serde_yaml::Value) -> Result<MeshObject, (Option<String
         ("discovery.k8s.io/v1", "EndpointSlice") => typed::<discovery::EndpointSlice>(value)
             .and_then(|s| convert::endpoint_slice(&s))
             .map(|s| MeshObject::EndpointSlice(Arc::new(s))),
+        (crd::GROUP_VERSION, "AuthorizationPolicy") => typed::<crd::AuthorizationPolicy>(value)
+            .and_then(|p| crd::authorization_policy(&p))
+            .map(|p| MeshObject::AuthorizationPolicy(Arc::new(p))),
         (crd::GROUP_VERSION, "PeerAuthentication") => {
             typed::<crd::PeerAuthenticationResource>(value)
                 .and_then(|p| crd::peer_authentication(&p))
@@ -135,7 +138,7 @@ fn parse_document(value: serde_yaml::Value) -> Result<MeshObject, (Option<String
             "kind",
             format!(
                 "{api_version} {kind} is not supported here; expected v1 Namespace, Service \
-                 or Pod, discovery.k8s.io/v1 EndpointSlice, or {} PeerAuthentication",
+                 or Pod, discovery.k8s.io/v1 EndpointSlice, or {} PeerAuthentication and AuthorizationPolicy",
                 crd::GROUP_VERSION
             ),
         )),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::resources::{ProxyResources, Resource, ResourceType};
-use super::translate;
+use super::{rbac, translate};
 use crate::model::snapshot::{Endpoint, ServicePortKey};
 use meshd_ca::SpiffeId;
 
@@ -117,6 +117,7 @@ impl XdsSnapshot {
     pub fn proxy_resources(&self, workload: &ObjectKey) -> Option<(ProxyView, ProxyResources)> {
         let mut view = ProxyView::build(&self.mesh, workload)?;
         let mut out = ProxyResources::default();
+        let policies = self.mesh.authorization_policies_for(&view.workload);
         match view.workload.address {
             Some(address) => {
                 for inbound in &view.inbound {
@@ -128,11 +129,12 @@ impl XdsSnapshot {
                             &translate::inbound_cluster(inbound, app_port),
                         ),
                     );
+                    let rbac = rbac::compile(&policies, inbound.protocol.is_http());
                     out.insert(
                         ResourceType::Listener,
                         Resource::encode(
                             translate::inbound_listener_name(address, inbound.port),
-                            &translate::inbound_listener(address, inbound),
+                            &translate::inbound_listener(address, inbound, &rbac),
                         ),
                     );
                 }

@@ -8,6 +8,7 @@
 pub mod cache;
 mod delta;
 pub mod node;
+pub mod rbac;
 pub mod resources;
 pub mod server;
 mod sotw;

@@ -59,6 +59,7 @@ use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration, Struct, Value,
 use meshd_ca::{IssuedCertificate, SpiffeId, TrustBundle};
 use prost::{Message, Name};
 
+use super::rbac::PortRbac;
 use crate::model::proxy_view::Outbound;
 use crate::model::snapshot::{Endpoint, InboundPort};
 use crate::model::{MtlsMode, Service, ServicePort};
@@ -196,11 +197,11 @@ pub fn inbound_cluster(inbound: &InboundPort, app_port: u16) -> Cluster {
     cluster
 }
 
-/// The listener on the workload's own address for one inbound port.
-pub fn inbound_listener(address: IpAddr, inbound: &InboundPort) -> Listener {
+/// The listener on the workload's own address for one inbound port, enforcing `rbac`.
+pub fn inbound_listener(address: IpAddr, inbound: &InboundPort, rbac: &PortRbac) -> Listener {
     let name = inbound_listener_name(address, inbound.port);
     let cluster = inbound_cluster_name(inbound.port);
-    let filter = if inbound.protocol.is_http() {
+    let filters = if inbound.protocol.is_http() {
         let inline = RouteConfiguration {
             name: name.clone(),
             virtual_hosts: vec![VirtualHost {
@@ -211,19 +212,38 @@ pub fn inbound_listener(address: IpAddr, inbound: &InboundPort) -> Listener {
             }],
             ..Default::default()
         };
-        http_filter_chain_filter(
+        let rbac_filters = rbac
+            .http_filters()
+            .iter()
+            .map(|r| HttpFilter {
+                name: "envoy.filters.http.rbac".to_string(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(any(r))),
+                ..Default::default()
+            })
+            .collect();
+        vec![http_filter_chain_filter(
             &name,
             http_connection_manager::RouteSpecifier::RouteConfig(inline),
-        )
+            rbac_filters,
+        )]
     } else {
-        tcp_proxy_filter(&name, &cluster)
+        let mut filters: Vec<Filter> = rbac
+            .network_filters(&name)
+            .iter()
+            .map(|r| Filter {
+                name: "envoy.filters.network.rbac".to_string(),
+                config_type: Some(filter::ConfigType::TypedConfig(any(r))),
+            })
+            .collect();
+        filters.push(tcp_proxy_filter(&name, &cluster));
+        filters
     };
     let chain = |transport_protocol: &str, tls: bool| FilterChain {
         filter_chain_match: (!transport_protocol.is_empty()).then(|| FilterChainMatch {
             transport_protocol: transport_protocol.to_string(),
             ..Default::default()
         }),
-        filters: vec![filter.clone()],
+        filters: filters.clone(),
         transport_socket: tls.then(downstream_mtls),
         ..Default::default()
     };
@@ -263,6 +283,7 @@ pub fn outbound_listener(out: &Outbound) -> Listener {
                 config_source: Some(ads()),
                 route_config_name: cluster,
             }),
+            Vec::new(),
         )
     } else {
         tcp_proxy_filter(&name, &cluster)
@@ -404,26 +425,81 @@ fn tls_socket(config: Any) -> TransportSocket {
     }
 }
 
+/// Header naming the rule that denied a request (`…matched_policy[<ns>/<name>#<rule>]`,
+/// or `[none]` when no ALLOW rule matched).
+pub const DENIED_BY_HEADER: &str = "x-meshd-denied-by";
+
 fn http_filter_chain_filter(
     stat_prefix: &str,
     routes: http_connection_manager::RouteSpecifier,
+    mut http_filters: Vec<HttpFilter>,
 ) -> Filter {
+    let explain_denials = !http_filters.is_empty();
+    http_filters.push(HttpFilter {
+        name: "envoy.filters.http.router".to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(
+            any(&Router::default()),
+        )),
+        ..Default::default()
+    });
     let hcm = HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         route_specifier: Some(routes),
-        http_filters: vec![HttpFilter {
-            name: "envoy.filters.http.router".to_string(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(
-                any(&Router::default()),
-            )),
-            ..Default::default()
-        }],
+        http_filters,
         access_log: vec![stdout_access_log()],
+        local_reply_config: explain_denials.then(denial_reply),
         ..Default::default()
     };
     Filter {
         name: "envoy.filters.network.http_connection_manager".to_string(),
         config_type: Some(filter::ConfigType::TypedConfig(any(&hcm))),
+    }
+}
+
+/// Local 403s (RBAC denials) say which rule denied them, in a header and the body.
+fn denial_reply() -> envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::LocalReplyConfig{
+    use envoy_types::pb::envoy::config::accesslog::v3::{
+        AccessLogFilter, ComparisonFilter, StatusCodeFilter, access_log_filter, comparison_filter,
+    };
+    use envoy_types::pb::envoy::config::core::v3::{
+        HeaderValue, HeaderValueOption, RuntimeUInt32, SubstitutionFormatString,
+        header_value_option, substitution_format_string,
+    };
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::ResponseMapper;
+    envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::LocalReplyConfig {
+        mappers: vec![ResponseMapper {
+            filter: Some(AccessLogFilter {
+                filter_specifier: Some(access_log_filter::FilterSpecifier::StatusCodeFilter(
+                    StatusCodeFilter {
+                        comparison: Some(ComparisonFilter {
+                            op: comparison_filter::Op::Eq as i32,
+                            value: Some(RuntimeUInt32 {
+                                default_value: 403,
+                                runtime_key: "meshd.denial_status".to_string(),
+                            }),
+                        }),
+                    },
+                )),
+            }),
+            body_format_override: Some(SubstitutionFormatString {
+                format: Some(substitution_format_string::Format::TextFormatSource(inline(
+                    "access denied by meshd authorization: %RESPONSE_CODE_DETAILS%\n",
+                ))),
+                ..Default::default()
+            }),
+            headers_to_add: vec![HeaderValueOption {
+                header: Some(HeaderValue {
+                    key: DENIED_BY_HEADER.to_string(),
+                    value: "%RESPONSE_CODE_DETAILS%".to_string(),
+                    ..Default::default()
+                }),
+                append_action: header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd
+                    as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,325 @@
+//! AuthorizationPolicies → Envoy RBAC filters for one inbound port.
+//!
+//! Per port: a DENY filter (every DENY rule), then an ALLOW filter (every ALLOW rule; only
+//! if some ALLOW policy selects the workload — with none, everything is allowed), and
+//! AUDIT rules as shadow rules of their own filter, which never enforce. Each rule is
+//! an Envoy policy named `<namespace>/<name>#<rule>`, so Envoy's response details and
+//! stats name the rule that denied a request. Semantics: [`crate::authz`].
+
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::config::core::v3::CidrRange;
+use envoy_types::pb::envoy::config::rbac::v3::{
+    Permission, Policy, Principal, Rbac, permission, principal, rbac,
+};
+use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    PathMatcher, StringMatcher, path_matcher, string_matcher,
+};
+use envoy_types::pb::google::protobuf::UInt32Value;
+
+use crate::authz::{Action, AuthorizationPolicy, Cidr, Operation, Rule, Source, StringMatch};
+
+/// The RBAC stages of one inbound port, in the order they run.
+#[derive(Debug, Default)]
+pub struct PortRbac {
+    pub deny: Option<Rbac>,
+    pub allow: Option<Rbac>,
+    pub audit: Option<Rbac>,
+}
+
+/// Compiles the policies that select a workload for one of its ports.
+pub fn compile(policies: &[&AuthorizationPolicy], http: bool) -> PortRbac {
+    let stage = |action: Action| {
+        let selected: Vec<_> = policies.iter().filter(|p| p.action == action).collect();
+        if selected.is_empty() {
+            return None;
+        }
+        let mut rules = HashMap::new();
+        for p in selected {
+            for (i, rule) in p.rules.iter().enumerate() {
+                if let Some(policy) = compile_rule(rule, action, http) {
+                    rules.insert(p.rule_id(i), policy);
+                }
+            }
+        }
+        Some(Rbac {
+            action: match action {
+                Action::Deny => rbac::Action::Deny,
+                Action::Allow => rbac::Action::Allow,
+                Action::Audit => rbac::Action::Log,
+            } as i32,
+            policies: rules,
+            ..Default::default()
+        })
+    };
+    PortRbac {
+        deny: stage(Action::Deny),
+        allow: stage(Action::Allow),
+        audit: stage(Action::Audit),
+    }
+}
+
+impl PortRbac {
+    /// The HTTP filters (before the router).
+    pub fn http_filters(&self) -> Vec<HttpRbac> {
+        let mut out = Vec::new();
+        for rules in [&self.deny, &self.allow].into_iter().flatten() {
+            out.push(HttpRbac {
+                rules: Some(rules.clone()),
+                ..Default::default()
+            });
+        }
+        if let Some(audit) = &self.audit {
+            out.push(HttpRbac {
+                shadow_rules: Some(audit.clone()),
+                shadow_rules_stat_prefix: "audit_".to_string(),
+                ..Default::default()
+            });
+        }
+        out
+    }
+
+    /// The network filters (before the TCP proxy).
+    pub fn network_filters(&self, stat_prefix: &str) -> Vec<NetworkRbac> {
+        let mut out = Vec::new();
+        for rules in [&self.deny, &self.allow].into_iter().flatten() {
+            out.push(NetworkRbac {
+                rules: Some(rules.clone()),
+                stat_prefix: stat_prefix.to_string(),
+                ..Default::default()
+            });
+        }
+        if let Some(audit) = &self.audit {
+            out.push(NetworkRbac {
+                shadow_rules: Some(audit.clone()),
+                shadow_rules_stat_prefix: "audit_".to_string(),
+                stat_prefix: stat_prefix.to_string(),
+                ..Default::default()
+            });
+        }
+        out
+    }
+}
+
+/// One rule as an Envoy policy, or `None` if it can never match here (an ALLOW rule
+/// that needs HTTP, on a TCP port).
+fn compile_rule(rule: &Rule, action: Action, http: bool) -> Option<Policy> {
+    if !http && action == Action::Allow && rule.uses_http_fields() {
+        return None;
+    }
+    // On TCP a DENY (or AUDIT) rule keeps only what TCP can check: it denies more.
+    let mut perms = Vec::new();
+    if !rule.to.is_empty() {
+        perms.push(or_rules(
+            rule.to.iter().map(|o| operation(o, http)).collect(),
+        ));
+    }
+    if http {
+        for c in &rule.when {
+            perms.push(or_rules(
+                c.values.iter().map(|v| header(&c.header, v)).collect(),
+            ));
+            if !c.not_values.is_empty() {
+                perms.push(not_rule(or_rules(
+                    c.not_values.iter().map(|v| header(&c.header, v)).collect(),
+                )));
+            }
+        }
+    }
+    let principal = if rule.from.is_empty() {
+        any_id()
+    } else {
+        or_ids(rule.from.iter().map(source).collect())
+    };
+    Some(Policy {
+        permissions: vec![and_rules(perms)],
+        principals: vec![principal],
+        ..Default::default()
+    })
+}
+
+fn operation(o: &Operation, http: bool) -> Permission {
+    let mut all = Vec::new();
+    let port = |p: &u16| Permission {
+        rule: Some(permission::Rule::DestinationPort(u32::from(*p))),
+    };
+    push_either(&mut all, o.ports.iter().map(port).collect(), false);
+    push_either(&mut all, o.not_ports.iter().map(port).collect(), true);
+    if http {
+        let method = |m: &StringMatch| header(":method", m);
+        let path = |p: &StringMatch| Permission {
+            rule: Some(permission::Rule::UrlPath(PathMatcher {
+                rule: Some(path_matcher::Rule::Path(string_matcher(p, false))),
+            })),
+        };
+        let host = |h: &StringMatch| header_ci(":authority", h);
+        push_either(&mut all, o.methods.iter().map(method).collect(), false);
+        push_either(&mut all, o.not_methods.iter().map(method).collect(), true);
+        push_either(&mut all, o.paths.iter().map(path).collect(), false);
+        push_either(&mut all, o.not_paths.iter().map(path).collect(), true);
+        push_either(&mut all, o.hosts.iter().map(host).collect(), false);
+        push_either(&mut all, o.not_hosts.iter().map(host).collect(), true);
+    }
+    and_rules(all)
+}
+
+/// Adds `any of list` (or `none of list` when `negate`) if the list is not empty.
+fn push_either(all: &mut Vec<Permission>, list: Vec<Permission>, negate: bool) {
+    if list.is_empty() {
+        return;
+    }
+    let any = or_rules(list);
+    all.push(if negate { not_rule(any) } else { any });
+}
+
+fn source(s: &Source) -> Principal {
+    let mut all = Vec::new();
+    let mut either = |list: Vec<Principal>, negate: bool| {
+        if list.is_empty() {
+            return;
+        }
+        let any = or_ids(list);
+        all.push(if negate {
+            Principal {
+                identifier: Some(principal::Identifier::NotId(Box::new(any))),
+            }
+        } else {
+            any
+        });
+    };
+    either(s.principals.iter().map(peer).collect(), false);
+    either(s.not_principals.iter().map(peer).collect(), true);
+    either(s.namespaces.iter().map(namespace).collect(), false);
+    either(s.not_namespaces.iter().map(namespace).collect(), true);
+    either(s.ip_blocks.iter().map(ip_block).collect(), false);
+    either(s.not_ip_blocks.iter().map(ip_block).collect(), true);
+    match all.len() {
+        0 => any_id(),
+        1 => all.pop().expect("one"),
+        _ => Principal {
+            identifier: Some(principal::Identifier::AndIds(principal::Set { ids: all })),
+        },
+    }
+}
+
+/// The peer's certificate URI SAN matches `m` (a SPIFFE id pattern).
+fn peer(m: &StringMatch) -> Principal {
+    authenticated(string_matcher(m, false))
+}
+
+/// The peer's SPIFFE id is in a namespace matching `m`: `.../ns/<namespace>/sa/...`.
+fn namespace(m: &StringMatch) -> Principal {
+    let contains = |s: String| StringMatcher {
+        match_pattern: Some(string_matcher::MatchPattern::Contains(s)),
+        ..Default::default()
+    };
+    match m {
+        StringMatch::Any => authenticated(contains("/ns/".into())),
+        StringMatch::Exact(ns) => authenticated(contains(format!("/ns/{ns}/sa/"))),
+        StringMatch::Prefix(p) => authenticated(contains(format!("/ns/{p}"))),
+        StringMatch::Suffix(s) => authenticated(contains(format!("{s}/sa/"))),
+    }
+}
+
+fn authenticated(m: StringMatcher) -> Principal {
+    Principal {
+        identifier: Some(principal::Identifier::Authenticated(
+            principal::Authenticated {
+                principal_name: Some(m),
+            },
+        )),
+    }
+}
+
+fn ip_block(c: &Cidr) -> Principal {
+    Principal {
+        identifier: Some(principal::Identifier::DirectRemoteIp(CidrRange {
+            address_prefix: c.address.to_string(),
+            prefix_len: Some(UInt32Value {
+                value: u32::from(c.prefix_len),
+            }),
+        })),
+    }
+}
+
+fn header(name: &str, m: &StringMatch) -> Permission {
+    header_matcher(name, m, false)
+}
+
+fn header_ci(name: &str, m: &StringMatch) -> Permission {
+    header_matcher(name, m, true)
+}
+
+fn header_matcher(name: &str, m: &StringMatch, ignore_case: bool) -> Permission {
+    let specifier = match m {
+        StringMatch::Any => header_matcher::HeaderMatchSpecifier::PresentMatch(true),
+        _ => header_matcher::HeaderMatchSpecifier::StringMatch(string_matcher(m, ignore_case)),
+    };
+    Permission {
+        rule: Some(permission::Rule::Header(HeaderMatcher {
+            name: name.to_string(),
+            header_match_specifier: Some(specifier),
+            ..Default::default()
+        })),
+    }
+}
+
+fn string_matcher(m: &StringMatch, ignore_case: bool) -> StringMatcher {
+    use string_matcher::MatchPattern;
+    let pattern = match m {
+        // Envoy has no "any" string matcher; an empty prefix matches every value.
+        StringMatch::Any => MatchPattern::Prefix(String::new()),
+        StringMatch::Exact(s) => MatchPattern::Exact(s.clone()),
+        StringMatch::Prefix(s) => MatchPattern::Prefix(s.clone()),
+        StringMatch::Suffix(s) => MatchPattern::Suffix(s.clone()),
+    };
+    StringMatcher {
+        match_pattern: Some(pattern),
+        ignore_case,
+    }
+}
+
+fn and_rules(mut rules: Vec<Permission>) -> Permission {
+    match rules.len() {
+        0 => Permission {
+            rule: Some(permission::Rule::Any(true)),
+        },
+        1 => rules.pop().expect("one"),
+        _ => Permission {
+            rule: Some(permission::Rule::AndRules(permission::Set { rules })),
+        },
+    }
+}
+
+fn or_rules(mut rules: Vec<Permission>) -> Permission {
+    match rules.len() {
+        1 => rules.pop().expect("one"),
+        _ => Permission {
+            rule: Some(permission::Rule::OrRules(permission::Set { rules })),
+        },
+    }
+}
+
+fn not_rule(p: Permission) -> Permission {
+    Permission {
+        rule: Some(permission::Rule::NotRule(Box::new(p))),
+    }
+}
+
+fn or_ids(mut ids: Vec<Principal>) -> Principal {
+    match ids.len() {
+        1 => ids.pop().expect("one"),
+        _ => Principal {
+            identifier: Some(principal::Identifier::OrIds(principal::Set { ids })),
+        },
+    }
+}
+
+fn any_id() -> Principal {
+    Principal {
+        identifier: Some(principal::Identifier::Any(true)),
+    }
+}
