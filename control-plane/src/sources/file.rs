@@ -472,4 +472,35 @@ status: {podIP: 10.0.0.1}
             assert!(e.message.contains(says), "{e}");
         }
     }
+
+    #[test]
+    fn authorization_policies_parse_and_bad_ones_name_the_field() {
+        let good = "apiVersion: security.meshd.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n    - from: [{source: {principals: [\"cluster.local/ns/shop/sa/client\"], ipBlocks: [\"10.0.0.0/8\"]}}]\n      to: [{operation: {methods: [POST], paths: [\"/admin*\"], ports: [\"8080\"]}}]\n      when: [{key: \"request.headers[X-Env]\", values: [prod]}]\n";
+        let objs = parse_file(&p(), good).unwrap();
+        let MeshObject::AuthorizationPolicy(ap) = &objs[0] else {
+            panic!("{objs:?}")
+        };
+        assert_eq!(ap.action, crate::authz::Action::Deny);
+        assert_eq!(ap.rule_id(0), "shop/web#0");
+        assert_eq!(ap.rules[0].when[0].header, "x-env");
+        assert_eq!(
+            ap.rules[0].from[0].principals[0],
+            crate::authz::StringMatch::Exact("spiffe://cluster.local/ns/shop/sa/client".into())
+        );
+        for (bad, field, says) in [
+            (good.replace("action: DENY", "action: BLOCK"), "spec.action", "is not an action"),
+            (good.replace("10.0.0.0/8", "10.0.0.0/33"), "spec.rules[0].from[0].source.ipBlocks[0]", "CIDR"),
+            (good.replace("cluster.local/ns/shop/sa/client", "web"), "spec.rules[0].from[0].source.principals[0]", "SPIFFE"),
+            (good.replace("request.headers[X-Env]", "source.ip"), "spec.rules[0].when[0].key", "request.headers"),
+            (good.replace("\"8080\"", "\"http\""), "spec.rules[0].to[0].operation.ports[0]", "port number"),
+            (good.replace("source: {principals: [\"cluster.local/ns/shop/sa/client\"], ipBlocks: [\"10.0.0.0/8\"]}", "source: {}"), "spec.rules[0].from[0].source", "matches every caller"),
+            (format!("{}    - {{}}\n", good), "spec.rules[1]", "an empty rule matches every request"),
+        ] {
+            let errs = parse_file(&p(), &bad).unwrap_err();
+            let e = &errs[0];
+            assert_eq!(e.object.as_deref(), Some("AuthorizationPolicy shop/web"));
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+    }
 }

@@ -323,3 +323,61 @@ fn any_id() -> Principal {
         identifier: Some(principal::Identifier::Any(true)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ObjectKey;
+
+    fn policy(action: Action, op: Operation) -> AuthorizationPolicy {
+        AuthorizationPolicy {
+            key: ObjectKey::new("shop", "p"),
+            selector: None,
+            action,
+            rules: vec![Rule {
+                from: vec![],
+                to: vec![op],
+                when: vec![],
+            }],
+        }
+    }
+
+    fn get_admin() -> Operation {
+        Operation {
+            methods: vec![StringMatch::Exact("GET".into())],
+            paths: vec![StringMatch::Prefix("/admin".into())],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn http_only_rules_on_tcp_fail_closed() {
+        // ALLOW that needs HTTP never matches on TCP: the policy exists but is empty,
+        // so the ALLOW stage denies everything.
+        let allow = policy(Action::Allow, get_admin());
+        let tcp = compile(&[&allow], false);
+        assert!(tcp.allow.as_ref().unwrap().policies.is_empty());
+        let http = compile(&[&allow], true);
+        assert_eq!(http.allow.as_ref().unwrap().policies.len(), 1);
+
+        // DENY that uses HTTP fields still denies on TCP, without them: any request.
+        let deny = policy(Action::Deny, get_admin());
+        let tcp = compile(&[&deny], false);
+        let rule = &tcp.deny.as_ref().unwrap().policies["shop/p#0"];
+        assert_eq!(
+            rule.permissions[0].rule,
+            Some(permission::Rule::Any(true)),
+            "{rule:?}"
+        );
+        assert!(tcp.allow.is_none(), "no ALLOW policy, no ALLOW stage");
+    }
+
+    #[test]
+    fn audit_rules_never_enforce() {
+        let audit = policy(Action::Audit, get_admin());
+        let c = compile(&[&audit], true);
+        let filters = c.http_filters();
+        assert_eq!(filters.len(), 1);
+        assert!(filters[0].rules.is_none() && filters[0].shadow_rules.is_some());
+    }
+}
