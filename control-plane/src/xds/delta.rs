@@ -12,12 +12,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as DeltaResource,
 };
-use futures::StreamExt;
 use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::resources::ResourceType;
-use super::server::{ProxyConn, StreamContext, log_stream_end};
+use envoy_types::pb::envoy::config::core::v3::Node;
+
+use super::server::{ProxyConn, StreamFlavor};
 use super::status::{Nack, XdsFlavor, now_rfc3339};
 
 #[derive(Debug, Default)]
@@ -33,83 +34,31 @@ struct TypeState {
 
 type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
 
-pub(crate) async fn run(
-    mut ctx: StreamContext,
-    mut requests: Streaming<DeltaDiscoveryRequest>,
-    tx: Tx,
-) {
-    let first = match requests.next().await {
-        Some(Ok(r)) => r,
-        Some(Err(e)) => return log_stream_end(None, &e.to_string()),
-        None => return log_stream_end(None, "closed by the client"),
-    };
-    let id = match ctx.identify(first.node.as_ref()) {
-        Ok(id) => id,
-        Err(status) => {
-            let _ = tx.send(Err(status)).await;
-            return;
-        }
-    };
-    let mut stream = DeltaStream {
-        conn: ProxyConn::connect(&mut ctx, id, XdsFlavor::Delta),
-        types: BTreeMap::new(),
-        tx,
-    };
-    let reason = stream.serve(ctx, first, requests).await;
-    log_stream_end(Some(&stream.conn.id), &reason);
-}
-
-struct DeltaStream {
+pub(crate) struct DeltaStream {
     conn: ProxyConn,
     types: BTreeMap<ResourceType, TypeState>,
     tx: Tx,
 }
 
-impl DeltaStream {
-    async fn serve(
-        &mut self,
-        mut ctx: StreamContext,
-        first: DeltaDiscoveryRequest,
-        mut requests: Streaming<DeltaDiscoveryRequest>,
-    ) -> String {
-        let mut cert_changes = ctx.certs.changes();
-        if let Err(e) = self.on_request(first).await {
-            return e;
+impl StreamFlavor for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const FLAVOR: XdsFlavor = XdsFlavor::Delta;
+
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    fn new(conn: ProxyConn, tx: Tx) -> Self {
+        DeltaStream {
+            conn,
+            types: BTreeMap::new(),
+            tx,
         }
-        loop {
-            tokio::select! {
-                req = requests.next() => match req {
-                    Some(Ok(req)) => {
-                        if let Err(e) = self.on_request(req).await {
-                            return e;
-                        }
-                    }
-                    Some(Err(status)) => return format!("stream error: {}", status.message()),
-                    None => return "closed by the proxy".to_string(),
-                },
-                changed = ctx.snapshots.changed() => {
-                    if changed.is_err() {
-                        return "meshd is shutting down".to_string();
-                    }
-                    let snapshot = ctx.snapshots.borrow_and_update().clone();
-                    self.conn.refresh(snapshot);
-                    for t in ResourceType::PUSH_ORDER {
-                        if let Err(e) = self.respond(t).await {
-                            return e;
-                        }
-                    }
-                }
-                _ = cert_changes.changed() => {
-                    cert_changes.borrow_and_update();
-                    self.conn.refresh_secrets(&ctx.certs);
-                    for t in ResourceType::PUSH_ORDER {
-                        if let Err(e) = self.respond(t).await {
-                            return e;
-                        }
-                    }
-                }
-            }
-        }
+    }
+
+    fn conn(&mut self) -> &mut ProxyConn {
+        &mut self.conn
     }
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), String> {

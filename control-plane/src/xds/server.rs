@@ -83,7 +83,7 @@ impl AggregatedDiscoveryService for AdsServer {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ctx = self.context(&request);
-        tokio::spawn(sotw::run(ctx, request.into_inner(), tx));
+        tokio::spawn(run::<sotw::SotwStream>(ctx, request.into_inner(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -93,7 +93,7 @@ impl AggregatedDiscoveryService for AdsServer {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ctx = self.context(&request);
-        tokio::spawn(delta::run(ctx, request.into_inner(), tx));
+        tokio::spawn(run::<delta::DeltaStream>(ctx, request.into_inner(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -248,6 +248,101 @@ impl ProxyConn {
                 s.unknown_type_urls.push(type_url.to_string());
             }
         });
+    }
+}
+
+/// One xDS flavour's protocol state machine; [`run`] drives it.
+pub(crate) trait StreamFlavor: Sized + Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    const FLAVOR: XdsFlavor;
+
+    fn node(req: &Self::Request) -> Option<&Node>;
+    fn new(conn: ProxyConn, tx: mpsc::Sender<Result<Self::Response, Status>>) -> Self;
+    fn conn(&mut self) -> &mut ProxyConn;
+    /// Handles one request (ACK/NACK bookkeeping, subscriptions) and answers it.
+    fn on_request(
+        &mut self,
+        req: Self::Request,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    /// Sends type `t` if the proxy's view of it is out of date.
+    fn respond(
+        &mut self,
+        t: ResourceType,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+}
+
+/// A stream's whole life: identify the proxy from its first request, then serve its
+/// requests, new snapshots and new certificates until it ends.
+async fn run<F: StreamFlavor>(
+    mut ctx: StreamContext,
+    mut requests: Streaming<F::Request>,
+    tx: mpsc::Sender<Result<F::Response, Status>>,
+) where
+    Streaming<F::Request>: futures::Stream<Item = Result<F::Request, Status>> + Unpin,
+{
+    use futures::StreamExt;
+    let first = match requests.next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return log_stream_end(None, e.message()),
+        None => return log_stream_end(None, "closed by the client"),
+    };
+    let id = match ctx.identify(F::node(&first)) {
+        Ok(id) => id,
+        Err(status) => {
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+    };
+    let mut stream = F::new(ProxyConn::connect(&mut ctx, id, F::FLAVOR), tx);
+    let reason = serve(&mut stream, ctx, first, requests).await;
+    log_stream_end(Some(&stream.conn().id), &reason);
+}
+
+/// Serves until the stream ends; returns why it ended.
+async fn serve<F: StreamFlavor>(
+    stream: &mut F,
+    mut ctx: StreamContext,
+    first: F::Request,
+    mut requests: Streaming<F::Request>,
+) -> String
+where
+    Streaming<F::Request>: futures::Stream<Item = Result<F::Request, Status>> + Unpin,
+{
+    use futures::StreamExt;
+    let mut cert_changes = ctx.certs.changes();
+    if let Err(e) = stream.on_request(first).await {
+        return e;
+    }
+    loop {
+        tokio::select! {
+            req = requests.next() => match req {
+                Some(Ok(req)) => {
+                    if let Err(e) = stream.on_request(req).await {
+                        return e;
+                    }
+                    continue;
+                }
+                Some(Err(status)) => return format!("stream error: {}", status.message()),
+                None => return "closed by the proxy".to_string(),
+            },
+            changed = ctx.snapshots.changed() => {
+                if changed.is_err() {
+                    return "meshd is shutting down".to_string();
+                }
+                let snapshot = ctx.snapshots.borrow_and_update().clone();
+                stream.conn().refresh(snapshot);
+            }
+            _ = cert_changes.changed() => {
+                cert_changes.borrow_and_update();
+                stream.conn().refresh_secrets(&ctx.certs);
+            }
+        }
+        for t in ResourceType::PUSH_ORDER {
+            if let Err(e) = stream.respond(t).await {
+                return e;
+            }
+        }
     }
 }
 

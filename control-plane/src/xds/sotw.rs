@@ -11,12 +11,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use futures::StreamExt;
 use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::resources::{ResourceType, set_version};
-use super::server::{ProxyConn, StreamContext, log_stream_end};
+use envoy_types::pb::envoy::config::core::v3::Node;
+
+use super::server::{ProxyConn, StreamFlavor};
 use super::status::{Nack, XdsFlavor, now_rfc3339};
 
 #[derive(Debug)]
@@ -39,80 +40,31 @@ struct TypeState {
 
 type Tx = mpsc::Sender<Result<DiscoveryResponse, Status>>;
 
-pub(crate) async fn run(mut ctx: StreamContext, mut requests: Streaming<DiscoveryRequest>, tx: Tx) {
-    let first = match requests.next().await {
-        Some(Ok(r)) => r,
-        Some(Err(e)) => return log_stream_end(None, &e.to_string()),
-        None => return log_stream_end(None, "closed by the client"),
-    };
-    let id = match ctx.identify(first.node.as_ref()) {
-        Ok(id) => id,
-        Err(status) => {
-            let _ = tx.send(Err(status)).await;
-            return;
-        }
-    };
-    let mut stream = SotwStream {
-        conn: ProxyConn::connect(&mut ctx, id, XdsFlavor::Sotw),
-        types: BTreeMap::new(),
-        tx,
-    };
-    let reason = stream.serve(ctx, first, requests).await;
-    log_stream_end(Some(&stream.conn.id), &reason);
-}
-
-struct SotwStream {
+pub(crate) struct SotwStream {
     conn: ProxyConn,
     types: BTreeMap<ResourceType, TypeState>,
     tx: Tx,
 }
 
-impl SotwStream {
-    /// Serves until the stream ends; returns why it ended.
-    async fn serve(
-        &mut self,
-        mut ctx: StreamContext,
-        first: DiscoveryRequest,
-        mut requests: Streaming<DiscoveryRequest>,
-    ) -> String {
-        let mut cert_changes = ctx.certs.changes();
-        if let Err(e) = self.on_request(first).await {
-            return e;
+impl StreamFlavor for SotwStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const FLAVOR: XdsFlavor = XdsFlavor::Sotw;
+
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    fn new(conn: ProxyConn, tx: Tx) -> Self {
+        SotwStream {
+            conn,
+            types: BTreeMap::new(),
+            tx,
         }
-        loop {
-            tokio::select! {
-                req = requests.next() => match req {
-                    Some(Ok(req)) => {
-                        if let Err(e) = self.on_request(req).await {
-                            return e;
-                        }
-                    }
-                    Some(Err(status)) => return format!("stream error: {}", status.message()),
-                    None => return "closed by the proxy".to_string(),
-                },
-                changed = ctx.snapshots.changed() => {
-                    if changed.is_err() {
-                        return "meshd is shutting down".to_string();
-                    }
-                    let snapshot = ctx.snapshots.borrow_and_update().clone();
-                    self.conn.refresh(snapshot);
-                    for t in ResourceType::PUSH_ORDER {
-                        if let Err(e) = self.respond(t).await {
-                            return e;
-                        }
-                    }
-                }
-                _ = cert_changes.changed() => {
-                    cert_changes.borrow_and_update();
-                    self.conn.refresh_secrets(&ctx.certs);
-                    for t in ResourceType::PUSH_ORDER {
-                        if let Err(e) = self.respond(t).await {
-                            return e;
-                        }
-                    }
-                }
-            }
-        }
+    }
+
+    fn conn(&mut self) -> &mut ProxyConn {
+        &mut self.conn
     }
 
     async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), String> {
