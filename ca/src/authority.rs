@@ -197,11 +197,6 @@ impl Authority {
         self
     }
 
-    /// The root this authority's certificates chain up to (first in the bundle).
-    pub fn signing_root(&self) -> &str {
-        &self.bundle.roots[0]
-    }
-
     pub fn trust_bundle(&self) -> &TrustBundle {
         &self.bundle
     }

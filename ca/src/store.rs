@@ -113,8 +113,20 @@ pub fn promote_next_root(dir: &Path) -> Result<(), CaError> {
 }
 
 fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), CaError> {
+    write_file(path, text, mode, false)
+}
+
+/// Writes PEM material with `mode` (0600 for keys). `replace` allows overwriting an
+/// existing file, whose mode is then reset too; without it an existing file is an error
+/// (two processes racing to create a root must not overwrite each other).
+pub fn write_file(path: &Path, text: &str, mode: u32, replace: bool) -> Result<(), CaError> {
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
+    opts.write(true);
+    if replace {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
     #[cfg(not(unix))]
@@ -122,6 +134,13 @@ fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), CaError> {
     let mut f = opts
         .open(path)
         .map_err(|e| CaError::file(path, format!("cannot create: {e}")))?;
+    // An existing file keeps its old mode on open; make sure a key stays private.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| CaError::file(path, format!("cannot set mode {mode:o}: {e}")))?;
+    }
     f.write_all(text.as_bytes())
         .and_then(|_| f.sync_all())
         .map_err(|e| CaError::file(path, format!("cannot write: {e}")))

@@ -251,9 +251,11 @@ async fn a_proxy_claiming_another_identity_gets_no_config_and_no_secret() -> any
     // Only its own identity's secrets ever, and no config of web-1.
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
     use prost::Message;
+    let mut own_certificates = 0;
     for any in &r.resources {
         let s = Secret::decode(any.value.as_slice())?;
         if let Some(secret::Type::TlsCertificate(t)) = s.r#type {
+            own_certificates += 1;
             let chain = match t.certificate_chain.and_then(|d| d.specifier) {
                 Some(
                     envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineString(
@@ -267,6 +269,10 @@ async fn a_proxy_claiming_another_identity_gets_no_config_and_no_secret() -> any
             assert_eq!(info.uri_sans, ["spiffe://cluster.local/ns/shop/sa/client"]);
         }
     }
+    assert_eq!(
+        own_certificates, 1,
+        "exactly its own identity's certificate"
+    );
     let mut lds = SotwClient::connect(m.meshd.xds_addr, &client_cert).await?;
     let listeners = "type.googleapis.com/envoy.config.listener.v3.Listener";
     lds.request(Some(node(NS, "web-1", "client")), listeners, &[], None)

@@ -56,7 +56,7 @@ async fn http_and_tcp_flow(flavor: XdsFlavor) -> anyhow::Result<()> {
     let meshd = Meshd::start(mesh.path()).await?;
     let web_sidecar = Sidecar::for_pod(&meshd, &web, flavor).await?;
     let db_sidecar = Sidecar::for_pod(&meshd, &db, flavor).await?;
-    let client_sidecar = Sidecar::for_pod(&meshd, &client, flavor).await?;
+    let _client_sidecar = Sidecar::for_pod(&meshd, &client, flavor).await?;
 
     let reply = eventually("HTTP through both sidecars", WAIT, || async {
         let r = http_get(client.outbound(0), "/hello").await?;
@@ -96,7 +96,6 @@ async fn http_and_tcp_flow(flavor: XdsFlavor) -> anyhow::Result<()> {
         let status = meshd.wait_synced(node, snap.version).await?;
         assert_eq!(status.flavor, flavor);
     }
-    drop(client_sidecar);
     Ok(())
 }
 

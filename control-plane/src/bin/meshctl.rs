@@ -1,6 +1,5 @@
 //! `meshctl`: the operator's tool for meshd.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -367,23 +366,7 @@ async fn call_json<T: serde::de::DeserializeOwned>(
 
 /// Writes `text` to `path` with `mode` (0600 for keys), replacing what was there.
 fn write_file(path: &std::path::Path, text: &str, mode: u32) -> anyhow::Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    // An existing file keeps its old mode on open; make sure a key is private.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    }
-    f.write_all(text.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
+    Ok(meshd_ca::store::write_file(path, text, mode, true)?)
 }
 
 fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {

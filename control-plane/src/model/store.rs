@@ -78,10 +78,6 @@ impl Store {
     pub fn subscribe(&self) -> watch::Receiver<Arc<MeshSnapshot>> {
         self.snapshots.clone()
     }
-
-    pub fn current(&self) -> Arc<MeshSnapshot> {
-        self.snapshots.borrow().clone()
-    }
 }
 
 async fn run(

@@ -3,7 +3,7 @@
 //! - [`convert`]: Kubernetes API objects → model objects, with errors naming the field.
 //!   Shared by every source so that a Service means the same thing wherever it came from.
 //! - [`crd`]: meshd's own resources (`security.meshd.io/v1alpha1`) → model objects.
-//! - [`file`]: the embedded default — a directory of Kubernetes-style YAML, watched live.
+//! - [`file`](mod@file): the embedded default — a directory of Kubernetes-style YAML, watched live.
 
 pub mod convert;
 pub mod crd;

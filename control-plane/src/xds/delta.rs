@@ -19,7 +19,7 @@ use super::resources::ResourceType;
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use super::server::{ProxyConn, StreamFlavor};
-use super::status::{Nack, XdsFlavor, now_rfc3339};
+use super::status::XdsFlavor;
 
 #[derive(Debug, Default)]
 struct TypeState {
@@ -67,36 +67,11 @@ impl StreamFlavor for DeltaStream {
             return Ok(());
         };
         if !req.response_nonce.is_empty() {
-            let nonce = req.response_nonce.clone();
-            match &req.error_detail {
-                Some(err) => {
-                    tracing::warn!(
-                        node = %self.conn.id.node_id, type = t.short(), nonce = %nonce,
-                        "proxy rejected config (NACK), keeping its last accepted config: {}",
-                        err.message
-                    );
-                    self.conn.status.update(|s| {
-                        let ts = s.type_mut(t.short());
-                        if ts.sent_nonce == nonce {
-                            ts.pending = false;
-                        }
-                        ts.nacked = true;
-                        ts.last_nack = Some(Nack {
-                            nonce,
-                            message: err.message.clone(),
-                            at: now_rfc3339(),
-                        });
-                    });
-                }
-                None => self.conn.status.update(|s| {
-                    let ts = s.type_mut(t.short());
-                    if ts.sent_nonce == nonce {
-                        ts.pending = false;
-                        ts.nacked = false;
-                    }
-                    ts.acked_nonce = nonce;
-                }),
-            }
+            self.conn.record_answer(
+                t,
+                &req.response_nonce,
+                req.error_detail.as_ref().map(|e| e.message.as_str()),
+            );
         }
         let first_for_type = !self.types.contains_key(&t);
         let state = self.types.entry(t).or_default();
@@ -193,14 +168,7 @@ impl StreamFlavor for DeltaStream {
             updated = response.resources.len(), removed = response.removed_resources.len(),
             "push"
         );
-        self.conn.status.update(|s| {
-            let ts = s.type_mut(t.short());
-            ts.resources = now_has;
-            ts.sent_version = version;
-            ts.sent_nonce = nonce;
-            ts.pending = true;
-            ts.responses += 1;
-        });
+        self.conn.record_sent(t, now_has, version, nonce);
         self.tx
             .send(Ok(response))
             .await

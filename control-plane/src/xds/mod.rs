@@ -2,7 +2,7 @@
 //!
 //! - [`translate`]: pure functions, model → Envoy protos.
 //! - [`cache`]: one [`cache::XdsSnapshot`] per mesh snapshot; shared resources built once.
-//! - [`server`]: the ADS service and the per-stream driver; [`sotw`] and [`delta`] are
+//! - [`server`]: the ADS service and the per-stream driver; `sotw` and `delta` are
 //!   the two protocol state machines it drives, one task per stream.
 //! - [`status`]: per-proxy sent/ACK/NACK state for the admin API.
 

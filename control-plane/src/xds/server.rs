@@ -25,7 +25,7 @@ use meshd_ca::SpiffeId;
 use super::cache::XdsSnapshot;
 use super::node::{IdentifyError, IdentityError, ProxyId, identify, peer_identity};
 use super::resources::{ProxyResources, Resource, ResourceType};
-use super::status::{ProxyHandle, ProxyRegistry, ProxyStatus, XdsFlavor};
+use super::status::{Nack, ProxyHandle, ProxyRegistry, ProxyStatus, XdsFlavor, now_rfc3339};
 use super::translate;
 use super::{delta, sotw};
 use crate::identity::CertManager;
@@ -235,6 +235,51 @@ impl ProxyConn {
     pub fn next_nonce(&mut self) -> String {
         self.nonce += 1;
         self.nonce.to_string()
+    }
+
+    /// Records the proxy's answer to response `nonce` of type `t`: an ACK, or a NACK
+    /// with Envoy's `error`. Only the answer to the latest response settles it.
+    pub fn record_answer(&self, t: ResourceType, nonce: &str, error: Option<&str>) {
+        if let Some(message) = error {
+            tracing::warn!(
+                node = %self.id.node_id, type = t.short(), nonce,
+                "proxy rejected config (NACK), keeping its last accepted config: {message}"
+            );
+        }
+        self.status.update(|s| {
+            let ts = s.type_mut(t.short());
+            let latest = ts.sent_nonce == nonce;
+            match error {
+                Some(message) => {
+                    ts.pending &= !latest;
+                    ts.nacked = true;
+                    ts.last_nack = Some(Nack {
+                        nonce: nonce.to_string(),
+                        message: message.to_string(),
+                        at: now_rfc3339(),
+                    });
+                }
+                None => {
+                    if latest {
+                        ts.pending = false;
+                        ts.nacked = false;
+                    }
+                    ts.acked_nonce = nonce.to_string();
+                }
+            }
+        });
+    }
+
+    /// Records a response of type `t` sent to the proxy.
+    pub fn record_sent(&self, t: ResourceType, resources: usize, version: String, nonce: String) {
+        self.status.update(|s| {
+            let ts = s.type_mut(t.short());
+            ts.resources = resources;
+            ts.sent_version = version;
+            ts.sent_nonce = nonce;
+            ts.pending = true;
+            ts.responses += 1;
+        });
     }
 
     pub fn record_unknown_type(&self, type_url: &str) {

@@ -18,7 +18,7 @@ use super::resources::{ResourceType, set_version};
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use super::server::{ProxyConn, StreamFlavor};
-use super::status::{Nack, XdsFlavor, now_rfc3339};
+use super::status::XdsFlavor;
 
 #[derive(Debug)]
 enum Subscription {
@@ -82,32 +82,11 @@ impl StreamFlavor for SotwStream {
                 tracing::trace!(node = %self.conn.id.node_id, type = t.short(), nonce = %req.response_nonce, "stale request ignored");
                 return Ok(());
             }
-            let nonce = req.response_nonce.clone();
-            match &req.error_detail {
-                Some(err) => {
-                    tracing::warn!(
-                        node = %self.conn.id.node_id, type = t.short(), nonce = %nonce,
-                        "proxy rejected config (NACK), keeping its last accepted config: {}",
-                        err.message
-                    );
-                    self.conn.status.update(|s| {
-                        let ts = s.type_mut(t.short());
-                        ts.pending = false;
-                        ts.nacked = true;
-                        ts.last_nack = Some(Nack {
-                            nonce,
-                            message: err.message.clone(),
-                            at: now_rfc3339(),
-                        });
-                    });
-                }
-                None => self.conn.status.update(|s| {
-                    let ts = s.type_mut(t.short());
-                    ts.pending = false;
-                    ts.nacked = false;
-                    ts.acked_nonce = nonce;
-                }),
-            }
+            self.conn.record_answer(
+                t,
+                &req.response_nonce,
+                req.error_detail.as_ref().map(|e| e.message.as_str()),
+            );
         }
         let wildcard = t.is_wildcard_type()
             && (req.resource_names.is_empty() || req.resource_names.iter().any(|n| n == "*"));
@@ -157,14 +136,7 @@ impl StreamFlavor for SotwStream {
             nonce: nonce.clone(),
             resources: listing,
         });
-        self.conn.status.update(|s| {
-            let ts = s.type_mut(t.short());
-            ts.resources = count;
-            ts.sent_version = version;
-            ts.sent_nonce = nonce;
-            ts.pending = true;
-            ts.responses += 1;
-        });
+        self.conn.record_sent(t, count, version, nonce);
         tracing::debug!(node = %self.conn.id.node_id, type = t.short(), resources = count, "push");
         self.tx
             .send(Ok(response))

@@ -5,7 +5,7 @@
 //!   `ClusterLoadAssignment` of the same name and, for HTTP ports, a route configuration
 //!   of the same name. These are shared by every proxy that calls the service.
 //! - each inbound port of a workload becomes a listener `inbound|<podIP>:<port>` that
-//!   forwards to a static cluster `inbound|<port>||` at 127.0.0.1:<app port>.
+//!   forwards to a static cluster `inbound|<port>||` at `127.0.0.1:<app port>`.
 //! - each declared upstream becomes a listener `outbound|127.0.0.1:<local port>` that
 //!   sends to the service's cluster, over RDS for HTTP ports, `tcp_proxy` for TCP.
 //!
@@ -272,7 +272,7 @@ pub fn inbound_listener(address: IpAddr, inbound: &InboundPort, rbac: &PortRbac)
     }
 }
 
-/// The listener on 127.0.0.1:<local port> through which the app reaches an upstream.
+/// The listener on `127.0.0.1:<local port>` through which the app reaches an upstream.
 pub fn outbound_listener(out: &Outbound) -> Listener {
     let name = outbound_listener_name(out.upstream.local_port);
     let cluster = service_cluster_name(&out.service, out.port.port);
