@@ -5,6 +5,8 @@
 //! - `GET /debug/proxies`: every connected proxy: what was sent, ACKed, NACKed and why
 //! - `GET /debug/proxy-config?workload=<ns>/<pod>`: the resources that workload's
 //!   sidecar should have, by type, with their versions
+//! - `POST /debug/authz/check`: the decision of every workload behind a service port
+//!   for one request ([`authz_check`](crate::xds::authz_check))
 //! - `GET /ca/status`, `POST /ca/rotate-root`: the staged root rotation
 //!
 //! The admin API listens on loopback by default and has no authentication yet: do not
@@ -26,6 +28,7 @@ use tokio::sync::watch;
 use crate::identity::{CertManager, RotationError};
 use crate::model::ObjectKey;
 use crate::sources::file::SharedErrors;
+use crate::xds::authz_check::{self, CheckError, CheckRequest};
 use crate::xds::cache::XdsSnapshot;
 use crate::xds::resources::ResourceType;
 use crate::xds::status::{ProxyRegistry, ProxyStatus};
@@ -45,6 +48,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/snapshot", get(snapshot))
         .route("/debug/proxies", get(proxies))
         .route("/debug/proxy-config", get(proxy_config))
+        .route("/debug/authz/check", axum::routing::post(authz_check))
         .route("/ca/status", get(ca_status))
         .route("/ca/rotate-root", axum::routing::post(rotate_root))
         .with_state(state)
@@ -142,6 +146,20 @@ async fn proxy_config(
         problems: view.problems,
     })
     .into_response()
+}
+
+async fn authz_check(
+    State(state): State<AdminState>,
+    Json(req): Json<CheckRequest>,
+) -> axum::response::Response {
+    let snap = state.snapshots.borrow().clone();
+    match authz_check::check(&snap.mesh, state.certs.trust_domain(), &req) {
+        Ok(resp) => Json(resp).into_response(),
+        Err(e @ CheckError::NoService(_)) => {
+            (StatusCode::NOT_FOUND, format!("{e}\n")).into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
 }
 
 async fn ca_status(State(state): State<AdminState>) -> impl IntoResponse {

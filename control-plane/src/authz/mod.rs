@@ -36,6 +36,16 @@ pub enum Action {
     Audit,
 }
 
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "ALLOW",
+            Action::Deny => "DENY",
+            Action::Audit => "AUDIT",
+        }
+    }
+}
+
 /// A string pattern: `*`, `prefix*`, `*suffix` or an exact value.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum StringMatch {

@@ -11,6 +11,8 @@ use meshd::bootstrap::{BootstrapOptions, envoy_bootstrap};
 use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
 use meshd::identity::{MESHD_SERVICE_ACCOUNT, RotationStatus};
 use meshd::sources::file::FileSource;
+use meshd::xds::authz_check::{CheckRequest, CheckResponse};
+use meshd::xds::rbac_stats;
 use meshd::xds::status::{ProxyStatus, XdsFlavor};
 
 /// meshctl — operate and debug a meshd service mesh.
@@ -50,6 +52,9 @@ enum Command {
     /// The mesh CA: status and staged root rotation.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Authorization: predict decisions, read denials from proxies.
+    #[command(subcommand)]
+    Authz(AuthzCommand),
     /// Show the resources meshd serves to one workload's sidecar.
     ProxyConfig {
         /// The workload, as <namespace>/<pod>.
@@ -80,6 +85,65 @@ enum CaCommand {
         #[arg(long, env = "MESHD_ADMIN", default_value = "http://127.0.0.1:15014")]
         admin: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuthzCommand {
+    /// Would this caller be allowed this request? Prints the decision of every workload
+    /// behind the service port, and the policy rule that decided it.
+    ///
+    /// meshd evaluates the RBAC it compiles for each workload's sidecar, the same protos
+    /// Envoy enforces, against its current snapshot.
+    Check(Box<CheckArgs>),
+    /// Denials per policy, read from one sidecar's Envoy admin interface.
+    ///
+    /// Each DENY policy is its own RBAC filter, so Envoy counts the requests (HTTP) or
+    /// connections (TCP) each one denied; `no ALLOW rule` counts what no ALLOW rule
+    /// admitted.
+    Stats {
+        /// The sidecar's Envoy admin address (host:port or URL).
+        #[arg(long)]
+        proxy_admin: String,
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group = clap::ArgGroup::new("caller").required(true))]
+struct CheckArgs {
+    /// The caller's SPIFFE id, e.g. spiffe://cluster.local/ns/shop/sa/frontend.
+    #[arg(long, group = "caller")]
+    from: Option<String>,
+    /// The caller as <namespace>/<service account>, in the mesh's trust domain.
+    #[arg(long, group = "caller", value_name = "NAMESPACE/SA")]
+    from_sa: Option<String>,
+    /// The caller has no mesh identity (plaintext, e.g. to a PERMISSIVE port).
+    #[arg(long, group = "caller")]
+    plaintext: bool,
+    /// The caller's IP address (for ipBlocks rules).
+    #[arg(long)]
+    source_ip: Option<std::net::IpAddr>,
+    /// The destination service port, as <namespace>/<service>:<port>.
+    #[arg(long, value_name = "NAMESPACE/SERVICE:PORT")]
+    to: String,
+    /// HTTP method (HTTP ports only).
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// HTTP path, query allowed (HTTP ports only).
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// HTTP Host / :authority (default: the service name).
+    #[arg(long)]
+    host: Option<String>,
+    /// A request header, as name:value; repeat for more.
+    #[arg(long = "header", short = 'H', value_name = "NAME:VALUE")]
+    headers: Vec<String>,
+    /// meshd's admin address.
+    #[arg(long, env = "MESHD_ADMIN", default_value = "http://127.0.0.1:15014")]
+    admin: String,
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 #[derive(Debug, clap::Args)]
@@ -290,6 +354,51 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_rotation(&status, Output::Table)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Authz(AuthzCommand::Check(args)) => {
+            let req = check_request(&args)?;
+            let resp: CheckResponse = call_json(
+                reqwest::Method::POST,
+                &args.admin,
+                "/debug/authz/check",
+                Some(&req),
+            )
+            .await?;
+            print_check(&resp, &req, args.output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Authz(AuthzCommand::Stats {
+            proxy_admin,
+            output,
+        }) => {
+            let base = if proxy_admin.contains("://") {
+                proxy_admin
+            } else {
+                format!("http://{proxy_admin}")
+            };
+            let url = format!("{}/stats?filter=rbac", base.trim_end_matches('/'));
+            let text = reqwest::get(&url)
+                .await
+                .and_then(|r| r.error_for_status())
+                .with_context(|| format!("cannot read Envoy stats at {url}"))?
+                .text()
+                .await?;
+            let rows = rbac_stats::parse(&text);
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<40} {:<40} {:>8} {:>8}",
+                "LISTENER", "STAGE", "DENIED", "ALLOWED"
+            );
+            for r in &rows {
+                println!(
+                    "{:<40} {:<40} {:>8} {:>8}",
+                    r.listener, r.stage, r.denied, r.allowed
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::ProxyConfig {
             workload,
             admin,
@@ -335,22 +444,120 @@ fn print_rotation(status: &RotationStatus, output: Output) -> anyhow::Result<()>
     Ok(())
 }
 
+fn check_request(args: &CheckArgs) -> anyhow::Result<CheckRequest> {
+    let (service, port) = args
+        .to
+        .rsplit_once(':')
+        .and_then(|(svc, port)| Some((svc, port.parse::<u16>().ok()?)))
+        .filter(|(svc, _)| {
+            svc.split_once('/')
+                .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
+        })
+        .with_context(|| {
+            format!(
+                "--to must be <namespace>/<service>:<port>, not {:?}",
+                args.to
+            )
+        })?;
+    let (source_namespace, source_service_account) = match &args.from_sa {
+        Some(s) => {
+            let (ns, sa) = s
+                .split_once('/')
+                .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+                .with_context(|| {
+                    format!("--from-sa must be <namespace>/<service account>, not {s:?}")
+                })?;
+            (Some(ns.to_string()), Some(sa.to_string()))
+        }
+        None => (None, None),
+    };
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| {
+            h.split_once(':')
+                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .filter(|(n, _)| !n.is_empty())
+                .with_context(|| format!("--header must be <name>:<value>, not {h:?}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(CheckRequest {
+        principal: args.from.clone(),
+        source_namespace,
+        source_service_account,
+        source_ip: args.source_ip,
+        service: service.to_string(),
+        port,
+        method: Some(args.method.clone()),
+        path: Some(args.path.clone()),
+        host: args.host.clone(),
+        headers,
+    })
+}
+
+fn print_check(resp: &CheckResponse, req: &CheckRequest, output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(resp)?);
+        return Ok(());
+    }
+    let decision = |allowed: bool| if allowed { "ALLOW" } else { "DENY" };
+    println!(
+        "{} {}:{} {} {} from {} (snapshot {})",
+        decision(resp.allowed),
+        resp.service,
+        resp.port,
+        req.method.as_deref().unwrap_or("GET"),
+        req.path.as_deref().unwrap_or("/"),
+        resp.principal.as_deref().unwrap_or("a plaintext caller"),
+        resp.snapshot_version
+    );
+    for w in &resp.workloads {
+        let why = match &w.verdict.denied_by {
+            Some(rule) if rule == "none" => "no ALLOW rule matched".to_string(),
+            Some(rule) => format!("denied by {rule}"),
+            None if w.policies.is_empty() => "no policy selects it".to_string(),
+            None => "allowed".to_string(),
+        };
+        println!(
+            "  {:<30} :{} {:<4} {:<5} {why}",
+            w.workload,
+            w.target_port,
+            w.protocol,
+            decision(w.verdict.allowed)
+        );
+        if !w.policies.is_empty() {
+            println!("      policies: {}", w.policies.join(", "));
+        }
+        if !w.verdict.audit.is_empty() {
+            println!("      audit: {}", w.verdict.audit.join(", "));
+        }
+        for note in &w.verdict.notes {
+            println!("      note: {note}");
+        }
+    }
+    Ok(())
+}
+
 async fn get_json<T: serde::de::DeserializeOwned>(admin: &str, path: &str) -> anyhow::Result<T> {
-    call_json(reqwest::Method::GET, admin, path).await
+    call_json::<T, ()>(reqwest::Method::GET, admin, path, None).await
 }
 
 async fn post_json<T: serde::de::DeserializeOwned>(admin: &str, path: &str) -> anyhow::Result<T> {
-    call_json(reqwest::Method::POST, admin, path).await
+    call_json::<T, ()>(reqwest::Method::POST, admin, path, None).await
 }
 
-async fn call_json<T: serde::de::DeserializeOwned>(
+async fn call_json<T: serde::de::DeserializeOwned, B: serde::Serialize>(
     method: reqwest::Method,
     admin: &str,
     path: &str,
+    body: Option<&B>,
 ) -> anyhow::Result<T> {
     let url = format!("{}{path}", admin.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
-        .request(method, &url)
+    let mut request = reqwest::Client::new().request(method, &url);
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let resp = request
         .send()
         .await
         .with_context(|| format!("cannot reach meshd's admin API at {admin}"))?;

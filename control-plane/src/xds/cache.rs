@@ -117,7 +117,6 @@ impl XdsSnapshot {
     pub fn proxy_resources(&self, workload: &ObjectKey) -> Option<(ProxyView, ProxyResources)> {
         let mut view = ProxyView::build(&self.mesh, workload)?;
         let mut out = ProxyResources::default();
-        let policies = self.mesh.authorization_policies_for(&view.workload);
         match view.workload.address {
             Some(address) => {
                 for inbound in &view.inbound {
@@ -129,7 +128,7 @@ impl XdsSnapshot {
                             &translate::inbound_cluster(inbound, app_port),
                         ),
                     );
-                    let rbac = rbac::compile(&policies, inbound.protocol.is_http());
+                    let rbac = rbac::inbound_rbac(&self.mesh, &view.workload, inbound);
                     out.insert(
                         ResourceType::Listener,
                         Resource::encode(

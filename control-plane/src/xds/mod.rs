@@ -6,10 +6,13 @@
 //!   the two protocol state machines it drives, one task per stream.
 //! - [`status`]: per-proxy sent/ACK/NACK state for the admin API.
 
+pub mod authz_check;
 pub mod cache;
 mod delta;
 pub mod node;
 pub mod rbac;
+pub mod rbac_eval;
+pub mod rbac_stats;
 pub mod resources;
 pub mod server;
 mod sotw;

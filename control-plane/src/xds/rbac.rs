@@ -1,10 +1,20 @@
 //! AuthorizationPolicies → Envoy RBAC filters for one inbound port.
 //!
-//! Per port: a DENY filter (every DENY rule), then an ALLOW filter (every ALLOW rule; only
-//! if some ALLOW policy selects the workload — with none, everything is allowed), and
-//! AUDIT rules as shadow rules of their own filter, which never enforce. Each rule is
-//! an Envoy policy named `<namespace>/<name>#<rule>`, so Envoy's response details and
-//! stats name the rule that denied a request. Semantics: [`crate::authz`].
+//! Per port, in the order they run:
+//! 1. one DENY filter per DENY policy (a request is denied if any of them matches);
+//! 2. one ALLOW filter holding every ALLOW rule, only if some ALLOW policy selects the
+//!    workload (with none, everything is allowed; with some, at least one must match);
+//! 3. one filter with every AUDIT rule as shadow rules, which never enforce.
+//!
+//! Each rule is an Envoy policy named `<namespace>/<name>#<rule>`, so Envoy's response
+//! details (and meshd's `x-meshd-denied-by` header) name the rule that denied a request.
+//! Each filter has its own stat prefix ([`StagePrefix`]), so Envoy's RBAC counters say
+//! how many requests each DENY policy denied and how many no ALLOW rule admitted;
+//! `meshctl authz stats` reads them back from a proxy.
+//!
+//! Live updates: every stage of a port sits in that port's one listener resource, so a
+//! policy change reaches Envoy as one LDS update that swaps all stages at once; there is
+//! no moment with the new ALLOW rules but the old DENY rules. Semantics: [`crate::authz`].
 
 use std::collections::HashMap;
 
@@ -21,22 +31,54 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 use envoy_types::pb::google::protobuf::UInt32Value;
 
 use crate::authz::{Action, AuthorizationPolicy, Cidr, Operation, Rule, Source, StringMatch};
+use crate::model::Workload;
+use crate::model::snapshot::{InboundPort, MeshSnapshot};
 
 /// The RBAC stages of one inbound port, in the order they run.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct PortRbac {
-    pub deny: Option<Rbac>,
-    pub allow: Option<Rbac>,
-    pub audit: Option<Rbac>,
+    pub deny: Vec<Stage>,
+    pub allow: Option<Stage>,
+    pub audit: Option<Stage>,
+}
+
+/// One RBAC filter: its rules and the prefix of its stats.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub prefix: StagePrefix,
+    pub rbac: Rbac,
+}
+
+/// Which stage a filter is, as written into its stat names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StagePrefix {
+    /// `deny[<namespace>/<name>].`: the DENY policy `namespace/name`.
+    Deny(String),
+    /// `allow.`: every ALLOW rule of the workload.
+    Allow,
+    /// `audit_` (a shadow prefix).
+    Audit,
+}
+
+impl StagePrefix {
+    pub fn as_stat(&self) -> String {
+        match self {
+            StagePrefix::Deny(policy) => format!("deny[{policy}]."),
+            StagePrefix::Allow => "allow.".to_string(),
+            StagePrefix::Audit => "audit_".to_string(),
+        }
+    }
+}
+
+/// The RBAC of `workload`'s inbound port `inbound`, exactly as its listener carries it.
+pub fn inbound_rbac(mesh: &MeshSnapshot, workload: &Workload, inbound: &InboundPort) -> PortRbac {
+    let policies = mesh.authorization_policies_for(workload);
+    compile(&policies, inbound.protocol.is_http())
 }
 
 /// Compiles the policies that select a workload for one of its ports.
 pub fn compile(policies: &[&AuthorizationPolicy], http: bool) -> PortRbac {
-    let stage = |action: Action| {
-        let selected: Vec<_> = policies.iter().filter(|p| p.action == action).collect();
-        if selected.is_empty() {
-            return None;
-        }
+    let rbac = |action: Action, selected: &[&&AuthorizationPolicy]| {
         let mut rules = HashMap::new();
         for p in selected {
             for (i, rule) in p.rules.iter().enumerate() {
@@ -45,7 +87,7 @@ pub fn compile(policies: &[&AuthorizationPolicy], http: bool) -> PortRbac {
                 }
             }
         }
-        Some(Rbac {
+        Rbac {
             action: match action {
                 Action::Deny => rbac::Action::Deny,
                 Action::Allow => rbac::Action::Allow,
@@ -53,50 +95,75 @@ pub fn compile(policies: &[&AuthorizationPolicy], http: bool) -> PortRbac {
             } as i32,
             policies: rules,
             ..Default::default()
+        }
+    };
+    let of = |action: Action| -> Vec<&&AuthorizationPolicy> {
+        policies.iter().filter(|p| p.action == action).collect()
+    };
+    let stage = |action: Action, prefix: StagePrefix| {
+        let selected = of(action);
+        (!selected.is_empty()).then(|| Stage {
+            prefix,
+            rbac: rbac(action, &selected),
         })
     };
+    let mut deny: Vec<Stage> = of(Action::Deny)
+        .into_iter()
+        .map(|p| Stage {
+            prefix: StagePrefix::Deny(format!("{}/{}", p.key.namespace, p.key.name)),
+            rbac: rbac(Action::Deny, &[p]),
+        })
+        .collect();
+    deny.sort_by(|a, b| a.prefix.as_stat().cmp(&b.prefix.as_stat()));
     PortRbac {
-        deny: stage(Action::Deny),
-        allow: stage(Action::Allow),
-        audit: stage(Action::Audit),
+        deny,
+        allow: stage(Action::Allow, StagePrefix::Allow),
+        audit: stage(Action::Audit, StagePrefix::Audit),
     }
 }
 
 impl PortRbac {
+    /// The enforcing stages, DENY filters first.
+    pub fn enforcing(&self) -> impl Iterator<Item = &Stage> {
+        self.deny.iter().chain(&self.allow)
+    }
+
     /// The HTTP filters (before the router).
     pub fn http_filters(&self) -> Vec<HttpRbac> {
-        let mut out = Vec::new();
-        for rules in [&self.deny, &self.allow].into_iter().flatten() {
-            out.push(HttpRbac {
-                rules: Some(rules.clone()),
+        let mut out: Vec<HttpRbac> = self
+            .enforcing()
+            .map(|s| HttpRbac {
+                rules: Some(s.rbac.clone()),
+                rules_stat_prefix: s.prefix.as_stat(),
                 ..Default::default()
-            });
-        }
+            })
+            .collect();
         if let Some(audit) = &self.audit {
             out.push(HttpRbac {
-                shadow_rules: Some(audit.clone()),
-                shadow_rules_stat_prefix: "audit_".to_string(),
+                shadow_rules: Some(audit.rbac.clone()),
+                shadow_rules_stat_prefix: audit.prefix.as_stat(),
                 ..Default::default()
             });
         }
         out
     }
 
-    /// The network filters (before the TCP proxy).
-    pub fn network_filters(&self, stat_prefix: &str) -> Vec<NetworkRbac> {
-        let mut out = Vec::new();
-        for rules in [&self.deny, &self.allow].into_iter().flatten() {
-            out.push(NetworkRbac {
-                rules: Some(rules.clone()),
-                stat_prefix: stat_prefix.to_string(),
+    /// The network filters (before the TCP proxy) of the listener `listener`.
+    pub fn network_filters(&self, listener: &str) -> Vec<NetworkRbac> {
+        let mut out: Vec<NetworkRbac> = self
+            .enforcing()
+            .map(|s| NetworkRbac {
+                rules: Some(s.rbac.clone()),
+                // Network RBAC stats live under `<stat_prefix>.rbac.`.
+                stat_prefix: format!("{listener}.{}", s.prefix.as_stat()),
                 ..Default::default()
-            });
-        }
+            })
+            .collect();
         if let Some(audit) = &self.audit {
             out.push(NetworkRbac {
-                shadow_rules: Some(audit.clone()),
-                shadow_rules_stat_prefix: "audit_".to_string(),
-                stat_prefix: stat_prefix.to_string(),
+                shadow_rules: Some(audit.rbac.clone()),
+                shadow_rules_stat_prefix: audit.prefix.as_stat(),
+                stat_prefix: format!("{listener}."),
                 ..Default::default()
             });
         }
@@ -356,14 +423,14 @@ mod tests {
         // so the ALLOW stage denies everything.
         let allow = policy(Action::Allow, get_admin());
         let tcp = compile(&[&allow], false);
-        assert!(tcp.allow.as_ref().unwrap().policies.is_empty());
+        assert!(tcp.allow.as_ref().unwrap().rbac.policies.is_empty());
         let http = compile(&[&allow], true);
-        assert_eq!(http.allow.as_ref().unwrap().policies.len(), 1);
+        assert_eq!(http.allow.as_ref().unwrap().rbac.policies.len(), 1);
 
         // DENY that uses HTTP fields still denies on TCP, without them: any request.
         let deny = policy(Action::Deny, get_admin());
         let tcp = compile(&[&deny], false);
-        let rule = &tcp.deny.as_ref().unwrap().policies["shop/p#0"];
+        let rule = &tcp.deny[0].rbac.policies["shop/p#0"];
         assert_eq!(
             rule.permissions[0].rule,
             Some(permission::Rule::Any(true)),

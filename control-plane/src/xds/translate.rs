@@ -225,6 +225,7 @@ pub fn inbound_listener(address: IpAddr, inbound: &InboundPort, rbac: &PortRbac)
             &name,
             http_connection_manager::RouteSpecifier::RouteConfig(inline),
             rbac_filters,
+            stdout_access_log(Some(INBOUND_HTTP_LOG)),
         )]
     } else {
         let mut filters: Vec<Filter> = rbac
@@ -235,7 +236,11 @@ pub fn inbound_listener(address: IpAddr, inbound: &InboundPort, rbac: &PortRbac)
                 config_type: Some(filter::ConfigType::TypedConfig(any(r))),
             })
             .collect();
-        filters.push(tcp_proxy_filter(&name, &cluster));
+        filters.push(tcp_proxy_filter(
+            &name,
+            &cluster,
+            stdout_access_log(Some(INBOUND_TCP_LOG)),
+        ));
         filters
     };
     let chain = |transport_protocol: &str, tls: bool| FilterChain {
@@ -284,9 +289,10 @@ pub fn outbound_listener(out: &Outbound) -> Listener {
                 route_config_name: cluster,
             }),
             Vec::new(),
+            stdout_access_log(None),
         )
     } else {
-        tcp_proxy_filter(&name, &cluster)
+        tcp_proxy_filter(&name, &cluster, stdout_access_log(None))
     };
     Listener {
         name,
@@ -429,10 +435,19 @@ fn tls_socket(config: Any) -> TransportSocket {
 /// or `[none]` when no ALLOW rule matched).
 pub const DENIED_BY_HEADER: &str = "x-meshd-denied-by";
 
+/// The access log line of every inbound request: who called (`peer`), how it was
+/// decided (`details`: `via_upstream`, or `rbac_access_denied_matched_policy[<rule>]`)
+/// and which AUDIT rule matched it (`audit`, `-` for none).
+const INBOUND_HTTP_LOG: &str = "[%START_TIME%] inbound \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% peer=%DOWNSTREAM_PEER_URI_SAN% details=%RESPONSE_CODE_DETAILS% audit=%DYNAMIC_METADATA(envoy.filters.http.rbac:audit_shadow_effective_policy_id)% %DURATION%ms\n";
+
+/// The access log line of every inbound connection, as [`INBOUND_HTTP_LOG`].
+const INBOUND_TCP_LOG: &str = "[%START_TIME%] inbound tcp %DOWNSTREAM_REMOTE_ADDRESS% peer=%DOWNSTREAM_PEER_URI_SAN% details=%CONNECTION_TERMINATION_DETAILS% audit=%DYNAMIC_METADATA(envoy.filters.network.rbac:audit_shadow_effective_policy_id)% %BYTES_RECEIVED%B in %BYTES_SENT%B out %DURATION%ms\n";
+
 fn http_filter_chain_filter(
     stat_prefix: &str,
     routes: http_connection_manager::RouteSpecifier,
     mut http_filters: Vec<HttpFilter>,
+    access_log: AccessLog,
 ) -> Filter {
     let explain_denials = !http_filters.is_empty();
     http_filters.push(HttpFilter {
@@ -446,7 +461,7 @@ fn http_filter_chain_filter(
         stat_prefix: stat_prefix.to_string(),
         route_specifier: Some(routes),
         http_filters,
-        access_log: vec![stdout_access_log()],
+        access_log: vec![access_log],
         local_reply_config: explain_denials.then(denial_reply),
         ..Default::default()
     };
@@ -503,11 +518,11 @@ fn denial_reply() -> envoy_types::pb::envoy::extensions::filters::network::http_
     }
 }
 
-fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {
+fn tcp_proxy_filter(stat_prefix: &str, cluster: &str, access_log: AccessLog) -> Filter {
     let tcp = TcpProxy {
         stat_prefix: stat_prefix.to_string(),
         cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
-        access_log: vec![stdout_access_log()],
+        access_log: vec![access_log],
         ..Default::default()
     };
     Filter {
@@ -535,12 +550,25 @@ fn route_to(cluster: &str) -> Route {
     }
 }
 
-fn stdout_access_log() -> AccessLog {
+/// An access log to Envoy's stdout, in `format` or else Envoy's default format.
+fn stdout_access_log(format: Option<&str>) -> AccessLog {
+    use envoy_types::pb::envoy::config::core::v3::{
+        SubstitutionFormatString, substitution_format_string,
+    };
+    use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::stdout_access_log::AccessLogFormat;
+    let log = StdoutAccessLog {
+        access_log_format: format.map(|f| {
+            AccessLogFormat::LogFormat(SubstitutionFormatString {
+                format: Some(substitution_format_string::Format::TextFormatSource(
+                    inline(f),
+                )),
+                ..Default::default()
+            })
+        }),
+    };
     AccessLog {
         name: "envoy.access_loggers.stdout".to_string(),
-        config_type: Some(access_log::ConfigType::TypedConfig(any(
-            &StdoutAccessLog::default(),
-        ))),
+        config_type: Some(access_log::ConfigType::TypedConfig(any(&log))),
         ..Default::default()
     }
 }

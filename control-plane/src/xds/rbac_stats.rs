@@ -1,0 +1,115 @@
+//! Reads the per-policy RBAC counters back from an Envoy's `/stats` text.
+//!
+//! [`rbac`](super::rbac) gives every enforcing filter its own stat prefix, so Envoy's
+//! counters are already per policy:
+//!
+//! - HTTP: `http.<listener>.rbac.deny[<ns>/<name>].denied`, `http.<listener>.rbac.allow.denied`
+//! - TCP: `<listener>.deny[<ns>/<name>].rbac.denied`, `<listener>.allow.rbac.denied`
+//!
+//! (and `.allowed` beside each).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The counters of one RBAC filter of one listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageCounts {
+    pub listener: String,
+    /// `deny <ns>/<name>` or `no ALLOW rule`.
+    pub stage: String,
+    pub denied: u64,
+    pub allowed: u64,
+}
+
+pub fn parse(stats: &str) -> Vec<StageCounts> {
+    let mut rows: BTreeMap<(String, String), StageCounts> = BTreeMap::new();
+    for line in stats.lines() {
+        let Some((name, value)) = line.split_once(": ") else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<u64>() else {
+            continue;
+        };
+        let Some((listener, stage, counter)) = split(name) else {
+            continue;
+        };
+        let row = rows
+            .entry((listener.clone(), stage.clone()))
+            .or_insert_with(|| StageCounts {
+                listener,
+                stage,
+                denied: 0,
+                allowed: 0,
+            });
+        match counter {
+            "denied" => row.denied = value,
+            _ => row.allowed = value,
+        }
+    }
+    rows.into_values().collect()
+}
+
+/// `(listener, stage, "denied" | "allowed")` of one of meshd's RBAC counters.
+fn split(name: &str) -> Option<(String, String, &str)> {
+    let (rest, counter) = name.rsplit_once('.')?;
+    if counter != "denied" && counter != "allowed" {
+        return None;
+    }
+    // HTTP: http.<listener>.rbac.<stage>  TCP: <listener>.<stage>.rbac
+    let (listener, stage) = match rest.strip_prefix("http.") {
+        Some(http) => {
+            let (listener, stage) = http.split_once(".rbac.")?;
+            (listener, stage.strip_suffix('.').unwrap_or(stage))
+        }
+        None => {
+            let body = rest.strip_suffix(".rbac")?;
+            match body.find(".deny[") {
+                Some(i) => (&body[..i], &body[i + 1..]),
+                None => (body.strip_suffix(".allow")?, "allow"),
+            }
+        }
+    };
+    let stage = if stage == "allow" {
+        "no ALLOW rule".to_string()
+    } else {
+        let policy = stage.strip_prefix("deny[")?.strip_suffix(']')?;
+        format!("deny {policy}")
+    };
+    Some((listener.to_string(), stage, counter))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_http_and_tcp_counters() {
+        let text = "\
+http.inbound_10.0.0.1_8080.rbac.allow.allowed: 7
+http.inbound_10.0.0.1_8080.rbac.allow.denied: 2
+http.inbound_10.0.0.1_8080.rbac.deny[shop/no-admin].allowed: 9
+http.inbound_10.0.0.1_8080.rbac.deny[shop/no-admin].denied: 3
+http.inbound_10.0.0.1_8080.rbac.audit_shadow_allowed: 9
+inbound_10.0.0.3_5432.deny[shop/no.dots].rbac.denied: 4
+inbound_10.0.0.3_5432.allow.rbac.denied: 1
+cluster.x.upstream_rq: 5
+";
+        let rows = parse(text);
+        let find = |l: &str, s: &str| {
+            rows.iter()
+                .find(|r| r.listener == l && r.stage == s)
+                .unwrap_or_else(|| panic!("{l} {s} in {rows:?}"))
+                .clone()
+        };
+        assert_eq!(
+            find("inbound_10.0.0.1_8080", "deny shop/no-admin").denied,
+            3
+        );
+        assert_eq!(find("inbound_10.0.0.1_8080", "no ALLOW rule").denied, 2);
+        assert_eq!(find("inbound_10.0.0.1_8080", "no ALLOW rule").allowed, 7);
+        assert_eq!(find("inbound_10.0.0.3_5432", "deny shop/no.dots").denied, 4);
+        assert_eq!(find("inbound_10.0.0.3_5432", "no ALLOW rule").denied, 1);
+        assert_eq!(rows.len(), 4, "{rows:?}");
+    }
+}
