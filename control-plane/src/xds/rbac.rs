@@ -107,14 +107,15 @@ pub fn compile(policies: &[&AuthorizationPolicy], http: bool) -> PortRbac {
             rbac: rbac(action, &selected),
         })
     };
-    let mut deny: Vec<Stage> = of(Action::Deny)
+    // In the order the policies come (by namespace and name), so the first denial
+    // reported is predictable.
+    let deny = of(Action::Deny)
         .into_iter()
         .map(|p| Stage {
             prefix: StagePrefix::Deny(format!("{}/{}", p.key.namespace, p.key.name)),
             rbac: rbac(Action::Deny, &[p]),
         })
         .collect();
-    deny.sort_by(|a, b| a.prefix.as_stat().cmp(&b.prefix.as_stat()));
     PortRbac {
         deny,
         allow: stage(Action::Allow, StagePrefix::Allow),
