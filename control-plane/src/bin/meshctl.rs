@@ -95,11 +95,11 @@ enum AuthzCommand {
     /// meshd evaluates the RBAC it compiles for each workload's sidecar, the same protos
     /// Envoy enforces, against its current snapshot.
     Check(Box<CheckArgs>),
-    /// Denials per policy, read from one sidecar's Envoy admin interface.
+    /// Denials per inbound listener, read from one sidecar's Envoy admin interface.
     ///
-    /// Each DENY policy is its own RBAC filter, so Envoy counts the requests (HTTP) or
-    /// connections (TCP) each one denied; `no ALLOW rule` counts what no ALLOW rule
-    /// admitted.
+    /// `DENY rules` counts the requests (HTTP) or connections (TCP) a DENY rule denied;
+    /// `no ALLOW rule` counts what no ALLOW rule admitted. The rule behind each denial
+    /// is in the sidecar's access log (`details=rbac_access_denied_matched_policy[…]`).
     Stats {
         /// The sidecar's Envoy admin address (host:port or URL).
         #[arg(long)]

@@ -129,10 +129,19 @@ impl XdsSnapshot {
                         ),
                     );
                     let rbac = rbac::inbound_rbac(&self.mesh, &view.workload, inbound);
+                    let listener = translate::inbound_listener_name(address, inbound.port);
+                    if inbound.protocol.is_http() {
+                        for config in rbac.http_stage_configs(&listener) {
+                            out.insert(
+                                ResourceType::ExtensionConfig,
+                                Resource::encode(config.name.clone(), &config),
+                            );
+                        }
+                    }
                     out.insert(
                         ResourceType::Listener,
                         Resource::encode(
-                            translate::inbound_listener_name(address, inbound.port),
+                            listener,
                             &translate::inbound_listener(address, inbound, &rbac),
                         ),
                     );

@@ -1,24 +1,30 @@
 //! AuthorizationPolicies → Envoy RBAC filters for one inbound port.
 //!
-//! Per port, in the order they run:
-//! 1. one DENY filter per DENY policy (a request is denied if any of them matches);
-//! 2. one ALLOW filter holding every ALLOW rule, only if some ALLOW policy selects the
-//!    workload (with none, everything is allowed; with some, at least one must match);
-//! 3. one filter with every AUDIT rule as shadow rules, which never enforce.
+//! Three stages per port, in the order they run:
+//! 1. DENY: every DENY rule; a request that matches one is denied;
+//! 2. ALLOW: every ALLOW rule, only if some ALLOW policy selects the workload (with
+//!    none, everything is allowed; with some, at least one rule must match);
+//! 3. AUDIT: every AUDIT rule as shadow rules, which never enforce.
 //!
 //! Each rule is an Envoy policy named `<namespace>/<name>#<rule>`, so Envoy's response
-//! details (and meshd's `x-meshd-denied-by` header) name the rule that denied a request.
-//! Each filter has its own stat prefix ([`StagePrefix`]), so Envoy's RBAC counters say
-//! how many requests each DENY policy denied and how many no ALLOW rule admitted;
-//! `meshctl authz stats` reads them back from a proxy.
+//! details (and meshd's `x-meshd-denied-by` header, and the access log) name the rule
+//! that denied a request. Each stage has its own stat prefix (`deny.`, `allow.`,
+//! `audit_`), so Envoy counts what DENY rules denied and what no ALLOW rule admitted;
+//! `meshctl authz stats` reads the counters back.
 //!
-//! Live updates: every stage of a port sits in that port's one listener resource, so a
-//! policy change reaches Envoy as one LDS update that swaps all stages at once; there is
-//! no moment with the new ALLOW rules but the old DENY rules. Semantics: [`crate::authz`].
+//! **Live updates.** On HTTP ports the three stages are filters whose configs come by
+//! ECDS (one [`TypedExtensionConfig`] each, named `<listener>.rbac.<stage>`), not inline
+//! in the listener. Envoy builds an HTTP filter chain per request from the latest filter
+//! config, so a policy change applies to the next request even on connections opened
+//! before it — a listener update would leave those on the old filter chain until they
+//! drain (minutes). The stages of a port change together in one push, and a request
+//! sees either the old or the new DENY stage, each of which denies what both deny. On
+//! TCP ports the stages are network filters in the listener and decide once per
+//! connection, when it opens. Semantics: [`crate::authz`].
 
 use std::collections::HashMap;
 
-use envoy_types::pb::envoy::config::core::v3::CidrRange;
+use envoy_types::pb::envoy::config::core::v3::{CidrRange, TypedExtensionConfig};
 use envoy_types::pb::envoy::config::rbac::v3::{
     Permission, Policy, Principal, Rbac, permission, principal, rbac,
 };
@@ -37,40 +43,20 @@ use crate::model::snapshot::{InboundPort, MeshSnapshot};
 /// The RBAC stages of one inbound port, in the order they run.
 #[derive(Debug, Default, Clone)]
 pub struct PortRbac {
-    pub deny: Vec<Stage>,
-    pub allow: Option<Stage>,
-    pub audit: Option<Stage>,
+    pub deny: Option<Rbac>,
+    pub allow: Option<Rbac>,
+    pub audit: Option<Rbac>,
 }
 
-/// One RBAC filter: its rules and the prefix of its stats.
-#[derive(Debug, Clone)]
-pub struct Stage {
-    pub prefix: StagePrefix,
-    pub rbac: Rbac,
+/// The stages, in order: the name they go by in filter names and stats.
+pub const STAGES: [&str; 3] = ["deny", "allow", "audit"];
+
+/// The ECDS name of `stage`'s filter config on `listener`.
+pub fn stage_config_name(listener: &str, stage: &str) -> String {
+    format!("{listener}.rbac.{stage}")
 }
 
-/// Which stage a filter is, as written into its stat names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StagePrefix {
-    /// `deny[<namespace>/<name>].`: the DENY policy `namespace/name`.
-    Deny(String),
-    /// `allow.`: every ALLOW rule of the workload.
-    Allow,
-    /// `audit_` (a shadow prefix).
-    Audit,
-}
-
-impl StagePrefix {
-    pub fn as_stat(&self) -> String {
-        match self {
-            StagePrefix::Deny(policy) => format!("deny[{policy}]."),
-            StagePrefix::Allow => "allow.".to_string(),
-            StagePrefix::Audit => "audit_".to_string(),
-        }
-    }
-}
-
-/// The RBAC of `workload`'s inbound port `inbound`, exactly as its listener carries it.
+/// The RBAC of `workload`'s inbound port `inbound`, exactly as its sidecar gets it.
 pub fn inbound_rbac(mesh: &MeshSnapshot, workload: &Workload, inbound: &InboundPort) -> PortRbac {
     let policies = mesh.authorization_policies_for(workload);
     compile(&policies, inbound.protocol.is_http())
@@ -78,7 +64,11 @@ pub fn inbound_rbac(mesh: &MeshSnapshot, workload: &Workload, inbound: &InboundP
 
 /// Compiles the policies that select a workload for one of its ports.
 pub fn compile(policies: &[&AuthorizationPolicy], http: bool) -> PortRbac {
-    let rbac = |action: Action, selected: &[&&AuthorizationPolicy]| {
+    let stage = |action: Action| {
+        let selected: Vec<_> = policies.iter().filter(|p| p.action == action).collect();
+        if selected.is_empty() {
+            return None;
+        }
         let mut rules = HashMap::new();
         for p in selected {
             for (i, rule) in p.rules.iter().enumerate() {
@@ -87,7 +77,7 @@ pub fn compile(policies: &[&AuthorizationPolicy], http: bool) -> PortRbac {
                 }
             }
         }
-        Rbac {
+        Some(Rbac {
             action: match action {
                 Action::Deny => rbac::Action::Deny,
                 Action::Allow => rbac::Action::Allow,
@@ -95,75 +85,68 @@ pub fn compile(policies: &[&AuthorizationPolicy], http: bool) -> PortRbac {
             } as i32,
             policies: rules,
             ..Default::default()
-        }
-    };
-    let of = |action: Action| -> Vec<&&AuthorizationPolicy> {
-        policies.iter().filter(|p| p.action == action).collect()
-    };
-    let stage = |action: Action, prefix: StagePrefix| {
-        let selected = of(action);
-        (!selected.is_empty()).then(|| Stage {
-            prefix,
-            rbac: rbac(action, &selected),
         })
     };
-    // In the order the policies come (by namespace and name), so the first denial
-    // reported is predictable.
-    let deny = of(Action::Deny)
-        .into_iter()
-        .map(|p| Stage {
-            prefix: StagePrefix::Deny(format!("{}/{}", p.key.namespace, p.key.name)),
-            rbac: rbac(Action::Deny, &[p]),
-        })
-        .collect();
     PortRbac {
-        deny,
-        allow: stage(Action::Allow, StagePrefix::Allow),
-        audit: stage(Action::Audit, StagePrefix::Audit),
+        deny: stage(Action::Deny),
+        allow: stage(Action::Allow),
+        audit: stage(Action::Audit),
     }
 }
 
 impl PortRbac {
-    /// The enforcing stages, DENY filters first.
-    pub fn enforcing(&self) -> impl Iterator<Item = &Stage> {
-        self.deny.iter().chain(&self.allow)
-    }
-
-    /// The HTTP filters (before the router).
-    pub fn http_filters(&self) -> Vec<HttpRbac> {
-        let mut out: Vec<HttpRbac> = self
-            .enforcing()
-            .map(|s| HttpRbac {
-                rules: Some(s.rbac.clone()),
-                rules_stat_prefix: s.prefix.as_stat(),
-                ..Default::default()
-            })
-            .collect();
-        if let Some(audit) = &self.audit {
-            out.push(HttpRbac {
-                shadow_rules: Some(audit.rbac.clone()),
-                shadow_rules_stat_prefix: audit.prefix.as_stat(),
-                ..Default::default()
-            });
-        }
-        out
+    /// The filter config of every HTTP stage, in [`STAGES`] order; a stage without
+    /// policies passes everything (Envoy's RBAC filter without rules does nothing).
+    pub fn http_stage_configs(&self, listener: &str) -> [TypedExtensionConfig; 3] {
+        let config = |stage: &str, rbac: HttpRbac| TypedExtensionConfig {
+            name: stage_config_name(listener, stage),
+            typed_config: Some(super::translate::any(&rbac)),
+        };
+        [
+            config(
+                "deny",
+                HttpRbac {
+                    rules: self.deny.clone(),
+                    rules_stat_prefix: "deny.".to_string(),
+                    ..Default::default()
+                },
+            ),
+            config(
+                "allow",
+                HttpRbac {
+                    rules: self.allow.clone(),
+                    rules_stat_prefix: "allow.".to_string(),
+                    ..Default::default()
+                },
+            ),
+            config(
+                "audit",
+                HttpRbac {
+                    shadow_rules: self.audit.clone(),
+                    shadow_rules_stat_prefix: "audit_".to_string(),
+                    ..Default::default()
+                },
+            ),
+        ]
     }
 
     /// The network filters (before the TCP proxy) of the listener `listener`.
     pub fn network_filters(&self, listener: &str) -> Vec<NetworkRbac> {
-        let mut out: Vec<NetworkRbac> = self
-            .enforcing()
-            .map(|s| NetworkRbac {
-                rules: Some(s.rbac.clone()),
-                // Network RBAC stats live under `<stat_prefix>.rbac.`.
-                stat_prefix: format!("{listener}.{}", s.prefix.as_stat()),
-                ..Default::default()
-            })
-            .collect();
+        let mut out = Vec::new();
+        for (stage, rules) in [("deny", &self.deny), ("allow", &self.allow)] {
+            if let Some(rules) = rules {
+                out.push(NetworkRbac {
+                    rules: Some(rules.clone()),
+                    // Network RBAC stats live under `<stat_prefix>.rbac.`.
+                    stat_prefix: format!("{listener}.{stage}."),
+                    ..Default::default()
+                });
+            }
+        }
         if let Some(audit) = &self.audit {
             out.push(NetworkRbac {
-                shadow_rules: Some(audit.rbac.clone()),
-                shadow_rules_stat_prefix: audit.prefix.as_stat(),
+                shadow_rules: Some(audit.clone()),
+                shadow_rules_stat_prefix: "audit_".to_string(),
                 stat_prefix: format!("{listener}."),
                 ..Default::default()
             });
@@ -424,14 +407,14 @@ mod tests {
         // so the ALLOW stage denies everything.
         let allow = policy(Action::Allow, get_admin());
         let tcp = compile(&[&allow], false);
-        assert!(tcp.allow.as_ref().unwrap().rbac.policies.is_empty());
+        assert!(tcp.allow.as_ref().unwrap().policies.is_empty());
         let http = compile(&[&allow], true);
-        assert_eq!(http.allow.as_ref().unwrap().rbac.policies.len(), 1);
+        assert_eq!(http.allow.as_ref().unwrap().policies.len(), 1);
 
         // DENY that uses HTTP fields still denies on TCP, without them: any request.
         let deny = policy(Action::Deny, get_admin());
         let tcp = compile(&[&deny], false);
-        let rule = &tcp.deny[0].rbac.policies["shop/p#0"];
+        let rule = &tcp.deny.as_ref().unwrap().policies["shop/p#0"];
         assert_eq!(
             rule.permissions[0].rule,
             Some(permission::Rule::Any(true)),
@@ -444,8 +427,17 @@ mod tests {
     fn audit_rules_never_enforce() {
         let audit = policy(Action::Audit, get_admin());
         let c = compile(&[&audit], true);
-        let filters = c.http_filters();
-        assert_eq!(filters.len(), 1);
-        assert!(filters[0].rules.is_none() && filters[0].shadow_rules.is_some());
+        let configs = c.http_stage_configs("inbound");
+        let decoded: Vec<HttpRbac> = configs
+            .iter()
+            .map(|c| {
+                use prost::Message;
+                HttpRbac::decode(c.typed_config.as_ref().unwrap().value.as_slice()).unwrap()
+            })
+            .collect();
+        assert_eq!(configs[2].name, "inbound.rbac.audit");
+        // DENY and ALLOW pass everything; AUDIT only has shadow rules.
+        assert!(decoded[0].rules.is_none() && decoded[1].rules.is_none());
+        assert!(decoded[2].rules.is_none() && decoded[2].shadow_rules.is_some());
     }
 }

@@ -20,7 +20,7 @@ use envoy_types::pb::envoy::config::rbac::v3::{
 use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, path_matcher, string_matcher};
 
-use super::rbac::{PortRbac, StagePrefix};
+use super::rbac::PortRbac;
 
 /// What Envoy knows about a request when its RBAC filters run.
 #[derive(Debug, Clone, Default)]
@@ -69,13 +69,11 @@ impl PortRbac {
             notes: Vec::new(),
         };
         let mut denied_by = None;
-        for stage in self.enforcing() {
-            let matched = eval.first_match(&stage.rbac);
-            let denies = match stage.prefix {
-                StagePrefix::Allow => matched.is_none(),
-                _ => matched.is_some(),
-            };
-            if denies {
+        let stages = [(&self.deny, false), (&self.allow, true)];
+        for (rbac, is_allow) in stages {
+            let Some(rbac) = rbac else { continue };
+            let matched = eval.first_match(rbac);
+            if matched.is_some() != is_allow {
                 denied_by = Some(matched.unwrap_or_else(|| "none".to_string()));
                 break;
             }
@@ -83,7 +81,7 @@ impl PortRbac {
         let audit = self
             .audit
             .as_ref()
-            .map(|a| eval.all_matches(&a.rbac))
+            .map(|a| eval.all_matches(a))
             .unwrap_or_default();
         eval.notes.sort();
         eval.notes.dedup();

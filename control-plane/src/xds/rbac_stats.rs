@@ -1,12 +1,12 @@
-//! Reads the per-policy RBAC counters back from an Envoy's `/stats` text.
+//! Reads the RBAC counters of meshd's stages back from an Envoy's `/stats` text.
 //!
-//! [`rbac`](super::rbac) gives every enforcing filter its own stat prefix, so Envoy's
-//! counters are already per policy:
+//! [`rbac`](super::rbac) gives each enforcing stage its own stat prefix:
 //!
-//! - HTTP: `http.<listener>.rbac.deny[<ns>/<name>].denied`, `http.<listener>.rbac.allow.denied`
-//! - TCP: `<listener>.deny[<ns>/<name>].rbac.denied`, `<listener>.allow.rbac.denied`
+//! - HTTP: `http.<listener>.rbac.deny.denied`, `http.<listener>.rbac.allow.denied`
+//! - TCP: `<listener>.deny.rbac.denied`, `<listener>.allow.rbac.denied`
 //!
-//! (and `.allowed` beside each).
+//! (and `.allowed` beside each). Envoy has no counter per RBAC policy; the rule behind
+//! each single denial is in the response, the access log and `x-meshd-denied-by`.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageCounts {
     pub listener: String,
-    /// `deny <ns>/<name>` or `no ALLOW rule`.
+    /// `DENY rules` or `no ALLOW rule`.
     pub stage: String,
     pub denied: u64,
     pub allowed: u64,
@@ -58,25 +58,15 @@ fn split(name: &str) -> Option<(String, String, &str)> {
     }
     // HTTP: http.<listener>.rbac.<stage>  TCP: <listener>.<stage>.rbac
     let (listener, stage) = match rest.strip_prefix("http.") {
-        Some(http) => {
-            let (listener, stage) = http.split_once(".rbac.")?;
-            (listener, stage.strip_suffix('.').unwrap_or(stage))
-        }
-        None => {
-            let body = rest.strip_suffix(".rbac")?;
-            match body.find(".deny[") {
-                Some(i) => (&body[..i], &body[i + 1..]),
-                None => (body.strip_suffix(".allow")?, "allow"),
-            }
-        }
+        Some(http) => http.rsplit_once(".rbac.")?,
+        None => rest.strip_suffix(".rbac")?.rsplit_once('.')?,
     };
-    let stage = if stage == "allow" {
-        "no ALLOW rule".to_string()
-    } else {
-        let policy = stage.strip_prefix("deny[")?.strip_suffix(']')?;
-        format!("deny {policy}")
+    let stage = match stage {
+        "deny" => "DENY rules",
+        "allow" => "no ALLOW rule",
+        _ => return None,
     };
-    Some((listener.to_string(), stage, counter))
+    Some((listener.to_string(), stage.to_string(), counter))
 }
 
 #[cfg(test)]
@@ -86,13 +76,13 @@ mod tests {
     #[test]
     fn reads_http_and_tcp_counters() {
         let text = "\
-http.inbound_10.0.0.1_8080.rbac.allow.allowed: 7
-http.inbound_10.0.0.1_8080.rbac.allow.denied: 2
-http.inbound_10.0.0.1_8080.rbac.deny[shop/no-admin].allowed: 9
-http.inbound_10.0.0.1_8080.rbac.deny[shop/no-admin].denied: 3
-http.inbound_10.0.0.1_8080.rbac.audit_shadow_allowed: 9
-inbound_10.0.0.3_5432.deny[shop/no.dots].rbac.denied: 4
-inbound_10.0.0.3_5432.allow.rbac.denied: 1
+http.inbound|10.0.0.1:8080.rbac.allow.allowed: 7
+http.inbound|10.0.0.1:8080.rbac.allow.denied: 2
+http.inbound|10.0.0.1:8080.rbac.deny.allowed: 9
+http.inbound|10.0.0.1:8080.rbac.deny.denied: 3
+http.inbound|10.0.0.1:8080.rbac.audit_shadow_allowed: 9
+inbound|10.0.0.3:5432.deny.rbac.denied: 4
+inbound|10.0.0.3:5432.allow.rbac.denied: 1
 cluster.x.upstream_rq: 5
 ";
         let rows = parse(text);
@@ -102,14 +92,11 @@ cluster.x.upstream_rq: 5
                 .unwrap_or_else(|| panic!("{l} {s} in {rows:?}"))
                 .clone()
         };
-        assert_eq!(
-            find("inbound_10.0.0.1_8080", "deny shop/no-admin").denied,
-            3
-        );
-        assert_eq!(find("inbound_10.0.0.1_8080", "no ALLOW rule").denied, 2);
-        assert_eq!(find("inbound_10.0.0.1_8080", "no ALLOW rule").allowed, 7);
-        assert_eq!(find("inbound_10.0.0.3_5432", "deny shop/no.dots").denied, 4);
-        assert_eq!(find("inbound_10.0.0.3_5432", "no ALLOW rule").denied, 1);
+        assert_eq!(find("inbound|10.0.0.1:8080", "DENY rules").denied, 3);
+        assert_eq!(find("inbound|10.0.0.1:8080", "no ALLOW rule").denied, 2);
+        assert_eq!(find("inbound|10.0.0.1:8080", "no ALLOW rule").allowed, 7);
+        assert_eq!(find("inbound|10.0.0.3:5432", "DENY rules").denied, 4);
+        assert_eq!(find("inbound|10.0.0.3:5432", "no ALLOW rule").denied, 1);
         assert_eq!(rows.len(), 4, "{rows:?}");
     }
 }

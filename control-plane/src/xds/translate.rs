@@ -24,9 +24,9 @@ use envoy_types::pb::envoy::config::cluster::v3::cluster::{
 };
 use envoy_types::pb::envoy::config::core::v3::Metadata;
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, HealthStatus,
-    Http2ProtocolOptions, SocketAddress, TrafficDirection, TransportSocket, address, config_source,
-    data_source, socket_address, transport_socket,
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, ExtensionConfigSource,
+    HealthStatus, Http2ProtocolOptions, SocketAddress, TrafficDirection, TransportSocket, address,
+    config_source, data_source, socket_address, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -39,6 +39,7 @@ use envoy_types::pb::envoy::config::route::v3::{
     route_match,
 };
 use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::StdoutAccessLog;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -212,12 +213,18 @@ pub fn inbound_listener(address: IpAddr, inbound: &InboundPort, rbac: &PortRbac)
             }],
             ..Default::default()
         };
-        let rbac_filters = rbac
-            .http_filters()
+        // The RBAC stages come by ECDS, so that changes apply to the next request.
+        let rbac_filters = super::rbac::STAGES
             .iter()
-            .map(|r| HttpFilter {
-                name: "envoy.filters.http.rbac".to_string(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(any(r))),
+            .map(|stage| HttpFilter {
+                name: super::rbac::stage_config_name(&name, stage),
+                config_type: Some(http_filter::ConfigType::ConfigDiscovery(
+                    ExtensionConfigSource {
+                        config_source: Some(ads()),
+                        type_urls: vec![HttpRbac::type_url()],
+                        ..Default::default()
+                    },
+                )),
                 ..Default::default()
             })
             .collect();
