@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use meshd::xds::authz_check::CheckResponse;
-use meshd::xds::rbac_stats::StageCounts;
+use meshd::xds::rbac_stats::RuleCount;
 use meshd_integration::apps::{HttpApp, TcpApp, tcp_roundtrip};
 use meshd_integration::envoy::Sidecar;
 use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};
@@ -236,7 +236,7 @@ impl Mesh {
         Ok(v.denied_by.clone())
     }
 
-    async fn stats(&self, sidecar: &Sidecar) -> anyhow::Result<Vec<StageCounts>> {
+    async fn stats(&self, sidecar: &Sidecar) -> anyhow::Result<Vec<RuleCount>> {
         let admin = format!("127.0.0.1:{}", sidecar.admin_port);
         let out = self
             .meshd
@@ -245,6 +245,14 @@ impl Mesh {
         ensure!(out.status.success(), "{out:?}");
         Ok(serde_json::from_slice(&out.stdout)?)
     }
+}
+
+/// The counter `meshctl authz stats` shows for `rule` and `outcome` (0 if none).
+fn count(rows: &[RuleCount], rule: &str, outcome: &str) -> u64 {
+    rows.iter()
+        .filter(|r| r.rule == rule && r.outcome == outcome)
+        .map(|r| r.count)
+        .sum()
 }
 
 fn policy(ns: &str, name: &str, selector: Option<&str>, action: &str, rules: &str) -> String {
@@ -391,20 +399,27 @@ async fn authorization_table_over_real_sidecars() -> anyhow::Result<()> {
     )
     .await?;
 
-    // Denials counted by Envoy per stage (web: /admin/users, the gateway's POST and
-    // /internal/x by DENY rules; four requests matched no ALLOW rule), and the rule
-    // named in the access log of a denied TCP connection.
+    // Denials counted by Envoy per rule (web) and per DENY policy (db), as meshctl
+    // reads them, and the rule named in the access log of a denied TCP connection.
     let web_stats = m.stats(&m.web).await?;
-    let counted = |rows: &[StageCounts], stage: &str| {
-        rows.iter()
-            .filter(|r| r.stage == stage)
-            .map(|r| r.denied)
-            .sum::<u64>()
-    };
-    ensure!(counted(&web_stats, "DENY rules") == 3, "{web_stats:?}");
-    ensure!(counted(&web_stats, "no ALLOW rule") == 4, "{web_stats:?}");
+    for (rule, n) in [
+        ("shop/no-admin#0", 1),
+        ("shop/shop-only-writes#0", 1),
+        ("meshd-system/no-internal#0", 1),
+        ("none", 4),
+    ] {
+        ensure!(
+            count(&web_stats, rule, "denied") == n,
+            "{rule}: {web_stats:?}"
+        );
+    }
     let db_stats = m.stats(&m.db).await?;
-    ensure!(counted(&db_stats, "DENY rules") == 1, "{db_stats:?}");
+    for (rule, n) in [("meshd-system/no-internal", 1), ("none", 1)] {
+        ensure!(
+            count(&db_stats, rule, "denied") == n,
+            "{rule}: {db_stats:?}"
+        );
+    }
     eventually("db's access log to name the TCP denial", WAIT, || async {
         let log = m.db.log();
         ensure!(
@@ -471,6 +486,11 @@ async fn authorization_table_over_real_sidecars() -> anyhow::Result<()> {
     ensure!(
         resp.workloads[0].verdict.audit == ["shop/web-audit#0"],
         "{resp:?}"
+    );
+    let web_stats = m.stats(&m.web).await?;
+    ensure!(
+        count(&web_stats, "shop/web-audit#0", "audited") == 1,
+        "{web_stats:?}"
     );
     eventually(
         "web's access log to record the audited request",

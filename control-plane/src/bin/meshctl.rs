@@ -95,11 +95,11 @@ enum AuthzCommand {
     /// meshd evaluates the RBAC it compiles for each workload's sidecar, the same protos
     /// Envoy enforces, against its current snapshot.
     Check(Box<CheckArgs>),
-    /// Denials per inbound listener, read from one sidecar's Envoy admin interface.
+    /// Denials (and admissions, audits) per rule, read from one sidecar's Envoy admin.
     ///
-    /// `DENY rules` counts the requests (HTTP) or connections (TCP) a DENY rule denied;
-    /// `no ALLOW rule` counts what no ALLOW rule admitted. The rule behind each denial
-    /// is in the sidecar's access log (`details=rbac_access_denied_matched_policy[…]`).
+    /// HTTP ports count per rule (`<ns>/<name>#<i>`): requests each DENY rule denied,
+    /// each ALLOW rule admitted and each AUDIT rule matched. TCP ports count per DENY
+    /// policy the connections it denied. `none` counts what no ALLOW rule admitted.
     Stats {
         /// The sidecar's Envoy admin address (host:port or URL).
         #[arg(long)]
@@ -388,13 +388,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
-                "{:<40} {:<40} {:>8} {:>8}",
-                "LISTENER", "STAGE", "DENIED", "ALLOWED"
+                "{:<32} {:<40} {:<8} {:>8}",
+                "LISTENER", "RULE", "OUTCOME", "COUNT"
             );
             for r in &rows {
                 println!(
-                    "{:<40} {:<40} {:>8} {:>8}",
-                    r.listener, r.stage, r.denied, r.allowed
+                    "{:<32} {:<40} {:<8} {:>8}",
+                    r.listener, r.rule, r.outcome, r.count
                 );
             }
             Ok(ExitCode::SUCCESS)

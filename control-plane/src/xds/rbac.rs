@@ -8,9 +8,10 @@
 //!
 //! Each rule is an Envoy policy named `<namespace>/<name>#<rule>`, so Envoy's response
 //! details (and meshd's `x-meshd-denied-by` header, and the access log) name the rule
-//! that denied a request. Each stage has its own stat prefix (`deny.`, `allow.`,
-//! `audit_`), so Envoy counts what DENY rules denied and what no ALLOW rule admitted;
-//! `meshctl authz stats` reads the counters back.
+//! that denied a request. Envoy counts per rule (HTTP: `track_per_rule_stats`) or per
+//! DENY policy (TCP: one network filter each) what was denied, allowed and audited,
+//! and per port what no ALLOW rule admitted; `meshctl authz stats` reads it back
+//! ([`rbac_stats`](super::rbac_stats)).
 //!
 //! **Live updates.** On HTTP ports the three stages are filters whose configs come by
 //! ECDS (one [`TypedExtensionConfig`] each, named `<listener>.rbac.<stage>`), not inline
@@ -108,6 +109,7 @@ impl PortRbac {
                 HttpRbac {
                     rules: self.deny.clone(),
                     rules_stat_prefix: "deny.".to_string(),
+                    track_per_rule_stats: true,
                     ..Default::default()
                 },
             ),
@@ -116,6 +118,7 @@ impl PortRbac {
                 HttpRbac {
                     rules: self.allow.clone(),
                     rules_stat_prefix: "allow.".to_string(),
+                    track_per_rule_stats: true,
                     ..Default::default()
                 },
             ),
@@ -124,24 +127,46 @@ impl PortRbac {
                 HttpRbac {
                     shadow_rules: self.audit.clone(),
                     shadow_rules_stat_prefix: "audit_".to_string(),
+                    track_per_rule_stats: true,
                     ..Default::default()
                 },
             ),
         ]
     }
 
-    /// The network filters (before the TCP proxy) of the listener `listener`.
+    /// The network filters (before the TCP proxy) of the listener `listener`. Network
+    /// RBAC has no per-rule counters, so each DENY policy gets a filter of its own:
+    /// its `denied` counter (`<listener>.deny.<ns>/<name>.rbac.denied`) is the policy's.
     pub fn network_filters(&self, listener: &str) -> Vec<NetworkRbac> {
         let mut out = Vec::new();
-        for (stage, rules) in [("deny", &self.deny), ("allow", &self.allow)] {
-            if let Some(rules) = rules {
+        if let Some(deny) = &self.deny {
+            let mut by_policy: std::collections::BTreeMap<&str, Rbac> = Default::default();
+            for (rule_id, rule) in &deny.policies {
+                let policy = rule_id.split_once('#').map_or(rule_id.as_str(), |(p, _)| p);
+                by_policy
+                    .entry(policy)
+                    .or_insert_with(|| Rbac {
+                        action: deny.action,
+                        ..Default::default()
+                    })
+                    .policies
+                    .insert(rule_id.clone(), rule.clone());
+            }
+            for (policy, rules) in by_policy {
                 out.push(NetworkRbac {
-                    rules: Some(rules.clone()),
+                    rules: Some(rules),
                     // Network RBAC stats live under `<stat_prefix>.rbac.`.
-                    stat_prefix: format!("{listener}.{stage}."),
+                    stat_prefix: format!("{listener}.deny.{policy}."),
                     ..Default::default()
                 });
             }
+        }
+        if let Some(allow) = &self.allow {
+            out.push(NetworkRbac {
+                rules: Some(allow.clone()),
+                stat_prefix: format!("{listener}.allow."),
+                ..Default::default()
+            });
         }
         if let Some(audit) = &self.audit {
             out.push(NetworkRbac {

@@ -1,72 +1,73 @@
-//! Reads the RBAC counters of meshd's stages back from an Envoy's `/stats` text.
+//! Reads meshd's RBAC counters back from an Envoy's `/stats` text, per rule.
 //!
-//! [`rbac`](super::rbac) gives each enforcing stage its own stat prefix:
+//! What [`rbac`](super::rbac) makes Envoy count:
 //!
-//! - HTTP: `http.<listener>.rbac.deny.denied`, `http.<listener>.rbac.allow.denied`
-//! - TCP: `<listener>.deny.rbac.denied`, `<listener>.allow.rbac.denied`
-//!
-//! (and `.allowed` beside each). Envoy has no counter per RBAC policy; the rule behind
-//! each single denial is in the response, the access log and `x-meshd-denied-by`.
-
-use std::collections::BTreeMap;
+//! | stat | meaning |
+//! |---|---|
+//! | `http.<listener>.rbac.deny.policy.<rule>.denied` | requests DENY rule `<rule>` denied |
+//! | `http.<listener>.rbac.allow.policy.<rule>.allowed` | requests ALLOW rule `<rule>` admitted |
+//! | `http.<listener>.rbac.allow.denied` | requests no ALLOW rule admitted |
+//! | `http.<listener>.rbac.audit_.policy.<rule>.shadow_allowed` | requests AUDIT rule `<rule>` matched |
+//! | `<listener>.deny.<ns>/<name>.rbac.denied` | connections DENY policy `<ns>/<name>` denied |
+//! | `<listener>.allow.rbac.denied` | connections no ALLOW rule admitted |
 
 use serde::{Deserialize, Serialize};
 
-/// The counters of one RBAC filter of one listener.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StageCounts {
+/// One counter: on `listener`, `rule` (`<ns>/<name>#<i>`, a TCP DENY policy
+/// `<ns>/<name>`, or `none` for "no ALLOW rule matched") had `outcome` `count` times.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RuleCount {
     pub listener: String,
-    /// `DENY rules` or `no ALLOW rule`.
-    pub stage: String,
-    pub denied: u64,
-    pub allowed: u64,
+    pub rule: String,
+    /// `denied`, `allowed` or `audited`.
+    pub outcome: String,
+    pub count: u64,
 }
 
-pub fn parse(stats: &str) -> Vec<StageCounts> {
-    let mut rows: BTreeMap<(String, String), StageCounts> = BTreeMap::new();
-    for line in stats.lines() {
-        let Some((name, value)) = line.split_once(": ") else {
-            continue;
-        };
-        let Ok(value) = value.trim().parse::<u64>() else {
-            continue;
-        };
-        let Some((listener, stage, counter)) = split(name) else {
-            continue;
-        };
-        let row = rows
-            .entry((listener.clone(), stage.clone()))
-            .or_insert_with(|| StageCounts {
-                listener,
-                stage,
-                denied: 0,
-                allowed: 0,
-            });
-        match counter {
-            "denied" => row.denied = value,
-            _ => row.allowed = value,
+pub fn parse(stats: &str) -> Vec<RuleCount> {
+    let mut rows: Vec<RuleCount> = stats
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once(": ")?;
+            let count = value.trim().parse::<u64>().ok()?;
+            let (listener, rule, outcome) = split(name)?;
+            Some(RuleCount {
+                listener: listener.to_string(),
+                rule: rule.to_string(),
+                outcome: outcome.to_string(),
+                count,
+            })
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// `(listener, rule, outcome)` of one of meshd's RBAC counters.
+fn split(name: &str) -> Option<(&str, &str, &str)> {
+    if let Some(http) = name.strip_prefix("http.") {
+        let (listener, stat) = http.split_once(".rbac.")?;
+        let per_rule = [
+            ("deny.policy.", ".denied", "denied"),
+            ("allow.policy.", ".allowed", "allowed"),
+            ("audit_.policy.", ".shadow_allowed", "audited"),
+        ];
+        for (prefix, suffix, outcome) in per_rule {
+            if let Some(rule) = stat
+                .strip_prefix(prefix)
+                .and_then(|r| r.strip_suffix(suffix))
+            {
+                return Some((listener, rule, outcome));
+            }
         }
+        return (stat == "allow.denied").then_some((listener, "none", "denied"));
     }
-    rows.into_values().collect()
-}
-
-/// `(listener, stage, "denied" | "allowed")` of one of meshd's RBAC counters.
-fn split(name: &str) -> Option<(String, String, &str)> {
-    let (rest, counter) = name.rsplit_once('.')?;
-    if counter != "denied" && counter != "allowed" {
-        return None;
+    let body = name.strip_suffix(".rbac.denied")?;
+    if let Some(listener) = body.strip_suffix(".allow") {
+        return Some((listener, "none", "denied"));
     }
-    // HTTP: http.<listener>.rbac.<stage>  TCP: <listener>.<stage>.rbac
-    let (listener, stage) = match rest.strip_prefix("http.") {
-        Some(http) => http.rsplit_once(".rbac.")?,
-        None => rest.strip_suffix(".rbac")?.rsplit_once('.')?,
-    };
-    let stage = match stage {
-        "deny" => "DENY rules",
-        "allow" => "no ALLOW rule",
-        _ => return None,
-    };
-    Some((listener.to_string(), stage.to_string(), counter))
+    let (listener, policy) = body.split_once(".deny.")?;
+    Some((listener, policy, "denied"))
 }
 
 #[cfg(test)]
@@ -74,29 +75,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_http_and_tcp_counters() {
+    fn reads_rules_from_http_and_tcp_counters() {
         let text = "\
 http.inbound|10.0.0.1:8080.rbac.allow.allowed: 7
 http.inbound|10.0.0.1:8080.rbac.allow.denied: 2
-http.inbound|10.0.0.1:8080.rbac.deny.allowed: 9
+http.inbound|10.0.0.1:8080.rbac.allow.policy.shop/web#1.allowed: 5
 http.inbound|10.0.0.1:8080.rbac.deny.denied: 3
-http.inbound|10.0.0.1:8080.rbac.audit_shadow_allowed: 9
-inbound|10.0.0.3:5432.deny.rbac.denied: 4
+http.inbound|10.0.0.1:8080.rbac.deny.policy.shop/no.admin#0.denied: 3
+http.inbound|10.0.0.1:8080.rbac.audit_.policy.shop/watch#0.shadow_allowed: 9
+http.inbound|10.0.0.1:8080.rbac.audit_.shadow_allowed: 9
+inbound|10.0.0.3:5432.deny.shop/no.dots.rbac.denied: 4
+inbound|10.0.0.3:5432.deny.shop/no.dots.rbac.allowed: 6
 inbound|10.0.0.3:5432.allow.rbac.denied: 1
+extension_config_discovery.http_filter.inbound|10.0.0.1:8080.rbac.deny.update_success: 4
 cluster.x.upstream_rq: 5
 ";
-        let rows = parse(text);
-        let find = |l: &str, s: &str| {
-            rows.iter()
-                .find(|r| r.listener == l && r.stage == s)
-                .unwrap_or_else(|| panic!("{l} {s} in {rows:?}"))
-                .clone()
-        };
-        assert_eq!(find("inbound|10.0.0.1:8080", "DENY rules").denied, 3);
-        assert_eq!(find("inbound|10.0.0.1:8080", "no ALLOW rule").denied, 2);
-        assert_eq!(find("inbound|10.0.0.1:8080", "no ALLOW rule").allowed, 7);
-        assert_eq!(find("inbound|10.0.0.3:5432", "DENY rules").denied, 4);
-        assert_eq!(find("inbound|10.0.0.3:5432", "no ALLOW rule").denied, 1);
-        assert_eq!(rows.len(), 4, "{rows:?}");
+        let got: Vec<(String, String, String, u64)> = parse(text)
+            .into_iter()
+            .map(|r| (r.listener, r.rule, r.outcome, r.count))
+            .collect();
+        let row = |l: &str, r: &str, o: &str, c: u64| (l.into(), r.into(), o.into(), c);
+        assert_eq!(
+            got,
+            vec![
+                row("inbound|10.0.0.1:8080", "none", "denied", 2),
+                row("inbound|10.0.0.1:8080", "shop/no.admin#0", "denied", 3),
+                row("inbound|10.0.0.1:8080", "shop/watch#0", "audited", 9),
+                row("inbound|10.0.0.1:8080", "shop/web#1", "allowed", 5),
+                row("inbound|10.0.0.3:5432", "none", "denied", 1),
+                row("inbound|10.0.0.3:5432", "shop/no.dots", "denied", 4),
+            ]
+        );
     }
 }
