@@ -125,6 +125,20 @@ pub async fn run(dir: &Path, flavor: XdsFlavor, requests: usize) -> anyhow::Resu
                 println!("  {line}");
                 transcript.push(line);
             }
+            if port.protocol.is_http() {
+                // What the example's AuthorizationPolicies say about /admin.
+                let r = http_get(local, "/admin").await?;
+                let answer = match r.status {
+                    403 => format!("HTTP 403: {}", r.body.trim()),
+                    s => format!("HTTP {s} from {}", r.app.as_deref().unwrap_or("?")),
+                };
+                let line = format!(
+                    "{} → {}:{} GET /admin: {answer}",
+                    workload.key, up.service, up.port
+                );
+                println!("  {line}");
+                transcript.push(line);
+            }
         }
     }
     Ok(Demo {

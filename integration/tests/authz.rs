@@ -650,6 +650,35 @@ async fn invalid_policy_keeps_the_previous_version() -> anyhow::Result<()> {
         Ok(())
     })
     .await?;
+    // meshctl authz check names what is wrong with its question.
+    for (args, expected) in [
+        (
+            vec!["--from-sa", "shop/client", "--to", "web:80"],
+            "--to must be <namespace>/<service>:<port>",
+        ),
+        (
+            vec!["--from-sa", "shop/client", "--to", "shop/nope:80"],
+            "no service shop/nope in the mesh",
+        ),
+        (
+            vec!["--from-sa", "shop/client", "--to", "shop/web:81"],
+            "service shop/web has no port 81 (it has 80)",
+        ),
+        (
+            vec!["--from-sa", "client", "--to", "shop/web:80"],
+            "--from-sa must be",
+        ),
+        (vec!["--to", "shop/web:80"], "--from"),
+    ] {
+        let mut argv = vec!["authz", "check"];
+        argv.extend(args.iter().copied());
+        let out = m.meshd.meshctl(&argv).await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains(expected),
+            "meshctl {argv:?}: {stderr}"
+        );
+    }
     m.run(
         "previous version",
         &[

@@ -23,7 +23,7 @@ async fn the_example_mesh_serves_http_and_tcp_through_real_sidecars() -> anyhow:
     let http: BTreeSet<_> = demo
         .transcript
         .iter()
-        .filter(|l| l.contains("shop/web:80"))
+        .filter(|l| l.contains("shop/web:80 (via"))
         .map(|l| l.rsplit(' ').next().unwrap_or_default().to_string())
         .collect();
     assert_eq!(
@@ -34,6 +34,15 @@ async fn the_example_mesh_serves_http_and_tcp_through_real_sidecars() -> anyhow:
         demo.transcript
             .iter()
             .any(|l| l.ends_with("shop/db:5432 (via 127.0.0.1:15002): db-1: hello #0"))
+    );
+    // The example's AuthorizationPolicy keeps everyone out of /admin, and says so.
+    assert!(
+        demo.transcript.iter().any(|l| l.ends_with(
+            "shop/web:80 GET /admin: HTTP 403: access denied by meshd authorization: \
+             rbac_access_denied_matched_policy[shop/no-admin#0]"
+        )),
+        "{:#?}",
+        demo.transcript
     );
     let status = demo.meshd.meshctl(&["status"]).await?;
     let printed = String::from_utf8_lossy(&status.stdout);

@@ -501,13 +501,21 @@ fn print_check(resp: &CheckResponse, req: &CheckRequest, output: Output) -> anyh
         return Ok(());
     }
     let decision = |allowed: bool| if allowed { "ALLOW" } else { "DENY" };
+    // Method and path mean nothing to a TCP port.
+    let request = if resp.workloads.iter().any(|w| w.protocol == "http") {
+        format!(
+            " {} {}",
+            req.method.as_deref().unwrap_or("GET"),
+            req.path.as_deref().unwrap_or("/")
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "{} {}:{} {} {} from {} (snapshot {})",
+        "{} {}:{}{request} from {} (snapshot {})",
         decision(resp.allowed),
         resp.service,
         resp.port,
-        req.method.as_deref().unwrap_or("GET"),
-        req.path.as_deref().unwrap_or("/"),
         resp.principal.as_deref().unwrap_or("a plaintext caller"),
         resp.snapshot_version
     );
