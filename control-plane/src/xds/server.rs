@@ -270,6 +270,11 @@ impl ProxyConn {
         });
     }
 
+    /// Records that every response for the current snapshot has been sent.
+    pub fn record_pushed(&self) {
+        self.status.update(|s| s.pushed_version = s.snapshot_version);
+    }
+
     /// Records a response of type `t` sent to the proxy.
     pub fn record_sent(&self, t: ResourceType, resources: usize, version: String, nonce: String) {
         self.status.update(|s| {
@@ -359,6 +364,7 @@ where
     if let Err(e) = stream.on_request(first).await {
         return e;
     }
+    stream.conn().record_pushed();
     loop {
         tokio::select! {
             req = requests.next() => match req {
@@ -366,6 +372,7 @@ where
                     if let Err(e) = stream.on_request(req).await {
                         return e;
                     }
+                    stream.conn().record_pushed();
                     continue;
                 }
                 Some(Err(status)) => return format!("stream error: {}", status.message()),
@@ -388,6 +395,7 @@ where
                 return e;
             }
         }
+        stream.conn().record_pushed();
     }
 }
 

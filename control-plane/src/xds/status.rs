@@ -53,9 +53,12 @@ pub struct ProxyStatus {
     pub connected_at: String,
     /// The newest mesh snapshot this stream has computed its config from.
     pub snapshot_version: u64,
+    /// The newest snapshot whose responses have all been sent (what the proxy
+    /// subscribes to so far).
+    pub pushed_version: u64,
     /// The newest snapshot whose every response the proxy has ACKed.
     pub synced_version: Option<u64>,
-    /// By short type name (`cds`, `eds`, `lds`, `rds`).
+    /// By short type name (`cds`, `eds`, `lds`, `rds`, `ecds`, `sds`).
     pub types: BTreeMap<String, TypeStatus>,
     /// Type URLs the proxy asked for that meshd does not serve.
     pub unknown_type_urls: Vec<String>,
@@ -73,6 +76,7 @@ impl ProxyStatus {
             flavor,
             connected_at: now_rfc3339(),
             snapshot_version: 0,
+            pushed_version: 0,
             synced_version: None,
             types: BTreeMap::new(),
             unknown_type_urls: Vec::new(),
@@ -87,10 +91,15 @@ impl ProxyStatus {
         self.types.get_mut(short).expect("just inserted")
     }
 
-    /// Marks the proxy in sync with its snapshot if nothing is outstanding.
+    /// Marks the proxy in sync with the last snapshot pushed if nothing is
+    /// outstanding. Not with `snapshot_version`: between computing a snapshot's config
+    /// and sending it, nothing is pending, yet the proxy does not have it.
     pub fn recompute_sync(&mut self) {
-        if !self.types.is_empty() && self.types.values().all(|t| !t.pending && !t.nacked) {
-            self.synced_version = Some(self.snapshot_version);
+        if self.pushed_version > 0
+            && !self.types.is_empty()
+            && self.types.values().all(|t| !t.pending && !t.nacked)
+        {
+            self.synced_version = Some(self.pushed_version);
         }
     }
 }
