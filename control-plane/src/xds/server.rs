@@ -272,7 +272,8 @@ impl ProxyConn {
 
     /// Records that every response for the current snapshot has been sent.
     pub fn record_pushed(&self) {
-        self.status.update(|s| s.pushed_version = s.snapshot_version);
+        self.status
+            .update(|s| s.pushed_version = s.snapshot_version);
     }
 
     /// Records a response of type `t` sent to the proxy.
