@@ -52,6 +52,11 @@ enum Command {
     /// The mesh CA: status and staged root rotation.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Print meshd's CustomResourceDefinitions (AuthorizationPolicy, PeerAuthentication)
+    /// as YAML, generated from the same Rust types meshd reads them with.
+    ///
+    /// `meshctl crds | kubectl apply -f -`; the chart's `crds/` holds the same file.
+    Crds,
     /// Authorization: predict decisions, read denials from proxies.
     #[command(subcommand)]
     Authz(AuthzCommand),
@@ -352,6 +357,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let status: RotationStatus = post_json(&admin, "/ca/rotate-root").await?;
             println!("root rotation started");
             print_rotation(&status, Output::Table)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Crds => {
+            print!("{}", meshd::sources::crd::crds_yaml());
             Ok(ExitCode::SUCCESS)
         }
         Command::Authz(AuthzCommand::Check(args)) => {

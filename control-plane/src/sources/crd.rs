@@ -7,32 +7,40 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::convert::{FieldError, object_key};
 use crate::authz::{self, Action, Cidr, Condition, Operation, Rule, Source, StringMatch};
-use crate::model::{MtlsMode, PeerAuthentication};
+use crate::model::MtlsMode;
 
 pub const GROUP_VERSION: &str = "security.meshd.io/v1alpha1";
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PeerAuthenticationResource {
-    pub api_version: String,
-    pub kind: String,
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: PeerAuthenticationSpec,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
+/// PeerAuthentication: which mTLS mode the inbound ports of the selected workloads
+/// accept (STRICT, PERMISSIVE or DISABLE). The most specific policy wins: the
+/// workload's (port level first), then its namespace's, then the root namespace's.
+#[derive(CustomResource, Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "security.meshd.io",
+    version = "v1alpha1",
+    kind = "PeerAuthentication",
+    namespaced,
+    shortname = "pa",
+    status = "PolicyStatus",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mtls.mode"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
+    /// Without a selector: every workload of the namespace (of the mesh, in the root
+    /// namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsSpec>,
+    /// Per port number (as a string key): overrides `mtls` for that port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_level_mtls: Option<BTreeMap<String, MtlsSpec>>,
 }
 
@@ -43,10 +51,61 @@ pub struct WorkloadSelector {
     pub match_labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MtlsSpec {
+    /// STRICT, PERMISSIVE, DISABLE or UNSET (inherit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+}
+
+/// What meshd made of a policy, written by the replica that holds the Lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    #[serde(default)]
+    pub conditions: Vec<PolicyCondition>,
+}
+
+/// A status condition in the Kubernetes convention; meshd sets `Accepted`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyCondition {
+    /// `Accepted`
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True` or `False`
+    pub status: String,
+    /// `Accepted` or `Invalid`
+    pub reason: String,
+    /// Why the policy was not accepted: the field and what is wrong with it.
+    #[serde(default)]
+    pub message: String,
+    /// The `metadata.generation` this condition describes.
+    #[serde(default)]
+    pub observed_generation: i64,
+    /// RFC 3339.
+    #[serde(default)]
+    pub last_transition_time: String,
+}
+
+/// The CustomResourceDefinitions of meshd's resources, as the chart installs them.
+pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    use kube::CustomResourceExt;
+    vec![AuthorizationPolicy::crd(), PeerAuthentication::crd()]
+}
+
+/// [`crds`] as one multi-document YAML file.
+pub fn crds_yaml() -> String {
+    let mut out = String::from(
+        "# Generated from meshd's Rust types by `meshctl crds`; do not edit.\n",
+    );
+    for crd in crds() {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd).expect("a CRD serializes"));
+    }
+    out
 }
 
 /// `STRICT`, `PERMISSIVE`, `DISABLE`, or `UNSET`/absent (`None`: inherit).
@@ -64,8 +123,8 @@ fn parse_mode(field: &str, spec: Option<&MtlsSpec>) -> Result<Option<MtlsMode>, 
 }
 
 pub fn peer_authentication(
-    r: &PeerAuthenticationResource,
-) -> Result<PeerAuthentication, FieldError> {
+    r: &PeerAuthentication,
+) -> Result<crate::model::PeerAuthentication, FieldError> {
     let key = object_key(&r.metadata)?;
     let selector = r
         .spec
@@ -100,7 +159,7 @@ pub fn peer_authentication(
             }
         }
     }
-    Ok(PeerAuthentication {
+    Ok(crate::model::PeerAuthentication {
         key,
         selector,
         mode,
@@ -108,8 +167,9 @@ pub fn peer_authentication(
     })
 }
 
-/// `security.meshd.io/v1alpha1` AuthorizationPolicy: who may do what to the selected
-/// workloads. Semantics: see [`crate::authz`].
+/// AuthorizationPolicy: who may do what to the selected workloads. DENY policies
+/// win; if any ALLOW policy selects a workload, a request must match one of its rules;
+/// AUDIT only logs.
 #[derive(CustomResource, Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[kube(
     group = "security.meshd.io",
@@ -117,7 +177,9 @@ pub fn peer_authentication(
     kind = "AuthorizationPolicy",
     namespaced,
     shortname = "ap",
-    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#
+    status = "PolicyStatus",
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
@@ -387,4 +449,37 @@ fn operation(o: &OperationSpec, at: &str) -> Result<Operation, FieldError> {
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chart installs the CRDs generated from these types; they must not drift.
+    #[test]
+    fn the_charts_crds_match_the_rust_types() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/meshd/crds/crds.yaml");
+        let chart = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            chart == crds_yaml(),
+            "{} differs from the Rust types; regenerate it with\n  \
+             cargo run -p meshd --bin meshctl -- crds > charts/meshd/crds/crds.yaml",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn crds_have_status_and_printer_columns() {
+        let yaml = crds_yaml();
+        for needle in [
+            "name: authorizationpolicies.security.meshd.io",
+            "name: peerauthentications.security.meshd.io",
+            "status: {}",
+            "jsonPath: .spec.action",
+            "jsonPath: .status.conditions[?(@.type==\"Accepted\")].status",
+        ] {
+            assert!(yaml.contains(needle), "{needle} missing in:\n{yaml}");
+        }
+    }
 }

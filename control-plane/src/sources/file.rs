@@ -130,7 +130,7 @@ fn parse_document(value: serde_yaml::Value) -> Result<MeshObject, (Option<String
             .and_then(|p| crd::authorization_policy(&p))
             .map(|p| MeshObject::AuthorizationPolicy(Arc::new(p))),
         (crd::GROUP_VERSION, "PeerAuthentication") => {
-            typed::<crd::PeerAuthenticationResource>(value)
+            typed::<crd::PeerAuthentication>(value)
                 .and_then(|p| crd::peer_authentication(&p))
                 .map(|p| MeshObject::PeerAuthentication(Arc::new(p)))
         }
