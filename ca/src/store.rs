@@ -33,7 +33,32 @@ pub const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 #[derive(Debug, Clone)]
 pub enum CaSource {
     Directory(PathBuf),
-    PlugIn { cert_chain: PathBuf, key: PathBuf },
+    PlugIn {
+        cert_chain: PathBuf,
+        key: PathBuf,
+    },
+    /// PEM text from elsewhere (a Kubernetes Secret); `origin` names it in errors.
+    Pem {
+        origin: String,
+        chain_pem: String,
+        key_pem: std::sync::Arc<crate::PrivateKeyPem>,
+    },
+}
+
+impl std::fmt::Display for CaSource {
+    /// Where the CA comes from, without its content.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CaSource::Directory(dir) => write!(f, "directory {}", dir.display()),
+            CaSource::PlugIn { cert_chain, key } => write!(
+                f,
+                "plug-in {} (key {})",
+                cert_chain.display(),
+                key.display()
+            ),
+            CaSource::Pem { origin, .. } => f.write_str(origin),
+        }
+    }
 }
 
 /// What [`open`] did.
@@ -48,6 +73,22 @@ pub fn open(source: &CaSource, config: CaConfig) -> Result<(Authority, Opened), 
         CaSource::Directory(dir) => open_dir(dir, config),
         CaSource::PlugIn { cert_chain, key } => {
             Ok((load(cert_chain, key, config)?, Opened::Loaded))
+        }
+        CaSource::Pem {
+            origin,
+            chain_pem,
+            key_pem,
+        } => {
+            let chain_label = PathBuf::from(format!("{origin} (certificate)"));
+            let key_label = PathBuf::from(format!("{origin} (key)"));
+            let authority = check(
+                chain_pem,
+                key_pem.secret_pem(),
+                &chain_label,
+                &key_label,
+                config,
+            )?;
+            Ok((authority, Opened::Loaded))
         }
     }
 }
@@ -151,13 +192,26 @@ pub fn write_file(path: &Path, text: &str, mode: u32, replace: bool) -> Result<(
 pub fn load(chain_path: &Path, key_path: &Path, config: CaConfig) -> Result<Authority, CaError> {
     let chain_text = std::fs::read_to_string(chain_path)
         .map_err(|e| CaError::file(chain_path, format!("cannot read: {e}")))?;
-    let chain = certificate_blocks(&chain_text).map_err(|m| CaError::file(chain_path, m))?;
+    let key_text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(key_path)
+            .map_err(|e| CaError::file(key_path, format!("cannot read: {e}")))?,
+    );
+    check(&chain_text, &key_text, chain_path, key_path, config)
+}
+
+/// [`load`]'s checks on PEM text; the paths only name the material in errors.
+fn check(
+    chain_text: &str,
+    key_text: &str,
+    chain_path: &Path,
+    key_path: &Path,
+    config: CaConfig,
+) -> Result<Authority, CaError> {
+    let chain = certificate_blocks(chain_text).map_err(|m| CaError::file(chain_path, m))?;
     if chain.is_empty() {
         return Err(CaError::file(chain_path, "holds no CERTIFICATE block"));
     }
-    let key_text = std::fs::read_to_string(key_path)
-        .map_err(|e| CaError::file(key_path, format!("cannot read: {e}")))?;
-    let key = KeyPair::from_pem(&key_text).map_err(|e| {
+    let key = KeyPair::from_pem(key_text).map_err(|e| {
         CaError::file(
             key_path,
             format!("is not a PEM private key meshd can sign with ({e})"),

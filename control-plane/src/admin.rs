@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use crate::identity::{CertManager, RotationError};
 use crate::model::ObjectKey;
-use crate::sources::file::SharedErrors;
+use crate::sources::SharedErrors;
 use crate::xds::authz_check::{self, CheckError, CheckRequest};
 use crate::xds::cache::XdsSnapshot;
 use crate::xds::resources::ResourceType;
@@ -39,12 +39,16 @@ pub struct AdminState {
     pub registry: ProxyRegistry,
     pub config_errors: SharedErrors,
     pub certs: Arc<CertManager>,
+    /// What the source has not listed yet; ready when empty.
+    pub pending: watch::Receiver<Vec<String>>,
+    /// Whether this replica holds the Lease (`None`: no Lease, file source).
+    pub leader: Option<watch::Receiver<bool>>,
 }
 
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/debug/snapshot", get(snapshot))
         .route("/debug/proxies", get(proxies))
         .route("/debug/proxy-config", get(proxy_config))
@@ -64,6 +68,26 @@ pub struct SnapshotSummary {
     pub endpoints: usize,
     pub connected_proxies: usize,
     pub config_errors: Vec<String>,
+    /// Kinds whose initial list is not complete yet.
+    #[serde(default)]
+    pub pending: Vec<String>,
+    /// Whether this replica holds the Lease (Kubernetes source only).
+    #[serde(default)]
+    pub leader: Option<bool>,
+}
+
+/// `GET /readyz`: 200 once the source has its first complete view of the mesh.
+async fn readyz(State(state): State<AdminState>) -> axum::response::Response {
+    let pending = state.pending.borrow().clone();
+    if pending.is_empty() {
+        "ok\n".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("waiting for the initial list of: {}\n", pending.join(", ")),
+        )
+            .into_response()
+    }
 }
 
 async fn snapshot(State(state): State<AdminState>) -> Json<SnapshotSummary> {
@@ -72,9 +96,7 @@ async fn snapshot(State(state): State<AdminState>) -> Json<SnapshotSummary> {
         .config_errors
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .map(|e| e.to_string())
-        .collect();
+        .clone();
     Json(SnapshotSummary {
         version: snap.version(),
         namespaces: snap.mesh.namespaces.len(),
@@ -83,6 +105,8 @@ async fn snapshot(State(state): State<AdminState>) -> Json<SnapshotSummary> {
         endpoints: snap.mesh.endpoints.values().map(|e| e.len()).sum(),
         connected_proxies: state.registry.len(),
         config_errors: errors,
+        pending: state.pending.borrow().clone(),
+        leader: state.leader.as_ref().map(|l| *l.borrow()),
     })
 }
 
@@ -169,9 +193,11 @@ async fn ca_status(State(state): State<AdminState>) -> impl IntoResponse {
 async fn rotate_root(State(state): State<AdminState>) -> axum::response::Response {
     match state.certs.start_root_rotation() {
         Ok(status) => Json(status).into_response(),
-        Err(e @ (RotationError::InProgress(_) | RotationError::PlugIn)) => {
-            (StatusCode::CONFLICT, format!("{e}\n")).into_response()
-        }
+        Err(
+            e @ (RotationError::InProgress(_)
+            | RotationError::PlugIn
+            | RotationError::NotADirectory(_)),
+        ) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
 }

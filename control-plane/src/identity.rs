@@ -87,6 +87,11 @@ pub enum RotationError {
         "the CA is a plug-in (--ca-cert-chain): rotate it where it is issued, then restart meshd"
     )]
     PlugIn,
+    #[error(
+        "the root is kept in {0}: staged root rotation is only built for --ca-dir so far; \
+         replace the Secret's root and restart every replica"
+    )]
+    NotADirectory(String),
     #[error(transparent)]
     Ca(#[from] CaError),
 }
@@ -189,8 +194,12 @@ impl CertManager {
 
     /// Step 1 of a root rotation: a new root joins the trust bundle.
     pub fn start_root_rotation(&self) -> Result<RotationStatus, RotationError> {
-        let CaSource::Directory(dir) = &self.source else {
-            return Err(RotationError::PlugIn);
+        let dir = match &self.source {
+            CaSource::Directory(dir) => dir,
+            CaSource::PlugIn { .. } => return Err(RotationError::PlugIn),
+            CaSource::Pem { origin, .. } => {
+                return Err(RotationError::NotADirectory(origin.clone()));
+            }
         };
         {
             let mut rotation = lock(&self.rotation);
@@ -237,7 +246,7 @@ impl CertManager {
     fn dir(&self) -> Option<&PathBuf> {
         match &self.source {
             CaSource::Directory(d) => Some(d),
-            CaSource::PlugIn { .. } => None,
+            CaSource::PlugIn { .. } | CaSource::Pem { .. } => None,
         }
     }
 

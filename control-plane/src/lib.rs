@@ -9,6 +9,7 @@ pub mod admin;
 pub mod authz;
 pub mod bootstrap;
 pub mod cli;
+pub mod cluster;
 pub mod identity;
 pub mod model;
 pub mod sources;

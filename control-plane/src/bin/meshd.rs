@@ -1,35 +1,64 @@
 //! `meshd`: the control plane. Reads the mesh from a config directory (the embedded
-//! default source), serves xDS to Envoy sidecars and an admin API for operators.
+//! default source) or watches a Kubernetes cluster, serves xDS to Envoy sidecars and an
+//! admin API for operators.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use meshd::admin::{self, AdminState};
 use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
+use meshd::cluster::{self, lease::Leadership};
 use meshd::identity::CertManager;
 use meshd::model::{MeshDefaults, MtlsMode, Store, StoreConfig};
+use meshd::sources::SharedErrors;
 use meshd::sources::file::FileSource;
+use meshd::sources::kubernetes::{self, KubernetesOptions};
 use meshd::xds::cache::spawn_translator;
 use meshd::xds::server::AdsServer;
 use meshd::xds::status::ProxyRegistry;
+use meshd_ca::store::CaSource;
+use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 /// meshd — a small, fast service-mesh control plane for Envoy.
 ///
-/// Reads Kubernetes-style YAML (Namespaces, Services, Pods, EndpointSlices,
-/// PeerAuthentications) from a directory, watches it, runs the mesh CA, and serves
-/// listeners, clusters, routes, endpoints and mTLS secrets to Envoy sidecars over ADS
-/// (state of the world and delta) on a TLS port that requires client certificates.
+/// Reads the mesh (Namespaces, Services, Pods, EndpointSlices, PeerAuthentications,
+/// AuthorizationPolicies) from a directory of YAML or from a Kubernetes cluster, runs
+/// the mesh CA, and serves listeners, clusters, routes, endpoints, RBAC and mTLS
+/// secrets to Envoy sidecars over ADS (state of the world and delta) on a TLS port
+/// that requires client certificates.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Directory of mesh YAML files, watched for changes.
+    /// Where the mesh comes from: a directory of YAML (--config-dir), or the
+    /// Kubernetes API (--kubeconfig, KUBECONFIG, or the pod's service account).
+    #[arg(long, env = "MESHD_SOURCE", value_enum, default_value_t = SourceArg::File)]
+    source: SourceArg,
+
+    /// Directory of mesh YAML files, watched for changes (--source file).
     #[arg(long, env = "MESHD_CONFIG_DIR", value_name = "DIR")]
-    config_dir: PathBuf,
+    config_dir: Option<PathBuf>,
+
+    /// Kubeconfig file (--source kubernetes); default: KUBECONFIG, ~/.kube/config,
+    /// then in-cluster.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+
+    /// Only namespaces with these labels are part of the mesh (a label selector, e.g.
+    /// `meshd.io/mesh=enabled`); the root namespace always is. --source kubernetes.
+    #[arg(long, value_name = "SELECTOR")]
+    namespace_selector: Option<String>,
+
+    /// This replica's name in the leader Lease and as status field manager.
+    #[arg(long, env = "POD_NAME")]
+    replica_name: Option<String>,
+
+    /// How long a leader that stopped renewing keeps the Lease (--source kubernetes).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
 
     /// Address of the xDS (ADS) gRPC server. It speaks TLS only and requires a client
     /// certificate from the mesh CA (`meshctl bootstrap` writes one).
@@ -83,6 +112,12 @@ struct Args {
     log_format: LogFormat,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SourceArg {
+    File,
+    Kubernetes,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 #[value(rename_all = "UPPER")]
 enum ModeArg {
@@ -115,53 +150,39 @@ async fn main() -> anyhow::Result<()> {
             args.workload_cert_ttl
         );
     }
+    let store_config = StoreConfig {
+        defaults: MeshDefaults {
+            root_namespace: args
+                .root_namespace
+                .clone()
+                .unwrap_or(args.namespace.clone()),
+            mtls_mode: match args.mtls_mode {
+                ModeArg::Strict => MtlsMode::Strict,
+                ModeArg::Permissive => MtlsMode::Permissive,
+                ModeArg::Disable => MtlsMode::Disable,
+            },
+        },
+        debounce: args.debounce,
+        debounce_max: args.debounce_max,
+    };
+    let started = match args.source {
+        SourceArg::File => start_file_source(&args, store_config)?,
+        SourceArg::Kubernetes => start_kubernetes_source(&args, store_config).await?,
+    };
     let certs = CertManager::open(
-        args.ca.source(),
+        started.ca.clone(),
         args.ca.config(args.workload_cert_ttl),
         &args.namespace,
         args.root_rotation_grace,
     )?;
     tracing::info!(
-        source = ?args.ca.source(),
+        source = %started.ca,
         trust_domain = %args.ca.trust_domain,
         "mesh CA ready"
     );
     certs.spawn_rotation();
-
-    let dir = &args.config_dir;
-    if !dir.is_dir() {
-        anyhow::bail!("--config-dir {}: not a directory", dir.display());
-    }
-    let mut source = FileSource::new(dir);
-    let initial = source.scan();
-    tracing::info!(
-        dir = %dir.display(),
-        objects = initial.len(),
-        errors = source.errors().len(),
-        "loaded config directory"
-    );
-    let store = Store::start(
-        StoreConfig {
-            defaults: MeshDefaults {
-                root_namespace: args
-                    .root_namespace
-                    .clone()
-                    .unwrap_or(args.namespace.clone()),
-                mtls_mode: match args.mtls_mode {
-                    ModeArg::Strict => MtlsMode::Strict,
-                    ModeArg::Permissive => MtlsMode::Permissive,
-                    ModeArg::Disable => MtlsMode::Disable,
-                },
-            },
-            debounce: args.debounce,
-            debounce_max: args.debounce_max,
-        },
-        initial,
-    );
-    let config_errors = Arc::new(Mutex::new(Vec::new()));
-    source
-        .spawn_watch(store.clone(), config_errors.clone())
-        .with_context(|| format!("cannot watch {}", dir.display()))?;
+    let store = started.store;
+    let config_errors = started.errors;
 
     let snapshots = spawn_translator(store.subscribe(), args.ca.trust_domain.clone());
     let registry = ProxyRegistry::default();
@@ -169,11 +190,14 @@ async fn main() -> anyhow::Result<()> {
     let admin_listener = tokio::net::TcpListener::bind(args.admin_address)
         .await
         .with_context(|| format!("cannot listen on --admin-address {}", args.admin_address))?;
+    let mut pending = started.pending.clone();
     let admin_app = admin::router(AdminState {
         snapshots: snapshots.clone(),
         registry: registry.clone(),
         config_errors,
         certs: certs.clone(),
+        pending: started.pending,
+        leader: started.leadership.as_ref().map(|l| l.is_leader()),
     });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(admin_listener, admin_app).await {
@@ -181,6 +205,16 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
+    // Serving before the first complete view of the mesh would hand proxies an empty
+    // or partial config.
+    if !pending.borrow().is_empty() {
+        tracing::info!(waiting_for = ?*pending.borrow(), "waiting for the initial sync before serving xDS");
+        pending
+            .wait_for(|p| p.is_empty())
+            .await
+            .context("the source stopped before its initial sync")?;
+        tracing::info!("initial sync done");
+    }
     let xds_listener = tokio::net::TcpListener::bind(args.xds_address)
         .await
         .with_context(|| format!("cannot listen on --xds-address {}", args.xds_address))?;
@@ -206,8 +240,115 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(1)).await;
         } => {}
     }
+    if let Some(leadership) = started.leadership {
+        leadership.release().await;
+    }
     tracing::info!("meshd stopped");
     Ok(())
+}
+
+/// What a started source hands to the rest of meshd.
+struct Started {
+    store: Store,
+    ca: CaSource,
+    errors: SharedErrors,
+    /// Kinds not listed yet (always empty for the file source).
+    pending: watch::Receiver<Vec<String>>,
+    leadership: Option<Leadership>,
+}
+
+fn start_file_source(args: &Args, config: StoreConfig) -> anyhow::Result<Started> {
+    let dir = args
+        .config_dir
+        .as_ref()
+        .context("--source file needs --config-dir DIR")?;
+    if !dir.is_dir() {
+        anyhow::bail!("--config-dir {}: not a directory", dir.display());
+    }
+    let mut source = FileSource::new(dir);
+    let initial = source.scan();
+    tracing::info!(
+        dir = %dir.display(),
+        objects = initial.len(),
+        errors = source.errors().len(),
+        "loaded config directory"
+    );
+    let store = Store::start(config, initial);
+    let errors = SharedErrors::default();
+    source
+        .spawn_watch(store.clone(), errors.clone())
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+    Ok(Started {
+        store,
+        ca: args.ca.source(),
+        errors,
+        pending: watch::channel(Vec::new()).1,
+        leadership: None,
+    })
+}
+
+async fn start_kubernetes_source(args: &Args, config: StoreConfig) -> anyhow::Result<Started> {
+    if args.config_dir.is_some() {
+        anyhow::bail!("--config-dir is for --source file; --source kubernetes reads the cluster");
+    }
+    let client = cluster::client(args.kubeconfig.as_deref()).await?;
+    // A plug-in CA (--ca-cert-chain) is the user's choice; otherwise the root is the
+    // cluster's, in a Secret every replica shares.
+    let ca = match args.ca.source() {
+        plug_in @ CaSource::PlugIn { .. } => plug_in,
+        _ => {
+            cluster::ca_secret::root(client.clone(), &args.namespace, &args.ca.trust_domain).await?
+        }
+    };
+    let replica = args
+        .replica_name
+        .clone()
+        .unwrap_or_else(default_replica_name);
+    let leadership = Leadership::start(
+        client.clone(),
+        &args.namespace,
+        &replica,
+        args.lease_duration,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "cannot take part in the Lease in namespace {}",
+            args.namespace
+        )
+    })?;
+    let root_namespace = config.defaults.root_namespace.clone();
+    let store = Store::start(config, Vec::new());
+    let running = kubernetes::spawn(
+        client.clone(),
+        store.clone(),
+        KubernetesOptions {
+            namespace_selector: args.namespace_selector.clone(),
+            root_namespace,
+        },
+    );
+    cluster::policy_status::spawn(
+        client,
+        running.verdicts.clone(),
+        leadership.is_leader(),
+        replica.clone(),
+    );
+    tracing::info!(replica, namespace = %args.namespace, "watching the Kubernetes API");
+    Ok(Started {
+        store,
+        ca,
+        errors: running.errors,
+        pending: running.pending,
+        leadership: Some(leadership),
+    })
+}
+
+/// `<hostname>-<pid>`: unique enough outside a pod (in one, POD_NAME is set).
+fn default_replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "meshd".to_string());
+    format!("{host}-{}", std::process::id())
 }
 
 fn init_logging(args: &Args) -> anyhow::Result<()> {

@@ -42,6 +42,9 @@ pub enum StoreEvent {
     Delete(ObjectKind, ObjectKey),
     /// The source's complete state: everything not in it is removed.
     Replace(Vec<MeshObject>),
+    /// Every object of one kind (a watcher's re-list): objects of that kind not in it
+    /// are removed, other kinds are untouched.
+    ReplaceKind(ObjectKind, Vec<MeshObject>),
 }
 
 /// Handle to the running store. Cloning shares it.
@@ -129,6 +132,7 @@ impl State {
             StoreEvent::Upsert(obj) => self.upsert(obj),
             StoreEvent::Delete(kind, key) => self.objects.remove(&(kind, key)).is_some(),
             StoreEvent::Replace(objs) => self.replace(objs),
+            StoreEvent::ReplaceKind(kind, objs) => self.replace_kind(kind, objs),
         }
     }
 
@@ -157,6 +161,22 @@ impl State {
         }
         changed |= next.len() != self.objects.len();
         self.objects = next;
+        changed
+    }
+
+    fn replace_kind(&mut self, kind: ObjectKind, objs: Vec<MeshObject>) -> bool {
+        let incoming: BTreeMap<_, _> = objs
+            .into_iter()
+            .filter(|o| o.kind() == kind)
+            .map(|o| ((kind, o.key()), o))
+            .collect();
+        let before = self.objects.len();
+        self.objects
+            .retain(|(k, key), _| *k != kind || incoming.contains_key(&(kind, key.clone())));
+        let mut changed = self.objects.len() != before;
+        for (_, obj) in incoming {
+            changed |= self.upsert(obj);
+        }
         changed
     }
 
@@ -234,6 +254,37 @@ mod tests {
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow().namespaces.len(), 1);
         assert_eq!(rx.borrow().version, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replace_kind_leaves_other_kinds_alone() {
+        use crate::model::Workload;
+        let pod = |name: &str| {
+            MeshObject::Workload(Arc::new(Workload {
+                key: ObjectKey::new("a", name),
+                labels: Default::default(),
+                service_account: "default".into(),
+                address: None,
+                ready: true,
+                container_ports: vec![],
+                app_ports: Default::default(),
+                upstreams: vec![],
+            }))
+        };
+        let store = Store::start(StoreConfig::default(), vec![ns("a"), pod("p1"), pod("p2")]);
+        let mut rx = store.subscribe();
+        rx.borrow_and_update();
+        store.send(StoreEvent::ReplaceKind(
+            ObjectKind::Workload,
+            vec![pod("p2")],
+        ));
+        rx.changed().await.unwrap();
+        let snap = rx.borrow_and_update().clone();
+        assert_eq!(snap.namespaces.len(), 1);
+        assert_eq!(
+            snap.workloads.keys().cloned().collect::<Vec<_>>(),
+            vec![ObjectKey::new("a", "p2")]
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -90,7 +90,8 @@ pub struct PolicyCondition {
 }
 
 /// The CustomResourceDefinitions of meshd's resources, as the chart installs them.
-pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
     vec![AuthorizationPolicy::crd(), PeerAuthentication::crd()]
@@ -98,9 +99,8 @@ pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensi
 
 /// [`crds`] as one multi-document YAML file.
 pub fn crds_yaml() -> String {
-    let mut out = String::from(
-        "# Generated from meshd's Rust types by `meshctl crds`; do not edit.\n",
-    );
+    let mut out =
+        String::from("# Generated from meshd's Rust types by `meshctl crds`; do not edit.\n");
     for crd in crds() {
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&crd).expect("a CRD serializes"));

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1 as core;
@@ -22,6 +22,7 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use notify::Watcher;
 use serde::Deserialize;
 
+use super::SharedErrors;
 use super::convert::{self, FieldError};
 use super::crd;
 use crate::model::{MeshObject, ObjectKey, Store, StoreEvent};
@@ -53,9 +54,6 @@ impl fmt::Display for ConfigError {
         write!(f, ": {}", self.message)
     }
 }
-
-/// The errors of the last scan, shared with the admin API.
-pub type SharedErrors = Arc<Mutex<Vec<ConfigError>>>;
 
 /// Parses one file's text. All documents or none.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<MeshObject>, Vec<ConfigError>> {
@@ -129,11 +127,9 @@ fn parse_document(value: serde_yaml::Value) -> Result<MeshObject, (Option<String
         (crd::GROUP_VERSION, "AuthorizationPolicy") => typed::<crd::AuthorizationPolicy>(value)
             .and_then(|p| crd::authorization_policy(&p))
             .map(|p| MeshObject::AuthorizationPolicy(Arc::new(p))),
-        (crd::GROUP_VERSION, "PeerAuthentication") => {
-            typed::<crd::PeerAuthentication>(value)
-                .and_then(|p| crd::peer_authentication(&p))
-                .map(|p| MeshObject::PeerAuthentication(Arc::new(p)))
-        }
+        (crd::GROUP_VERSION, "PeerAuthentication") => typed::<crd::PeerAuthentication>(value)
+            .and_then(|p| crd::peer_authentication(&p))
+            .map(|p| MeshObject::PeerAuthentication(Arc::new(p))),
         _ => Err(FieldError::new(
             "kind",
             format!(
@@ -300,7 +296,7 @@ fn publish_errors(shared: &SharedErrors, now: &[ConfigError], before: &[ConfigEr
     if now.is_empty() && !before.is_empty() {
         tracing::info!("config directory is free of errors again");
     }
-    *shared.lock().unwrap_or_else(|p| p.into_inner()) = now.to_vec();
+    *shared.lock().unwrap_or_else(|p| p.into_inner()) = now.iter().map(|e| e.to_string()).collect();
 }
 
 fn list_yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {

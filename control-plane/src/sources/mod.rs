@@ -4,10 +4,16 @@
 //!   Shared by every source so that a Service means the same thing wherever it came from.
 //! - [`crd`]: meshd's own resources (`security.meshd.io/v1alpha1`) → model objects.
 //! - [`file`](mod@file): the embedded default — a directory of Kubernetes-style YAML, watched live.
+//! - [`kubernetes`]: watchers on a Kubernetes API server.
 
 pub mod convert;
 pub mod crd;
 pub mod file;
+pub mod kubernetes;
+
+/// What a source could not accept right now (one line per problem, naming the object
+/// and field), shared with the admin API.
+pub type SharedErrors = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// Annotation on a pod naming the services it calls and the local port for each
 /// (`explicit` capture): `"web:80=15001, db.data:5432=15002"`.

@@ -1,0 +1,34 @@
+//! meshd as a Kubernetes controller with several replicas.
+//!
+//! Every replica watches the cluster ([`crate::sources::kubernetes`]) and serves xDS.
+//! What must happen once per cluster happens once:
+//!
+//! - [`ca_secret`]: the mesh's root lives in a Secret that the first replica creates
+//!   (create-if-absent: a replica that loses the race reads the winner's), so every
+//!   replica signs with the same root, and a restarted meshd keeps it.
+//! - [`lease`]: a `coordination.k8s.io/v1` Lease elects one replica; singleton duties
+//!   follow it.
+//! - [`policy_status`]: the Lease holder writes each policy's `Accepted` condition.
+
+pub mod ca_secret;
+pub mod lease;
+pub mod policy_status;
+
+/// The Kubernetes client: `kubeconfig` if given, else `KUBECONFIG`/`~/.kube/config`,
+/// else the in-cluster service account.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    use anyhow::Context;
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no Kubernetes configuration: give --kubeconfig, set KUBECONFIG, or run in a pod",
+        )?,
+    };
+    kube::Client::try_from(config).context("cannot build a Kubernetes client")
+}
