@@ -16,6 +16,7 @@
 pub mod apps;
 pub mod demo;
 pub mod envoy;
+pub mod kube_api;
 pub mod mesh;
 pub mod meshd;
 pub mod net;

@@ -33,6 +33,47 @@ impl Meshd {
 
     /// Starts meshd with extra command-line arguments.
     pub async fn start_with(config_dir: &Path, extra: &[&str]) -> anyhow::Result<Meshd> {
+        let source = ["--config-dir".into(), config_dir.as_os_str().to_owned()];
+        Self::spawn(&source, extra).await
+    }
+
+    /// Starts meshd on the Kubernetes API of `kubeconfig` and waits until it is ready
+    /// (its initial lists are done). Its CA directory gets the root from the cluster's
+    /// Secret, so `meshctl bootstrap` and [`Meshd::ca_dir`] work as with a directory.
+    pub async fn start_kubernetes(
+        api: &crate::kube_api::KubeApi,
+        extra: &[&str],
+    ) -> anyhow::Result<Meshd> {
+        let meshd = Self::spawn_kubernetes(api, extra).await?;
+        meshd.wait_ready().await?;
+        let (cert, key) = api.mesh_root().await?;
+        let dir = meshd.ca_dir();
+        std::fs::create_dir_all(&dir)?;
+        meshd_ca::store::write_file(
+            &dir.join(meshd_ca::store::ROOT_CERT_FILE),
+            &cert,
+            0o644,
+            true,
+        )?;
+        meshd_ca::store::write_file(&dir.join(meshd_ca::store::ROOT_KEY_FILE), &key, 0o600, true)?;
+        Ok(meshd)
+    }
+
+    /// Starts meshd on the Kubernetes API of `api` without waiting for it to be ready.
+    pub async fn spawn_kubernetes(
+        api: &crate::kube_api::KubeApi,
+        extra: &[&str],
+    ) -> anyhow::Result<Meshd> {
+        let source = [
+            "--source".into(),
+            "kubernetes".into(),
+            "--kubeconfig".into(),
+            api.kubeconfig().as_os_str().to_owned(),
+        ];
+        Self::spawn(&source, extra).await
+    }
+
+    async fn spawn(source: &[std::ffi::OsString], extra: &[&str]) -> anyhow::Result<Meshd> {
         let work = tempfile::Builder::new().prefix("meshd-run-").tempdir()?;
         let xds_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -44,8 +85,7 @@ impl Meshd {
             &["--log", "info,meshd=debug"][..]
         };
         let child = Command::new(meshd_binary("meshd")?)
-            .arg("--config-dir")
-            .arg(config_dir)
+            .args(source)
             .arg("--xds-address")
             .arg(xds_addr.to_string())
             .arg("--admin-address")
@@ -87,6 +127,46 @@ impl Meshd {
             }
         }
         Ok(meshd)
+    }
+
+    /// Waits until `/readyz` says ready.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        eventually("meshd to be ready", Duration::from_secs(30), || async {
+            let resp = self
+                .http
+                .get(format!("{}/readyz", self.admin_url()))
+                .send()
+                .await?;
+            let status = resp.status();
+            let body = resp.text().await?;
+            anyhow::ensure!(status.is_success(), "{status}: {body}");
+            Ok(())
+        })
+        .await
+    }
+
+    /// `/readyz`: (HTTP status, body).
+    pub async fn readyz(&self) -> anyhow::Result<(u16, String)> {
+        let resp = self
+            .http
+            .get(format!("{}/readyz", self.admin_url()))
+            .send()
+            .await?;
+        Ok((resp.status().as_u16(), resp.text().await?))
+    }
+
+    /// Stops meshd as an orchestrator would: SIGTERM, then wait for it to exit.
+    pub async fn terminate(mut self) -> anyhow::Result<String> {
+        if let Some(pid) = self.child.id() {
+            std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()?;
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .context("meshd did not stop within 10s of SIGTERM")??;
+        Ok(self.log())
     }
 
     /// meshd's CA directory (root certificate and key), for minting test certificates.

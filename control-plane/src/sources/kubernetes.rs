@@ -303,6 +303,9 @@ impl Core {
                 }
                 if self.pending.remove(&kind) {
                     tracing::info!(%kind, objects = listed.len(), "initial list done");
+                } else {
+                    // After a 410 Gone or a desync: the store got the new full set at once.
+                    tracing::info!(%kind, objects = listed.len(), "re-list done");
                 }
             }
             Update::Failed(kind, message) => {

@@ -1,0 +1,481 @@
+//! meshd as a Kubernetes controller, against a real API server (kube's own server
+//! libraries on etcd: real list/watch, 410 Gone, status subresources, Leases, Secrets)
+//! and real Envoy sidecars. No controllers run there, so the tests create what they
+//! would: Pods with status, EndpointSlices.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use meshd::identity::RotationStatus;
+use meshd::sources::crd::AuthorizationPolicy;
+use meshd_integration::apps::{HttpApp, http_get};
+use meshd_integration::envoy::Sidecar;
+use meshd_integration::kube_api::{KubeApi, PodSpec};
+use meshd_integration::meshd::Meshd;
+use meshd_integration::net::{free_port, pod_ip};
+use meshd_integration::wait::eventually;
+use meshd_integration::{XdsFlavor, init_test_logging};
+use serde_json::json;
+
+const NS: &str = "shop";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// web (one pod, web-1, behind Service web:80) and client-1, which calls web through
+/// its sidecar at 127.0.0.1:`local`.
+struct Shop {
+    web_ip: String,
+    client_ip: String,
+    web_app: HttpApp,
+    local: u16,
+}
+
+impl Shop {
+    async fn new() -> anyhow::Result<Shop> {
+        Ok(Shop {
+            web_ip: pod_ip().to_string(),
+            client_ip: pod_ip().to_string(),
+            web_app: HttpApp::start("web-1").await?,
+            local: free_port(),
+        })
+    }
+
+    fn web(&self) -> PodSpec<'_> {
+        PodSpec {
+            namespace: NS,
+            name: "web-1",
+            app: "web",
+            service_account: "web",
+            ip: &self.web_ip,
+            ports: &[8080],
+            annotations: &[],
+        }
+    }
+
+    /// Creates the namespace, the service, both pods (web-1 `ready` or not) and web's
+    /// EndpointSlice.
+    async fn create(&self, api: &KubeApi, ready: bool) -> anyhow::Result<()> {
+        api.create_namespace(NS, &[("meshd.io/mesh", "enabled")])
+            .await?;
+        api.http_service(NS, "web", 80, 8080).await?;
+        let app_ports = format!("8080={}", self.web_app.port());
+        let web = PodSpec {
+            annotations: &[("meshd.io/app-ports", &app_ports)],
+            ..self.web()
+        };
+        api.pod(&web, ready).await?;
+        let upstreams = format!("web:80={}", self.local);
+        api.pod(
+            &PodSpec {
+                namespace: NS,
+                name: "client-1",
+                app: "client",
+                service_account: "client",
+                ip: &self.client_ip,
+                ports: &[],
+                annotations: &[("meshd.io/upstreams", &upstreams)],
+            },
+            true,
+        )
+        .await?;
+        self.set_ready(api, ready).await
+    }
+
+    /// What the kubelet and the endpoint-slice controller would do when web-1's
+    /// readiness changes.
+    async fn set_ready(&self, api: &KubeApi, ready: bool) -> anyhow::Result<()> {
+        api.pod_status(&self.web(), ready).await?;
+        api.endpoint_slice(NS, "web", 8080, &[("web-1", &self.web_ip, ready)])
+            .await
+    }
+
+    async fn sidecars(&self, meshd: &Meshd) -> anyhow::Result<Vec<Sidecar>> {
+        Ok(vec![
+            Sidecar::start(meshd, NS, "web-1", "web", XdsFlavor::Delta).await?,
+            Sidecar::start(meshd, NS, "client-1", "client", XdsFlavor::Sotw).await?,
+        ])
+    }
+
+    fn outbound(&self) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.local).into()
+    }
+}
+
+#[tokio::test]
+async fn pods_and_services_from_the_cluster_reach_envoy() -> anyhow::Result<()> {
+    init_test_logging();
+    let api = KubeApi::start().await?;
+    let shop = Shop::new().await?;
+    shop.create(&api, false).await?;
+    let meshd = Meshd::start_kubernetes(&api, &["--debounce", "50ms"]).await?;
+    let sidecars = shop.sidecars(&meshd).await?;
+
+    // web-1 is not ready: its endpoint is known but gets no traffic.
+    eventually("a 503 while web-1 is not ready", WAIT, || async {
+        let r = http_get(shop.outbound(), "/").await?;
+        ensure!(r.status == 503, "got {} {}", r.status, r.body);
+        Ok(())
+    })
+    .await?;
+    // The pod becomes ready: Envoy routes to it.
+    shop.set_ready(&api, true).await?;
+    eventually("web-1 to answer once ready", WAIT, || async {
+        let r = http_get(shop.outbound(), "/").await?;
+        ensure!(
+            r.status == 200 && r.app.as_deref() == Some("web-1"),
+            "got {} {:?}",
+            r.status,
+            r.app
+        );
+        Ok(())
+    })
+    .await?;
+
+    // The Service is deleted: its cluster leaves the client's Envoy.
+    let client = &sidecars[1];
+    let has_web = || async {
+        let dump = client
+            .admin("/config_dump?resource=dynamic_active_clusters")
+            .await?;
+        anyhow::Ok(dump.contains("outbound|80||web.shop"))
+    };
+    ensure!(
+        has_web().await?,
+        "the client's Envoy has no cluster for web"
+    );
+    api.delete::<Service>(NS, "web").await?;
+    eventually(
+        "web's cluster to leave the client's Envoy",
+        WAIT,
+        || async {
+            ensure!(!has_web().await?, "still there");
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// The API server restarts: every watch is cut and, since etcd moved on meanwhile
+/// (writes to ConfigMaps, which meshd does not watch), resuming from meshd's last
+/// resourceVersion gets `410 Gone`. meshd re-lists — and while it does, the mesh it
+/// serves never shrinks and traffic keeps flowing.
+#[tokio::test]
+async fn a_410_gone_relists_without_serving_an_empty_mesh() -> anyhow::Result<()> {
+    init_test_logging();
+    let api = KubeApi::start().await?;
+    let shop = Shop::new().await?;
+    shop.create(&api, true).await?;
+    let meshd = Meshd::start_kubernetes(&api, &["--debounce", "50ms"]).await?;
+    let _sidecars = shop.sidecars(&meshd).await?;
+    eventually("web-1 to answer", WAIT, || async {
+        let r = http_get(shop.outbound(), "/").await?;
+        ensure!(r.status == 200, "got {}", r.status);
+        Ok(())
+    })
+    .await?;
+
+    // Watch what meshd serves and what the client sees, all along.
+    let size = |s: &meshd::admin::SnapshotSummary| s.services + s.workloads + s.endpoints;
+    let initial = size(&meshd.snapshot().await?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let smallest = Arc::new(AtomicUsize::new(usize::MAX));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let meshd = Arc::new(meshd);
+    let watcher = {
+        let (stop, smallest, meshd) = (stop.clone(), smallest.clone(), meshd.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(s) = meshd.snapshot().await {
+                    smallest.fetch_min(size(&s), Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let traffic = {
+        let (stop, failures, requests) = (stop.clone(), failures.clone(), requests.clone());
+        let addr = shop.outbound();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match http_get(addr, "/").await {
+                    Ok(r) if r.status == 200 => {}
+                    _ => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                requests.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    for i in 0..30 {
+        api.apply::<ConfigMap>(
+            "default",
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": format!("noise-{i}"), "namespace": "default"},
+                   "data": {"n": i.to_string()}}),
+        )
+        .await?;
+    }
+    api.restart().await?;
+    eventually(
+        "meshd to re-list pods after 410 Gone",
+        Duration::from_secs(60),
+        || async {
+            let log = meshd.log();
+            ensure!(
+                log.lines()
+                    .any(|l| l.contains("re-list done") && l.contains("kind=Pod")),
+                "no re-list yet; meshd's log:\n{}",
+                log.lines()
+                    .filter(|l| l.contains("kubernetes") || l.contains("watch"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    // A little traffic after the re-list, too.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    watcher.await?;
+    traffic.await?;
+
+    let log = meshd.log();
+    ensure!(
+        log.contains("410") || log.to_lowercase().contains("gone") || log.contains("too old"),
+        "the re-list was not caused by 410 Gone:\n{log}"
+    );
+    let least = smallest.load(Ordering::Relaxed);
+    ensure!(
+        least == initial,
+        "meshd served a smaller mesh at some point: {least} objects instead of {initial}"
+    );
+    let (failed, total) = (
+        failures.load(Ordering::Relaxed),
+        requests.load(Ordering::Relaxed),
+    );
+    ensure!(
+        failed == 0 && total > 50,
+        "{failed} of {total} requests failed"
+    );
+    ensure!(
+        meshd.readyz().await?.0 == 200,
+        "meshd is not ready after the re-list"
+    );
+    Ok(())
+}
+
+/// meshd is not ready — and serves no xDS — until every watcher has listed; a policy
+/// with an invalid field gets `Accepted=False` with the reason while its previous
+/// version keeps applying.
+#[tokio::test]
+async fn readiness_and_policy_status() -> anyhow::Result<()> {
+    init_test_logging();
+    let api = KubeApi::start_bare().await?;
+    api.create_namespace("meshd-system", &[]).await?;
+    let shop = Shop::new().await?;
+    shop.create(&api, true).await?;
+    // Without meshd's CRDs, two watchers cannot list: not ready.
+    let meshd = Meshd::spawn_kubernetes(&api, &["--debounce", "50ms"]).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, body) = meshd.readyz().await?;
+    ensure!(
+        status == 503
+            && body.contains("AuthorizationPolicy")
+            && body.contains("PeerAuthentication"),
+        "{status} {body}"
+    );
+    ensure!(
+        tokio::net::TcpStream::connect(meshd.xds_addr)
+            .await
+            .is_err(),
+        "xDS is served before the initial sync"
+    );
+    api.install_crds().await?;
+    meshd.wait_ready().await?;
+
+    let policy = |rules: serde_json::Value| {
+        json!({"apiVersion": "security.meshd.io/v1alpha1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": "no-admin", "namespace": NS},
+               "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": "DENY",
+                        "rules": rules}})
+    };
+    let admin_rule = json!({"to": [{"operation": {"paths": ["/admin*"]}}]});
+    api.apply::<AuthorizationPolicy>(NS, policy(json!([admin_rule])))
+        .await?;
+    wait_condition(&api, "no-admin", "True", 1).await?;
+    let check = || async {
+        let out = meshd
+            .meshctl(&[
+                "authz",
+                "check",
+                "--from-sa",
+                "shop/client",
+                "--to",
+                "shop/web:80",
+                "--path",
+                "/admin/x",
+            ])
+            .await?;
+        anyhow::Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    eventually("meshd to apply the policy", WAIT, || async {
+        let out = check().await?;
+        ensure!(out.contains("denied by shop/no-admin#0"), "{out}");
+        Ok(())
+    })
+    .await?;
+
+    // Generation 2 adds a rule with a bad CIDR.
+    let bad_rule = json!({"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]});
+    api.apply::<AuthorizationPolicy>(NS, policy(json!([admin_rule, bad_rule])))
+        .await?;
+    let condition = wait_condition(&api, "no-admin", "False", 2).await?;
+    ensure!(
+        condition.reason == "Invalid"
+            && condition
+                .message
+                .contains("spec.rules[1].from[0].source.ipBlocks[0]"),
+        "{condition:?}"
+    );
+    let out = check().await?;
+    ensure!(
+        out.contains("denied by shop/no-admin#0"),
+        "the previous version no longer applies: {out}"
+    );
+    let errors = meshd.snapshot().await?.config_errors;
+    ensure!(
+        errors
+            .iter()
+            .any(|e| e.contains("AuthorizationPolicy shop/no-admin")),
+        "{errors:?}"
+    );
+    Ok(())
+}
+
+/// Two replicas race for the root Secret and end with one root; one holds the Lease
+/// and writes status; when it stops, the other takes the Lease and the status writes;
+/// a restarted replica keeps the root.
+#[tokio::test]
+async fn replicas_share_one_root_and_hand_over_the_lease() -> anyhow::Result<()> {
+    init_test_logging();
+    let api = KubeApi::start().await?;
+    let shop = Shop::new().await?;
+    shop.create(&api, true).await?;
+    let args = |name: &'static str| ["--replica-name", name, "--lease-duration", "3s"];
+    let (args_a, args_b) = (args("replica-a"), args("replica-b"));
+    let (a, b) = tokio::join!(
+        Meshd::start_kubernetes(&api, &args_a),
+        Meshd::start_kubernetes(&api, &args_b),
+    );
+    let (a, b) = (a?, b?);
+    let root_a = root(&a).await?;
+    ensure!(root_a.len() == 1 && root_a == root(&b).await?, "{root_a:?}");
+
+    // Exactly one leader.
+    let (leader, follower, leader_name, follower_name) =
+        eventually("one replica to hold the Lease", WAIT, || async {
+            let (la, lb) = (a.snapshot().await?.leader, b.snapshot().await?.leader);
+            match (la, lb) {
+                (Some(true), Some(false)) => Ok(true),
+                (Some(false), Some(true)) => Ok(false),
+                other => anyhow::bail!("leaders: {other:?}"),
+            }
+        })
+        .await
+        .map(|a_leads| {
+            if a_leads {
+                (a, b, "replica-a", "replica-b")
+            } else {
+                (b, a, "replica-b", "replica-a")
+            }
+        })?;
+
+    let deny = |name: &str| {
+        json!({"apiVersion": "security.meshd.io/v1alpha1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": name, "namespace": NS},
+               "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/x"]}}]}]}})
+    };
+    api.apply::<AuthorizationPolicy>(NS, deny("first")).await?;
+    wait_condition(&api, "first", "True", 1).await?;
+    ensure!(
+        status_writer(&api, "first").await? == format!("meshd/{leader_name}"),
+        "the status was not written by the leader"
+    );
+
+    // The leader stops; the follower takes over the Lease and the status writes.
+    leader.terminate().await?;
+    eventually("the other replica to take the Lease", WAIT, || async {
+        ensure!(follower.snapshot().await?.leader == Some(true), "not yet");
+        Ok(())
+    })
+    .await?;
+    api.apply::<AuthorizationPolicy>(NS, deny("second")).await?;
+    wait_condition(&api, "second", "True", 1).await?;
+    ensure!(status_writer(&api, "second").await? == format!("meshd/{follower_name}"));
+
+    // A restarted replica keeps the root.
+    let again_args = args(leader_name);
+    let again = Meshd::start_kubernetes(&api, &again_args).await?;
+    ensure!(
+        root(&again).await? == root_a,
+        "the root changed across a restart"
+    );
+    Ok(())
+}
+
+/// Waits until the policy's `Accepted` condition is `status` for `generation`.
+async fn wait_condition(
+    api: &KubeApi,
+    name: &str,
+    status: &str,
+    generation: i64,
+) -> anyhow::Result<meshd::sources::crd::PolicyCondition> {
+    let policies: kube::Api<AuthorizationPolicy> = kube::Api::namespaced(api.client.clone(), NS);
+    eventually(
+        &format!("{name}: Accepted={status} for generation {generation}"),
+        WAIT,
+        || async {
+            let p = policies.get(name).await?;
+            let c = p
+                .status
+                .unwrap_or_default()
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Accepted")
+                .context("no Accepted condition")?;
+            ensure!(
+                c.status == status && c.observed_generation == generation,
+                "{c:?}"
+            );
+            Ok(c)
+        },
+    )
+    .await
+}
+
+/// The field manager that wrote the policy's status.
+async fn status_writer(api: &KubeApi, name: &str) -> anyhow::Result<String> {
+    let policies: kube::Api<AuthorizationPolicy> = kube::Api::namespaced(api.client.clone(), NS);
+    let p = policies.get(name).await?;
+    p.metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .find(|f| f.subresource.as_deref() == Some("status"))
+        .and_then(|f| f.manager)
+        .context("no status manager")
+}
+
+/// The roots `meshd` trusts, by serial.
+async fn root(meshd: &Meshd) -> anyhow::Result<Vec<String>> {
+    let s: RotationStatus = meshd.get_json("/ca/status").await?;
+    Ok(s.trusted_roots)
+}
