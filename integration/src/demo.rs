@@ -47,7 +47,7 @@ pub async fn run(dir: &Path, flavor: XdsFlavor, requests: usize) -> anyhow::Resu
     let mut tcp_apps = Vec::new();
     for (key, ports) in &snap.inbound {
         let workload = &snap.workloads[key];
-        for port in ports {
+        for port in ports.iter() {
             let app_addr: SocketAddr = ([127, 0, 0, 1], workload.app_port(port.port)).into();
             if port.protocol.is_http() {
                 http_apps.push(HttpApp::start_on(&key.name, app_addr).await?);

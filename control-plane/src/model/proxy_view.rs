@@ -26,7 +26,11 @@ impl ProxyView {
     /// The view of the sidecar of `workload`, or `None` if the snapshot has no such pod.
     pub fn build(snap: &MeshSnapshot, workload: &ObjectKey) -> Option<ProxyView> {
         let workload = snap.workloads.get(workload)?.clone();
-        let inbound = snap.inbound.get(&workload.key).cloned().unwrap_or_default();
+        let inbound = snap
+            .inbound
+            .get(&workload.key)
+            .map(|p| p.to_vec())
+            .unwrap_or_default();
         let mut outbound = Vec::new();
         let mut problems = Vec::new();
         for up in &workload.upstreams {

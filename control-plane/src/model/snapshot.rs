@@ -1,15 +1,15 @@
 //! An immutable, versioned view of the whole mesh, with the derived facts every
 //! consumer needs (endpoints per service port, inbound ports per workload) computed once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::authz::AuthorizationPolicy;
 
 use super::{
-    EndpointSlice, MeshDefaults, MeshObject, MtlsMode, Namespace, ObjectKey, PeerAuthentication,
-    Protocol, Service, ServicePort, TargetPort, Workload,
+    EndpointSlice, MeshDefaults, MeshObject, MtlsMode, Namespace, ObjectKey, ObjectKind,
+    PeerAuthentication, Protocol, Service, ServicePort, TargetPort, Workload,
 };
 
 /// One address:port that serves a service port.
@@ -50,11 +50,53 @@ pub struct MeshSnapshot {
     /// Every port of every service, with its endpoints (ready or not), sorted.
     pub endpoints: BTreeMap<ServicePortKey, Arc<Vec<Endpoint>>>,
     /// Per workload, the ports on which some service sends it traffic.
-    pub inbound: HashMap<ObjectKey, Vec<InboundPort>>,
+    pub inbound: HashMap<ObjectKey, Arc<Vec<InboundPort>>>,
+    /// How many service ports this snapshot derived endpoints for (the others were
+    /// reused from the previous snapshot): what one change cost.
+    pub derived_service_ports: usize,
 }
 
+/// The objects that changed since the previous snapshot.
+pub type Changes = BTreeSet<(ObjectKind, ObjectKey)>;
+
 impl MeshSnapshot {
+    /// A snapshot of `objects`, every derived fact computed from scratch.
     pub fn build(
+        version: u64,
+        defaults: MeshDefaults,
+        objects: impl IntoIterator<Item = MeshObject>,
+    ) -> MeshSnapshot {
+        let mut snap = Self::collect(version, defaults, objects);
+        snap.derive_all();
+        snap
+    }
+
+    /// The snapshot after `previous` once `changes` happened: endpoints and inbound
+    /// ports are derived again only for the services those changes can touch (and
+    /// their workloads); everything else is the previous snapshot's, shared. A change
+    /// of mTLS settings (PeerAuthentication, defaults) can touch every endpoint and
+    /// derives everything.
+    pub fn update(
+        previous: &MeshSnapshot,
+        version: u64,
+        defaults: MeshDefaults,
+        objects: impl IntoIterator<Item = MeshObject>,
+        changes: &Changes,
+    ) -> MeshSnapshot {
+        let mut snap = Self::collect(version, defaults, objects);
+        let everything = snap.defaults != previous.defaults
+            || changes
+                .iter()
+                .any(|(kind, _)| *kind == ObjectKind::PeerAuthentication);
+        if everything {
+            snap.derive_all();
+        } else {
+            snap.derive_changed(previous, changes);
+        }
+        snap
+    }
+
+    fn collect(
         version: u64,
         defaults: MeshDefaults,
         objects: impl IntoIterator<Item = MeshObject>,
@@ -86,7 +128,6 @@ impl MeshSnapshot {
                 }
             }
         }
-        snap.derive_endpoints();
         snap
     }
 
@@ -154,28 +195,50 @@ impl MeshSnapshot {
             .unwrap_or(self.defaults.mtls_mode)
     }
 
-    fn derive_endpoints(&mut self) {
-        let mut slices_by_service: HashMap<ObjectKey, Vec<&EndpointSlice>> = HashMap::new();
-        for slice in self.endpoint_slices.values() {
-            slices_by_service
-                .entry(ObjectKey::new(&slice.key.namespace, &slice.service))
-                .or_default()
-                .push(slice);
-        }
-        let by_address: HashMap<(&str, IpAddr), &Workload> = self
-            .workloads
-            .values()
-            .filter_map(|w| Some(((w.key.namespace.as_str(), w.address?), &**w)))
-            .collect();
+    /// The workloads of `namespace`.
+    fn workloads_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
+        self.workloads
+            .range(ObjectKey::new(namespace, "")..)
+            .take_while(move |(k, _)| k.namespace == namespace)
+            .map(|(_, w)| w)
+    }
 
-        let mut endpoints = BTreeMap::new();
-        let mut inbound: HashMap<ObjectKey, Vec<InboundPort>> = HashMap::new();
-        for svc in self.services.values() {
-            let slices = slices_by_service.get(&svc.key);
-            for port in &svc.ports {
-                let mut eps = match slices {
-                    Some(slices) => from_slices(svc, port, slices, &by_address),
-                    None => from_selector(svc, port, self.workloads.values()),
+    /// The endpoint slices of `namespace`.
+    fn slices_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Arc<EndpointSlice>> {
+        self.endpoint_slices
+            .range(ObjectKey::new(namespace, "")..)
+            .take_while(move |(k, _)| k.namespace == namespace)
+            .map(|(_, s)| s)
+    }
+
+    /// The endpoints of every port of `svc`, from its EndpointSlices if it has any,
+    /// else from the pods its selector picks.
+    fn service_port_endpoints(&self, svc: &Service) -> Vec<(u16, Arc<Vec<Endpoint>>)> {
+        let ns = svc.key.namespace.as_str();
+        let slices: Vec<&EndpointSlice> = self
+            .slices_in(ns)
+            .filter(|s| s.service == svc.key.name)
+            .map(|s| &**s)
+            .collect();
+        let selected: Vec<&Arc<Workload>> = match svc.selector.as_ref().filter(|s| !s.is_empty()) {
+            Some(sel) if slices.is_empty() => self
+                .workloads_in(ns)
+                .filter(|w| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let by_address = |address: IpAddr| {
+            self.workloads_in(ns)
+                .find(|w| w.address == Some(address))
+                .map(|w| w.key.clone())
+        };
+        svc.ports
+            .iter()
+            .map(|port| {
+                let mut eps = if slices.is_empty() {
+                    from_selector(port, &selected)
+                } else {
+                    from_slices(svc, port, &slices, &by_address)
                 };
                 for ep in &mut eps {
                     ep.mtls = match ep.workload.as_ref().and_then(|w| self.workloads.get(w)) {
@@ -185,33 +248,196 @@ impl MeshSnapshot {
                 }
                 eps.sort();
                 eps.dedup();
-                for ep in &eps {
-                    let Some(workload) = &ep.workload else {
-                        continue;
-                    };
-                    let ports = inbound.entry(workload.clone()).or_default();
+                (port.port, Arc::new(eps))
+            })
+            .collect()
+    }
+
+    fn derive_all(&mut self) {
+        let mut endpoints = BTreeMap::new();
+        for svc in self.services.values() {
+            for (port, eps) in self.service_port_endpoints(svc) {
+                endpoints.insert((svc.key.clone(), port), eps);
+            }
+        }
+        self.derived_service_ports = endpoints.len();
+        self.endpoints = endpoints;
+        let workloads: BTreeSet<ObjectKey> = self
+            .endpoints
+            .values()
+            .flat_map(|eps| eps.iter().filter_map(|e| e.workload.clone()))
+            .collect();
+        let mut services_of: HashMap<ObjectKey, BTreeSet<ObjectKey>> = HashMap::new();
+        for ((svc, _), eps) in &self.endpoints {
+            for w in eps.iter().filter_map(|e| e.workload.as_ref()) {
+                services_of
+                    .entry(w.clone())
+                    .or_default()
+                    .insert(svc.clone());
+            }
+        }
+        self.inbound = workloads
+            .into_iter()
+            .map(|w| {
+                let ports = self.inbound_ports(&w, services_of.get(&w).into_iter().flatten());
+                (w, Arc::new(ports))
+            })
+            .collect();
+    }
+
+    fn derive_changed(&mut self, previous: &MeshSnapshot, changes: &Changes) {
+        // The services whose endpoints a change can touch.
+        let mut services: BTreeSet<ObjectKey> = BTreeSet::new();
+        let mut touched_workloads: BTreeSet<ObjectKey> = BTreeSet::new();
+        for (kind, key) in changes {
+            match kind {
+                ObjectKind::Service => {
+                    services.insert(key.clone());
+                }
+                ObjectKind::EndpointSlice => {
+                    for snap in [previous, &*self] {
+                        if let Some(slice) = snap.endpoint_slices.get(key) {
+                            services.insert(ObjectKey::new(&key.namespace, &slice.service));
+                        }
+                    }
+                }
+                ObjectKind::Workload => {
+                    touched_workloads.insert(key.clone());
+                    // The services it served…
+                    for port in previous.inbound.get(key).into_iter().flat_map(|p| p.iter()) {
+                        services.extend(port.services.iter().cloned());
+                    }
+                    // …and those that select it, or list its address, now or before.
+                    for snap in [previous, &*self] {
+                        let Some(w) = snap.workloads.get(key) else {
+                            continue;
+                        };
+                        let ns = key.namespace.as_str();
+                        for svc in self.services.values().filter(|s| s.key.namespace == ns) {
+                            if svc.selector.as_ref().is_some_and(|sel| {
+                                !sel.is_empty()
+                                    && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                            }) {
+                                services.insert(svc.key.clone());
+                            }
+                        }
+                        if let Some(address) = w.address {
+                            for slice in self.slices_in(ns) {
+                                if slice
+                                    .endpoints
+                                    .iter()
+                                    .any(|e| e.addresses.contains(&address))
+                                {
+                                    services.insert(ObjectKey::new(ns, &slice.service));
+                                }
+                            }
+                        }
+                    }
+                }
+                ObjectKind::Namespace
+                | ObjectKind::AuthorizationPolicy
+                | ObjectKind::PeerAuthentication => {}
+            }
+        }
+
+        let mut endpoints = previous.endpoints.clone();
+        endpoints.retain(|(svc, _), _| !services.contains(svc));
+        let mut derived = 0;
+        for key in &services {
+            // Their workloads before the change need their inbound ports again too.
+            for ((svc, _), eps) in previous
+                .endpoints
+                .range((key.clone(), 0)..=(key.clone(), u16::MAX))
+            {
+                debug_assert_eq!(svc, key);
+                touched_workloads.extend(eps.iter().filter_map(|e| e.workload.clone()));
+            }
+            let Some(svc) = self.services.get(key) else {
+                continue;
+            };
+            for (port, eps) in self.service_port_endpoints(svc) {
+                touched_workloads.extend(eps.iter().filter_map(|e| e.workload.clone()));
+                endpoints.insert((key.clone(), port), eps);
+                derived += 1;
+            }
+        }
+        self.endpoints = endpoints;
+        self.derived_service_ports = derived;
+
+        // Which affected services send traffic to which workload now.
+        let mut affected_sources: HashMap<&ObjectKey, BTreeSet<&ObjectKey>> = HashMap::new();
+        for svc in &services {
+            for (_, eps) in self
+                .endpoints
+                .range((svc.clone(), 0)..=(svc.clone(), u16::MAX))
+            {
+                for w in eps.iter().filter_map(|e| e.workload.as_ref()) {
+                    affected_sources.entry(w).or_default().insert(svc);
+                }
+            }
+        }
+        let mut inbound = previous.inbound.clone();
+        for w in &touched_workloads {
+            // Every service that sends it traffic now: unaffected ones it had before,
+            // and affected ones whose new endpoints name it.
+            let mut sources: BTreeSet<ObjectKey> = previous
+                .inbound
+                .get(w)
+                .into_iter()
+                .flat_map(|p| p.iter().flat_map(|p| p.services.iter().cloned()))
+                .filter(|s| !services.contains(s))
+                .collect();
+            sources.extend(
+                affected_sources
+                    .get(w)
+                    .into_iter()
+                    .flatten()
+                    .map(|s| (*s).clone()),
+            );
+            let ports = self.inbound_ports(w, sources.iter());
+            if ports.is_empty() {
+                inbound.remove(w);
+            } else {
+                inbound.insert(w.clone(), Arc::new(ports));
+            }
+        }
+        self.inbound = inbound;
+    }
+
+    /// The inbound ports of workload `w`, from the endpoints of `services`.
+    fn inbound_ports<'a>(
+        &self,
+        w: &ObjectKey,
+        services: impl Iterator<Item = &'a ObjectKey>,
+    ) -> Vec<InboundPort> {
+        let mut ports: Vec<InboundPort> = Vec::new();
+        for key in services {
+            let Some(svc) = self.services.get(key) else {
+                continue;
+            };
+            for port in &svc.ports {
+                let Some(eps) = self.endpoints.get(&(key.clone(), port.port)) else {
+                    continue;
+                };
+                for ep in eps.iter().filter(|e| e.workload.as_ref() == Some(w)) {
                     match ports.iter_mut().find(|p| p.port == ep.port) {
                         Some(existing) => {
-                            if !existing.services.contains(&svc.key) {
-                                existing.services.push(svc.key.clone());
+                            if !existing.services.contains(key) {
+                                existing.services.push(key.clone());
                             }
                         }
                         None => ports.push(InboundPort {
                             port: ep.port,
                             protocol: port.protocol,
-                            services: vec![svc.key.clone()],
+                            services: vec![key.clone()],
                             mtls: ep.mtls,
                         }),
                     }
                 }
-                endpoints.insert((svc.key.clone(), port.port), Arc::new(eps));
             }
         }
-        for ports in inbound.values_mut() {
-            ports.sort_by_key(|p| p.port);
-        }
-        self.endpoints = endpoints;
-        self.inbound = inbound;
+        ports.sort_by_key(|p| p.port);
+        ports
     }
 }
 
@@ -219,7 +445,7 @@ fn from_slices(
     svc: &Service,
     port: &ServicePort,
     slices: &[&EndpointSlice],
-    by_address: &HashMap<(&str, IpAddr), &Workload>,
+    by_address: &dyn Fn(IpAddr) -> Option<ObjectKey>,
 ) -> Vec<Endpoint> {
     let wanted = port.name.as_deref().unwrap_or("");
     let mut out = Vec::new();
@@ -235,9 +461,7 @@ fn from_slices(
             for &address in &ep.addresses {
                 let workload = match &ep.pod {
                     Some(pod) => Some(ObjectKey::new(&svc.key.namespace, pod)),
-                    None => by_address
-                        .get(&(svc.key.namespace.as_str(), address))
-                        .map(|w| w.key.clone()),
+                    None => by_address(address),
                 };
                 out.push(Endpoint {
                     address,
@@ -252,17 +476,9 @@ fn from_slices(
     out
 }
 
-fn from_selector<'a>(
-    svc: &Service,
-    port: &ServicePort,
-    workloads: impl Iterator<Item = &'a Arc<Workload>>,
-) -> Vec<Endpoint> {
-    let Some(selector) = svc.selector.as_ref().filter(|s| !s.is_empty()) else {
-        return Vec::new();
-    };
-    workloads
-        .filter(|w| w.key.namespace == svc.key.namespace)
-        .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+fn from_selector(port: &ServicePort, selected: &[&Arc<Workload>]) -> Vec<Endpoint> {
+    selected
+        .iter()
         .filter_map(|w| {
             let target = match &port.target_port {
                 TargetPort::Number(n) => *n,
@@ -483,5 +699,119 @@ mod tests {
             ],
         );
         assert_eq!(unset.mtls_mode(&web, 8080), MtlsMode::Permissive);
+    }
+
+    /// Random changes applied one by one: the incremental snapshot must always equal
+    /// one derived from scratch, and must derive only what the change touched.
+    #[test]
+    fn incremental_updates_equal_full_rebuilds() {
+        use crate::model::{EndpointSlicePort, SliceEndpoint};
+        use std::collections::BTreeMap as Map;
+        let mut seed: u64 = 0x9e3779b97f4a7c15;
+        let mut rand = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let pod = |i: u64, app: u64, ready: bool, ip: bool| {
+            MeshObject::Workload(Arc::new(Workload {
+                key: ObjectKey::new("default", format!("p{i}")),
+                labels: [("app".to_string(), format!("s{app}"))].into(),
+                service_account: format!("sa{app}"),
+                address: ip.then(|| format!("10.0.{}.{}", i / 200, i % 200 + 1).parse().unwrap()),
+                ready,
+                container_ports: vec![super::super::ContainerPort {
+                    name: Some("http".into()),
+                    port: 8080,
+                }],
+                app_ports: Default::default(),
+                upstreams: vec![],
+            }))
+        };
+        let slice = |svc: u64, pods: &[u64], by_ip: bool| {
+            MeshObject::EndpointSlice(Arc::new(EndpointSlice {
+                key: ObjectKey::new("default", format!("s{svc}-slice")),
+                service: format!("s{svc}"),
+                ports: vec![EndpointSlicePort {
+                    name: Some("http".into()),
+                    port: 8080,
+                }],
+                endpoints: pods
+                    .iter()
+                    .map(|i| SliceEndpoint {
+                        addresses: vec![
+                            format!("10.0.{}.{}", i / 200, i % 200 + 1).parse().unwrap(),
+                        ],
+                        ready: i % 3 != 0,
+                        pod: (!by_ip).then(|| format!("p{i}")),
+                    })
+                    .collect(),
+            }))
+        };
+        let mut objects: Map<(ObjectKind, ObjectKey), MeshObject> = Map::new();
+        let put = |objects: &mut Map<_, _>, o: MeshObject| {
+            objects.insert((o.kind(), o.key()), o);
+        };
+        for i in 0..10 {
+            put(
+                &mut objects,
+                svc(&format!("s{i}"), TargetPort::Named("http".into())),
+            );
+        }
+        for i in 0..60 {
+            put(&mut objects, pod(i, i % 10, true, true));
+        }
+        let mut last = Arc::new(MeshSnapshot::build(
+            1,
+            MeshDefaults::default(),
+            objects.values().cloned(),
+        ));
+        for step in 0..400u64 {
+            let mut changes = Changes::new();
+            for _ in 0..=rand(3) {
+                let o = match rand(6) {
+                    0 | 1 => pod(rand(70), rand(12), rand(2) == 0, rand(5) != 0),
+                    2 => svc(&format!("s{}", rand(12)), TargetPort::Named("http".into())),
+                    3 => {
+                        let pods: Vec<u64> = (0..rand(4)).map(|_| rand(70)).collect();
+                        slice(rand(12), &pods, rand(2) == 0)
+                    }
+                    _ => {
+                        // A deletion of whatever is there.
+                        let keys: Vec<_> = objects.keys().cloned().collect();
+                        let id = keys[rand(keys.len() as u64) as usize].clone();
+                        objects.remove(&id);
+                        changes.insert(id);
+                        continue;
+                    }
+                };
+                changes.insert((o.kind(), o.key()));
+                put(&mut objects, o);
+            }
+            let next = MeshSnapshot::update(
+                &last,
+                step + 2,
+                MeshDefaults::default(),
+                objects.values().cloned(),
+                &changes,
+            );
+            let full =
+                MeshSnapshot::build(step + 2, MeshDefaults::default(), objects.values().cloned());
+            assert_eq!(
+                next.endpoints, full.endpoints,
+                "endpoints after step {step}: {changes:?}"
+            );
+            assert_eq!(
+                next.inbound, full.inbound,
+                "inbound after step {step}: {changes:?}"
+            );
+            assert!(
+                next.derived_service_ports <= 3 * 2 + 4,
+                "step {step} derived {}",
+                next.derived_service_ports
+            );
+            last = Arc::new(next);
+        }
     }
 }

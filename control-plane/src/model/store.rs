@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::snapshot::MeshSnapshot;
+use super::snapshot::{Changes, MeshSnapshot};
 use super::{MeshDefaults, MeshObject, ObjectKey, ObjectKind};
 
 #[derive(Debug, Clone)]
@@ -60,9 +60,11 @@ impl Store {
         let mut state = State {
             defaults: config.defaults.clone(),
             objects: BTreeMap::new(),
+            changes: Changes::new(),
+            last: None,
         };
         state.replace(initial);
-        let first = Arc::new(state.snapshot(1));
+        let first = state.snapshot(1);
         let (snap_tx, snap_rx) = watch::channel(first);
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         tokio::spawn(run(config, state, ev_rx, snap_tx));
@@ -112,17 +114,22 @@ async fn run(
                 debounce_ms = burst_start.elapsed().as_millis() as u64,
                 services = snap.services.len(),
                 workloads = snap.workloads.len(),
+                derived_service_ports = snap.derived_service_ports,
                 "published mesh snapshot"
             );
-            snapshots.send_replace(Arc::new(snap));
+            snapshots.send_replace(snap);
         }
     }
 }
 
-/// The objects as of now, kept as `Arc`s so that snapshots share unchanged objects.
-struct State {
+/// The objects as of now, kept as `Arc`s so that snapshots share unchanged objects,
+/// and what changed since the last snapshot, so that the next one derives only what
+/// those changes touch.
+pub(crate) struct State {
     defaults: MeshDefaults,
     objects: BTreeMap<(ObjectKind, ObjectKey), MeshObject>,
+    changes: Changes,
+    last: Option<Arc<MeshSnapshot>>,
 }
 
 impl State {
@@ -130,7 +137,14 @@ impl State {
     fn apply(&mut self, event: StoreEvent) -> bool {
         match event {
             StoreEvent::Upsert(obj) => self.upsert(obj),
-            StoreEvent::Delete(kind, key) => self.objects.remove(&(kind, key)).is_some(),
+            StoreEvent::Delete(kind, key) => {
+                let id = (kind, key);
+                let removed = self.objects.remove(&id).is_some();
+                if removed {
+                    self.changes.insert(id);
+                }
+                removed
+            }
             StoreEvent::Replace(objs) => self.replace(objs),
             StoreEvent::ReplaceKind(kind, objs) => self.replace_kind(kind, objs),
         }
@@ -141,6 +155,7 @@ impl State {
         if self.objects.get(&id).is_some_and(|old| *old == obj) {
             return false;
         }
+        self.changes.insert(id.clone());
         self.objects.insert(id, obj);
         true
     }
@@ -154,12 +169,16 @@ impl State {
                 Some(old) if *old == obj => old.clone(),
                 _ => {
                     changed = true;
+                    self.changes.insert(id.clone());
                     obj
                 }
             };
             next.insert(id, kept);
         }
-        changed |= next.len() != self.objects.len();
+        for id in self.objects.keys().filter(|id| !next.contains_key(*id)) {
+            self.changes.insert(id.clone());
+            changed = true;
+        }
         self.objects = next;
         changed
     }
@@ -170,22 +189,36 @@ impl State {
             .filter(|o| o.kind() == kind)
             .map(|o| ((kind, o.key()), o))
             .collect();
-        let before = self.objects.len();
-        self.objects
-            .retain(|(k, key), _| *k != kind || incoming.contains_key(&(kind, key.clone())));
-        let mut changed = self.objects.len() != before;
+        let gone: Vec<_> = self
+            .objects
+            .keys()
+            .filter(|(k, key)| *k == kind && !incoming.contains_key(&(kind, key.clone())))
+            .cloned()
+            .collect();
+        let mut changed = !gone.is_empty();
+        for id in gone {
+            self.objects.remove(&id);
+            self.changes.insert(id);
+        }
         for (_, obj) in incoming {
             changed |= self.upsert(obj);
         }
         changed
     }
 
-    fn snapshot(&self, version: u64) -> MeshSnapshot {
-        MeshSnapshot::build(
-            version,
-            self.defaults.clone(),
-            self.objects.values().cloned(),
-        )
+    /// The next snapshot: derived from the last one and what changed since.
+    pub(crate) fn snapshot(&mut self, version: u64) -> Arc<MeshSnapshot> {
+        let objects = self.objects.values().cloned();
+        let snap = match &self.last {
+            Some(last) => {
+                MeshSnapshot::update(last, version, self.defaults.clone(), objects, &self.changes)
+            }
+            None => MeshSnapshot::build(version, self.defaults.clone(), objects),
+        };
+        self.changes.clear();
+        let snap = Arc::new(snap);
+        self.last = Some(snap.clone());
+        snap
     }
 }
 
