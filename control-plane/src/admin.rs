@@ -1,6 +1,6 @@
 //! The admin HTTP API: health, and everything needed to debug a proxy's config.
 //!
-//! - `GET /healthz`, `GET /readyz`
+//! - `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus)
 //! - `GET /debug/snapshot`: mesh snapshot version, object counts, config errors
 //! - `GET /debug/proxies`: every connected proxy: what was sent, ACKed, NACKed and why
 //! - `GET /debug/proxy-config?workload=<ns>/<pod>`: the resources that workload's
@@ -49,6 +49,7 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(prometheus))
         .route("/debug/snapshot", get(snapshot))
         .route("/debug/proxies", get(proxies))
         .route("/debug/proxy-config", get(proxy_config))
@@ -74,6 +75,17 @@ pub struct SnapshotSummary {
     /// Whether this replica holds the Lease (Kubernetes source only).
     #[serde(default)]
     pub leader: Option<bool>,
+}
+
+/// `GET /metrics`: Prometheus/OpenMetrics text ([`crate::metrics`]).
+async fn prometheus() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::metrics().encode(),
+    )
 }
 
 /// `GET /readyz`: 200 once the source has its first complete view of the mesh.

@@ -11,6 +11,7 @@ pub mod bootstrap;
 pub mod cli;
 pub mod cluster;
 pub mod identity;
+pub mod metrics;
 pub mod model;
 pub mod sources;
 pub mod xds;

@@ -193,6 +193,19 @@ impl Meshd {
         self.get_json("/debug/snapshot").await
     }
 
+    /// `/metrics` (Prometheus text).
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let url = format!("{}/metrics", self.admin_url());
+        Ok(self
+            .http
+            .get(url)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
     pub async fn proxies(&self) -> anyhow::Result<Vec<ProxyStatus>> {
         self.get_json("/debug/proxies").await
     }

@@ -139,6 +139,35 @@ async fn sotw_versions_acks_nacks_and_stale_nonces() -> anyhow::Result<()> {
         },
     )
     .await?;
+
+    // /metrics counts what happened: one proxy, pushes and bytes by type, the NACK,
+    // snapshots, and the proxy's convergence after each change.
+    let metrics = f.meshd.metrics().await?;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(value("meshd_connected_proxies "), 1.0, "{metrics}");
+    assert!(
+        value("meshd_xds_pushes_total{type=\"cds\"} ") >= 3.0,
+        "{metrics}"
+    );
+    assert!(
+        value("meshd_xds_sent_bytes_total{type=\"cds\"} ") > 100.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        value("meshd_xds_nacks_total{type=\"cds\"} "),
+        1.0,
+        "{metrics}"
+    );
+    assert!(value("meshd_snapshots_total ") >= 2.0, "{metrics}");
+    assert!(
+        value("meshd_xds_convergence_seconds_count ") >= 1.0,
+        "{metrics}"
+    );
     Ok(())
 }
 

@@ -54,6 +54,8 @@ pub struct MeshSnapshot {
     /// How many service ports this snapshot derived endpoints for (the others were
     /// reused from the previous snapshot): what one change cost.
     pub derived_service_ports: usize,
+    /// When the first change this snapshot carries happened (`None` for the first).
+    pub changed_at: Option<std::time::Instant>,
 }
 
 /// The objects that changed since the previous snapshot.

@@ -64,7 +64,7 @@ impl Store {
             last: None,
         };
         state.replace(initial);
-        let first = state.snapshot(1);
+        let first = state.snapshot(1, None);
         let (snap_tx, snap_rx) = watch::channel(first);
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         tokio::spawn(run(config, state, ev_rx, snap_tx));
@@ -108,7 +108,12 @@ async fn run(
         }
         if changed {
             version += 1;
-            let snap = state.snapshot(version);
+            let built = Instant::now();
+            let snap = state.snapshot(version, Some(burst_start.into_std()));
+            let m = crate::metrics::metrics();
+            m.snapshots.inc();
+            crate::metrics::Metrics::observe(&m.snapshot_build, built.elapsed());
+            crate::metrics::Metrics::observe(&m.debounce, burst_start.elapsed());
             tracing::debug!(
                 version,
                 debounce_ms = burst_start.elapsed().as_millis() as u64,
@@ -207,15 +212,20 @@ impl State {
     }
 
     /// The next snapshot: derived from the last one and what changed since.
-    pub(crate) fn snapshot(&mut self, version: u64) -> Arc<MeshSnapshot> {
+    pub(crate) fn snapshot(
+        &mut self,
+        version: u64,
+        changed_at: Option<std::time::Instant>,
+    ) -> Arc<MeshSnapshot> {
         let objects = self.objects.values().cloned();
-        let snap = match &self.last {
+        let mut snap = match &self.last {
             Some(last) => {
                 MeshSnapshot::update(last, version, self.defaults.clone(), objects, &self.changes)
             }
             None => MeshSnapshot::build(version, self.defaults.clone(), objects),
         };
         self.changes.clear();
+        snap.changed_at = changed_at;
         let snap = Arc::new(snap);
         self.last = Some(snap.clone());
         snap

@@ -105,6 +105,7 @@ impl StreamFlavor for DeltaStream {
     }
 
     async fn respond(&mut self, t: ResourceType) -> Result<(), String> {
+        let started = std::time::Instant::now();
         let Some(state) = self.types.get_mut(&t) else {
             return Ok(());
         };
@@ -168,10 +169,16 @@ impl StreamFlavor for DeltaStream {
             updated = response.resources.len(), removed = response.removed_resources.len(),
             "push"
         );
-        self.conn.record_sent(t, now_has, version, nonce);
+        let bytes = prost::Message::encoded_len(&response);
+        self.conn.record_sent(t, now_has, version, nonce, bytes);
         self.tx
             .send(Ok(response))
             .await
-            .map_err(|_| "the proxy went away".to_string())
+            .map_err(|_| "the proxy went away".to_string())?;
+        crate::metrics::Metrics::observe(
+            &crate::metrics::metrics().push_duration,
+            started.elapsed(),
+        );
+        Ok(())
     }
 }

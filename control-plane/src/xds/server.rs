@@ -29,6 +29,7 @@ use super::status::{Nack, ProxyHandle, ProxyRegistry, ProxyStatus, XdsFlavor, no
 use super::translate;
 use super::{delta, sotw};
 use crate::identity::CertManager;
+use crate::metrics::{self, metrics};
 
 /// Responses queued per stream before the stream task waits for the proxy to read.
 const STREAM_BUFFER: usize = 8;
@@ -219,6 +220,7 @@ impl ProxyConn {
         }
         problems.extend(self.secret_problem.clone());
         let version = snapshot.version();
+        let changed_at = snapshot.mesh.changed_at;
         self.status.update(|s| {
             if s.problems != problems {
                 for p in problems.iter().filter(|p| !s.problems.contains(p)) {
@@ -227,6 +229,7 @@ impl ProxyConn {
                 s.problems = problems;
             }
             s.snapshot_version = version;
+            s.snapshot_changed_at = changed_at;
         });
         self.snapshot = snapshot;
         self.resources = resources;
@@ -251,6 +254,10 @@ impl ProxyConn {
             let latest = ts.sent_nonce == nonce;
             match error {
                 Some(message) => {
+                    metrics()
+                        .nacks
+                        .get_or_create(&metrics::TypeLabel { r#type: t.short() })
+                        .inc();
                     ts.pending &= !latest;
                     ts.nacked = true;
                     ts.last_nack = Some(Nack {
@@ -272,12 +279,27 @@ impl ProxyConn {
 
     /// Records that every response for the current snapshot has been sent.
     pub fn record_pushed(&self) {
-        self.status
-            .update(|s| s.pushed_version = s.snapshot_version);
+        self.status.update(|s| {
+            s.pushed_version = s.snapshot_version;
+            s.pushed_changed_at = s.snapshot_changed_at;
+        });
     }
 
     /// Records a response of type `t` sent to the proxy.
-    pub fn record_sent(&self, t: ResourceType, resources: usize, version: String, nonce: String) {
+    pub fn record_sent(
+        &self,
+        t: ResourceType,
+        resources: usize,
+        version: String,
+        nonce: String,
+        bytes: usize,
+    ) {
+        let label = metrics::TypeLabel { r#type: t.short() };
+        metrics().pushes.get_or_create(&label).inc();
+        metrics()
+            .sent_bytes
+            .get_or_create(&label)
+            .inc_by(bytes as u64);
         self.status.update(|s| {
             let ts = s.type_mut(t.short());
             ts.resources = resources;

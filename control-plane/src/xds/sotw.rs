@@ -100,6 +100,7 @@ impl StreamFlavor for SotwStream {
 
     /// Sends type `t` if what the proxy should have differs from what it was last sent.
     async fn respond(&mut self, t: ResourceType) -> Result<(), String> {
+        let started = std::time::Instant::now();
         let Some(state) = self.types.get_mut(&t) else {
             return Ok(()); // never asked for
         };
@@ -136,11 +137,17 @@ impl StreamFlavor for SotwStream {
             nonce: nonce.clone(),
             resources: listing,
         });
-        self.conn.record_sent(t, count, version, nonce);
+        let bytes = prost::Message::encoded_len(&response);
+        self.conn.record_sent(t, count, version, nonce, bytes);
         tracing::debug!(node = %self.conn.id.node_id, type = t.short(), resources = count, "push");
         self.tx
             .send(Ok(response))
             .await
-            .map_err(|_| "the proxy went away".to_string())
+            .map_err(|_| "the proxy went away".to_string())?;
+        crate::metrics::Metrics::observe(
+            &crate::metrics::metrics().push_duration,
+            started.elapsed(),
+        );
+        Ok(())
     }
 }

@@ -8,6 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::time::Instant;
+
+use crate::metrics::{self, metrics};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +61,11 @@ pub struct ProxyStatus {
     pub pushed_version: u64,
     /// The newest snapshot whose every response the proxy has ACKed.
     pub synced_version: Option<u64>,
+    /// When the change behind `snapshot_version` / `pushed_version` happened.
+    #[serde(skip)]
+    pub snapshot_changed_at: Option<Instant>,
+    #[serde(skip)]
+    pub pushed_changed_at: Option<Instant>,
     /// By short type name (`cds`, `eds`, `lds`, `rds`, `ecds`, `sds`).
     pub types: BTreeMap<String, TypeStatus>,
     /// Type URLs the proxy asked for that meshd does not serve.
@@ -78,6 +86,8 @@ impl ProxyStatus {
             snapshot_version: 0,
             pushed_version: 0,
             synced_version: None,
+            snapshot_changed_at: None,
+            pushed_changed_at: None,
             types: BTreeMap::new(),
             unknown_type_urls: Vec::new(),
             problems: Vec::new(),
@@ -99,6 +109,11 @@ impl ProxyStatus {
             && !self.types.is_empty()
             && self.types.values().all(|t| !t.pending && !t.nacked)
         {
+            if self.synced_version < Some(self.pushed_version)
+                && let Some(changed) = self.pushed_changed_at
+            {
+                metrics::Metrics::observe(&metrics().convergence, changed.elapsed());
+            }
             self.synced_version = Some(self.pushed_version);
         }
     }
@@ -119,6 +134,7 @@ impl ProxyRegistry {
         status.stream = id;
         let status = Arc::new(Mutex::new(status));
         lock(&self.entries).insert(id, status.clone());
+        metrics().connected_proxies.inc();
         ProxyHandle {
             id,
             entries: self.entries.clone(),
@@ -161,6 +177,7 @@ impl ProxyHandle {
 impl Drop for ProxyHandle {
     fn drop(&mut self) {
         lock(&self.entries).remove(&self.id);
+        metrics().connected_proxies.dec();
     }
 }
 

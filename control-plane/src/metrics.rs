@@ -1,0 +1,125 @@
+//! meshd's Prometheus metrics, served at `GET /metrics` on the admin port.
+//!
+//! | metric | what |
+//! |---|---|
+//! | `meshd_connected_proxies` | ADS streams identified as a proxy right now |
+//! | `meshd_xds_pushes_total{type}` | responses sent, by type (`cds`, `eds`, …) |
+//! | `meshd_xds_sent_bytes_total{type}` | encoded bytes of those responses |
+//! | `meshd_xds_nacks_total{type}` | responses a proxy rejected |
+//! | `meshd_xds_push_duration_seconds` | building and queueing one response |
+//! | `meshd_xds_convergence_seconds` | from the first change of a burst until a proxy has ACKed the snapshot with it |
+//! | `meshd_snapshot_debounce_seconds` | from the first change of a burst until its snapshot is published |
+//! | `meshd_snapshot_build_seconds` | deriving one mesh snapshot |
+//! | `meshd_snapshots_total` | mesh snapshots published |
+//!
+//! One process-wide set ([`metrics()`]): metrics are a property of the process, and
+//! passing a handle through every layer would buy nothing.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    pub r#type: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connected_proxies: Gauge,
+    pub pushes: Family<TypeLabel, Counter>,
+    pub sent_bytes: Family<TypeLabel, Counter>,
+    pub nacks: Family<TypeLabel, Counter>,
+    pub push_duration: Histogram,
+    pub convergence: Histogram,
+    pub debounce: Histogram,
+    pub snapshot_build: Histogram,
+    pub snapshots: Counter,
+}
+
+/// 0.5 ms … ~65 s.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0005, 2.0, 18)
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut registry = Registry::with_prefix("meshd");
+    let m = Metrics {
+        connected_proxies: Gauge::default(),
+        pushes: Family::default(),
+        sent_bytes: Family::default(),
+        nacks: Family::default(),
+        push_duration: Histogram::new(latency_buckets()),
+        convergence: Histogram::new(latency_buckets()),
+        debounce: Histogram::new(latency_buckets()),
+        snapshot_build: Histogram::new(latency_buckets()),
+        snapshots: Counter::default(),
+        registry: Registry::default(),
+    };
+    registry.register(
+        "connected_proxies",
+        "ADS streams identified as a proxy",
+        m.connected_proxies.clone(),
+    );
+    registry.register(
+        "xds_pushes",
+        "xDS responses sent, by type",
+        m.pushes.clone(),
+    );
+    registry.register(
+        "xds_sent_bytes",
+        "Encoded bytes of xDS responses sent, by type",
+        m.sent_bytes.clone(),
+    );
+    registry.register(
+        "xds_nacks",
+        "xDS responses rejected by proxies, by type",
+        m.nacks.clone(),
+    );
+    registry.register(
+        "xds_push_duration_seconds",
+        "Time to build and queue one xDS response",
+        m.push_duration.clone(),
+    );
+    registry.register(
+        "xds_convergence_seconds",
+        "From the first change of a burst until a proxy ACKed the snapshot holding it",
+        m.convergence.clone(),
+    );
+    registry.register(
+        "snapshot_debounce_seconds",
+        "From the first change of a burst until its snapshot is published",
+        m.debounce.clone(),
+    );
+    registry.register(
+        "snapshot_build_seconds",
+        "Time to derive one mesh snapshot",
+        m.snapshot_build.clone(),
+    );
+    registry.register("snapshots", "Mesh snapshots published", m.snapshots.clone());
+    Metrics { registry, ..m }
+});
+
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn observe(histogram: &Histogram, d: Duration) {
+        histogram.observe(d.as_secs_f64());
+    }
+}
