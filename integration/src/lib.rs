@@ -17,6 +17,7 @@ pub mod apps;
 pub mod demo;
 pub mod envoy;
 pub mod kube_api;
+pub mod load;
 pub mod mesh;
 pub mod meshd;
 pub mod net;

@@ -169,6 +169,11 @@ impl Meshd {
         Ok(self.log())
     }
 
+    /// meshd's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// meshd's CA directory (root certificate and key), for minting test certificates.
     pub fn ca_dir(&self) -> PathBuf {
         self.work.path().join("ca")

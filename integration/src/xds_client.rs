@@ -52,6 +52,18 @@ impl ClientCert {
         })
     }
 
+    /// The certificate `issued` by `ca`.
+    pub fn from_issued(
+        ca: &meshd_ca::Authority,
+        issued: &meshd_ca::IssuedCertificate,
+    ) -> anyhow::Result<ClientCert> {
+        Ok(ClientCert {
+            chain_pem: issued.chain_pem.clone(),
+            key_pem: issued.key.secret_pem().to_string(),
+            trust_bundle_pem: ca.trust_bundle().pem(),
+        })
+    }
+
     pub fn key_pem(&self) -> &str {
         &self.key_pem
     }
@@ -90,7 +102,7 @@ pub fn node(namespace: &str, pod: &str, service_account: &str) -> Node {
     }
 }
 
-async fn client(
+pub(crate) async fn client(
     addr: SocketAddr,
     cert: &ClientCert,
 ) -> anyhow::Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>> {
