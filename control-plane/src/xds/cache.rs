@@ -3,11 +3,13 @@
 //! Every mesh snapshot becomes one [`XdsSnapshot`]: the encoded cluster, endpoints and
 //! route of every service port, built once and shared by all proxies. A service port
 //! whose inputs did not change keeps the previous snapshot's `Arc`s, so a change only
-//! re-encodes what it touches. Per-proxy resources (its listeners and inbound clusters)
-//! are assembled from these by [`XdsSnapshot::proxy_resources`].
+//! re-encodes what it touches. Outbound listeners are encoded once per service port and
+//! local port, and shared by every proxy that declares that upstream. Per-proxy
+//! resources (its inbound listeners and clusters, its RBAC) are assembled with these by
+//! [`XdsSnapshot::proxy_resources`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
@@ -16,6 +18,7 @@ use super::{rbac, translate};
 use crate::model::snapshot::{Endpoint, ServicePortKey};
 use meshd_ca::SpiffeId;
 
+use crate::model::proxy_view::Outbound;
 use crate::model::{MeshSnapshot, ObjectKey, ProxyView, Service};
 
 /// The shared resources of one service port and the inputs they were built from.
@@ -28,6 +31,26 @@ pub struct ServicePortResources {
     pub cluster: Arc<Resource>,
     pub load_assignment: Arc<Resource>,
     pub route: Option<Arc<Resource>>,
+    /// Outbound listeners for this service port by local port, encoded once for every
+    /// proxy that uses that local port (filled on first use; kept while the service
+    /// itself does not change).
+    listeners: Mutex<HashMap<u16, Arc<Resource>>>,
+}
+
+impl ServicePortResources {
+    /// The outbound listener through which a proxy reaches this service port.
+    pub fn outbound_listener(&self, out: &Outbound) -> Arc<Resource> {
+        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        listeners
+            .entry(out.upstream.local_port)
+            .or_insert_with(|| {
+                Resource::encode(
+                    translate::outbound_listener_name(out.upstream.local_port),
+                    &translate::outbound_listener(out),
+                )
+            })
+            .clone()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -92,6 +115,14 @@ impl XdsSnapshot {
                                 &translate::service_load_assignment(&name, &endpoints),
                             ),
                         };
+                        let listeners = match old.filter(|_| same_service) {
+                            Some(old) => old
+                                .listeners
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .clone(),
+                            None => HashMap::new(),
+                        };
                         Arc::new(ServicePortResources {
                             service: svc.clone(),
                             endpoints,
@@ -99,6 +130,7 @@ impl XdsSnapshot {
                             cluster,
                             load_assignment,
                             route,
+                            listeners: Mutex::new(listeners),
                         })
                     }
                 };
@@ -162,13 +194,7 @@ impl XdsSnapshot {
             if let Some(route) = &shared.route {
                 out.insert(ResourceType::Route, route.clone());
             }
-            out.insert(
-                ResourceType::Listener,
-                Resource::encode(
-                    translate::outbound_listener_name(out_port.upstream.local_port),
-                    &translate::outbound_listener(out_port),
-                ),
-            );
+            out.insert(ResourceType::Listener, shared.outbound_listener(out_port));
         }
         Some((view, out))
     }
