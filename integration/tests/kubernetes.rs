@@ -479,3 +479,31 @@ async fn root(meshd: &Meshd) -> anyhow::Result<Vec<String>> {
     let s: RotationStatus = meshd.get_json("/ca/status").await?;
     Ok(s.trusted_roots)
 }
+
+/// With `--namespace-selector`, only labelled namespaces (and the root namespace) are
+/// part of the mesh, and labelling one brings it in live.
+#[tokio::test]
+async fn namespace_selection() -> anyhow::Result<()> {
+    init_test_logging();
+    let api = KubeApi::start().await?;
+    let shop = Shop::new().await?;
+    shop.create(&api, true).await?; // shop carries meshd.io/mesh=enabled
+    api.create_namespace("other", &[]).await?;
+    api.http_service("other", "legacy", 80, 8080).await?;
+    let meshd =
+        Meshd::start_kubernetes(&api, &["--namespace-selector", "meshd.io/mesh=enabled"]).await?;
+    let services = || async {
+        let snap: serde_json::Value = meshd.get_json("/debug/snapshot").await?;
+        anyhow::Ok(snap["services"].as_u64().unwrap_or(0))
+    };
+    // Ready means the published mesh holds every initial list.
+    ensure!(services().await? == 1, "only shop/web is in the mesh");
+    api.create_namespace("other", &[("meshd.io/mesh", "enabled")])
+        .await?;
+    eventually("the labelled namespace to join the mesh", WAIT, || async {
+        ensure!(services().await? == 2, "{} services", services().await?);
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}

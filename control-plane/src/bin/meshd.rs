@@ -213,7 +213,13 @@ async fn main() -> anyhow::Result<()> {
             .wait_for(|p| p.is_empty())
             .await
             .context("the source stopped before its initial sync")?;
-        tracing::info!("initial sync done");
+        // …and until the xDS snapshot is built from the mesh that holds them.
+        let synced = store.subscribe().borrow().version;
+        let mut xds = snapshots.clone();
+        xds.wait_for(|s| s.version() >= synced)
+            .await
+            .context("the translator stopped")?;
+        tracing::info!(version = synced, "initial sync done");
     }
     let xds_listener = tokio::net::TcpListener::bind(args.xds_address)
         .await

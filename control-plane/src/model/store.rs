@@ -45,6 +45,9 @@ pub enum StoreEvent {
     /// Every object of one kind (a watcher's re-list): objects of that kind not in it
     /// are removed, other kinds are untouched.
     ReplaceKind(ObjectKind, Vec<MeshObject>),
+    /// Publish what came before now, without waiting for the debounce, and answer with
+    /// the version of the snapshot that holds it.
+    Flush(tokio::sync::oneshot::Sender<u64>),
 }
 
 /// Handle to the running store. Cloning shares it.
@@ -80,6 +83,14 @@ impl Store {
         let _ = self.events.send(event);
     }
 
+    /// The version of a published snapshot that holds every event sent before this
+    /// call (published at once if needed).
+    pub async fn flush(&self) -> u64 {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(StoreEvent::Flush(tx));
+        rx.await.unwrap_or_else(|_| self.snapshots.borrow().version)
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<Arc<MeshSnapshot>> {
         self.snapshots.clone()
     }
@@ -93,13 +104,22 @@ async fn run(
 ) {
     let mut version = 1;
     while let Some(first) = events.recv().await {
+        if let StoreEvent::Flush(reply) = first {
+            let _ = reply.send(version);
+            continue;
+        }
         let burst_start = Instant::now();
         let mut changed = state.apply(first);
         let hard_deadline = burst_start + config.debounce_max;
+        let mut flushed = None;
         loop {
             let deadline = (Instant::now() + config.debounce).min(hard_deadline);
             tokio::select! {
                 ev = events.recv() => match ev {
+                    Some(StoreEvent::Flush(reply)) => {
+                        flushed = Some(reply);
+                        break;
+                    }
                     Some(ev) => changed |= state.apply(ev),
                     None => break,
                 },
@@ -123,6 +143,9 @@ async fn run(
                 "published mesh snapshot"
             );
             snapshots.send_replace(snap);
+        }
+        if let Some(reply) = flushed {
+            let _ = reply.send(version);
         }
     }
 }
@@ -152,6 +175,8 @@ impl State {
             }
             StoreEvent::Replace(objs) => self.replace(objs),
             StoreEvent::ReplaceKind(kind, objs) => self.replace_kind(kind, objs),
+            // Handled by the run loop.
+            StoreEvent::Flush(_) => false,
         }
     }
 
@@ -328,6 +353,23 @@ mod tests {
             snap.workloads.keys().cloned().collect::<Vec<_>>(),
             vec![ObjectKey::new("a", "p2")]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flush_publishes_at_once() {
+        let store = Store::start(StoreConfig::default(), vec![]);
+        let rx = store.subscribe();
+        assert_eq!(store.flush().await, 1, "nothing to publish");
+        store.send(StoreEvent::Upsert(ns("a")));
+        let start = Instant::now();
+        let v = store.flush().await;
+        assert_eq!(v, 2);
+        assert!(
+            start.elapsed() < Duration::from_millis(100),
+            "waited for the debounce"
+        );
+        assert_eq!(rx.borrow().version, 2);
+        assert_eq!(rx.borrow().namespaces.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

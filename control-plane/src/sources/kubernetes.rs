@@ -255,7 +255,13 @@ struct Core {
 impl Core {
     async fn run(mut self, mut updates: mpsc::UnboundedReceiver<Update>) {
         while let Some(update) = updates.recv().await {
+            let was_pending = !self.pending.is_empty();
             self.apply(update);
+            if was_pending && self.pending.is_empty() {
+                // In sync only once a published snapshot holds every initial list.
+                let version = self.store.flush().await;
+                tracing::info!(version, "every kind listed; the mesh snapshot holds them");
+            }
             self.publish();
         }
     }
