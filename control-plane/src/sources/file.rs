@@ -266,7 +266,10 @@ impl FileSource {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                if res.is_ok() {
+                // Reading the files (our own scan) raises access events; reacting to
+                // them would rescan forever and keep the store's debounce from ever
+                // settling.
+                if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
                     let _ = tx.send(());
                 }
             })?;
