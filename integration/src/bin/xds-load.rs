@@ -77,7 +77,7 @@ struct Report {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let rlimit = open_file_limit();
-    if rlimit < args.proxies as u64 * 2 + 256 {
+    if rlimit < args.proxies as u64 + 256 {
         bail!(
             "the open-file limit is {rlimit}: too low for {} streams (ulimit -n)",
             args.proxies
