@@ -57,21 +57,23 @@ fn mesh() -> MeshSnapshot {
         when: vec![],
     };
     for (name, action) in [("allow", Action::Allow), ("deny", Action::Deny)] {
-        objects.push(MeshObject::AuthorizationPolicy(Arc::new(AuthorizationPolicy {
-            key: ObjectKey::new("shop", name),
-            selector: None,
-            action,
-            rules: vec![rule(
-                vec![Source {
-                    namespaces: vec![StringMatch::Exact("shop".into())],
-                    ..Default::default()
-                }],
-                vec![Operation {
-                    paths: vec![StringMatch::Prefix("/admin".into())],
-                    ..Default::default()
-                }],
-            )],
-        })));
+        objects.push(MeshObject::AuthorizationPolicy(Arc::new(
+            AuthorizationPolicy {
+                key: ObjectKey::new("shop", name),
+                selector: None,
+                action,
+                rules: vec![rule(
+                    vec![Source {
+                        namespaces: vec![StringMatch::Exact("shop".into())],
+                        ..Default::default()
+                    }],
+                    vec![Operation {
+                        paths: vec![StringMatch::Prefix("/admin".into())],
+                        ..Default::default()
+                    }],
+                )],
+            },
+        )));
     }
     MeshSnapshot::build(1, MeshDefaults::default(), objects)
 }
@@ -80,10 +82,15 @@ fn translate(c: &mut Criterion) {
     let snap = XdsSnapshot::build(Arc::new(mesh()), None, "cluster.local");
     let pod = ObjectKey::new("shop", "svc500-3");
     let (_, resources) = snap.proxy_resources(&pod).expect("the pod is in the mesh");
-    assert!(!resources.get(meshd::xds::resources::ResourceType::Listener).is_empty());
-    c.bench_function("one proxy's full config (11 listeners, 11 clusters, RBAC)", |b| {
-        b.iter(|| snap.proxy_resources(&pod))
-    });
+    assert!(
+        !resources
+            .get(meshd::xds::resources::ResourceType::Listener)
+            .is_empty()
+    );
+    c.bench_function(
+        "one proxy's full config (11 listeners, 11 clusters, RBAC)",
+        |b| b.iter(|| snap.proxy_resources(&pod)),
+    );
 }
 
 criterion_group!(benches, translate);
