@@ -198,12 +198,38 @@ impl Mesh {
                     other => anyhow::bail!("unexpected answer {other:?}: {body:?}"),
                 }
             }
-            To::Tcp => match tcp_roundtrip(pod.outbound(1), "hi").await {
-                Ok(_) => Ok(None),
-                // A denied connection is closed without a word; the rule is in db's
-                // access log (checked separately) and in meshctl's prediction.
-                Err(_) => Ok(Some(self.predict(c).await?.unwrap_or_default())),
-            },
+            To::Tcp => {
+                // A denied connection is closed without a word; the rule is in the
+                // line db's sidecar logs for it.
+                let peer = format!(
+                    "peer=spiffe://cluster.local/ns/{}/sa/{}",
+                    pod.namespace, pod.service_account
+                );
+                let denials = |log: &str| -> Vec<String> {
+                    log.lines()
+                        .filter(|l| l.contains("inbound tcp") && l.contains(&peer))
+                        .filter_map(|l| {
+                            let rest = l
+                                .split("details=rbac_access_denied_matched_policy[")
+                                .nth(1)?;
+                            Some(rest.split(']').next()?.to_string())
+                        })
+                        .collect()
+                };
+                let before = denials(&self.db.log()).len();
+                match tcp_roundtrip(pod.outbound(1), "hi").await {
+                    Ok(_) => Ok(None),
+                    Err(_) => {
+                        let rule = eventually("db's log line for the denial", WAIT, || async {
+                            let now = denials(&self.db.log());
+                            ensure!(now.len() > before, "not logged yet");
+                            Ok(now[now.len() - 1].clone())
+                        })
+                        .await?;
+                        Ok(Some(rule))
+                    }
+                }
+            }
         }
     }
 

@@ -18,9 +18,13 @@
 //! in the listener. Envoy builds an HTTP filter chain per request from the latest filter
 //! config, so a policy change applies to the next request even on connections opened
 //! before it — a listener update would leave those on the old filter chain until they
-//! drain (minutes). The stages of a port change together in one push, and a request
-//! sees either the old or the new DENY stage, each of which denies what both deny. On
-//! TCP ports the stages are network filters in the listener and decide once per
+//! drain (minutes). The stages of a port arrive in one ECDS response, but Envoy swaps
+//! each filter's config on its own: for the moment between two swaps a request can
+//! meet the new DENY stage with the old ALLOW stage (or the reverse), and such a mix
+//! can allow what both versions deny (old: ALLOW only ns A; new: DENY /x, no ALLOW;
+//! mixed: neither). Not yet closed; the way to close it is a transition through the
+//! union of old and new DENY rules, each step pushed after the previous one's ACK.
+//! On TCP ports the stages are network filters in the listener and decide once per
 //! connection, when it opens. Semantics: [`crate::authz`].
 
 use std::collections::HashMap;
