@@ -567,80 +567,128 @@ async fn authorization_table_over_real_sidecars() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A policy that changes shape while requests flow: /admin is denied by the old and by
-/// the new version, so not one request to it may get through, while / keeps working.
+/// Policies that change while requests flow on kept-alive connections: a path that the
+/// old and the new version both deny must never answer anything but 403, in any
+/// mixture of the two versions.
 #[tokio::test]
 async fn no_request_slips_through_while_policies_change() -> anyhow::Result<()> {
     let m = mesh().await?;
-    let old = || {
-        vec![policy(
+    // A DENY renamed and split differently, plus an ALLOW that admits the client:
+    // /admin/x is denied throughout, / stays allowed throughout.
+    let old = vec![policy(
+        NS,
+        "no-admin",
+        Some("web"),
+        "DENY",
+        "    - to: [{operation: {paths: [\"/admin*\"]}}]\n",
+    )];
+    let new = vec![
+        policy(
             NS,
-            "no-admin",
+            "admin-v2",
             Some("web"),
             "DENY",
-            "    - to: [{operation: {paths: [\"/admin*\"]}}]\n",
-        )]
-    };
-    // Renamed, split differently, plus an ALLOW that admits the client.
-    let new = || {
-        vec![
-            policy(
-                NS,
-                "admin-v2",
-                Some("web"),
-                "DENY",
-                "    - to: [{operation: {paths: [\"/admin\", \"/admin/*\"]}}]\n",
-            ),
-            policy(
-                NS,
-                "callers",
-                Some("web"),
-                "ALLOW",
-                "    - from: [{source: {namespaces: [shop]}}]\n",
-            ),
-        ]
-    };
-    m.apply("web.yaml", &old()).await?;
+            "    - to: [{operation: {paths: [\"/admin\", \"/admin/*\"]}}]\n",
+        ),
+        policy(
+            NS,
+            "callers",
+            Some("web"),
+            "ALLOW",
+            "    - from: [{source: {namespaces: [shop]}}]\n",
+        ),
+    ];
+    let seen = flip_while_requesting(&m, &old, &new, "/admin/x", Some("/")).await?;
+    ensure!(
+        seen == ["shop/admin-v2#0", "shop/no-admin#0"],
+        "denials named {seen:?}"
+    );
+
+    // Where a version denies by ALLOW and the other by DENY: the old admits only
+    // namespace edge, the new denies /x to everyone and has no ALLOW. The old DENY
+    // stage (none) with the new ALLOW stage (none) would let the client reach /x, so
+    // the stages of a port must change together.
+    let old = vec![policy(
+        NS,
+        "edge-only",
+        Some("web"),
+        "ALLOW",
+        "    - from: [{source: {namespaces: [edge]}}]\n",
+    )];
+    let new = vec![policy(
+        NS,
+        "no-x",
+        Some("web"),
+        "DENY",
+        "    - to: [{operation: {paths: [\"/x\"]}}]\n",
+    )];
+    let seen = flip_while_requesting(&m, &old, &new, "/x", None).await?;
+    ensure!(seen == ["none", "shop/no-x#0"], "denials named {seen:?}");
+    Ok(())
+}
+
+/// Switches web's policies between `old` and `new` six times while the client keeps
+/// requesting `denied` (which must always answer 403) and `allowed` (always 200) over
+/// kept-alive connections. Returns the rules the denials named, sorted and unique.
+async fn flip_while_requesting(
+    m: &Mesh,
+    old: &[String],
+    new: &[String],
+    denied: &'static str,
+    allowed: Option<&'static str>,
+) -> anyhow::Result<Vec<String>> {
+    m.apply("web.yaml", old).await?;
     let client = m.caller("client").clone();
     let stop = Arc::new(AtomicBool::new(false));
-    let hammer = {
+    let requests = {
         let stop = stop.clone();
         tokio::spawn(async move {
             let http = reqwest::Client::builder()
                 .no_proxy()
                 .timeout(Duration::from_secs(5))
                 .build()?;
-            let (mut denied, mut ok) = (0u32, 0u32);
+            let mut rules = std::collections::BTreeSet::new();
+            let (mut denials, mut oks) = (0u32, 0u32);
             while !stop.load(Ordering::Relaxed) {
-                let admin = http
-                    .get(format!("http://{}/admin/x", client.outbound(0)))
+                let resp = http
+                    .get(format!("http://{}{denied}", client.outbound(0)))
                     .send()
                     .await?;
                 ensure!(
-                    admin.status() == 403,
-                    "/admin/x got {} during a policy change",
-                    admin.status()
+                    resp.status() == 403,
+                    "{denied} got {} during a policy change",
+                    resp.status()
                 );
-                denied += 1;
-                let root = http
-                    .get(format!("http://{}/", client.outbound(0)))
-                    .send()
-                    .await?;
-                ensure!(root.status() == 200, "/ got {}", root.status());
-                ok += 1;
+                let rule = resp
+                    .headers()
+                    .get("x-meshd-denied-by")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|d| d.strip_prefix("rbac_access_denied_matched_policy["))
+                    .and_then(|r| r.strip_suffix(']'))
+                    .context("a 403 without the denying rule")?;
+                rules.insert(rule.to_string());
+                denials += 1;
+                if let Some(path) = allowed {
+                    let resp = http
+                        .get(format!("http://{}{path}", client.outbound(0)))
+                        .send()
+                        .await?;
+                    ensure!(resp.status() == 200, "{path} got {}", resp.status());
+                    oks += 1;
+                }
             }
-            anyhow::Ok((denied, ok))
+            ensure!(denials > 20, "too few requests: {denials}");
+            ensure!(allowed.is_none() || oks > 20, "too few requests: {oks}");
+            anyhow::Ok(rules.into_iter().collect())
         })
     };
     for i in 0..6 {
-        m.apply("web.yaml", &if i % 2 == 0 { new() } else { old() })
+        m.apply("web.yaml", if i % 2 == 0 { new } else { old })
             .await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop.store(true, Ordering::Relaxed);
-    let (denied, ok) = hammer.await??;
-    ensure!(denied > 20 && ok > 20, "too few requests: {denied} / {ok}");
-    Ok(())
+    requests.await?
 }
 
 /// An invalid policy is rejected with the field named, and its previous version keeps

@@ -5,7 +5,7 @@
 //! whose inputs did not change keeps the previous snapshot's `Arc`s, so a change only
 //! re-encodes what it touches. Outbound listeners are encoded once per service port and
 //! local port, and shared by every proxy that declares that upstream. Per-proxy
-//! resources (its inbound listeners and clusters, its RBAC) are assembled with these by
+//! resources (its inbound listeners, clusters and routes, which carry its RBAC) are assembled with these by
 //! [`XdsSnapshot::proxy_resources`].
 
 use std::collections::HashMap;
@@ -163,12 +163,13 @@ impl XdsSnapshot {
                     let rbac = rbac::inbound_rbac(&self.mesh, &view.workload, inbound);
                     let listener = translate::inbound_listener_name(address, inbound.port);
                     if inbound.protocol.is_http() {
-                        for config in rbac.http_stage_configs(&listener) {
-                            out.insert(
-                                ResourceType::ExtensionConfig,
-                                Resource::encode(config.name.clone(), &config),
-                            );
-                        }
+                        out.insert(
+                            ResourceType::Route,
+                            Resource::encode(
+                                listener.clone(),
+                                &translate::inbound_route(&listener, inbound, &rbac),
+                            ),
+                        );
                     }
                     out.insert(
                         ResourceType::Listener,
@@ -222,4 +223,111 @@ pub fn spawn_translator(
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authz::{Action, AuthorizationPolicy, Operation, Rule, Source, StringMatch};
+    use crate::model::{
+        ContainerPort, MeshDefaults, MeshObject, Protocol, ServicePort, TargetPort, Workload,
+    };
+
+    fn mesh(policies: Vec<AuthorizationPolicy>) -> Arc<MeshSnapshot> {
+        let web = Workload {
+            key: ObjectKey::new("shop", "web-1"),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            service_account: "web".into(),
+            address: Some("10.0.0.1".parse().unwrap()),
+            ready: true,
+            container_ports: vec![ContainerPort {
+                name: None,
+                port: 8080,
+            }],
+            app_ports: Default::default(),
+            upstreams: vec![],
+        };
+        let svc = Service {
+            key: ObjectKey::new("shop", "web"),
+            cluster_ip: None,
+            ports: vec![ServicePort {
+                name: None,
+                port: 80,
+                target_port: TargetPort::Number(8080),
+                protocol: Protocol::Http,
+            }],
+            selector: Some([("app".to_string(), "web".to_string())].into()),
+        };
+        let mut objects = vec![
+            MeshObject::Workload(Arc::new(web)),
+            MeshObject::Service(Arc::new(svc)),
+        ];
+        objects.extend(
+            policies
+                .into_iter()
+                .map(|p| MeshObject::AuthorizationPolicy(Arc::new(p))),
+        );
+        Arc::new(MeshSnapshot::build(1, MeshDefaults::default(), objects))
+    }
+
+    fn policy(name: &str, action: Action, rule: Rule) -> AuthorizationPolicy {
+        AuthorizationPolicy {
+            key: ObjectKey::new("shop", name),
+            selector: None,
+            action,
+            rules: vec![rule],
+        }
+    }
+
+    /// The counterexample of a stage-by-stage swap: old = ALLOW only ns edge, new =
+    /// DENY /x and no ALLOW. Both deny shop → /x, but the old DENY stage (empty) with
+    /// the new ALLOW stage (none) allows it. So the whole change must reach Envoy as
+    /// one resource, which Envoy swaps as one: the port's inbound route.
+    #[test]
+    fn a_policy_change_on_an_http_port_is_one_route_swap() {
+        let old = mesh(vec![policy(
+            "edge-only",
+            Action::Allow,
+            Rule {
+                from: vec![Source {
+                    namespaces: vec![StringMatch::Exact("edge".into())],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )]);
+        let new = mesh(vec![policy(
+            "no-x",
+            Action::Deny,
+            Rule {
+                to: vec![Operation {
+                    paths: vec![StringMatch::Exact("/x".into())],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )]);
+        let web = ObjectKey::new("shop", "web-1");
+        let resources = |m: Arc<MeshSnapshot>| {
+            XdsSnapshot::build(m, None, "cluster.local")
+                .proxy_resources(&web)
+                .expect("web is in the mesh")
+                .1
+        };
+        let (old, new) = (resources(old), resources(new));
+        let changed: Vec<(ResourceType, &String)> = ResourceType::PUSH_ORDER
+            .into_iter()
+            .filter(|t| *t != ResourceType::Secret)
+            .flat_map(|t| {
+                let (o, n) = (old.get(t), new.get(t));
+                assert_eq!(o.keys().collect::<Vec<_>>(), n.keys().collect::<Vec<_>>());
+                o.iter()
+                    .filter(|(name, r)| n[*name].version != r.version)
+                    .map(move |(name, _)| (t, name))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let listener = "inbound|10.0.0.1:8080".to_string();
+        assert_eq!(changed, [(ResourceType::Route, &listener)]);
+    }
 }

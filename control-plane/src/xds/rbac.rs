@@ -13,32 +13,39 @@
 //! and per port what no ALLOW rule admitted; `meshctl authz stats` reads it back
 //! ([`rbac_stats`](super::rbac_stats)).
 //!
-//! **Live updates.** On HTTP ports the three stages are filters whose configs come by
-//! ECDS (one [`TypedExtensionConfig`] each, named `<listener>.rbac.<stage>`), not inline
-//! in the listener. Envoy builds an HTTP filter chain per request from the latest filter
-//! config, so a policy change applies to the next request even on connections opened
-//! before it — a listener update would leave those on the old filter chain until they
-//! drain (minutes). The stages of a port arrive in one ECDS response, but Envoy swaps
-//! each filter's config on its own: for the moment between two swaps a request can
-//! meet the new DENY stage with the old ALLOW stage (or the reverse), and such a mix
-//! can allow what both versions deny (old: ALLOW only ns A; new: DENY /x, no ALLOW;
-//! mixed: neither). Not yet closed; the way to close it is a transition through the
-//! union of old and new DENY rules, each step pushed after the previous one's ACK.
+//! **Live updates.** On HTTP ports the three stages are HTTP filters in the listener
+//! whose real configs live in the port's inbound route configuration (RDS, named like
+//! the listener), as per-route overrides ([`RbacPerRoute`]) of all three filters on the
+//! one route. Two properties follow:
+//! - a change applies to the next request, even on connections opened before it: the
+//!   connection manager takes the latest route configuration for every request, while
+//!   a listener update would leave old connections on the old filter chain until they
+//!   drain (minutes);
+//! - the three stages change together: Envoy swaps a route configuration as one
+//!   object, so no request meets the new DENY stage with the old ALLOW stage. Such a
+//!   mix could allow what both versions deny (old: ALLOW only ns A; new: DENY /x and no
+//!   ALLOW; mixed: neither) — which is what three separately delivered filter configs
+//!   (ECDS) would have risked.
+//!
+//! The filters' own configs in the listener never change; they carry the stat
+//! prefixes, and fail closed (the ALLOW stage admits nothing) should a route ever come
+//! without its overrides.
 //! On TCP ports the stages are network filters in the listener and decide once per
 //! connection, when it opens. Semantics: [`crate::authz`].
 
 use std::collections::HashMap;
 
-use envoy_types::pb::envoy::config::core::v3::{CidrRange, TypedExtensionConfig};
+use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::rbac::v3::{
     Permission, Policy, Principal, Rbac, permission, principal, rbac,
 };
 use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
-use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::{Rbac as HttpRbac, RbacPerRoute};
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     PathMatcher, StringMatcher, path_matcher, string_matcher,
 };
+use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::protobuf::UInt32Value;
 
 use crate::authz::{Action, AuthorizationPolicy, Cidr, Operation, Rule, Source, StringMatch};
@@ -53,13 +60,13 @@ pub struct PortRbac {
     pub audit: Option<Rbac>,
 }
 
-/// The stages, in order: the name they go by in filter names and stats.
-pub const STAGES: [&str; 3] = ["deny", "allow", "audit"];
-
-/// The ECDS name of `stage`'s filter config on `listener`.
-pub fn stage_config_name(listener: &str, stage: &str) -> String {
-    format!("{listener}.rbac.{stage}")
-}
+/// The stages, in the order they run: the name of each stage's HTTP filter, and its
+/// stat prefix (stats: `http.<listener>.rbac.<prefix>…`).
+pub const STAGES: [(&str, &str); 3] = [
+    ("meshd.rbac.deny", "deny."),
+    ("meshd.rbac.allow", "allow."),
+    ("meshd.rbac.audit", "audit_"),
+];
 
 /// The RBAC of `workload`'s inbound port `inbound`, exactly as its sidecar gets it.
 pub fn inbound_rbac(mesh: &MeshSnapshot, workload: &Workload, inbound: &InboundPort) -> PortRbac {
@@ -100,42 +107,59 @@ pub fn compile(policies: &[&AuthorizationPolicy], http: bool) -> PortRbac {
 }
 
 impl PortRbac {
-    /// The filter config of every HTTP stage, in [`STAGES`] order; a stage without
-    /// policies passes everything (Envoy's RBAC filter without rules does nothing).
-    pub fn http_stage_configs(&self, listener: &str) -> [TypedExtensionConfig; 3] {
-        let config = |stage: &str, rbac: HttpRbac| TypedExtensionConfig {
-            name: stage_config_name(listener, stage),
-            typed_config: Some(super::translate::any(&rbac)),
-        };
+    /// The three HTTP filters of an inbound HTTP port, in [`STAGES`] order. They are
+    /// the same for every port and every policy version: what they enforce comes from
+    /// the route ([`Self::per_route_configs`]). Without a route override, DENY and AUDIT
+    /// pass everything and ALLOW admits nothing.
+    pub fn http_filters() -> [(&'static str, HttpRbac); 3] {
+        let [deny, allow, audit] = STAGES;
         [
-            config(
-                "deny",
-                HttpRbac {
-                    rules: self.deny.clone(),
-                    rules_stat_prefix: "deny.".to_string(),
-                    track_per_rule_stats: true,
-                    ..Default::default()
-                },
+            (deny.0, Self::http_stage(deny.1, None, None)),
+            (
+                allow.0,
+                Self::http_stage(
+                    allow.1,
+                    Some(Rbac {
+                        action: rbac::Action::Allow as i32,
+                        ..Default::default()
+                    }),
+                    None,
+                ),
             ),
-            config(
-                "allow",
-                HttpRbac {
-                    rules: self.allow.clone(),
-                    rules_stat_prefix: "allow.".to_string(),
-                    track_per_rule_stats: true,
-                    ..Default::default()
-                },
-            ),
-            config(
-                "audit",
-                HttpRbac {
-                    shadow_rules: self.audit.clone(),
-                    shadow_rules_stat_prefix: "audit_".to_string(),
-                    track_per_rule_stats: true,
-                    ..Default::default()
-                },
-            ),
+            (audit.0, Self::http_stage(audit.1, None, None)),
         ]
+    }
+
+    /// This port's stages as route overrides of the filters of [`Self::http_filters`],
+    /// by filter name: one route carries all three, so they change together. A stage
+    /// without policies passes everything (an RBAC filter without rules does nothing).
+    pub fn per_route_configs(&self) -> HashMap<String, Any> {
+        let [deny, allow, audit] = STAGES;
+        let stages = [
+            (deny, Self::http_stage(deny.1, self.deny.clone(), None)),
+            (allow, Self::http_stage(allow.1, self.allow.clone(), None)),
+            (audit, Self::http_stage(audit.1, None, self.audit.clone())),
+        ];
+        stages
+            .into_iter()
+            .map(|((name, _), rbac)| {
+                let per_route = RbacPerRoute { rbac: Some(rbac) };
+                (name.to_string(), super::translate::any(&per_route))
+            })
+            .collect()
+    }
+
+    /// One HTTP stage: enforced `rules` or `shadow` rules, counted per rule under
+    /// `prefix`.
+    fn http_stage(prefix: &str, rules: Option<Rbac>, shadow: Option<Rbac>) -> HttpRbac {
+        HttpRbac {
+            rules,
+            rules_stat_prefix: prefix.to_string(),
+            shadow_rules: shadow,
+            shadow_rules_stat_prefix: prefix.to_string(),
+            track_per_rule_stats: true,
+            ..Default::default()
+        }
     }
 
     /// The network filters (before the TCP proxy) of the listener `listener`. Network
@@ -456,17 +480,29 @@ mod tests {
     fn audit_rules_never_enforce() {
         let audit = policy(Action::Audit, get_admin());
         let c = compile(&[&audit], true);
-        let configs = c.http_stage_configs("inbound");
-        let decoded: Vec<HttpRbac> = configs
-            .iter()
-            .map(|c| {
-                use prost::Message;
-                HttpRbac::decode(c.typed_config.as_ref().unwrap().value.as_slice()).unwrap()
-            })
-            .collect();
-        assert_eq!(configs[2].name, "inbound.rbac.audit");
+        let configs = c.per_route_configs();
+        let decoded = |name: &str| {
+            use prost::Message;
+            let any = &configs[name];
+            RbacPerRoute::decode(any.value.as_slice())
+                .unwrap()
+                .rbac
+                .unwrap()
+        };
         // DENY and ALLOW pass everything; AUDIT only has shadow rules.
-        assert!(decoded[0].rules.is_none() && decoded[1].rules.is_none());
-        assert!(decoded[2].rules.is_none() && decoded[2].shadow_rules.is_some());
+        assert!(decoded("meshd.rbac.deny").rules.is_none());
+        assert!(decoded("meshd.rbac.allow").rules.is_none());
+        let audit = decoded("meshd.rbac.audit");
+        assert!(audit.rules.is_none() && audit.shadow_rules.is_some());
+        assert_eq!(audit.shadow_rules_stat_prefix, "audit_");
+    }
+
+    #[test]
+    fn without_route_overrides_the_allow_stage_admits_nothing() {
+        let [deny, allow, audit] = PortRbac::http_filters();
+        assert!(deny.1.rules.is_none() && audit.1.rules.is_none());
+        let allow = allow.1.rules.expect("fail closed");
+        assert_eq!(allow.action, rbac::Action::Allow as i32);
+        assert!(allow.policies.is_empty());
     }
 }

@@ -87,7 +87,7 @@ http.inbound|10.0.0.1:8080.rbac.audit_.shadow_allowed: 9
 inbound|10.0.0.3:5432.deny.shop/no.dots.rbac.denied: 4
 inbound|10.0.0.3:5432.deny.shop/no.dots.rbac.allowed: 6
 inbound|10.0.0.3:5432.allow.rbac.denied: 1
-extension_config_discovery.http_filter.inbound|10.0.0.1:8080.rbac.deny.update_success: 4
+http.inbound|10.0.0.1:8080.rbac.audit_.shadow_denied: 4
 cluster.x.upstream_rq: 5
 ";
         let got: Vec<(String, String, String, u64)> = parse(text)

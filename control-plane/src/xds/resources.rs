@@ -12,7 +12,6 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
@@ -21,8 +20,8 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 /// The xDS resource types meshd serves, in the order a change is pushed: secrets
 /// before the clusters and listeners that use them, clusters before the endpoints that
 /// fill them, listeners before the routes they name, and clusters before the listeners
-/// that send traffic to them. Listeners name the routes and the filter configs
-/// (ECDS: the RBAC of inbound HTTP ports) they use.
+/// that send traffic to them. Listeners name the routes they use (inbound HTTP routes
+/// carry the port's RBAC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum ResourceType {
     Secret,
@@ -30,17 +29,15 @@ pub enum ResourceType {
     Endpoint,
     Listener,
     Route,
-    ExtensionConfig,
 }
 
 impl ResourceType {
-    pub const PUSH_ORDER: [ResourceType; 6] = [
+    pub const PUSH_ORDER: [ResourceType; 5] = [
         ResourceType::Secret,
         ResourceType::Cluster,
         ResourceType::Endpoint,
         ResourceType::Listener,
         ResourceType::Route,
-        ResourceType::ExtensionConfig,
     ];
 
     pub fn type_url(self) -> String {
@@ -50,7 +47,6 @@ impl ResourceType {
             ResourceType::Endpoint => ClusterLoadAssignment::type_url(),
             ResourceType::Listener => Listener::type_url(),
             ResourceType::Route => RouteConfiguration::type_url(),
-            ResourceType::ExtensionConfig => TypedExtensionConfig::type_url(),
         }
     }
 
@@ -66,12 +62,11 @@ impl ResourceType {
             ResourceType::Endpoint => "eds",
             ResourceType::Listener => "lds",
             ResourceType::Route => "rds",
-            ResourceType::ExtensionConfig => "ecds",
         }
     }
 
-    /// Clusters and listeners are subscribed to as a whole ("wildcard"); endpoints,
-    /// routes and filter configs by name.
+    /// Clusters and listeners are subscribed to as a whole ("wildcard"); endpoints
+    /// and routes by name.
     pub fn is_wildcard_type(self) -> bool {
         matches!(self, ResourceType::Cluster | ResourceType::Listener)
     }

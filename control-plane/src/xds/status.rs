@@ -66,7 +66,7 @@ pub struct ProxyStatus {
     pub snapshot_changed_at: Option<Instant>,
     #[serde(skip)]
     pub pushed_changed_at: Option<Instant>,
-    /// By short type name (`cds`, `eds`, `lds`, `rds`, `ecds`, `sds`).
+    /// By short type name (`cds`, `eds`, `lds`, `rds`, `sds`).
     pub types: BTreeMap<String, TypeStatus>,
     /// Type URLs the proxy asked for that meshd does not serve.
     pub unknown_type_urls: Vec<String>,

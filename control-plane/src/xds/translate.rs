@@ -5,7 +5,8 @@
 //!   `ClusterLoadAssignment` of the same name and, for HTTP ports, a route configuration
 //!   of the same name. These are shared by every proxy that calls the service.
 //! - each inbound port of a workload becomes a listener `inbound|<podIP>:<port>` that
-//!   forwards to a static cluster `inbound|<port>||` at `127.0.0.1:<app port>`.
+//!   forwards to a static cluster `inbound|<port>||` at `127.0.0.1:<app port>`; on HTTP
+//!   ports over a route configuration of the same name, which carries the port's RBAC.
 //! - each declared upstream becomes a listener `outbound|127.0.0.1:<local port>` that
 //!   sends to the service's cluster, over RDS for HTTP ports, `tcp_proxy` for TCP.
 //!
@@ -24,9 +25,9 @@ use envoy_types::pb::envoy::config::cluster::v3::cluster::{
 };
 use envoy_types::pb::envoy::config::core::v3::Metadata;
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, ExtensionConfigSource,
-    HealthStatus, Http2ProtocolOptions, SocketAddress, TrafficDirection, TransportSocket, address,
-    config_source, data_source, socket_address, transport_socket,
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, HealthStatus,
+    Http2ProtocolOptions, SocketAddress, TrafficDirection, TransportSocket, address, config_source,
+    data_source, socket_address, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -39,7 +40,6 @@ use envoy_types::pb::envoy::config::route::v3::{
     route_match,
 };
 use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::StdoutAccessLog;
-use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -198,39 +198,45 @@ pub fn inbound_cluster(inbound: &InboundPort, app_port: u16) -> Cluster {
     cluster
 }
 
-/// The listener on the workload's own address for one inbound port, enforcing `rbac`.
+/// The route configuration of an inbound HTTP port, named like its listener: everything
+/// to the local app, through the port's RBAC stages (see [`super::rbac`]: the stages
+/// live here so that they change together, and for the next request).
+pub fn inbound_route(listener: &str, inbound: &InboundPort, rbac: &PortRbac) -> RouteConfiguration {
+    let mut route = route_to(&inbound_cluster_name(inbound.port));
+    route.typed_per_filter_config = rbac.per_route_configs();
+    RouteConfiguration {
+        name: listener.to_string(),
+        virtual_hosts: vec![VirtualHost {
+            name: "inbound".to_string(),
+            domains: vec!["*".to_string()],
+            routes: vec![route],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The listener on the workload's own address for one inbound port. On TCP ports it
+/// enforces `rbac` itself; on HTTP ports its RBAC filters take their rules from the
+/// route configuration [`inbound_route`].
 pub fn inbound_listener(address: IpAddr, inbound: &InboundPort, rbac: &PortRbac) -> Listener {
     let name = inbound_listener_name(address, inbound.port);
     let cluster = inbound_cluster_name(inbound.port);
     let filters = if inbound.protocol.is_http() {
-        let inline = RouteConfiguration {
-            name: name.clone(),
-            virtual_hosts: vec![VirtualHost {
-                name: "inbound".to_string(),
-                domains: vec!["*".to_string()],
-                routes: vec![route_to(&cluster)],
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        // The RBAC stages come by ECDS, so that changes apply to the next request.
-        let rbac_filters = super::rbac::STAGES
-            .iter()
-            .map(|stage| HttpFilter {
-                name: super::rbac::stage_config_name(&name, stage),
-                config_type: Some(http_filter::ConfigType::ConfigDiscovery(
-                    ExtensionConfigSource {
-                        config_source: Some(ads()),
-                        type_urls: vec![HttpRbac::type_url()],
-                        ..Default::default()
-                    },
-                )),
+        let rbac_filters = PortRbac::http_filters()
+            .into_iter()
+            .map(|(filter, config)| HttpFilter {
+                name: filter.to_string(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(any(&config))),
                 ..Default::default()
             })
             .collect();
         vec![http_filter_chain_filter(
             &name,
-            http_connection_manager::RouteSpecifier::RouteConfig(inline),
+            http_connection_manager::RouteSpecifier::Rds(Rds {
+                config_source: Some(ads()),
+                route_config_name: name.clone(),
+            }),
             rbac_filters,
             stdout_access_log(Some(INBOUND_HTTP_LOG)),
         )]
