@@ -43,6 +43,9 @@ pub struct AdminState {
     pub pending: watch::Receiver<Vec<String>>,
     /// Whether this replica holds the Lease (`None`: no Lease, file source).
     pub leader: Option<watch::Receiver<bool>>,
+    /// Root rotation requests go to the Secret the replicas share (Kubernetes source
+    /// with meshd's own root); otherwise [`CertManager`] rotates by itself.
+    pub shared_rotation: Option<crate::cluster::root_rotation::Requests>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -203,13 +206,18 @@ async fn ca_status(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn rotate_root(State(state): State<AdminState>) -> axum::response::Response {
-    match state.certs.start_root_rotation() {
+    let started = match &state.shared_rotation {
+        Some(shared) => shared.request(&state.certs).await,
+        None => state.certs.start_root_rotation(),
+    };
+    match started {
         Ok(status) => Json(status).into_response(),
         Err(
-            e @ (RotationError::InProgress(_)
-            | RotationError::PlugIn
-            | RotationError::NotADirectory(_)),
+            e @ (RotationError::InProgress(_) | RotationError::PlugIn | RotationError::Shared(_)),
         ) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
+        Err(e @ (RotationError::NotStarted(_) | RotationError::Request(_))) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
+        }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
 }

@@ -7,14 +7,21 @@
 //! a generation on a `watch` channel; streams follow it and push the new secrets (SDS),
 //! and the xDS TLS acceptor follows it to serve with a fresh certificate and bundle.
 //!
-//! Root rotation (own CA directory only) runs in three steps, each pushed to every
-//! proxy before the next:
+//! Root rotation runs in three steps, each pushed to every proxy before the next:
 //! 1. **trusting**: a new root is generated and added to the trust bundle; leaves are
 //!    still signed by the old root.
 //! 2. **signing**: after `grace`, leaves are re-issued by the new root; both roots stay
 //!    trusted, so old and new leaves verify each other.
 //! 3. **done**: once no leaf signed by the old root can still be valid (one workload
 //!    lifetime later), the old root leaves the bundle and the files are promoted.
+//!
+//! Where the rotation's state lives decides who moves it on:
+//! - with `--ca-dir` this process does, on its own timer, and keeps the next root as
+//!   files beside the current one;
+//! - with the root in a Kubernetes Secret, the Lease holder does
+//!   ([`crate::cluster::root_rotation`]) and writes roots and phase into the Secret;
+//!   every replica follows the Secret through [`CertManager::follow_roots`], so all
+//!   replicas trust and sign alike.
 //!
 //! Private keys stay inside [`meshd_ca::IssuedCertificate`]s: they leave this process
 //! only as the SDS secret of the proxy whose identity they certify.
@@ -87,13 +94,43 @@ pub enum RotationError {
         "the CA is a plug-in (--ca-cert-chain): rotate it where it is issued, then restart meshd"
     )]
     PlugIn,
+    #[error("the root is kept in {0}: its rotation is requested there (meshd's Kubernetes mode)")]
+    Shared(String),
     #[error(
-        "the root is kept in {0}: staged root rotation is only built for --ca-dir so far; \
-         replace the Secret's root and restart every replica"
+        "root rotation requested in {0}, but no replica holding the Lease has started it \
+         yet; it starts when one does (watch `meshctl ca status`)"
     )]
-    NotADirectory(String),
+    NotStarted(String),
+    #[error("cannot request the root rotation: {0}")]
+    Request(String),
     #[error(transparent)]
     Ca(#[from] CaError),
+}
+
+/// A root rotation whose state is kept outside this process (in the Kubernetes Secret),
+/// as the replica that performs the steps last wrote it.
+#[derive(Debug, Clone)]
+pub struct SharedRoots {
+    /// The root, as `CaSource::Pem`.
+    pub current: CaSource,
+    /// The root being rotated in, while a rotation is under way.
+    pub next: Option<CaSource>,
+    pub phase: SharedPhase,
+    pub last_completed: Option<SystemTime>,
+}
+
+/// Where a shared rotation stands, and since when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedPhase {
+    Idle,
+    /// Step 1: the next root is trusted alongside the current one.
+    Trusting {
+        since: SystemTime,
+    },
+    /// Step 2: certificates are signed by the next root; both are trusted.
+    Signing {
+        since: SystemTime,
+    },
 }
 
 impl CertManager {
@@ -143,6 +180,28 @@ impl CertManager {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Lifetime of workload certificates.
+    pub fn workload_ttl(&self) -> Duration {
+        self.config.workload_ttl
+    }
+
+    /// How long proxies get to receive a new root before certificates are signed by it.
+    pub fn rotation_grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// In a shared rotation whose signing step began at `signing_since`: when no
+    /// certificate from the old root can be valid any more. Replicas switch to the new
+    /// signer within the grace period of each other, so it adds to the lifetime.
+    pub fn shared_old_leaves_expire(&self, signing_since: SystemTime) -> SystemTime {
+        signing_since + self.config.workload_ttl + self.grace
+    }
+
+    /// Whether a root rotation is under way.
+    pub fn rotating(&self) -> bool {
+        lock(&self.rotation).phase != Phase::Idle
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -197,9 +256,7 @@ impl CertManager {
         let dir = match &self.source {
             CaSource::Directory(dir) => dir,
             CaSource::PlugIn { .. } => return Err(RotationError::PlugIn),
-            CaSource::Pem { origin, .. } => {
-                return Err(RotationError::NotADirectory(origin.clone()));
-            }
+            CaSource::Pem { origin, .. } => return Err(RotationError::Shared(origin.clone())),
         };
         {
             let mut rotation = lock(&self.rotation);
@@ -219,6 +276,53 @@ impl CertManager {
         tracing::info!("root rotation step 1/3: the new root is trusted alongside the old one");
         self.generation.send_modify(|g| *g += 1);
         Ok(self.rotation_status())
+    }
+
+    /// Takes the roots and phase of a rotation that another replica may be driving:
+    /// trusts what `roots` says to trust and signs with what it says to sign with.
+    /// Certificates signed by a root that no longer signs are re-issued.
+    pub fn follow_roots(&self, roots: &SharedRoots) -> Result<(), CaError> {
+        let open = |source: &CaSource| store::open(source, self.config.clone()).map(|(a, _)| a);
+        let current = open(&roots.current)?;
+        let (authority, phase) = match (roots.phase, &roots.next) {
+            (SharedPhase::Trusting { since }, Some(next)) => (
+                current.with_extra_roots(open(next)?.trust_bundle().roots()),
+                Phase::Trusting { since },
+            ),
+            (SharedPhase::Signing { since }, Some(next)) => (
+                open(next)?.with_extra_roots(current.trust_bundle().roots()),
+                Phase::Signing {
+                    old_leaves_expire: self.shared_old_leaves_expire(since),
+                },
+            ),
+            _ => (current, Phase::Idle),
+        };
+        let before = self.authority();
+        if before.trust_bundle().roots() == authority.trust_bundle().roots() {
+            let mut rotation = lock(&self.rotation);
+            rotation.phase = phase;
+            rotation.last_completed = roots.last_completed;
+            return Ok(());
+        }
+        let signer_changed =
+            before.trust_bundle().roots().first() != authority.trust_bundle().roots().first();
+        *self.authority.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(authority);
+        if signer_changed {
+            lock(&self.workloads).clear();
+            *lock(&self.server) = None;
+        }
+        {
+            let mut rotation = lock(&self.rotation);
+            rotation.phase = phase;
+            rotation.last_completed = roots.last_completed;
+        }
+        tracing::info!(
+            phase = phase_name(phase),
+            signer_changed,
+            "following the shared root rotation"
+        );
+        self.generation.send_modify(|g| *g += 1);
+        Ok(())
     }
 
     pub fn rotation_status(&self) -> RotationStatus {

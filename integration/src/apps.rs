@@ -183,3 +183,53 @@ pub async fn tcp_roundtrip(addr: SocketAddr, line: &str) -> anyhow::Result<Strin
         .await
         .with_context(|| format!("no reply from {addr} within 5s"))?
 }
+
+/// GETs `/` through `addr` every 20 ms until stopped, counting what did not answer 200
+/// (each request on a new connection to the sidecar).
+pub struct Traffic {
+    sent: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    stop: Arc<tokio::sync::Notify>,
+    task: JoinHandle<()>,
+}
+
+impl Traffic {
+    pub fn start(addr: SocketAddr) -> Traffic {
+        let sent = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = {
+            let (sent, failed, stop) = (sent.clone(), failed.clone(), stop.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.notified() => break,
+                        r = http_get(addr, "/") => {
+                            sent.fetch_add(1, Ordering::Relaxed);
+                            if !r.is_ok_and(|r| r.status == 200) {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        Traffic {
+            sent,
+            failed,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops and returns (requests sent, requests failed).
+    pub async fn stop(self) -> (usize, usize) {
+        self.stop.notify_one();
+        let _ = self.task.await;
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}

@@ -11,7 +11,7 @@ use anyhow::{Context, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use meshd::identity::RotationStatus;
 use meshd::sources::crd::AuthorizationPolicy;
-use meshd_integration::apps::{HttpApp, http_get};
+use meshd_integration::apps::{HttpApp, Traffic, http_get};
 use meshd_integration::envoy::Sidecar;
 use meshd_integration::kube_api::{KubeApi, PodSpec};
 use meshd_integration::meshd::Meshd;
@@ -379,24 +379,8 @@ async fn replicas_share_one_root_and_hand_over_the_lease() -> anyhow::Result<()>
     let root_a = root(&a).await?;
     ensure!(root_a.len() == 1 && root_a == root(&b).await?, "{root_a:?}");
 
-    // Exactly one leader.
     let (leader, follower, leader_name, follower_name) =
-        eventually("one replica to hold the Lease", WAIT, || async {
-            let (la, lb) = (a.snapshot().await?.leader, b.snapshot().await?.leader);
-            match (la, lb) {
-                (Some(true), Some(false)) => Ok(true),
-                (Some(false), Some(true)) => Ok(false),
-                other => anyhow::bail!("leaders: {other:?}"),
-            }
-        })
-        .await
-        .map(|a_leads| {
-            if a_leads {
-                (a, b, "replica-a", "replica-b")
-            } else {
-                (b, a, "replica-b", "replica-a")
-            }
-        })?;
+        leader_and_follower(a, b, "replica-a", "replica-b").await?;
 
     let deny = |name: &str| {
         json!({"apiVersion": "security.meshd.io/v1alpha1", "kind": "AuthorizationPolicy",
@@ -427,6 +411,156 @@ async fn replicas_share_one_root_and_hand_over_the_lease() -> anyhow::Result<()>
     ensure!(
         root(&again).await? == root_a,
         "the root changed across a restart"
+    );
+    Ok(())
+}
+
+/// Waits until exactly one of `a` and `b` holds the Lease; returns (leader, follower,
+/// leader's name, follower's name).
+async fn leader_and_follower(
+    a: Meshd,
+    b: Meshd,
+    name_a: &'static str,
+    name_b: &'static str,
+) -> anyhow::Result<(Meshd, Meshd, &'static str, &'static str)> {
+    let a_leads = eventually("one replica to hold the Lease", WAIT, || async {
+        let (la, lb) = (a.snapshot().await?.leader, b.snapshot().await?.leader);
+        match (la, lb) {
+            (Some(true), Some(false)) => Ok(true),
+            (Some(false), Some(true)) => Ok(false),
+            other => anyhow::bail!("leaders: {other:?}"),
+        }
+    })
+    .await?;
+    Ok(if a_leads {
+        (a, b, name_a, name_b)
+    } else {
+        (b, a, name_b, name_a)
+    })
+}
+
+/// A root rotation asked of the follower: the Lease holder walks the root Secret
+/// through the three steps, both replicas follow it, and traffic from a sidecar of one
+/// replica to a sidecar of the other does not fail once.
+#[tokio::test]
+async fn root_rotation_in_the_secret_is_driven_by_the_lease_holder() -> anyhow::Result<()> {
+    init_test_logging();
+    let api = KubeApi::start().await?;
+    let shop = Shop::new().await?;
+    shop.create(&api, true).await?;
+    let args = |name: &'static str| {
+        [
+            "--replica-name",
+            name,
+            "--lease-duration",
+            "3s",
+            "--workload-cert-ttl",
+            "4s",
+            "--root-rotation-grace",
+            "2s",
+        ]
+    };
+    let (args_a, args_b) = (args("replica-a"), args("replica-b"));
+    let (a, b) = tokio::join!(
+        Meshd::start_kubernetes(&api, &args_a),
+        Meshd::start_kubernetes(&api, &args_b),
+    );
+    let (leader, follower, leader_name, _) =
+        leader_and_follower(a?, b?, "replica-a", "replica-b").await?;
+    let (old_root, _) = api.mesh_root().await?;
+
+    // web's sidecar gets its certificates from the leader, the client's from the
+    // follower: each side must trust what the other replica signs, at every step.
+    let _web = Sidecar::start(&leader, NS, "web-1", "web", XdsFlavor::Delta).await?;
+    let _client = Sidecar::start(&follower, NS, "client-1", "client", XdsFlavor::Sotw).await?;
+    eventually("traffic", WAIT, || async {
+        ensure!(http_get(shop.outbound(), "/").await?.status == 200);
+        Ok(())
+    })
+    .await?;
+    let traffic = Traffic::start(shop.outbound());
+
+    let out = follower.meshctl(&["ca", "rotate-root"]).await?;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && printed.contains("trusting-new-root"),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = follower.meshctl(&["ca", "rotate-root"]).await?;
+    ensure!(
+        !again.status.success()
+            && String::from_utf8_lossy(&again.stderr).contains("already under way"),
+        "a second request during the rotation: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    let phases = std::sync::Mutex::new(Vec::<String>::new());
+    for replica in [&follower, &leader] {
+        eventually("the rotation to complete", WAIT, || async {
+            let s: RotationStatus = replica.get_json("/ca/status").await?;
+            {
+                let mut seen = phases.lock().unwrap();
+                if seen.last() != Some(&s.phase) {
+                    seen.push(s.phase.clone());
+                }
+            }
+            ensure!(
+                s.phase == "idle" && s.last_completed_at.is_some(),
+                "at {}",
+                s.phase
+            );
+            Ok(())
+        })
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (sent, failed) = traffic.stop().await;
+    let phases = phases.into_inner().unwrap();
+    ensure!(
+        phases.contains(&"signing-with-new-root".to_string()),
+        "phases seen: {phases:?}"
+    );
+    ensure!(sent > 100, "only {sent} requests during the rotation");
+    ensure!(
+        failed == 0,
+        "{failed} of {sent} requests failed during the rotation"
+    );
+
+    // One new root, the same on both replicas; the old one is kept for the record,
+    // and the Lease holder wrote the new root.
+    let (new_root, _) = api.mesh_root().await?;
+    ensure!(new_root != old_root, "the root did not change");
+    let (on_leader, on_follower) = (root(&leader).await?, root(&follower).await?);
+    ensure!(
+        on_leader.len() == 1 && on_leader == on_follower,
+        "trusted roots: leader {on_leader:?}, follower {on_follower:?}"
+    );
+    let secret = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(
+        api.client.clone(),
+        "meshd-system",
+    )
+    .get("meshd-ca")
+    .await?;
+    let data = secret.data.clone().unwrap_or_default();
+    ensure!(
+        data.get("previous-root-cert.pem").map(|b| b.0.as_slice()) == Some(old_root.as_bytes())
+    );
+    ensure!(!data.contains_key("next-root-key.pem") && !data.contains_key("previous-root-key.pem"));
+    let root_writer = secret
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .find(|f| {
+            f.fields_v1
+                .as_ref()
+                .is_some_and(|v| v.0["f:data"].get("f:root-cert.pem").is_some())
+        })
+        .and_then(|f| f.manager);
+    ensure!(
+        root_writer == Some(format!("meshd/{leader_name}")),
+        "root-cert.pem was written by {root_writer:?}"
     );
     Ok(())
 }

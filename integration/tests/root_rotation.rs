@@ -1,13 +1,11 @@
 //! A full root rotation while traffic flows: not one request fails, and at the end the
 //! sidecars present certificates from the new root and trust only it.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use meshd::identity::RotationStatus;
-use meshd_integration::apps::{HttpApp, http_get};
+use meshd_integration::apps::{HttpApp, Traffic, http_get};
 use meshd_integration::envoy::Sidecar;
 use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};
 use meshd_integration::meshd::Meshd;
@@ -56,31 +54,7 @@ async fn a_root_rotation_under_traffic_fails_no_request() -> anyhow::Result<()> 
     let old_root = std::fs::read_to_string(meshd.ca_dir().join("root-cert.pem"))?;
 
     // Requests in a loop for the whole rotation.
-    let failures = Arc::new(AtomicUsize::new(0));
-    let sent = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let traffic = {
-        let (failures, sent, stop, addr) = (
-            failures.clone(),
-            sent.clone(),
-            stop.clone(),
-            client.outbound(0),
-        );
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.notified() => break,
-                    r = http_get(addr, "/") => {
-                        sent.fetch_add(1, Ordering::Relaxed);
-                        if !r.is_ok_and(|r| r.status == 200) {
-                            failures.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let traffic = Traffic::start(client.outbound(0));
 
     let out = meshd.meshctl(&["ca", "rotate-root"]).await?;
     let printed = String::from_utf8_lossy(&out.stdout);
@@ -115,8 +89,7 @@ async fn a_root_rotation_under_traffic_fails_no_request() -> anyhow::Result<()> 
     let phases = phases.into_inner().unwrap();
     // Keep traffic going a little past the end.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.notify_one();
-    traffic.await?;
+    let (sent, failed) = traffic.stop().await;
 
     assert!(
         phases.contains(&"signing-with-new-root".to_string()),
@@ -127,11 +100,9 @@ async fn a_root_rotation_under_traffic_fails_no_request() -> anyhow::Result<()> 
         1,
         "only the new root is trusted at the end"
     );
-    let sent = sent.load(Ordering::Relaxed);
     assert!(sent > 100, "only {sent} requests during the rotation");
     assert_eq!(
-        failures.load(Ordering::Relaxed),
-        0,
+        failed, 0,
         "requests failed during the root rotation (of {sent})"
     );
 

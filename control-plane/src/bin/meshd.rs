@@ -11,7 +11,7 @@ use clap::{Parser, ValueEnum};
 use meshd::admin::{self, AdminState};
 use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
 use meshd::cluster::{self, lease::Leadership};
-use meshd::identity::CertManager;
+use meshd::identity::{CertManager, SharedRoots};
 use meshd::model::{MeshDefaults, MtlsMode, Store, StoreConfig};
 use meshd::sources::SharedErrors;
 use meshd::sources::file::FileSource;
@@ -181,6 +181,19 @@ async fn main() -> anyhow::Result<()> {
         "mesh CA ready"
     );
     certs.spawn_rotation();
+    let shared_rotation = match (&started.shared_roots, &started.leadership) {
+        (Some(shared), Some(leadership)) => {
+            certs.follow_roots(&shared.roots)?;
+            Some(cluster::root_rotation::spawn(
+                shared.client.clone(),
+                &shared.namespace,
+                certs.clone(),
+                leadership.is_leader(),
+                &shared.replica,
+            ))
+        }
+        _ => None,
+    };
     let store = started.store;
     let config_errors = started.errors;
 
@@ -198,6 +211,7 @@ async fn main() -> anyhow::Result<()> {
         certs: certs.clone(),
         pending: started.pending,
         leader: started.leadership.as_ref().map(|l| l.is_leader()),
+        shared_rotation,
     });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(admin_listener, admin_app).await {
@@ -253,10 +267,20 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The root in `<namespace>/meshd-ca`, shared by the replicas.
+struct SharedCa {
+    roots: SharedRoots,
+    client: kube::Client,
+    namespace: String,
+    replica: String,
+}
+
 /// What a started source hands to the rest of meshd.
 struct Started {
     store: Store,
     ca: CaSource,
+    /// The root in the cluster's Secret, which rotates under the Lease holder.
+    shared_roots: Option<SharedCa>,
     errors: SharedErrors,
     /// Kinds not listed yet (always empty for the file source).
     pending: watch::Receiver<Vec<String>>,
@@ -287,6 +311,7 @@ fn start_file_source(args: &Args, config: StoreConfig) -> anyhow::Result<Started
     Ok(Started {
         store,
         ca: args.ca.source(),
+        shared_roots: None,
         errors,
         pending: watch::channel(Vec::new()).1,
         leadership: None,
@@ -300,10 +325,13 @@ async fn start_kubernetes_source(args: &Args, config: StoreConfig) -> anyhow::Re
     let client = cluster::client(args.kubeconfig.as_deref()).await?;
     // A plug-in CA (--ca-cert-chain) is the user's choice; otherwise the root is the
     // cluster's, in a Secret every replica shares.
-    let ca = match args.ca.source() {
-        plug_in @ CaSource::PlugIn { .. } => plug_in,
+    let (ca, shared_roots) = match args.ca.source() {
+        plug_in @ CaSource::PlugIn { .. } => (plug_in, None),
         _ => {
-            cluster::ca_secret::root(client.clone(), &args.namespace, &args.ca.trust_domain).await?
+            let roots =
+                cluster::ca_secret::root(client.clone(), &args.namespace, &args.ca.trust_domain)
+                    .await?;
+            (roots.current.clone(), Some(roots))
         }
     };
     let replica = args
@@ -334,15 +362,22 @@ async fn start_kubernetes_source(args: &Args, config: StoreConfig) -> anyhow::Re
         },
     );
     cluster::policy_status::spawn(
-        client,
+        client.clone(),
         running.verdicts.clone(),
         leadership.is_leader(),
         replica.clone(),
     );
     tracing::info!(replica, namespace = %args.namespace, "watching the Kubernetes API");
+    let shared_roots = shared_roots.map(|roots| SharedCa {
+        roots,
+        client,
+        namespace: args.namespace.clone(),
+        replica,
+    });
     Ok(Started {
         store,
         ca,
+        shared_roots,
         errors: running.errors,
         pending: running.pending,
         leadership: Some(leadership),

@@ -9,10 +9,13 @@
 //! - [`lease`]: a `coordination.k8s.io/v1` Lease elects one replica; singleton duties
 //!   follow it.
 //! - [`policy_status`]: the Lease holder writes each policy's `Accepted` condition.
+//! - [`root_rotation`]: the Lease holder moves staged root rotations on, in the Secret;
+//!   every replica follows it.
 
 pub mod ca_secret;
 pub mod lease;
 pub mod policy_status;
+pub mod root_rotation;
 
 /// The Kubernetes client: `kubeconfig` if given, else `KUBECONFIG`/`~/.kube/config`,
 /// else the in-cluster service account.
