@@ -3,10 +3,15 @@
 //!
 //! A [`Scenario`] is `services` HTTP services with `endpoints` backend pods spread over
 //! them, and `proxies` client pods, each calling `upstreams` services (its sidecar's
-//! outbound listeners and clusters). [`run_proxy`] behaves like Envoy on one stream,
-//! over the same mutual TLS and identity scheme: wildcard CDS and LDS, EDS and RDS by
-//! the names the clusters carry, SDS for its certificate and roots, an ACK for every
-//! response; it records every response's arrival, type and size.
+//! outbound listeners and clusters) and serving HTTP on 8080 behind the Service
+//! `client` (its inbound listener and route, where AuthorizationPolicies land).
+//! [`Change`]s are written into the directory as meshd would see them from a cluster.
+//!
+//! [`run_proxy`] behaves like Envoy on one stream, over the same mutual TLS and
+//! identity scheme: wildcard CDS and LDS, EDS by the names of the EDS clusters, RDS by
+//! the route names the listeners' connection managers ask for, SDS for its certificate
+//! and roots; it ACKs every response, or NACKs what [`Nack`] says, and records every
+//! response's arrival, type, size and resource names.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -16,7 +21,12 @@ use std::time::Instant;
 
 use anyhow::Context;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager,
+};
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::google::rpc::Status;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -62,6 +72,11 @@ impl Scenario {
                 Self::service(s)
             );
         }
+        // Every client also serves HTTP on 8080, behind the Service `client`.
+        let _ = write!(
+            services,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: client, namespace: {NAMESPACE}}}\nspec:\n  selector: {{app: client}}\n  ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]\n"
+        );
         std::fs::write(dir.join("services.yaml"), services)?;
         let mut backends = String::new();
         for e in 0..self.endpoints {
@@ -78,7 +93,7 @@ impl Scenario {
                 .collect();
             let _ = write!(
                 proxies,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {NAMESPACE}\n  labels: {{app: client}}\n  annotations: {{meshd.io/upstreams: \"{}\"}}\nspec:\n  serviceAccountName: client\n  containers: [{{name: app, image: app}}]\nstatus:\n  podIP: {}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {NAMESPACE}\n  labels: {{app: client}}\n  annotations: {{meshd.io/upstreams: \"{}\"}}\nspec:\n  serviceAccountName: client\n  containers: [{{name: app, image: app, ports: [{{containerPort: 8080}}]}}]\nstatus:\n  podIP: {}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
                 Self::proxy(p),
                 ups.join(", "),
                 ip(1 << 20 | p)
@@ -90,8 +105,13 @@ impl Scenario {
 
     /// Backend pod `e`, serving service `s`.
     pub fn backend(&self, e: usize, s: usize) -> String {
+        self.pod(&format!("backend-{e}"), e, s)
+    }
+
+    /// A backend pod `name` at address number `e`, serving service `s`.
+    pub fn pod(&self, name: &str, e: usize, s: usize) -> String {
         format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: backend-{e}\n  namespace: {NAMESPACE}\n  labels: {{app: {}}}\nspec:\n  serviceAccountName: {}\n  containers: [{{name: app, image: app, ports: [{{containerPort: 8080}}]}}]\nstatus:\n  podIP: {}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n  labels: {{app: {}}}\nspec:\n  serviceAccountName: {}\n  containers: [{{name: app, image: app, ports: [{{containerPort: 8080}}]}}]\nstatus:\n  podIP: {}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
             Self::service(s),
             Self::service(s),
             ip(e)
@@ -148,6 +168,31 @@ fn eds_names<'a>(resources: impl Iterator<Item = &'a [u8]>) -> Vec<String> {
     names
 }
 
+/// The route configurations a listener's HTTP connection managers ask for over RDS.
+fn rds_names(listener: &[u8]) -> Vec<String> {
+    let Ok(listener) = Listener::decode(listener) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = listener
+        .filter_chains
+        .iter()
+        .flat_map(|c| &c.filters)
+        .filter_map(|f| match &f.config_type {
+            Some(
+                envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(any),
+            ) => HttpConnectionManager::decode(any.value.as_slice()).ok(),
+            _ => None,
+        })
+        .filter_map(|hcm| match hcm.route_specifier {
+            Some(http_connection_manager::RouteSpecifier::Rds(rds)) => Some(rds.route_config_name),
+            _ => None,
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// Tracks which types a stream has, to tell when its config is complete.
 #[derive(Default)]
 struct Progress {
@@ -156,6 +201,8 @@ struct Progress {
     sds: bool,
     eds_wanted: Vec<String>,
     eds_have: std::collections::BTreeSet<String>,
+    rds_wanted: Vec<String>,
+    rds_have: std::collections::BTreeSet<String>,
 }
 
 impl Progress {
@@ -164,7 +211,18 @@ impl Progress {
             && self.lds
             && self.sds
             && self.eds_wanted.iter().all(|n| self.eds_have.contains(n))
+            && self.rds_wanted.iter().all(|n| self.rds_have.contains(n))
     }
+}
+
+/// What a proxy rejects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nack {
+    /// ACK everything.
+    Never,
+    /// NACK every response after the first of its type (secrets aside), as an Envoy
+    /// does that rejects every update: it keeps its initial config.
+    Updates,
 }
 
 /// One Envoy-like stream for proxy `index` until the connection ends.
@@ -173,12 +231,13 @@ pub async fn run_proxy(
     cert: ClientCert,
     pod: String,
     delta: bool,
+    nack: Nack,
     timeline: SharedTimeline,
 ) {
     let result = if delta {
-        run_delta(addr, &cert, &pod, &timeline).await
+        run_delta(addr, &cert, &pod, nack, &timeline).await
     } else {
-        run_sotw(addr, &cert, &pod, &timeline).await
+        run_sotw(addr, &cert, &pod, nack, &timeline).await
     };
     if let Err(e) = result {
         timeline.lock().expect("timeline").error = Some(format!("{e:#}"));
@@ -205,10 +264,19 @@ fn record(
     }
 }
 
+fn nack_detail() -> Option<Status> {
+    Some(Status {
+        code: 3,
+        message: "xds-load: rejecting updates, as asked".to_string(),
+        ..Default::default()
+    })
+}
+
 async fn run_sotw(
     addr: SocketAddr,
     cert: &ClientCert,
     pod: &str,
+    nack: Nack,
     timeline: &SharedTimeline,
 ) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(16);
@@ -233,9 +301,27 @@ async fn run_sotw(
     let secrets = vec!["default".to_string(), "ROOTCA".to_string()];
     tx.send(request(SDS, &secrets, "", "", false)).await?;
     let mut progress = Progress::default();
+    // The last version accepted, by type.
+    let mut accepted: std::collections::HashMap<String, String> = Default::default();
     while let Some(resp) = stream.message().await? {
         let bytes = resp.encoded_len();
         let names: Vec<String> = Vec::new();
+        if let Some(version) = accepted.get(&resp.type_url)
+            && nack == Nack::Updates
+            && resp.type_url != SDS
+        {
+            let subscribed = match resp.type_url.as_str() {
+                EDS => progress.eds_wanted.clone(),
+                RDS => progress.rds_wanted.clone(),
+                _ => Vec::new(),
+            };
+            let mut reject = request(&resp.type_url, &subscribed, version, &resp.nonce, false);
+            reject.error_detail = nack_detail();
+            tx.send(reject).await?;
+            record(timeline, &resp.type_url, bytes, names, &mut progress);
+            continue;
+        }
+        accepted.insert(resp.type_url.clone(), resp.version_info.clone());
         match resp.type_url.as_str() {
             CDS => {
                 progress.cds = true;
@@ -245,8 +331,6 @@ async fn run_sotw(
                 if eds != progress.eds_wanted {
                     progress.eds_wanted = eds.clone();
                     tx.send(request(EDS, &eds, "", "", false)).await?;
-                    // meshd names routes after their clusters.
-                    tx.send(request(RDS, &eds, "", "", false)).await?;
                 }
             }
             EDS => {
@@ -261,9 +345,10 @@ async fn run_sotw(
                 .await?;
             }
             RDS => {
+                progress.rds_have = progress.rds_wanted.iter().cloned().collect();
                 tx.send(request(
                     RDS,
-                    &progress.eds_wanted,
+                    &progress.rds_wanted,
                     &resp.version_info,
                     &resp.nonce,
                     false,
@@ -274,6 +359,17 @@ async fn run_sotw(
                 progress.lds = true;
                 tx.send(request(LDS, &[], &resp.version_info, &resp.nonce, false))
                     .await?;
+                let mut rds: Vec<String> = resp
+                    .resources
+                    .iter()
+                    .flat_map(|r| rds_names(&r.value))
+                    .collect();
+                rds.sort();
+                rds.dedup();
+                if rds != progress.rds_wanted {
+                    progress.rds_wanted = rds.clone();
+                    tx.send(request(RDS, &rds, "", "", false)).await?;
+                }
             }
             SDS => {
                 progress.sds = true;
@@ -297,6 +393,7 @@ async fn run_delta(
     addr: SocketAddr,
     cert: &ClientCert,
     pod: &str,
+    nack: Nack,
     timeline: &SharedTimeline,
 ) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(16);
@@ -327,9 +424,19 @@ async fn run_delta(
     .await?;
     let mut progress = Progress::default();
     let mut clusters: std::collections::BTreeMap<String, bool> = Default::default();
+    let mut listeners: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut seen: std::collections::HashSet<String> = Default::default();
     while let Some(resp) = stream.message().await? {
         let bytes = resp.encoded_len();
         let names: Vec<String> = resp.resources.iter().map(|r| r.name.clone()).collect();
+        let first_of_type = seen.insert(resp.type_url.clone());
+        if nack == Nack::Updates && !first_of_type && resp.type_url != SDS {
+            let mut reject = ack(&resp.type_url, &resp.nonce);
+            reject.error_detail = nack_detail();
+            tx.send(reject).await?;
+            record(timeline, &resp.type_url, bytes, names, &mut progress);
+            continue;
+        }
         tx.send(ack(&resp.type_url, &resp.nonce)).await?;
         match resp.type_url.as_str() {
             CDS => {
@@ -357,12 +464,37 @@ async fn run_delta(
                     .collect();
                 progress.eds_wanted = eds;
                 if !new.is_empty() {
-                    tx.send(subscribe(EDS, new.clone(), false)).await?;
+                    tx.send(subscribe(EDS, new, false)).await?;
+                }
+            }
+            LDS => {
+                progress.lds = true;
+                for r in &resp.resources {
+                    let routes = r
+                        .resource
+                        .as_ref()
+                        .map(|a| rds_names(&a.value))
+                        .unwrap_or_default();
+                    listeners.insert(r.name.clone(), routes);
+                }
+                for gone in &resp.removed_resources {
+                    listeners.remove(gone);
+                }
+                let mut rds: Vec<String> = listeners.values().flatten().cloned().collect();
+                rds.sort();
+                rds.dedup();
+                let new: Vec<String> = rds
+                    .iter()
+                    .filter(|n| !progress.rds_wanted.contains(n))
+                    .cloned()
+                    .collect();
+                progress.rds_wanted = rds;
+                if !new.is_empty() {
                     tx.send(subscribe(RDS, new, false)).await?;
                 }
             }
             EDS => progress.eds_have.extend(names.iter().cloned()),
-            LDS => progress.lds = true,
+            RDS => progress.rds_have.extend(names.iter().cloned()),
             SDS => progress.sds = true,
             _ => {}
         }

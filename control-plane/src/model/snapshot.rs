@@ -142,7 +142,10 @@ impl MeshSnapshot {
 
     /// The AuthorizationPolicies that apply to `workload`: those of its namespace whose
     /// selector matches it (or that have none), and those of the root namespace.
-    pub fn authorization_policies_for(&self, workload: &Workload) -> Vec<&AuthorizationPolicy> {
+    pub fn authorization_policies_for(
+        &self,
+        workload: &Workload,
+    ) -> Vec<&Arc<AuthorizationPolicy>> {
         let root = self.defaults.root_namespace.as_str();
         self.authorization_policies
             .values()
@@ -153,7 +156,6 @@ impl MeshSnapshot {
                         sel.iter().all(|(k, v)| workload.labels.get(k) == Some(v))
                     })
             })
-            .map(|p| &**p)
             .collect()
     }
 

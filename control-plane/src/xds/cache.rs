@@ -4,9 +4,17 @@
 //! route of every service port, built once and shared by all proxies. A service port
 //! whose inputs did not change keeps the previous snapshot's `Arc`s, so a change only
 //! re-encodes what it touches. Outbound listeners are encoded once per service port and
-//! local port, and shared by every proxy that declares that upstream. Per-proxy
-//! resources (its inbound listeners, clusters and routes, which carry its RBAC) are assembled with these by
-//! [`XdsSnapshot::proxy_resources`].
+//! local port, and shared by every proxy that declares that upstream.
+//!
+//! A workload's own resources — the listener, static cluster and (HTTP) route of each
+//! inbound port; the route carries its RBAC — are encoded on first use and kept from
+//! snapshot to snapshot while their inputs (the workload, its inbound ports, the
+//! policies that select it) stay equal. So a change re-encodes only the workloads it
+//! touches, whatever the number of connected proxies, and a resource keeps its content
+//! version until its content really changes. That matters beyond speed: protobuf map
+//! fields (the route's per-filter configs) encode in hash order, so re-encoding equal
+//! content can produce other bytes, another version, and a needless push.
+//! [`XdsSnapshot::proxy_resources`] assembles both kinds.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,11 +23,12 @@ use tokio::sync::watch;
 
 use super::resources::{ProxyResources, Resource, ResourceType};
 use super::{rbac, translate};
-use crate::model::snapshot::{Endpoint, ServicePortKey};
+use crate::authz::AuthorizationPolicy;
+use crate::model::snapshot::{Endpoint, InboundPort, ServicePortKey};
 use meshd_ca::SpiffeId;
 
 use crate::model::proxy_view::Outbound;
-use crate::model::{MeshSnapshot, ObjectKey, ProxyView, Service};
+use crate::model::{MeshSnapshot, ObjectKey, ProxyView, Service, Workload};
 
 /// The shared resources of one service port and the inputs they were built from.
 #[derive(Debug)]
@@ -53,10 +62,76 @@ impl ServicePortResources {
     }
 }
 
+/// The inbound resources of one workload and the inputs they were built from.
+#[derive(Debug)]
+struct WorkloadInbound {
+    workload: Arc<Workload>,
+    ports: Option<Arc<Vec<InboundPort>>>,
+    policies: Vec<Arc<AuthorizationPolicy>>,
+    resources: Vec<(ResourceType, Arc<Resource>)>,
+}
+
+impl WorkloadInbound {
+    fn build(
+        mesh: &MeshSnapshot,
+        workload: &Arc<Workload>,
+        ports: Option<&Arc<Vec<InboundPort>>>,
+        policies: Vec<Arc<AuthorizationPolicy>>,
+    ) -> WorkloadInbound {
+        let mut resources = Vec::new();
+        let inbound = ports.map(|p| p.as_slice()).unwrap_or_default();
+        if let Some(address) = workload.address {
+            for port in inbound {
+                let app_port = workload.app_port(port.port);
+                resources.push((
+                    ResourceType::Cluster,
+                    Resource::encode(
+                        translate::inbound_cluster_name(port.port),
+                        &translate::inbound_cluster(port, app_port),
+                    ),
+                ));
+                let rbac = rbac::inbound_rbac(mesh, workload, port);
+                let listener = translate::inbound_listener_name(address, port.port);
+                if port.protocol.is_http() {
+                    resources.push((
+                        ResourceType::Route,
+                        Resource::encode(
+                            listener.clone(),
+                            &translate::inbound_route(&listener, port, &rbac),
+                        ),
+                    ));
+                }
+                resources.push((
+                    ResourceType::Listener,
+                    Resource::encode(listener, &translate::inbound_listener(address, port, &rbac)),
+                ));
+            }
+        }
+        WorkloadInbound {
+            workload: workload.clone(),
+            ports: ports.cloned(),
+            policies,
+            resources,
+        }
+    }
+
+    fn built_from(
+        &self,
+        workload: &Arc<Workload>,
+        ports: Option<&Arc<Vec<InboundPort>>>,
+        policies: &[Arc<AuthorizationPolicy>],
+    ) -> bool {
+        self.workload == *workload && self.ports.as_ref() == ports && self.policies == policies
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct XdsSnapshot {
     pub mesh: Arc<MeshSnapshot>,
     pub services: HashMap<ServicePortKey, Arc<ServicePortResources>>,
+    /// Workloads' inbound resources, by workload: filled on first use, carried over
+    /// from the previous snapshot and reused while their inputs are equal.
+    inbound: Mutex<HashMap<ObjectKey, Arc<WorkloadInbound>>>,
 }
 
 /// The SPIFFE ids of the pods behind `endpoints`, sorted and unique. Endpoints whose pod
@@ -137,7 +212,54 @@ impl XdsSnapshot {
                 services.insert(key, entry);
             }
         }
-        XdsSnapshot { mesh, services }
+        // Checked on use: an entry whose inputs changed is rebuilt then.
+        let inbound = previous
+            .map(|p| {
+                let mut map = p.inbound.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                map.retain(|key, _| mesh.workloads.contains_key(key));
+                map
+            })
+            .unwrap_or_default();
+        XdsSnapshot {
+            mesh,
+            services,
+            inbound: Mutex::new(inbound),
+        }
+    }
+
+    /// The inbound resources of `workload`, reused if nothing they depend on changed.
+    fn workload_inbound(&self, workload: &Arc<Workload>) -> Arc<WorkloadInbound> {
+        let ports = self.mesh.inbound.get(&workload.key);
+        let policies: Vec<Arc<AuthorizationPolicy>> = self
+            .mesh
+            .authorization_policies_for(workload)
+            .into_iter()
+            .cloned()
+            .collect();
+        let cached = |cache: &HashMap<ObjectKey, Arc<WorkloadInbound>>| {
+            cache
+                .get(&workload.key)
+                .filter(|c| c.built_from(workload, ports, &policies))
+                .cloned()
+        };
+        if let Some(hit) = cached(&self.inbound.lock().unwrap_or_else(|e| e.into_inner())) {
+            return hit;
+        }
+        // Built outside the lock, so streams never wait for each other's builds; if two
+        // streams of one workload built at once, the first to store wins, and both use
+        // it, so they agree on versions.
+        let built = Arc::new(WorkloadInbound::build(
+            &self.mesh,
+            workload,
+            ports,
+            policies.clone(),
+        ));
+        let mut cache = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hit) = cached(&cache) {
+            return hit;
+        }
+        cache.insert(workload.key.clone(), built.clone());
+        built
     }
 
     pub fn version(&self) -> u64 {
@@ -149,41 +271,12 @@ impl XdsSnapshot {
     pub fn proxy_resources(&self, workload: &ObjectKey) -> Option<(ProxyView, ProxyResources)> {
         let mut view = ProxyView::build(&self.mesh, workload)?;
         let mut out = ProxyResources::default();
-        match view.workload.address {
-            Some(address) => {
-                for inbound in &view.inbound {
-                    let app_port = view.workload.app_port(inbound.port);
-                    out.insert(
-                        ResourceType::Cluster,
-                        Resource::encode(
-                            translate::inbound_cluster_name(inbound.port),
-                            &translate::inbound_cluster(inbound, app_port),
-                        ),
-                    );
-                    let rbac = rbac::inbound_rbac(&self.mesh, &view.workload, inbound);
-                    let listener = translate::inbound_listener_name(address, inbound.port);
-                    if inbound.protocol.is_http() {
-                        out.insert(
-                            ResourceType::Route,
-                            Resource::encode(
-                                listener.clone(),
-                                &translate::inbound_route(&listener, inbound, &rbac),
-                            ),
-                        );
-                    }
-                    out.insert(
-                        ResourceType::Listener,
-                        Resource::encode(
-                            listener,
-                            &translate::inbound_listener(address, inbound, &rbac),
-                        ),
-                    );
-                }
-            }
-            None if !view.inbound.is_empty() => view
-                .problems
-                .push("the pod has no IP (status.podIP): no inbound listeners".to_string()),
-            None => {}
+        if view.workload.address.is_none() && !view.inbound.is_empty() {
+            view.problems
+                .push("the pod has no IP (status.podIP): no inbound listeners".to_string());
+        }
+        for (t, r) in &self.workload_inbound(&view.workload).resources {
+            out.insert(*t, r.clone());
         }
         for out_port in &view.outbound {
             let key = (out_port.service.key.clone(), out_port.port.port);
@@ -329,5 +422,27 @@ mod tests {
             .collect();
         let listener = "inbound|10.0.0.1:8080".to_string();
         assert_eq!(changed, [(ResourceType::Route, &listener)]);
+    }
+
+    /// A snapshot that does not touch a workload hands its proxy the very same inbound
+    /// resources (no re-encoding, no new version); one that changes its policies does not.
+    #[test]
+    fn inbound_resources_are_reused_until_their_inputs_change() {
+        let web = ObjectKey::new("shop", "web-1");
+        let route = |snap: &XdsSnapshot| {
+            snap.proxy_resources(&web)
+                .expect("web")
+                .1
+                .get(ResourceType::Route)["inbound|10.0.0.1:8080"]
+                .clone()
+        };
+        let first = XdsSnapshot::build(mesh(vec![]), None, "cluster.local");
+        let served = route(&first);
+        // Every snapshot is a new MeshSnapshot, here with equal content.
+        let same = XdsSnapshot::build(mesh(vec![]), Some(&first), "cluster.local");
+        assert!(Arc::ptr_eq(&served, &route(&same)));
+        let deny = policy("no-x", Action::Deny, Rule::default());
+        let changed = XdsSnapshot::build(mesh(vec![deny]), Some(&same), "cluster.local");
+        assert_ne!(served.version, route(&changed).version);
     }
 }

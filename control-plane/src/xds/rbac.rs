@@ -70,7 +70,11 @@ pub const STAGES: [(&str, &str); 3] = [
 
 /// The RBAC of `workload`'s inbound port `inbound`, exactly as its sidecar gets it.
 pub fn inbound_rbac(mesh: &MeshSnapshot, workload: &Workload, inbound: &InboundPort) -> PortRbac {
-    let policies = mesh.authorization_policies_for(workload);
+    let policies: Vec<&AuthorizationPolicy> = mesh
+        .authorization_policies_for(workload)
+        .into_iter()
+        .map(|p| &**p)
+        .collect();
     compile(&policies, inbound.protocol.is_http())
 }
 

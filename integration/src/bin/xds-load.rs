@@ -1,8 +1,17 @@
 //! `xds-load`: meshd under many proxies. Writes a scenario, starts meshd on it, opens
 //! one Envoy-like ADS stream per proxy (mutual TLS, one certificate each), waits until
-//! every proxy has its full config, then adds endpoints one at a time and measures how
-//! long each change takes to reach every proxy that calls the service. Prints a table
-//! (or JSON with `-o json`).
+//! every proxy has its full config, then applies changes — one after the other, or at
+//! `--rate` per second — and measures how long each takes to reach every proxy it
+//! concerns, and what each of those proxies received for it. Prints a table (or JSON
+//! with `-o json`).
+//!
+//! The changes (`--kinds`, cycled):
+//! - `endpoint-add`: a new backend pod for one service (its callers get new EDS);
+//! - `endpoint-remove`: one of those pods goes away again;
+//! - `pod-roll`: a service's extra pod is replaced by one with a new name and IP;
+//! - `service-add`: a Service nobody calls (no proxy should receive anything);
+//! - `policy`: the AuthorizationPolicy on every client changes (each proxy's inbound
+//!   route).
 //!
 //! `./scripts/bench-xds.sh --proxies 1000` (release build of meshd and of this tool).
 
@@ -31,9 +40,23 @@ struct Args {
     /// xDS flavour of every stream.
     #[arg(long, value_enum, default_value_t = Flavor::Delta)]
     flavor: Flavor,
-    /// Endpoint changes to measure, one after the other.
+    /// Changes to measure.
     #[arg(long, default_value_t = 10)]
     changes: usize,
+    /// Kinds of change, applied in turn.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "endpoint-add"
+    )]
+    kinds: Vec<ChangeKind>,
+    /// Changes per second; 0 waits for each change to reach every proxy before the next.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Proxies (the first N) that NACK every update after their initial config.
+    #[arg(long, default_value_t = 0)]
+    nacking_proxies: usize,
     /// How long to wait for all proxies' initial config.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -45,6 +68,16 @@ struct Args {
 enum Flavor {
     Sotw,
     Delta,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum ChangeKind {
+    EndpointAdd,
+    EndpointRemove,
+    PodRoll,
+    ServiceAdd,
+    Policy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,16 +94,44 @@ struct Report {
     endpoints: usize,
     upstreams_per_proxy: usize,
     initial_config_s: f64,
-    changes: usize,
-    convergence_p50_ms: f64,
-    convergence_p99_ms: f64,
-    convergence_max_ms: f64,
-    bytes_per_proxy_per_change: f64,
+    rate_per_s: f64,
+    nacking_proxies: usize,
+    changes: Vec<KindReport>,
     meshd_peak_rss_mib: f64,
     meshd_rss_per_proxy_kib: f64,
     meshd_cpu_s: f64,
     pushes_per_s: f64,
+    nacks: f64,
     stream_errors: usize,
+}
+
+/// The figures of one kind of change.
+#[derive(Debug, serde::Serialize)]
+struct KindReport {
+    kind: ChangeKind,
+    changes: usize,
+    /// Proxies each change concerns, on average.
+    proxies_per_change: f64,
+    convergence_p50_ms: f64,
+    convergence_p99_ms: f64,
+    convergence_max_ms: f64,
+    /// What one concerned proxy received for one change.
+    bytes_per_proxy_per_change: f64,
+    /// What proxies the change does not concern received (should be 0); only measured
+    /// when changes run one after the other (at a rate, pushes of one change overlap
+    /// the next).
+    bytes_to_others: Option<usize>,
+}
+
+/// One applied change and who it concerns.
+struct Applied {
+    kind: ChangeKind,
+    at: Instant,
+    /// Proxies that must receive it, and the arrival that shows they did.
+    concerned: Vec<usize>,
+    matches: Box<dyn Fn(&load::Arrival) -> bool>,
+    /// Where each proxy's timeline stood when it was applied.
+    marks: Vec<usize>,
 }
 
 #[tokio::main]
@@ -108,6 +169,11 @@ async fn main() -> anyhow::Result<()> {
             cert,
             Scenario::proxy(i),
             args.flavor == Flavor::Delta,
+            if i < args.nacking_proxies {
+                load::Nack::Updates
+            } else {
+                load::Nack::Never
+            },
             timelines[i].clone(),
         ));
     }
@@ -134,67 +200,54 @@ async fn main() -> anyhow::Result<()> {
     };
     eprintln!("all proxies complete after {initial:?}");
     let pushes_before = metric(&meshd, "meshd_xds_pushes_total").await?;
+    let nacks_before = metric(&meshd, "meshd_xds_nacks_total").await?;
     let changes_started = Instant::now();
 
-    // Endpoint changes: a new backend for one service at a time.
-    let mut convergence: Vec<Duration> = Vec::new();
-    let mut bytes: Vec<usize> = Vec::new();
+    let mut writer = ChangeWriter::new(&scenario, dir.path());
+    let mut applied: Vec<Applied> = Vec::new();
     for k in 0..args.changes {
-        let svc = (k * 13) % args.services;
-        let cluster = format!("||{}.{NAMESPACE}.", Scenario::service(svc));
-        let callers: Vec<usize> = (0..args.proxies)
-            .filter(|p| scenario.upstreams_of(*p).contains(&svc))
-            .collect();
-        let marks: Vec<usize> = callers
+        let kind = args.kinds[k % args.kinds.len()];
+        if args.rate > 0.0 {
+            let due = changes_started + Duration::from_secs_f64(k as f64 / args.rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let marks = timelines
             .iter()
-            .map(|p| timelines[*p].lock().expect("timeline").arrivals.len())
+            .map(|t| t.lock().expect("timeline").arrivals.len())
             .collect();
-        let t0 = Instant::now();
-        std::fs::write(
-            dir.path().join(format!("change-{k}.yaml")),
-            scenario.backend(args.endpoints + k, svc),
-        )?;
-        let deadline = t0 + Duration::from_secs(30);
-        let mut reached = vec![None; callers.len()];
-        while reached.iter().any(Option::is_none) {
-            for (i, p) in callers.iter().enumerate() {
-                if reached[i].is_some() {
-                    continue;
-                }
-                let t = timelines[*p].lock().expect("timeline");
-                reached[i] = t.arrivals[marks[i]..]
-                    .iter()
-                    .find(|a| {
-                        a.type_url.ends_with("ClusterLoadAssignment")
-                            && (a.names.is_empty() || a.names.iter().any(|n| n.contains(&cluster)))
-                    })
-                    .map(|a| (a.at - t0, a.bytes));
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "change {k} did not reach every caller of {} within 30s",
-                    Scenario::service(svc)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let (concerned, matches) = writer.apply(kind, k)?;
+        applied.push(Applied {
+            kind,
+            at: Instant::now(),
+            concerned,
+            matches,
+            marks,
+        });
+        if args.rate == 0.0 {
+            let last = applied.last().expect("just applied");
+            wait_reached(last, &timelines, k).await?;
+            // Let the change settle before the next.
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        for (d, b) in reached.into_iter().flatten() {
-            convergence.push(d);
-            bytes.push(b);
-        }
-        // Let the change settle before the next.
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    for (k, change) in applied.iter().enumerate() {
+        wait_reached(change, &timelines, k).await?;
+    }
+    // Anything that would still reach uninvolved proxies.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let pushes = metric(&meshd, "meshd_xds_pushes_total").await? - pushes_before;
+    let nacks = metric(&meshd, "meshd_xds_nacks_total").await? - nacks_before;
     let change_time = changes_started.elapsed();
-    convergence.sort();
-    let pct = |p: f64| -> f64 {
-        if convergence.is_empty() {
-            return 0.0;
-        }
-        let i = ((convergence.len() as f64 - 1.0) * p).round() as usize;
-        convergence[i].as_secs_f64() * 1e3
-    };
+    let mut kinds: Vec<ChangeKind> = args.kinds.clone();
+    kinds.sort();
+    kinds.dedup();
+    let changes = kinds
+        .into_iter()
+        .map(|kind| {
+            let of_kind: Vec<&Applied> = applied.iter().filter(|a| a.kind == kind).collect();
+            kind_report(kind, &of_kind, &applied, &timelines, args.rate == 0.0)
+        })
+        .collect();
     let (_, errors) = count(&timelines, |_| true);
     let rss = peak_rss_kib(pid) as f64;
     let report = Report {
@@ -204,15 +257,14 @@ async fn main() -> anyhow::Result<()> {
         endpoints: args.endpoints,
         upstreams_per_proxy: args.upstreams,
         initial_config_s: initial.as_secs_f64(),
-        changes: args.changes,
-        convergence_p50_ms: pct(0.5),
-        convergence_p99_ms: pct(0.99),
-        convergence_max_ms: pct(1.0),
-        bytes_per_proxy_per_change: bytes.iter().sum::<usize>() as f64 / bytes.len().max(1) as f64,
+        rate_per_s: args.rate,
+        nacking_proxies: args.nacking_proxies,
+        changes,
         meshd_peak_rss_mib: rss / 1024.0,
         meshd_rss_per_proxy_kib: rss / args.proxies as f64,
         meshd_cpu_s: cpu_seconds(pid) - cpu_before,
         pushes_per_s: pushes / change_time.as_secs_f64(),
+        nacks,
         stream_errors: errors,
     };
     match args.output {
@@ -222,10 +274,223 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes changes into the scenario's directory, as files meshd picks up.
+struct ChangeWriter<'a> {
+    scenario: &'a Scenario,
+    dir: &'a std::path::Path,
+    /// Files of `endpoint-add` changes not yet removed: (file, service).
+    added: Vec<(std::path::PathBuf, usize)>,
+}
+
+impl<'a> ChangeWriter<'a> {
+    fn new(scenario: &'a Scenario, dir: &'a std::path::Path) -> Self {
+        ChangeWriter {
+            scenario,
+            dir,
+            added: Vec::new(),
+        }
+    }
+
+    /// Applies change `k` of `kind`; returns the proxies it concerns and how to tell
+    /// that one of them received it.
+    #[allow(clippy::type_complexity)]
+    fn apply(
+        &mut self,
+        kind: ChangeKind,
+        k: usize,
+    ) -> anyhow::Result<(Vec<usize>, Box<dyn Fn(&load::Arrival) -> bool>)> {
+        let sc = self.scenario;
+        let svc = (k * 13) % sc.services;
+        // A fresh address for every pod a change creates.
+        let address = sc.endpoints + k;
+        let eds_of = |svc: usize| -> (Vec<usize>, Box<dyn Fn(&load::Arrival) -> bool>) {
+            let cluster = format!("||{}.{NAMESPACE}.", Scenario::service(svc));
+            let callers = (0..sc.proxies)
+                .filter(|p| sc.upstreams_of(*p).contains(&svc))
+                .collect();
+            let matches = move |a: &load::Arrival| {
+                a.type_url.ends_with("ClusterLoadAssignment")
+                    && (a.names.is_empty() || a.names.iter().any(|n| n.contains(&cluster)))
+            };
+            (callers, Box::new(matches))
+        };
+        match kind {
+            ChangeKind::EndpointAdd => {
+                let file = self.dir.join(format!("endpoint-{k}.yaml"));
+                std::fs::write(&file, sc.backend(address, svc))?;
+                self.added.push((file, svc));
+                Ok(eds_of(svc))
+            }
+            ChangeKind::EndpointRemove => match self.added.pop() {
+                Some((file, svc)) => {
+                    std::fs::remove_file(file)?;
+                    Ok(eds_of(svc))
+                }
+                None => bail!("endpoint-remove needs an endpoint-add before it (--kinds)"),
+            },
+            ChangeKind::PodRoll => {
+                // One file holds the service's rolling pod: rewriting it replaces the
+                // old pod by a new one, as a rollout does.
+                let file = self.dir.join(format!("roll-{svc}.yaml"));
+                std::fs::write(&file, sc.pod(&format!("roll-{svc}-{k}"), address, svc))?;
+                Ok(eds_of(svc))
+            }
+            ChangeKind::ServiceAdd => {
+                std::fs::write(
+                    self.dir.join(format!("service-{k}.yaml")),
+                    format!(
+                        "apiVersion: v1\nkind: Service\nmetadata: {{name: added-{k}, namespace: {NAMESPACE}}}\nspec:\n  selector: {{app: {}}}\n  ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]\n",
+                        Scenario::service(svc)
+                    ),
+                )?;
+                Ok((Vec::new(), Box::new(|_: &load::Arrival| false)))
+            }
+            ChangeKind::Policy => {
+                std::fs::write(
+                    self.dir.join("policy.yaml"),
+                    format!(
+                        "apiVersion: security.meshd.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: clients, namespace: {NAMESPACE}}}\nspec:\n  selector: {{matchLabels: {{app: client}}}}\n  action: ALLOW\n  rules:\n    - from: [{{source: {{namespaces: [{NAMESPACE}, caller-{k}]}}}}]\n"
+                    ),
+                )?;
+                let matches = |a: &load::Arrival| {
+                    a.type_url.ends_with("RouteConfiguration")
+                        && (a.names.is_empty() || a.names.iter().any(|n| n.starts_with("inbound|")))
+                };
+                Ok(((0..sc.proxies).collect(), Box::new(matches)))
+            }
+        }
+    }
+}
+
+/// For each proxy `change` concerns: how long until it arrived, and its size.
+fn reached(change: &Applied, timelines: &[SharedTimeline]) -> Vec<Option<(Duration, usize)>> {
+    change
+        .concerned
+        .iter()
+        .map(|p| {
+            let t = timelines[*p].lock().expect("timeline");
+            t.arrivals[change.marks[*p]..]
+                .iter()
+                .find(|a| a.at >= change.at && (change.matches)(a))
+                .map(|a| (a.at - change.at, a.bytes))
+        })
+        .collect()
+}
+
+async fn wait_reached(
+    change: &Applied,
+    timelines: &[SharedTimeline],
+    k: usize,
+) -> anyhow::Result<()> {
+    let deadline = change.at + Duration::from_secs(60);
+    loop {
+        let missing = reached(change, timelines)
+            .iter()
+            .filter(|r| r.is_none())
+            .count();
+        if missing == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "change {k} ({:?}) did not reach {missing} of {} proxies within 60s",
+                change.kind,
+                change.concerned.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn kind_report(
+    kind: ChangeKind,
+    of_kind: &[&Applied],
+    all: &[Applied],
+    timelines: &[SharedTimeline],
+    sequential: bool,
+) -> KindReport {
+    let mut convergence: Vec<Duration> = Vec::new();
+    let mut bytes: Vec<usize> = Vec::new();
+    let mut bytes_to_others = 0;
+    for change in of_kind {
+        for (d, b) in reached(change, timelines).into_iter().flatten() {
+            convergence.push(d);
+            bytes.push(b);
+        }
+        // What proxies it does not concern received between it and the next change
+        // (or the end), when no other change concerns them in that span.
+        let index = all
+            .iter()
+            .position(|a| std::ptr::eq(a, *change))
+            .expect("a change of the run");
+        let until = all.get(index + 1).map(|n| n.at);
+        let busy: std::collections::HashSet<usize> = all
+            .iter()
+            .filter(|a| !std::ptr::eq(*a, *change))
+            .filter(|a| until.is_none_or(|u| a.at < u) && a.at >= change.at)
+            .flat_map(|a| a.concerned.iter().copied())
+            .collect();
+        let concerned: std::collections::HashSet<usize> =
+            change.concerned.iter().copied().collect();
+        for (p, t) in timelines.iter().enumerate() {
+            if concerned.contains(&p) || busy.contains(&p) {
+                continue;
+            }
+            let t = t.lock().expect("timeline");
+            for a in t.arrivals[change.marks[p]..]
+                .iter()
+                .filter(|a| a.at >= change.at && until.is_none_or(|u| a.at < u))
+                .filter(|a| !a.type_url.ends_with("Secret"))
+            {
+                if std::env::var("XDS_LOAD_DEBUG").is_ok() {
+                    eprintln!(
+                        "{kind:?}: proxy {p} got {} {:?} {}",
+                        a.type_url, a.names, a.bytes
+                    );
+                }
+                bytes_to_others += a.bytes;
+            }
+        }
+    }
+    convergence.sort();
+    let pct = |p: f64| -> f64 {
+        if convergence.is_empty() {
+            return 0.0;
+        }
+        let i = ((convergence.len() as f64 - 1.0) * p).round() as usize;
+        convergence[i].as_secs_f64() * 1e3
+    };
+    KindReport {
+        kind,
+        changes: of_kind.len(),
+        proxies_per_change: of_kind.iter().map(|a| a.concerned.len()).sum::<usize>() as f64
+            / of_kind.len().max(1) as f64,
+        convergence_p50_ms: pct(0.5),
+        convergence_p99_ms: pct(0.99),
+        convergence_max_ms: pct(1.0),
+        bytes_per_proxy_per_change: bytes.iter().sum::<usize>() as f64 / bytes.len().max(1) as f64,
+        bytes_to_others: sequential.then_some(bytes_to_others),
+    }
+}
+
 fn print_table(r: &Report) {
     println!(
-        "xds-load: {} proxies ({}), {} services, {} endpoints, {} upstreams per proxy",
-        r.proxies, r.flavor, r.services, r.endpoints, r.upstreams_per_proxy
+        "xds-load: {} proxies ({}), {} services, {} endpoints, {} upstreams per proxy{}{}",
+        r.proxies,
+        r.flavor,
+        r.services,
+        r.endpoints,
+        r.upstreams_per_proxy,
+        if r.rate_per_s > 0.0 {
+            format!(", {} changes/s", r.rate_per_s)
+        } else {
+            String::new()
+        },
+        if r.nacking_proxies > 0 {
+            format!(", {} proxies NACKing every update", r.nacking_proxies)
+        } else {
+            String::new()
+        }
     );
     println!("| figure | value |");
     println!("|---|---|");
@@ -233,14 +498,24 @@ fn print_table(r: &Report) {
         "| every proxy has its full initial config | {:.2} s after connecting |",
         r.initial_config_s
     );
-    println!(
-        "| one endpoint change → every caller has it ({} changes) | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms |",
-        r.changes, r.convergence_p50_ms, r.convergence_p99_ms, r.convergence_max_ms
-    );
-    println!(
-        "| bytes sent to one proxy per endpoint change | {:.0} |",
-        r.bytes_per_proxy_per_change
-    );
+    for c in &r.changes {
+        println!(
+            "| {:?} ×{} → all {:.0} concerned proxies have it | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms |",
+            c.kind,
+            c.changes,
+            c.proxies_per_change,
+            c.convergence_p50_ms,
+            c.convergence_p99_ms,
+            c.convergence_max_ms
+        );
+        println!(
+            "| {:?}: bytes to one concerned proxy per change / to all others | {:.0} / {} |",
+            c.kind,
+            c.bytes_per_proxy_per_change,
+            c.bytes_to_others
+                .map_or("- (overlapping changes)".to_string(), |b| b.to_string())
+        );
+    }
     println!(
         "| meshd peak RSS | {:.0} MiB ({:.0} KiB per proxy) |",
         r.meshd_peak_rss_mib, r.meshd_rss_per_proxy_kib
@@ -250,6 +525,7 @@ fn print_table(r: &Report) {
         "| pushes per second during the changes | {:.0} |",
         r.pushes_per_s
     );
+    println!("| NACKs meshd recorded | {:.0} |", r.nacks);
     println!("| stream errors | {} |", r.stream_errors);
 }
 
