@@ -9,11 +9,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use super::server::Queued;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as DeltaResource,
 };
 use tokio::sync::mpsc;
-use tonic::Status;
 
 use super::resources::ResourceType;
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -32,7 +32,7 @@ struct TypeState {
     answered_once: bool,
 }
 
-type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+type Tx = mpsc::Sender<Queued<DeltaDiscoveryResponse>>;
 
 pub(crate) struct DeltaStream {
     conn: ProxyConn,
@@ -172,7 +172,7 @@ impl StreamFlavor for DeltaStream {
         let bytes = prost::Message::encoded_len(&response);
         self.conn.record_sent(t, now_has, version, nonce, bytes);
         self.tx
-            .send(Ok(response))
+            .send(Box::new(Ok(response)))
             .await
             .map_err(|_| "the proxy went away".to_string())?;
         crate::metrics::Metrics::observe(

@@ -4,6 +4,7 @@
 //! - [`cache`]: one [`cache::XdsSnapshot`] per mesh snapshot; shared resources built once.
 //! - [`server`]: the ADS service and the per-stream driver; `sotw` and `delta` are
 //!   the two protocol state machines it drives, one task per stream.
+//! - [`secrets`]: SDS secrets encoded once per certificate, shared by streams.
 //! - [`status`]: per-proxy sent/ACK/NACK state for the admin API.
 
 pub mod authz_check;
@@ -14,6 +15,7 @@ pub mod rbac;
 pub mod rbac_eval;
 pub mod rbac_stats;
 pub mod resources;
+pub mod secrets;
 pub mod server;
 mod sotw;
 pub mod status;

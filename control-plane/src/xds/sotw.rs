@@ -10,9 +10,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::server::Queued;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tokio::sync::mpsc;
-use tonic::Status;
 
 use super::resources::{ResourceType, set_version};
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -38,7 +38,7 @@ struct TypeState {
     sent: Option<Sent>,
 }
 
-type Tx = mpsc::Sender<Result<DiscoveryResponse, Status>>;
+type Tx = mpsc::Sender<Queued<DiscoveryResponse>>;
 
 pub(crate) struct SotwStream {
     conn: ProxyConn,
@@ -141,7 +141,7 @@ impl StreamFlavor for SotwStream {
         self.conn.record_sent(t, count, version, nonce, bytes);
         tracing::debug!(node = %self.conn.id.node_id, type = t.short(), resources = count, "push");
         self.tx
-            .send(Ok(response))
+            .send(Box::new(Ok(response)))
             .await
             .map_err(|_| "the proxy went away".to_string())?;
         crate::metrics::Metrics::observe(
