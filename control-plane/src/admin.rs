@@ -173,7 +173,7 @@ async fn proxy_config(
             let set = resources
                 .get(t)
                 .values()
-                .map(|r| (r.name.clone(), r.version.clone()))
+                .map(|r| (r.name.to_string(), r.version.to_string()))
                 .collect();
             (t.short().to_string(), set)
         })

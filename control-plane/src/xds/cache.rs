@@ -170,23 +170,27 @@ impl XdsSnapshot {
                 let entry = match old {
                     Some(old) if same_service && same_endpoints => old.clone(),
                     _ => {
-                        let name = translate::service_cluster_name(svc, port.port);
+                        // One allocation for the three resources' names.
+                        let name: Arc<str> = translate::service_cluster_name(svc, port.port).into();
                         let (cluster, route) = match old.filter(|_| same_service) {
                             Some(old) => (old.cluster.clone(), old.route.clone()),
                             None => (
                                 Resource::encode(
-                                    &name,
+                                    name.clone(),
                                     &translate::service_cluster(svc, port, &identities),
                                 ),
                                 port.protocol.is_http().then(|| {
-                                    Resource::encode(&name, &translate::service_route(svc, port))
+                                    Resource::encode(
+                                        name.clone(),
+                                        &translate::service_route(svc, port),
+                                    )
                                 }),
                             ),
                         };
                         let load_assignment = match old.filter(|_| same_endpoints) {
                             Some(old) => old.load_assignment.clone(),
                             None => Resource::encode(
-                                &name,
+                                name.clone(),
                                 &translate::service_load_assignment(&name, &endpoints),
                             ),
                         };
@@ -408,7 +412,7 @@ mod tests {
                 .1
         };
         let (old, new) = (resources(old), resources(new));
-        let changed: Vec<(ResourceType, &String)> = ResourceType::PUSH_ORDER
+        let changed: Vec<(ResourceType, &str)> = ResourceType::PUSH_ORDER
             .into_iter()
             .filter(|t| *t != ResourceType::Secret)
             .flat_map(|t| {
@@ -416,12 +420,11 @@ mod tests {
                 assert_eq!(o.keys().collect::<Vec<_>>(), n.keys().collect::<Vec<_>>());
                 o.iter()
                     .filter(|(name, r)| n[*name].version != r.version)
-                    .map(move |(name, _)| (t, name))
+                    .map(move |(name, _)| (t, &**name))
                     .collect::<Vec<_>>()
             })
             .collect();
-        let listener = "inbound|10.0.0.1:8080".to_string();
-        assert_eq!(changed, [(ResourceType::Route, &listener)]);
+        assert_eq!(changed, [(ResourceType::Route, "inbound|10.0.0.1:8080")]);
     }
 
     /// A snapshot that does not touch a workload hands its proxy the very same inbound

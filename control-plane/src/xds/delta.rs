@@ -8,6 +8,7 @@
 //! proxy does not wait for them. A NACK is recorded; the proxy keeps its config.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use super::server::Queued;
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -26,7 +27,7 @@ struct TypeState {
     wildcard: bool,
     names: BTreeSet<String>,
     /// What the proxy has: name → version.
-    has: HashMap<String, String>,
+    has: HashMap<Arc<str>, Arc<str>>,
     /// Subscribed names already reported as not existing.
     told_missing: BTreeSet<String>,
     answered_once: bool,
@@ -78,7 +79,11 @@ impl StreamFlavor for DeltaStream {
         if first_for_type {
             // An empty first subscription is the legacy form of a wildcard.
             state.wildcard = req.resource_names_subscribe.is_empty();
-            state.has = req.initial_resource_versions.into_iter().collect();
+            state.has = req
+                .initial_resource_versions
+                .into_iter()
+                .map(|(name, version)| (name.into(), version.into()))
+                .collect();
         }
         for name in req.resource_names_subscribe {
             if name == "*" {
@@ -87,7 +92,7 @@ impl StreamFlavor for DeltaStream {
             }
             // A (re)subscription asks for the resource even if the proxy had it.
             if !first_for_type {
-                state.has.remove(&name);
+                state.has.remove(name.as_str());
             }
             state.told_missing.remove(&name);
             state.names.insert(name);
@@ -98,7 +103,7 @@ impl StreamFlavor for DeltaStream {
                 continue;
             }
             state.names.remove(&name);
-            state.has.remove(&name);
+            state.has.remove(name.as_str());
             state.told_missing.remove(&name);
         }
         self.respond(t).await
@@ -120,14 +125,14 @@ impl StreamFlavor for DeltaStream {
             .has
             .keys()
             .filter(|n| !set.contains_key(*n) || !wants(n))
-            .cloned()
+            .map(|n| n.to_string())
             .collect();
         let missing: Vec<String> = state
             .names
             .iter()
             .filter(|n| {
-                !set.contains_key(*n)
-                    && !state.has.contains_key(*n)
+                !set.contains_key(n.as_str())
+                    && !state.has.contains_key(n.as_str())
                     && !state.told_missing.contains(*n)
             })
             .cloned()
@@ -138,10 +143,10 @@ impl StreamFlavor for DeltaStream {
         }
         for r in &updates {
             state.has.insert(r.name.clone(), r.version.clone());
-            state.told_missing.remove(&r.name);
+            state.told_missing.remove(&*r.name);
         }
         for name in &removed {
-            state.has.remove(name);
+            state.has.remove(name.as_str());
         }
         state.told_missing.extend(missing);
         state.answered_once = true;
@@ -153,8 +158,8 @@ impl StreamFlavor for DeltaStream {
             resources: updates
                 .iter()
                 .map(|r| DeltaResource {
-                    name: r.name.clone(),
-                    version: r.version.clone(),
+                    name: r.name.to_string(),
+                    version: r.version.to_string(),
                     resource: Some(r.body.clone()),
                     ..Default::default()
                 })

@@ -77,11 +77,12 @@ impl ResourceType {
 }
 
 /// One encoded resource with its content version. `Debug` leaves out the body: a
-/// secret's body holds a private key.
+/// secret's body holds a private key. Name and version are `Arc<str>`s so that the
+/// per-proxy maps that hold them (thousands of streams, dozens of resources each) share them.
 #[derive(Clone, PartialEq)]
 pub struct Resource {
-    pub name: String,
-    pub version: String,
+    pub name: Arc<str>,
+    pub version: Arc<str>,
     pub body: Any,
 }
 
@@ -97,13 +98,13 @@ impl std::fmt::Debug for Resource {
 }
 
 impl Resource {
-    pub fn encode<M: Message + Name>(name: impl Into<String>, msg: &M) -> Arc<Resource> {
+    pub fn encode<M: Message + Name>(name: impl Into<Arc<str>>, msg: &M) -> Arc<Resource> {
         let value = msg.encode_to_vec();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         value.hash(&mut h);
         Arc::new(Resource {
             name: name.into(),
-            version: format!("{:016x}", h.finish()),
+            version: format!("{:016x}", h.finish()).into(),
             body: Any {
                 type_url: M::type_url(),
                 value,
@@ -113,7 +114,7 @@ impl Resource {
 }
 
 /// Resources of one type by name.
-pub type ResourceSet = BTreeMap<String, Arc<Resource>>;
+pub type ResourceSet = BTreeMap<Arc<str>, Arc<Resource>>;
 
 /// Everything one proxy should have, by type.
 #[derive(Debug, Default, Clone)]

@@ -9,12 +9,13 @@
 //! changes, so the proxy keeps its last accepted config.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::server::Queued;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tokio::sync::mpsc;
 
-use super::resources::{ResourceType, set_version};
+use super::resources::{Resource, ResourceType, set_version};
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use super::server::{ProxyConn, StreamFlavor};
@@ -29,7 +30,8 @@ enum Subscription {
 #[derive(Debug)]
 struct Sent {
     nonce: String,
-    resources: BTreeMap<String, String>,
+    /// The resources sent, in name order.
+    resources: Vec<Arc<Resource>>,
 }
 
 #[derive(Debug)]
@@ -107,16 +109,21 @@ impl StreamFlavor for SotwStream {
         let set = self.conn.resources.get(t);
         let selected: Vec<_> = match &state.subscription {
             Subscription::Wildcard => set.values().cloned().collect(),
-            Subscription::Names(names) => {
-                names.iter().filter_map(|n| set.get(n)).cloned().collect()
-            }
+            Subscription::Names(names) => names
+                .iter()
+                .filter_map(|n| set.get(n.as_str()))
+                .cloned()
+                .collect(),
         };
-        let listing: BTreeMap<String, String> = selected
-            .iter()
-            .map(|r| (r.name.clone(), r.version.clone()))
-            .collect();
+        let same = |sent: &[Arc<Resource>]| {
+            sent.len() == selected.len()
+                && sent
+                    .iter()
+                    .zip(&selected)
+                    .all(|(a, b)| a.name == b.name && a.version == b.version)
+        };
         match &state.sent {
-            Some(sent) if sent.resources == listing => return Ok(()),
+            Some(sent) if same(&sent.resources) => return Ok(()),
             // Named resources that do not exist: nothing to say yet.
             None if selected.is_empty() && matches!(state.subscription, Subscription::Names(_)) => {
                 return Ok(());
@@ -132,10 +139,10 @@ impl StreamFlavor for SotwStream {
             nonce: nonce.clone(),
             ..Default::default()
         };
-        let count = listing.len();
+        let count = selected.len();
         state.sent = Some(Sent {
             nonce: nonce.clone(),
-            resources: listing,
+            resources: selected,
         });
         let bytes = prost::Message::encoded_len(&response);
         self.conn.record_sent(t, count, version, nonce, bytes);
