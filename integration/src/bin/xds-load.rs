@@ -7,7 +7,8 @@
 //!
 //! The changes (`--kinds`, cycled):
 //! - `endpoint-add`: a new backend pod for one service (its callers get new EDS);
-//! - `endpoint-remove`: one of those pods goes away again;
+//! - `endpoint-remove`: the oldest of those pods goes away again (once every caller
+//!   has it: a pod added and removed within one debounce window is never pushed);
 //! - `pod-roll`: a service's extra pod is replaced by one with a new name and IP;
 //! - `service-add`: a Service nobody calls (no proxy should receive anything);
 //! - `policy`: the AuthorizationPolicy on every client changes (each proxy's inbound
@@ -211,6 +212,11 @@ async fn main() -> anyhow::Result<()> {
             let due = changes_started + Duration::from_secs_f64(k as f64 / args.rate);
             tokio::time::sleep_until(due.into()).await;
         }
+        // A pod added and removed within one debounce window is, rightly, never
+        // pushed at all; so a removal waits until the pod it removes has arrived.
+        if let (ChangeKind::EndpointRemove, Some(added)) = (kind, writer.next_removal()) {
+            wait_reached(&applied[added], &timelines, added).await?;
+        }
         let marks = timelines
             .iter()
             .map(|t| t.lock().expect("timeline").arrivals.len())
@@ -278,8 +284,9 @@ async fn main() -> anyhow::Result<()> {
 struct ChangeWriter<'a> {
     scenario: &'a Scenario,
     dir: &'a std::path::Path,
-    /// Files of `endpoint-add` changes not yet removed: (file, service).
-    added: Vec<(std::path::PathBuf, usize)>,
+    /// Files of `endpoint-add` changes not yet removed, oldest first: (file, service,
+    /// index of the change).
+    added: std::collections::VecDeque<(std::path::PathBuf, usize, usize)>,
 }
 
 impl<'a> ChangeWriter<'a> {
@@ -287,8 +294,13 @@ impl<'a> ChangeWriter<'a> {
         ChangeWriter {
             scenario,
             dir,
-            added: Vec::new(),
+            added: Default::default(),
         }
+    }
+
+    /// The change whose pod the next `endpoint-remove` removes.
+    fn next_removal(&self) -> Option<usize> {
+        self.added.front().map(|(_, _, k)| *k)
     }
 
     /// Applies change `k` of `kind`; returns the proxies it concerns and how to tell
@@ -318,11 +330,11 @@ impl<'a> ChangeWriter<'a> {
             ChangeKind::EndpointAdd => {
                 let file = self.dir.join(format!("endpoint-{k}.yaml"));
                 std::fs::write(&file, sc.backend(address, svc))?;
-                self.added.push((file, svc));
+                self.added.push_back((file, svc, k));
                 Ok(eds_of(svc))
             }
-            ChangeKind::EndpointRemove => match self.added.pop() {
-                Some((file, svc)) => {
+            ChangeKind::EndpointRemove => match self.added.pop_front() {
+                Some((file, svc, _)) => {
                     std::fs::remove_file(file)?;
                     Ok(eds_of(svc))
                 }
