@@ -502,4 +502,44 @@ status: {podIP: 10.0.0.1}
             assert!(e.message.contains(says), "{e}");
         }
     }
+
+    /// The source reads its files after every change; those reads raise inotify access
+    /// events. Taken for changes, they made it rescan every 50 ms forever, so a burst
+    /// never went quiet and every snapshot waited for `--debounce-max`.
+    #[tokio::test]
+    async fn its_own_reads_do_not_hold_a_change_back() {
+        use crate::model::store::{Store, StoreConfig};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        let mut source = FileSource::new(dir.path());
+        let initial = source.scan();
+        let store = Store::start(
+            StoreConfig {
+                defaults: Default::default(),
+                debounce: Duration::from_millis(100),
+                debounce_max: Duration::from_secs(20),
+            },
+            initial,
+        );
+        source
+            .spawn_watch(store.clone(), SharedErrors::default())
+            .unwrap();
+        let mut snapshots = store.subscribe();
+        let before = snapshots.borrow_and_update().version;
+        let written = std::time::Instant::now();
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n",
+        )
+        .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            snapshots.wait_for(|s| s.version > before),
+        )
+        .await
+        .expect("the change is published before --debounce-max")
+        .unwrap();
+        let took = written.elapsed();
+        assert!(took < Duration::from_secs(2), "the change took {took:?}");
+    }
 }
