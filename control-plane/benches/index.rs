@@ -52,6 +52,7 @@ fn pod(svc: usize, n: usize, ready: bool) -> MeshObject {
         }],
         app_ports: BTreeMap::new(),
         upstreams: vec![],
+        egress: None,
     }))
 }
 

@@ -48,6 +48,7 @@ fn mesh() -> MeshSnapshot {
                         local_port: 15_001 + k as u16,
                     })
                     .collect(),
+                egress: None,
             })));
         }
     }

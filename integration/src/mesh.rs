@@ -125,6 +125,8 @@ pub struct PodDef {
     pub app_ports: Vec<(u16, u16)>,
     /// (service[.namespace], service port, local port)
     pub upstreams: Vec<(String, u16, u16)>,
+    /// The egress port and its scope (`None`: meshd's default).
+    pub egress: Option<(u16, Option<String>)>,
 }
 
 impl PodDef {
@@ -139,6 +141,7 @@ impl PodDef {
             container_ports: Vec::new(),
             app_ports: Vec::new(),
             upstreams: Vec::new(),
+            egress: None,
         }
     }
 
@@ -153,6 +156,13 @@ impl PodDef {
     /// Calls `service:port` through the sidecar at 127.0.0.1:local_port.
     pub fn calls(mut self, service: &str, port: u16, local_port: u16) -> Self {
         self.upstreams.push((service.into(), port, local_port));
+        self
+    }
+
+    /// Reaches the HTTP services of `scope` (or meshd's default scope) by Host header
+    /// through the sidecar at 127.0.0.1:port.
+    pub fn egress(mut self, port: u16, scope: Option<&str>) -> Self {
+        self.egress = Some((port, scope.map(str::to_string)));
         self
     }
 
@@ -191,6 +201,12 @@ impl PodDef {
                 .map(|(p, a)| format!("{p}={a}"))
                 .collect();
             annotations.push(format!("    meshd.io/app-ports: \"{}\"", ports.join(", ")));
+        }
+        if let Some((port, scope)) = &self.egress {
+            annotations.push(format!("    meshd.io/egress-port: \"{port}\""));
+            if let Some(scope) = scope {
+                annotations.push(format!("    meshd.io/scope: \"{scope}\""));
+            }
         }
         if !annotations.is_empty() {
             s.push_str("  annotations:\n");

@@ -12,7 +12,7 @@ use meshd::admin::{self, AdminState};
 use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
 use meshd::cluster::{self, lease::Leadership};
 use meshd::identity::{CertManager, SharedRoots};
-use meshd::model::{MeshDefaults, MtlsMode, Store, StoreConfig};
+use meshd::model::{MeshDefaults, MtlsMode, ScopeEntry, Store, StoreConfig};
 use meshd::sources::SharedErrors;
 use meshd::sources::file::FileSource;
 use meshd::sources::kubernetes::{self, KubernetesOptions};
@@ -85,6 +85,12 @@ struct Args {
     /// DISABLE accept plaintext: opt in only while migrating.
     #[arg(long, value_enum, default_value_t = ModeArg::Strict)]
     mtls_mode: ModeArg,
+
+    /// What a pod's egress port (meshd.io/egress-port) reaches when the pod has no
+    /// meshd.io/scope: namespaces, namespace/service entries or `*`, comma-separated
+    /// (default: the pod's own namespace). The sidecar receives only those services.
+    #[arg(long, value_parser = parse_scope_arg)]
+    default_scope: Option<ScopeArg>,
 
     /// meshd's own namespace, part of its serving identity
     /// spiffe://<trust-domain>/ns/<namespace>/sa/meshd.
@@ -161,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
                 ModeArg::Permissive => MtlsMode::Permissive,
                 ModeArg::Disable => MtlsMode::Disable,
             },
+            scope: args.default_scope.clone().map(|s| s.0),
         },
         debounce: args.debounce,
         debounce_max: args.debounce_max,
@@ -382,6 +389,14 @@ async fn start_kubernetes_source(args: &Args, config: StoreConfig) -> anyhow::Re
         pending: running.pending,
         leadership: Some(leadership),
     })
+}
+
+/// `--default-scope`, parsed.
+#[derive(Debug, Clone)]
+struct ScopeArg(Vec<ScopeEntry>);
+
+fn parse_scope_arg(text: &str) -> Result<ScopeArg, String> {
+    meshd::sources::convert::parse_scope(text).map(ScopeArg)
 }
 
 /// `<hostname>-<pid>`: unique enough outside a pod (in one, POD_NAME is set).

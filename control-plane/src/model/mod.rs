@@ -152,6 +152,38 @@ pub struct Upstream {
     pub local_port: u16,
 }
 
+/// What a workload may reach through its egress port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub enum ScopeEntry {
+    /// Every service of the mesh (`*`).
+    All,
+    /// Every service of a namespace (`shop`).
+    Namespace(String),
+    /// One service (`shop/web`).
+    Service(ObjectKey),
+}
+
+impl ScopeEntry {
+    pub fn covers(&self, service: &ObjectKey) -> bool {
+        match self {
+            ScopeEntry::All => true,
+            ScopeEntry::Namespace(ns) => service.namespace == *ns,
+            ScopeEntry::Service(key) => key == service,
+        }
+    }
+}
+
+/// The sidecar's HTTP egress port (`explicit` capture): one port on 127.0.0.1 through
+/// which the app reaches every HTTP service in scope, chosen by the Host header (or as
+/// an HTTP proxy: `HTTP_PROXY=http://127.0.0.1:<port>`). The proxy receives those
+/// services and no others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Egress {
+    pub port: u16,
+    /// `None`: the mesh-wide default ([`MeshDefaults::scope`]).
+    pub scope: Option<Vec<ScopeEntry>>,
+}
+
 /// A pod: one sidecar's worth of application.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
@@ -165,6 +197,7 @@ pub struct Workload {
     /// Inbound port → the local port the application really listens on (default: the same).
     pub app_ports: BTreeMap<u16, u16>,
     pub upstreams: Vec<Upstream>,
+    pub egress: Option<Egress>,
 }
 
 impl Workload {
@@ -213,6 +246,9 @@ pub struct MeshDefaults {
     pub root_namespace: String,
     /// The mode when no PeerAuthentication says otherwise.
     pub mtls_mode: MtlsMode,
+    /// The scope of egress ports whose pod does not say (`--default-scope`); `None`:
+    /// the pod's own namespace.
+    pub scope: Option<Vec<ScopeEntry>>,
 }
 
 impl Default for MeshDefaults {
@@ -220,6 +256,7 @@ impl Default for MeshDefaults {
         Self {
             root_namespace: "meshd-system".to_string(),
             mtls_mode: MtlsMode::Strict,
+            scope: None,
         }
     }
 }

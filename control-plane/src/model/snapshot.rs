@@ -517,6 +517,7 @@ mod tests {
             }],
             app_ports: Default::default(),
             upstreams: vec![],
+            egress: None,
         }))
     }
 
@@ -731,6 +732,7 @@ mod tests {
                 }],
                 app_ports: Default::default(),
                 upstreams: vec![],
+                egress: None,
             }))
         };
         let slice = |svc: u64, pods: &[u64], by_ip: bool| {

@@ -337,6 +337,7 @@ mod tests {
                 container_ports: vec![],
                 app_ports: Default::default(),
                 upstreams: vec![],
+                egress: None,
             }))
         };
         let store = Store::start(StoreConfig::default(), vec![ns("a"), pod("p1"), pod("p2")]);

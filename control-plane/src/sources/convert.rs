@@ -11,10 +11,10 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{APP_PORTS_ANNOTATION, UPSTREAMS_ANNOTATION};
+use super::{APP_PORTS_ANNOTATION, EGRESS_PORT_ANNOTATION, SCOPE_ANNOTATION, UPSTREAMS_ANNOTATION};
 use crate::model::{
-    ContainerPort, EndpointSlice, EndpointSlicePort, Namespace, ObjectKey, Protocol, Service,
-    ServicePort, SliceEndpoint, TargetPort, Upstream, Workload,
+    ContainerPort, Egress, EndpointSlice, EndpointSlicePort, Namespace, ObjectKey, Protocol,
+    ScopeEntry, Service, ServicePort, SliceEndpoint, TargetPort, Upstream, Workload,
 };
 
 /// A field of an object that is missing or wrong.
@@ -256,6 +256,43 @@ pub fn pod(pod: &core::Pod) -> Result<Workload> {
         })?,
         None => BTreeMap::new(),
     };
+    let field = |name: &str| format!("metadata.annotations[\"{name}\"]");
+    let egress_port = match annotations.and_then(|a| a.get(EGRESS_PORT_ANNOTATION)) {
+        Some(text) => Some(parse_port(text.trim()).ok_or_else(|| {
+            FieldError::new(
+                field(EGRESS_PORT_ANNOTATION),
+                format!("{text:?} is not a port (1-65535)"),
+            )
+        })?),
+        None => None,
+    };
+    let scope = match annotations.and_then(|a| a.get(SCOPE_ANNOTATION)) {
+        Some(text) => {
+            Some(parse_scope(text).map_err(|m| FieldError::new(field(SCOPE_ANNOTATION), m))?)
+        }
+        None => None,
+    };
+    let egress = match (egress_port, scope) {
+        (Some(port), scope) => {
+            if let Some(up) = upstreams.iter().find(|u| u.local_port == port) {
+                return Err(FieldError::new(
+                    field(EGRESS_PORT_ANNOTATION),
+                    format!(
+                        "port {port} is already the local port of upstream {}:{}",
+                        up.service, up.port
+                    ),
+                ));
+            }
+            Some(Egress { port, scope })
+        }
+        (None, Some(_)) => {
+            return Err(FieldError::new(
+                field(SCOPE_ANNOTATION),
+                format!("a scope needs an egress port: set {EGRESS_PORT_ANNOTATION} too"),
+            ));
+        }
+        (None, None) => None,
+    };
     Ok(Workload {
         key,
         labels: pod.metadata.labels.clone().unwrap_or_default(),
@@ -269,7 +306,39 @@ pub fn pod(pod: &core::Pod) -> Result<Workload> {
         container_ports,
         app_ports,
         upstreams,
+        egress,
     })
+}
+
+/// `"shop, payments/api, *"`: namespaces, `namespace/service`s, or `*` for the whole
+/// mesh, comma-separated.
+pub fn parse_scope(text: &str) -> std::result::Result<Vec<ScopeEntry>, String> {
+    let mut out = Vec::new();
+    for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        };
+        out.push(match entry.split_once('/') {
+            _ if entry == "*" => ScopeEntry::All,
+            None if valid(entry) => ScopeEntry::Namespace(entry.to_string()),
+            Some((ns, svc)) if valid(ns) && valid(svc) => {
+                ScopeEntry::Service(ObjectKey::new(ns, svc))
+            }
+            _ => {
+                return Err(format!(
+                    "entry {entry:?}: expected a namespace, namespace/service, or *"
+                ));
+            }
+        });
+    }
+    if out.is_empty() {
+        return Err("empty: name at least one namespace, namespace/service, or *".into());
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// `"web:80=15001, db.data:5432=15002"`: service[.namespace]:port=localPort, comma-separated.
@@ -349,6 +418,51 @@ mod tests {
         assert_eq!(protocol(None, Some("grpc-api")), Protocol::Grpc);
         assert_eq!(protocol(None, Some("httpx")), Protocol::Tcp);
         assert_eq!(protocol(None, None), Protocol::Tcp);
+    }
+
+    #[test]
+    fn scopes_parse_and_bad_entries_are_named() {
+        let scope = parse_scope("shop, payments/api, shop").unwrap();
+        assert_eq!(
+            scope,
+            [
+                ScopeEntry::Namespace("shop".into()),
+                ScopeEntry::Service(ObjectKey::new("payments", "api")),
+            ]
+        );
+        assert_eq!(parse_scope("*").unwrap(), [ScopeEntry::All]);
+        let err = parse_scope("shop, Pay/ments").unwrap_err();
+        assert!(err.contains("\"Pay/ments\""), "{err}");
+        assert!(parse_scope(" , ").unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn an_egress_port_needs_no_scope_but_a_scope_needs_a_port() {
+        let with = |annotations: &[(&str, &str)]| {
+            let p: core::Pod = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "client-1", "namespace": "shop",
+                             "annotations": annotations.iter().copied().collect::<BTreeMap<_, _>>()},
+                "spec": {"containers": [{"name": "app"}]},
+            }))
+            .unwrap();
+            pod(&p)
+        };
+        let w = with(&[(EGRESS_PORT_ANNOTATION, "15080")]).unwrap();
+        assert_eq!(
+            w.egress,
+            Some(Egress {
+                port: 15080,
+                scope: None
+            })
+        );
+        let e = with(&[(SCOPE_ANNOTATION, "shop")]).unwrap_err();
+        assert!(e.to_string().contains("meshd.io/egress-port"), "{e}");
+        let e = with(&[
+            (EGRESS_PORT_ANNOTATION, "15001"),
+            (UPSTREAMS_ANNOTATION, "web:80=15001"),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("already the local port"), "{e}");
     }
 
     #[test]

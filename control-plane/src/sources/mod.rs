@@ -18,6 +18,13 @@ pub type SharedErrors = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 /// Annotation on a pod naming the services it calls and the local port for each
 /// (`explicit` capture): `"web:80=15001, db.data:5432=15002"`.
 pub const UPSTREAMS_ANNOTATION: &str = "meshd.io/upstreams";
+/// Annotation on a pod giving its sidecar an HTTP egress port on 127.0.0.1 (`"15080"`),
+/// through which the app reaches every HTTP service in its scope by Host header.
+pub const EGRESS_PORT_ANNOTATION: &str = "meshd.io/egress-port";
+/// Annotation on a pod naming what its egress port reaches, and so which services its
+/// sidecar receives: `"shop, payments/api"` (namespaces, `namespace/service`s, `*`).
+/// Without it, meshd's `--default-scope` applies.
+pub const SCOPE_ANNOTATION: &str = "meshd.io/scope";
 /// Annotation on a pod mapping an inbound port to the port the app really listens on
 /// at 127.0.0.1: `"8080=18080"`. Unlisted ports are served on the same port number.
 pub const APP_PORTS_ANNOTATION: &str = "meshd.io/app-ports";

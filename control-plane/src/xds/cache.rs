@@ -294,6 +294,28 @@ impl XdsSnapshot {
             }
             out.insert(ResourceType::Listener, shared.outbound_listener(out_port));
         }
+        if let Some(egress) = &view.egress {
+            for (svc, port) in &egress.services {
+                let Some(shared) = self.services.get(&(svc.key.clone(), port.port)) else {
+                    continue;
+                };
+                out.insert(ResourceType::Cluster, shared.cluster.clone());
+                out.insert(ResourceType::Endpoint, shared.load_assignment.clone());
+            }
+            // Encoded per proxy: its names depend on the proxy's namespace and scope.
+            let name = translate::egress_listener_name(egress.port);
+            out.insert(
+                ResourceType::Route,
+                Resource::encode(
+                    name.clone(),
+                    &translate::egress_route(egress, &view.workload.key.namespace),
+                ),
+            );
+            out.insert(
+                ResourceType::Listener,
+                Resource::encode(name, &translate::egress_listener(egress)),
+            );
+        }
         Some((view, out))
     }
 }
@@ -343,6 +365,7 @@ mod tests {
             }],
             app_ports: Default::default(),
             upstreams: vec![],
+            egress: None,
         };
         let svc = Service {
             key: ObjectKey::new("shop", "web"),

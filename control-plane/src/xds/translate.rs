@@ -61,7 +61,7 @@ use meshd_ca::{IssuedCertificate, SpiffeId, TrustBundle};
 use prost::{Message, Name};
 
 use super::rbac::PortRbac;
-use crate::model::proxy_view::Outbound;
+use crate::model::proxy_view::{EgressView, Outbound};
 use crate::model::snapshot::{Endpoint, InboundPort};
 use crate::model::{MtlsMode, Service, ServicePort};
 
@@ -318,6 +318,73 @@ pub fn outbound_listener(out: &Outbound) -> Listener {
             ..Default::default()
         }],
         traffic_direction: TrafficDirection::Outbound as i32,
+        ..Default::default()
+    }
+}
+
+pub fn egress_listener_name(port: u16) -> String {
+    format!("egress|127.0.0.1:{port}")
+}
+
+/// The HTTP egress listener on `127.0.0.1:<port>`: requests go to the service their
+/// Host names, through the route configuration [`egress_route`] of the same name.
+/// Clients may also use it as an HTTP proxy (absolute URLs are accepted).
+pub fn egress_listener(egress: &EgressView) -> Listener {
+    let name = egress_listener_name(egress.port);
+    let filter = http_filter_chain_filter(
+        &name,
+        http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: name.clone(),
+        }),
+        Vec::new(),
+        stdout_access_log(None),
+    );
+    Listener {
+        name,
+        address: Some(socket(IpAddr::V4(Ipv4Addr::LOCALHOST), egress.port)),
+        filter_chains: vec![FilterChain {
+            filters: vec![filter],
+            ..Default::default()
+        }],
+        traffic_direction: TrafficDirection::Outbound as i32,
+        ..Default::default()
+    }
+}
+
+/// One virtual host per HTTP service port in scope, answering to the names a client
+/// in `namespace` would use: `web.shop`, `web.shop.svc`, `web.shop.svc.cluster.local`
+/// (and `web` from shop itself), each with `:<port>`, and without it for port 80. A
+/// Host outside the scope gets Envoy's 404.
+pub fn egress_route(egress: &EgressView, namespace: &str) -> RouteConfiguration {
+    let virtual_hosts = egress
+        .services
+        .iter()
+        .map(|(svc, port)| {
+            let mut hosts = vec![
+                format!("{}.{}", svc.key.name, svc.key.namespace),
+                format!("{}.{}.svc", svc.key.name, svc.key.namespace),
+                svc.hostname(),
+            ];
+            if svc.key.namespace == namespace {
+                hosts.push(svc.key.name.clone());
+            }
+            let mut domains: Vec<String> =
+                hosts.iter().map(|h| format!("{h}:{}", port.port)).collect();
+            if port.port == 80 {
+                domains.extend(hosts);
+            }
+            VirtualHost {
+                name: format!("{}:{}", svc.hostname(), port.port),
+                domains,
+                routes: vec![route_to(&service_cluster_name(svc, port.port))],
+                ..Default::default()
+            }
+        })
+        .collect();
+    RouteConfiguration {
+        name: egress_listener_name(egress.port),
+        virtual_hosts,
         ..Default::default()
     }
 }
