@@ -42,6 +42,17 @@ pub struct Scenario {
     pub endpoints: usize,
     pub proxies: usize,
     pub upstreams: usize,
+    /// Whether proxies also have an egress port, and what it reaches.
+    pub egress: Option<EgressScope>,
+}
+
+/// The scope of every proxy's egress port (`meshd.io/scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EgressScope {
+    /// The services the proxy calls anyway: a scoped proxy.
+    Upstreams,
+    /// `*`: every service of the mesh, as an unscoped proxy would have.
+    All,
 }
 
 impl Scenario {
@@ -91,9 +102,26 @@ impl Scenario {
                 .enumerate()
                 .map(|(k, s)| format!("{}:80={}", Self::service(*s), 20000 + k))
                 .collect();
+            let egress = match self.egress {
+                None => String::new(),
+                Some(EgressScope::All) => {
+                    ", meshd.io/egress-port: \"15080\", meshd.io/scope: \"*\"".to_string()
+                }
+                Some(EgressScope::Upstreams) => {
+                    let scope: Vec<String> = self
+                        .upstreams_of(p)
+                        .iter()
+                        .map(|s| format!("{NAMESPACE}/{}", Self::service(*s)))
+                        .collect();
+                    format!(
+                        ", meshd.io/egress-port: \"15080\", meshd.io/scope: \"{}\"",
+                        scope.join(", ")
+                    )
+                }
+            };
             let _ = write!(
                 proxies,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {NAMESPACE}\n  labels: {{app: client}}\n  annotations: {{meshd.io/upstreams: \"{}\"}}\nspec:\n  serviceAccountName: client\n  containers: [{{name: app, image: app, ports: [{{containerPort: 8080}}]}}]\nstatus:\n  podIP: {}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {NAMESPACE}\n  labels: {{app: client}}\n  annotations: {{meshd.io/upstreams: \"{}\"{egress}}}\nspec:\n  serviceAccountName: client\n  containers: [{{name: app, image: app, ports: [{{containerPort: 8080}}]}}]\nstatus:\n  podIP: {}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
                 Self::proxy(p),
                 ups.join(", "),
                 ip(1 << 20 | p)

@@ -9,6 +9,8 @@
 //!   ports over a route configuration of the same name, which carries the port's RBAC.
 //! - each declared upstream becomes a listener `outbound|127.0.0.1:<local port>` that
 //!   sends to the service's cluster, over RDS for HTTP ports, `tcp_proxy` for TCP.
+//! - a pod's egress port becomes a listener `egress|127.0.0.1:<port>` whose route
+//!   configuration (same name) has a virtual host per HTTP service port in its scope.
 //!
 //! Mutual TLS: every sidecar gets two SDS secrets over ADS, [`WORKLOAD_SECRET`] (its own
 //! certificate and key) and [`ROOT_SECRET`] (the trust bundle). Inbound chains

@@ -55,6 +55,10 @@ struct Args {
     /// Changes per second; 0 waits for each change to reach every proxy before the next.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// Give every proxy an egress port too, reaching the services it calls
+    /// (`upstreams`: scoped) or every service of the mesh (`all`: unscoped).
+    #[arg(long, value_enum)]
+    egress_scope: Option<EgressScopeArg>,
     /// Proxies (the first N) that NACK every update after their initial config.
     #[arg(long, default_value_t = 0)]
     nacking_proxies: usize,
@@ -82,6 +86,12 @@ enum ChangeKind {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EgressScopeArg {
+    Upstreams,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
     Table,
     Json,
@@ -95,6 +105,8 @@ struct Report {
     endpoints: usize,
     upstreams_per_proxy: usize,
     initial_config_s: f64,
+    /// What one proxy received until its config was complete, on average.
+    initial_bytes_per_proxy: f64,
     rate_per_s: f64,
     nacking_proxies: usize,
     changes: Vec<KindReport>,
@@ -150,6 +162,10 @@ async fn main() -> anyhow::Result<()> {
         endpoints: args.endpoints,
         proxies: args.proxies,
         upstreams: args.upstreams,
+        egress: args.egress_scope.map(|e| match e {
+            EgressScopeArg::Upstreams => load::EgressScope::Upstreams,
+            EgressScopeArg::All => load::EgressScope::All,
+        }),
     };
     let dir = tempfile::Builder::new().prefix("xds-load-").tempdir()?;
     scenario.write(dir.path())?;
@@ -200,6 +216,18 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     eprintln!("all proxies complete after {initial:?}");
+    let initial_bytes: usize = timelines
+        .iter()
+        .map(|t| {
+            let t = t.lock().expect("timeline");
+            let complete = t.complete.expect("complete");
+            t.arrivals
+                .iter()
+                .filter(|a| a.at <= complete)
+                .map(|a| a.bytes)
+                .sum::<usize>()
+        })
+        .sum();
     let pushes_before = metric(&meshd, "meshd_xds_pushes_total").await?;
     let nacks_before = metric(&meshd, "meshd_xds_nacks_total").await?;
     let changes_started = Instant::now();
@@ -263,6 +291,7 @@ async fn main() -> anyhow::Result<()> {
         endpoints: args.endpoints,
         upstreams_per_proxy: args.upstreams,
         initial_config_s: initial.as_secs_f64(),
+        initial_bytes_per_proxy: initial_bytes as f64 / args.proxies as f64,
         rate_per_s: args.rate,
         nacking_proxies: args.nacking_proxies,
         changes,
@@ -317,8 +346,9 @@ impl<'a> ChangeWriter<'a> {
         let address = sc.endpoints + k;
         let eds_of = |svc: usize| -> (Vec<usize>, Box<dyn Fn(&load::Arrival) -> bool>) {
             let cluster = format!("||{}.{NAMESPACE}.", Scenario::service(svc));
+            let everyone = sc.egress == Some(load::EgressScope::All);
             let callers = (0..sc.proxies)
-                .filter(|p| sc.upstreams_of(*p).contains(&svc))
+                .filter(|p| everyone || sc.upstreams_of(*p).contains(&svc))
                 .collect();
             let matches = move |a: &load::Arrival| {
                 a.type_url.ends_with("ClusterLoadAssignment")
@@ -509,6 +539,10 @@ fn print_table(r: &Report) {
     println!(
         "| every proxy has its full initial config | {:.2} s after connecting |",
         r.initial_config_s
+    );
+    println!(
+        "| initial config, bytes per proxy | {:.0} |",
+        r.initial_bytes_per_proxy
     );
     for c in &r.changes {
         println!(
