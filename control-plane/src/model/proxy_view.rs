@@ -15,7 +15,7 @@ pub struct Outbound {
 }
 
 /// The egress port and the HTTP service ports it reaches.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EgressView {
     pub port: u16,
     pub scope: Vec<ScopeEntry>,

@@ -7,9 +7,10 @@
 //! local port, and shared by every proxy that declares that upstream.
 //!
 //! A workload's own resources — the listener, static cluster and (HTTP) route of each
-//! inbound port; the route carries its RBAC — are encoded on first use and kept from
-//! snapshot to snapshot while their inputs (the workload, its inbound ports, the
-//! policies that select it) stay equal. So a change re-encodes only the workloads it
+//! inbound port, the route carrying its RBAC; its egress listener and route — are
+//! encoded on first use, in a cache the snapshots share, and reused while their inputs
+//! (the workload, its inbound ports, the policies that select it, the services its
+//! egress scope covers) stay equal. So a change re-encodes only the workloads it
 //! touches, whatever the number of connected proxies, and a resource keeps its content
 //! version until its content really changes. That matters beyond speed: protobuf map
 //! fields (the route's per-filter configs) encode in hash order, so re-encoding equal
@@ -27,7 +28,7 @@ use crate::authz::AuthorizationPolicy;
 use crate::model::snapshot::{Endpoint, InboundPort, ServicePortKey};
 use meshd_ca::SpiffeId;
 
-use crate::model::proxy_view::Outbound;
+use crate::model::proxy_view::{EgressView, Outbound};
 use crate::model::{MeshSnapshot, ObjectKey, ProxyView, Service, Workload};
 
 /// The shared resources of one service port and the inputs they were built from.
@@ -62,22 +63,25 @@ impl ServicePortResources {
     }
 }
 
-/// The inbound resources of one workload and the inputs they were built from.
+/// A workload's own resources — its inbound listeners, clusters and routes, its egress
+/// listener and route — and the inputs they were built from.
 #[derive(Debug)]
-struct WorkloadInbound {
+struct WorkloadResources {
     workload: Arc<Workload>,
     ports: Option<Arc<Vec<InboundPort>>>,
     policies: Vec<Arc<AuthorizationPolicy>>,
+    egress: Option<EgressView>,
     resources: Vec<(ResourceType, Arc<Resource>)>,
 }
 
-impl WorkloadInbound {
+impl WorkloadResources {
     fn build(
         mesh: &MeshSnapshot,
-        workload: &Arc<Workload>,
+        view: &ProxyView,
         ports: Option<&Arc<Vec<InboundPort>>>,
         policies: Vec<Arc<AuthorizationPolicy>>,
-    ) -> WorkloadInbound {
+    ) -> WorkloadResources {
+        let workload = &view.workload;
         let mut resources = Vec::new();
         let inbound = ports.map(|p| p.as_slice()).unwrap_or_default();
         if let Some(address) = workload.address {
@@ -107,31 +111,53 @@ impl WorkloadInbound {
                 ));
             }
         }
-        WorkloadInbound {
+        if let Some(egress) = &view.egress {
+            let name = translate::egress_listener_name(egress.port);
+            resources.push((
+                ResourceType::Route,
+                Resource::encode(
+                    name.clone(),
+                    &translate::egress_route(egress, &workload.key.namespace),
+                ),
+            ));
+            resources.push((
+                ResourceType::Listener,
+                Resource::encode(name, &translate::egress_listener(egress)),
+            ));
+        }
+        WorkloadResources {
             workload: workload.clone(),
             ports: ports.cloned(),
             policies,
+            egress: view.egress.clone(),
             resources,
         }
     }
 
     fn built_from(
         &self,
-        workload: &Arc<Workload>,
+        view: &ProxyView,
         ports: Option<&Arc<Vec<InboundPort>>>,
         policies: &[Arc<AuthorizationPolicy>],
     ) -> bool {
-        self.workload == *workload && self.ports.as_ref() == ports && self.policies == policies
+        self.workload == view.workload
+            && self.ports.as_ref() == ports
+            && self.policies == policies
+            && self.egress == view.egress
     }
 }
+
+/// [`WorkloadResources`] by workload, shared by consecutive snapshots: an entry is
+/// checked against its inputs on use and rebuilt when they changed.
+type WorkloadCache = Arc<Mutex<HashMap<ObjectKey, Arc<WorkloadResources>>>>;
 
 #[derive(Debug, Default)]
 pub struct XdsSnapshot {
     pub mesh: Arc<MeshSnapshot>,
     pub services: HashMap<ServicePortKey, Arc<ServicePortResources>>,
-    /// Workloads' inbound resources, by workload: filled on first use, carried over
-    /// from the previous snapshot and reused while their inputs are equal.
-    inbound: Mutex<HashMap<ObjectKey, Arc<WorkloadInbound>>>,
+    /// Workloads' own resources: filled on first use, shared with the previous and
+    /// next snapshots, reused while their inputs are equal.
+    workloads: WorkloadCache,
 }
 
 /// The SPIFFE ids of the pods behind `endpoints`, sorted and unique. Endpoints whose pod
@@ -216,53 +242,54 @@ impl XdsSnapshot {
                 services.insert(key, entry);
             }
         }
-        // Checked on use: an entry whose inputs changed is rebuilt then.
-        let inbound = previous
-            .map(|p| {
-                let mut map = p.inbound.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                map.retain(|key, _| mesh.workloads.contains_key(key));
-                map
-            })
-            .unwrap_or_default();
+        // One cache for all snapshots (entries are checked on use); only workloads
+        // that left the mesh are dropped here.
+        let workloads = previous.map(|p| p.workloads.clone()).unwrap_or_default();
+        workloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, _| mesh.workloads.contains_key(key));
         XdsSnapshot {
             mesh,
             services,
-            inbound: Mutex::new(inbound),
+            workloads,
         }
     }
 
-    /// The inbound resources of `workload`, reused if nothing they depend on changed.
-    fn workload_inbound(&self, workload: &Arc<Workload>) -> Arc<WorkloadInbound> {
-        let ports = self.mesh.inbound.get(&workload.key);
+    /// The own resources of the workload of `view`, reused if nothing they depend on
+    /// changed.
+    fn workload_resources(&self, view: &ProxyView) -> Arc<WorkloadResources> {
+        let key = &view.workload.key;
+        let ports = self.mesh.inbound.get(key);
         let policies: Vec<Arc<AuthorizationPolicy>> = self
             .mesh
-            .authorization_policies_for(workload)
+            .authorization_policies_for(&view.workload)
             .into_iter()
             .cloned()
             .collect();
-        let cached = |cache: &HashMap<ObjectKey, Arc<WorkloadInbound>>| {
+        let cached = |cache: &HashMap<ObjectKey, Arc<WorkloadResources>>| {
             cache
-                .get(&workload.key)
-                .filter(|c| c.built_from(workload, ports, &policies))
+                .get(key)
+                .filter(|c| c.built_from(view, ports, &policies))
                 .cloned()
         };
-        if let Some(hit) = cached(&self.inbound.lock().unwrap_or_else(|e| e.into_inner())) {
+        if let Some(hit) = cached(&self.workloads.lock().unwrap_or_else(|e| e.into_inner())) {
             return hit;
         }
         // Built outside the lock, so streams never wait for each other's builds; if two
         // streams of one workload built at once, the first to store wins, and both use
         // it, so they agree on versions.
-        let built = Arc::new(WorkloadInbound::build(
+        let built = Arc::new(WorkloadResources::build(
             &self.mesh,
-            workload,
+            view,
             ports,
             policies.clone(),
         ));
-        let mut cache = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(hit) = cached(&cache) {
             return hit;
         }
-        cache.insert(workload.key.clone(), built.clone());
+        cache.insert(key.clone(), built.clone());
         built
     }
 
@@ -279,7 +306,7 @@ impl XdsSnapshot {
             view.problems
                 .push("the pod has no IP (status.podIP): no inbound listeners".to_string());
         }
-        for (t, r) in &self.workload_inbound(&view.workload).resources {
+        for (t, r) in &self.workload_resources(&view).resources {
             out.insert(*t, r.clone());
         }
         for out_port in &view.outbound {
@@ -302,19 +329,6 @@ impl XdsSnapshot {
                 out.insert(ResourceType::Cluster, shared.cluster.clone());
                 out.insert(ResourceType::Endpoint, shared.load_assignment.clone());
             }
-            // Encoded per proxy: its names depend on the proxy's namespace and scope.
-            let name = translate::egress_listener_name(egress.port);
-            out.insert(
-                ResourceType::Route,
-                Resource::encode(
-                    name.clone(),
-                    &translate::egress_route(egress, &view.workload.key.namespace),
-                ),
-            );
-            out.insert(
-                ResourceType::Listener,
-                Resource::encode(name, &translate::egress_listener(egress)),
-            );
         }
         Some((view, out))
     }
