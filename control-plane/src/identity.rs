@@ -268,7 +268,7 @@ impl CertManager {
             let trusting = self
                 .load_current(dir)?
                 .with_extra_roots(next.trust_bundle().roots());
-            *self.authority.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(trusting);
+            self.install(trusting);
             rotation.phase = Phase::Trusting {
                 since: SystemTime::now(),
             };
@@ -297,32 +297,37 @@ impl CertManager {
             ),
             _ => (current, Phase::Idle),
         };
-        let before = self.authority();
-        if before.trust_bundle().roots() == authority.trust_bundle().roots() {
-            let mut rotation = lock(&self.rotation);
-            rotation.phase = phase;
-            rotation.last_completed = roots.last_completed;
-            return Ok(());
-        }
-        let signer_changed =
-            before.trust_bundle().roots().first() != authority.trust_bundle().roots().first();
-        *self.authority.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(authority);
-        if signer_changed {
-            lock(&self.workloads).clear();
-            *lock(&self.server) = None;
+        let changed = self.authority().trust_bundle().roots() != authority.trust_bundle().roots();
+        if changed {
+            self.install(authority);
         }
         {
             let mut rotation = lock(&self.rotation);
             rotation.phase = phase;
             rotation.last_completed = roots.last_completed;
         }
-        tracing::info!(
-            phase = phase_name(phase),
-            signer_changed,
-            "following the shared root rotation"
-        );
-        self.generation.send_modify(|g| *g += 1);
+        if changed {
+            tracing::info!(
+                phase = phase_name(phase),
+                "following the shared root rotation"
+            );
+            self.generation.send_modify(|g| *g += 1);
+        }
         Ok(())
+    }
+
+    /// Signs and trusts with `authority` from now on. Certificates signed by a root
+    /// that no longer signs (the bundle's first) are dropped, to be issued again.
+    /// The caller bumps the generation once its state is consistent.
+    fn install(&self, authority: Authority) {
+        let mut current = self.authority.write().unwrap_or_else(|p| p.into_inner());
+        let signer_changed =
+            current.trust_bundle().roots().first() != authority.trust_bundle().roots().first();
+        *current = Arc::new(authority);
+        if signer_changed {
+            lock(&self.workloads).clear();
+            *lock(&self.server) = None;
+        }
     }
 
     pub fn rotation_status(&self) -> RotationStatus {
@@ -383,10 +388,8 @@ impl CertManager {
                 let signing = self
                     .load_next(dir)?
                     .with_extra_roots(old.trust_bundle().roots());
-                *self.authority.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(signing);
                 // Every leaf is re-issued by the new root now.
-                lock(&self.workloads).clear();
-                *lock(&self.server) = None;
+                self.install(signing);
                 rotation.phase = Phase::Signing {
                     old_leaves_expire: now + self.config.workload_ttl + Duration::from_secs(1),
                 };
@@ -397,8 +400,7 @@ impl CertManager {
             }
             Phase::Signing { old_leaves_expire } if now >= old_leaves_expire => {
                 store::promote_next_root(dir)?;
-                let done = self.load_current(dir)?;
-                *self.authority.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(done);
+                self.install(self.load_current(dir)?);
                 rotation.phase = Phase::Idle;
                 rotation.last_completed = Some(now);
                 tracing::info!(

@@ -34,7 +34,7 @@ use super::ca_secret::{
     self, COMPLETED_ANNOTATION, PHASE_ANNOTATION, REQUESTED_ANNOTATION, SECRET_NAME, SIGNING,
     SINCE_ANNOTATION, TRUSTING,
 };
-use crate::identity::{CertManager, RotationError, RotationStatus};
+use crate::identity::{CertManager, RotationError, RotationStatus, SharedPhase, SharedRoots};
 
 /// How long a request waits for the Lease holder to start the rotation.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -119,20 +119,25 @@ pub fn spawn(
             .default_backoff()
             .applied_objects()
             .boxed();
-        let mut latest: Option<Secret> = None;
+        // The last version of the Secret this replica could follow, and its roots.
+        let mut latest: Option<(Secret, SharedRoots)> = None;
         let mut leader_alive = true;
         loop {
             let leading = leader_alive && *leader.borrow();
             let wait = latest
                 .as_ref()
                 .filter(|_| leading)
-                .and_then(|s| due_in(s, &certs))
-                .unwrap_or(Duration::from_secs(60));
+                .and_then(|(secret, roots)| due_at(secret, roots, &certs))
+                .map_or(Duration::from_secs(60), |due| {
+                    due.duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO)
+                });
             tokio::select! {
                 next = secrets.next() => match next {
                     Some(Ok(secret)) => {
-                        follow(&certs, &secret, &driver.origin);
-                        latest = Some(secret);
+                        if let Some(roots) = follow(&certs, &secret, &driver.origin) {
+                            latest = Some((secret, roots));
+                        }
                     }
                     Some(Err(e)) => tracing::warn!("watching {}: {e}", driver.origin),
                     None => return,
@@ -143,8 +148,10 @@ pub fn spawn(
             if !(leader_alive && *leader.borrow()) {
                 continue;
             }
-            let Some(secret) = &latest else { continue };
-            let step = match next_step(secret, SystemTime::now(), &certs) {
+            let Some((secret, roots)) = &latest else {
+                continue;
+            };
+            let step = match next_step(secret, roots, SystemTime::now(), &certs) {
                 Ok(Some(step)) => step,
                 Ok(None) => continue,
                 Err(e) => {
@@ -160,8 +167,9 @@ pub fn spawn(
             {
                 Ok(written) => {
                     tracing::info!("root rotation: {what}");
-                    follow(&certs, &written, &driver.origin);
-                    latest = Some(written);
+                    if let Some(roots) = follow(&certs, &written, &driver.origin) {
+                        latest = Some((written, roots));
+                    }
                 }
                 // The Secret changed under us (a request, another holder): the watch
                 // brings the new version and the step is reconsidered then.
@@ -173,56 +181,52 @@ pub fn spawn(
     requests
 }
 
-fn follow(certs: &CertManager, secret: &Secret, origin: &str) {
-    let result = ca_secret::shared_roots(secret, origin)
-        .and_then(|roots| certs.follow_roots(&roots).map_err(anyhow::Error::from));
-    if let Err(e) = result {
-        tracing::error!("cannot follow the roots in {origin}: {e:#}");
+/// Has this replica sign and trust as `secret` says; returns its roots, or `None`
+/// (logged) if the Secret cannot be followed.
+fn follow(certs: &CertManager, secret: &Secret, origin: &str) -> Option<SharedRoots> {
+    let result = ca_secret::shared_roots(secret, origin).and_then(|roots| {
+        certs.follow_roots(&roots)?;
+        Ok(roots)
+    });
+    result
+        .map_err(|e| tracing::error!("cannot follow the roots in {origin}: {e:#}"))
+        .ok()
+}
+
+/// When the rotation in `secret` has its next step due, if one is under way or
+/// requested.
+fn due_at(secret: &Secret, roots: &SharedRoots, certs: &CertManager) -> Option<SystemTime> {
+    match roots.phase {
+        SharedPhase::Idle => requested(secret).then_some(SystemTime::UNIX_EPOCH),
+        SharedPhase::Trusting { since } => Some(since + certs.rotation_grace()),
+        SharedPhase::Signing { since } => Some(certs.shared_old_leaves_expire(since)),
     }
 }
 
-/// How long until the rotation in `secret` has a step due (zero: now), if one is under
-/// way or requested.
-fn due_in(secret: &Secret, certs: &CertManager) -> Option<Duration> {
-    let due = due_at(secret, certs)?;
-    Some(
-        due.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
-}
-
-fn due_at(secret: &Secret, certs: &CertManager) -> Option<SystemTime> {
-    let annotations = secret.metadata.annotations.as_ref()?;
-    let since = || {
-        annotations
-            .get(SINCE_ANNOTATION)
-            .and_then(|t| humantime::parse_rfc3339(t).ok())
-    };
-    match annotations.get(PHASE_ANNOTATION).map(String::as_str) {
-        None if annotations.contains_key(REQUESTED_ANNOTATION) => Some(SystemTime::UNIX_EPOCH),
-        None => None,
-        Some(TRUSTING) => Some(since()? + certs.rotation_grace()),
-        Some(SIGNING) => Some(certs.shared_old_leaves_expire(since()?)),
-        Some(_) => None,
-    }
+fn requested(secret: &Secret) -> bool {
+    secret
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(REQUESTED_ANNOTATION))
 }
 
 /// The step due at `now`, as a description and the Secret that records it.
 fn next_step(
     secret: &Secret,
+    roots: &SharedRoots,
     now: SystemTime,
     certs: &CertManager,
 ) -> anyhow::Result<Option<(&'static str, Secret)>> {
-    if due_at(secret, certs).is_none_or(|due| due > now) {
+    if due_at(secret, roots, certs).is_none_or(|due| due > now) {
         return Ok(None);
     }
     let mut next = secret.clone();
     next.metadata.managed_fields = None;
     let annotations = next.metadata.annotations.get_or_insert_default();
     let data = next.data.get_or_insert_default();
-    let phase = annotations.get(PHASE_ANNOTATION).cloned();
-    let what = match phase.as_deref() {
-        None => {
+    let what = match roots.phase {
+        SharedPhase::Idle => {
             let (cert, key) = meshd_ca::generate_root(certs.trust_domain(), ROOT_VALIDITY)?;
             data.insert(NEXT_ROOT_CERT_FILE.into(), ByteString(cert.into_bytes()));
             data.insert(
@@ -233,11 +237,11 @@ fn next_step(
             annotations.insert(PHASE_ANNOTATION.into(), TRUSTING.into());
             "step 1/3: a new root is trusted alongside the old one"
         }
-        Some(TRUSTING) => {
+        SharedPhase::Trusting { .. } => {
             annotations.insert(PHASE_ANNOTATION.into(), SIGNING.into());
             "step 2/3: certificates are now signed by the new root"
         }
-        Some(_) => {
+        SharedPhase::Signing { .. } => {
             let take = |data: &mut std::collections::BTreeMap<String, ByteString>, key: &str| {
                 data.remove(key)
                     .ok_or_else(|| anyhow::anyhow!("the Secret has no {key:?}"))
@@ -271,7 +275,6 @@ fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::SharedPhase;
     use kube::api::ObjectMeta;
 
     const GRACE: Duration = Duration::from_secs(30);
@@ -313,7 +316,8 @@ mod tests {
 
     /// Applies the step due at `now` (if any) and has the replica follow the result.
     fn step(secret: &Secret, now: SystemTime, certs: &CertManager) -> Option<Secret> {
-        let (_, next) = next_step(secret, now, certs).unwrap()?;
+        let roots = ca_secret::shared_roots(secret, "test").unwrap();
+        let (_, next) = next_step(secret, &roots, now, certs).unwrap()?;
         certs
             .follow_roots(&ca_secret::shared_roots(&next, "test").unwrap())
             .unwrap();
