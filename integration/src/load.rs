@@ -89,9 +89,16 @@ impl Scenario {
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: client, namespace: {NAMESPACE}}}\nspec:\n  selector: {{app: client}}\n  ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]\n"
         );
         std::fs::write(dir.join("services.yaml"), services)?;
+        // The first backend of each service in a file of its own (`roll-<s>.yaml`),
+        // which a `pod-roll` rewrites with a pod of a new name and address.
         let mut backends = String::new();
         for e in 0..self.endpoints {
-            let _ = write!(backends, "{}", self.backend(e, e % self.services));
+            let s = e % self.services;
+            if e < self.services {
+                std::fs::write(dir.join(Self::roll_file(s)), self.backend(e, s))?;
+            } else {
+                let _ = write!(backends, "{}", self.backend(e, s));
+            }
         }
         std::fs::write(dir.join("backends.yaml"), backends)?;
         let mut proxies = String::new();
@@ -129,6 +136,11 @@ impl Scenario {
         }
         std::fs::write(dir.join("proxies.yaml"), proxies)?;
         Ok(())
+    }
+
+    /// The file holding the pod of service `s` that a `pod-roll` replaces.
+    pub fn roll_file(s: usize) -> String {
+        format!("roll-{s}.yaml")
     }
 
     /// Backend pod `e`, serving service `s`.

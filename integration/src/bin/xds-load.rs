@@ -9,7 +9,7 @@
 //! - `endpoint-add`: a new backend pod for one service (its callers get new EDS);
 //! - `endpoint-remove`: the oldest of those pods goes away again (once every caller
 //!   has it: a pod added and removed within one debounce window is never pushed);
-//! - `pod-roll`: a service's extra pod is replaced by one with a new name and IP;
+//! - `pod-roll`: one of a service's pods is replaced by one with a new name and IP;
 //! - `service-add`: a Service nobody calls (no proxy should receive anything);
 //! - `policy`: the AuthorizationPolicy on every client changes (each proxy's inbound
 //!   route).
@@ -371,9 +371,9 @@ impl<'a> ChangeWriter<'a> {
                 None => bail!("endpoint-remove needs an endpoint-add before it (--kinds)"),
             },
             ChangeKind::PodRoll => {
-                // One file holds the service's rolling pod: rewriting it replaces the
-                // old pod by a new one, as a rollout does.
-                let file = self.dir.join(format!("roll-{svc}.yaml"));
+                // The file holds one pod of the service: rewriting it replaces that pod
+                // by one with a new name and address in one step, as a rollout does.
+                let file = self.dir.join(Scenario::roll_file(svc));
                 std::fs::write(&file, sc.pod(&format!("roll-{svc}-{k}"), address, svc))?;
                 Ok(eds_of(svc))
             }
