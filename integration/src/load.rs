@@ -5,7 +5,8 @@
 //! them, and `proxies` client pods, each calling `upstreams` services (its sidecar's
 //! outbound listeners and clusters) and serving HTTP on 8080 behind the Service
 //! `client` (its inbound listener and route, where AuthorizationPolicies land).
-//! [`Change`]s are written into the directory as meshd would see them from a cluster.
+//! `xds-load` writes its changes into the directory as meshd would see them from a
+//! cluster.
 //!
 //! [`run_proxy`] behaves like Envoy on one stream, over the same mutual TLS and
 //! identity scheme: wildcard CDS and LDS, EDS by the names of the EDS clusters, RDS by
@@ -176,7 +177,6 @@ pub struct Arrival {
 /// What one proxy's stream recorded.
 #[derive(Debug, Default)]
 pub struct Timeline {
-    pub connected: Option<Instant>,
     /// When it first had clusters, endpoints for every cluster, listeners, routes and
     /// secrets.
     pub complete: Option<Instant>,
@@ -265,7 +265,7 @@ pub enum Nack {
     Updates,
 }
 
-/// One Envoy-like stream for proxy `index` until the connection ends.
+/// One Envoy-like stream for the proxy of `pod` until the connection ends.
 pub async fn run_proxy(
     addr: SocketAddr,
     cert: ClientCert,
@@ -325,7 +325,6 @@ async fn run_sotw(
         .stream_aggregated_resources(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    timeline.lock().expect("timeline").connected = Some(Instant::now());
     let request = |type_url: &str, names: &[String], version: &str, nonce: &str, first: bool| {
         DiscoveryRequest {
             node: first.then(|| node(NAMESPACE, pod, "client")),
@@ -442,7 +441,6 @@ async fn run_delta(
         .delta_aggregated_resources(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    timeline.lock().expect("timeline").connected = Some(Instant::now());
     let subscribe = |type_url: &str, names: Vec<String>, first: bool| DeltaDiscoveryRequest {
         node: first.then(|| node(NAMESPACE, pod, "client")),
         type_url: type_url.to_string(),
@@ -552,6 +550,6 @@ pub fn certificates(ca_dir: &Path, count: usize) -> anyhow::Result<Vec<ClientCer
     .context("open meshd's CA")?;
     let id = ca.workload_id(NAMESPACE, "client")?;
     (0..count)
-        .map(|_| ClientCert::from_issued(&ca, &ca.issue(&id)?))
+        .map(|_| Ok(ClientCert::from_issued(&ca, &ca.issue(&id)?)))
         .collect()
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use meshd::admin::SnapshotSummary;
+use meshd::identity::RotationStatus;
 use meshd::xds::status::ProxyStatus;
 pub use meshd::xds::status::XdsFlavor;
 use tempfile::TempDir;
@@ -253,6 +254,32 @@ impl Meshd {
             },
         )
         .await
+    }
+
+    /// Waits until a root rotation completed (`/ca/status` idle with a completion
+    /// time); returns the last status and the phases seen on the way, in order.
+    pub async fn wait_rotation_done(
+        &self,
+        timeout: Duration,
+    ) -> anyhow::Result<(RotationStatus, Vec<String>)> {
+        let phases = std::sync::Mutex::new(Vec::<String>::new());
+        let done = eventually("the rotation to complete", timeout, || async {
+            let s: RotationStatus = self.get_json("/ca/status").await?;
+            {
+                let mut seen = phases.lock().unwrap_or_else(|p| p.into_inner());
+                if seen.last() != Some(&s.phase) {
+                    seen.push(s.phase.clone());
+                }
+            }
+            anyhow::ensure!(
+                s.phase == "idle" && s.last_completed_at.is_some(),
+                "at {}",
+                s.phase
+            );
+            Ok(s)
+        })
+        .await?;
+        Ok((done, phases.into_inner().unwrap_or_else(|p| p.into_inner())))
     }
 
     /// Runs `meshctl` with `args`, pointed at this meshd's admin API.

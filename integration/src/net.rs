@@ -20,8 +20,8 @@ const RANGE_START: u32 = 20_000;
 const BLOCK: u32 = 1_000;
 const BLOCKS: u32 = 12;
 
-/// A TCP port, free on 127.0.0.1 right now, that no other call in this process returns
-/// and that no `bind(0)` will pick.
+/// A TCP port, free on 127.0.0.1 right now, that none of this process's last 12,000
+/// calls returned and that no `bind(0)` will pick.
 pub fn free_port() -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let block = std::process::id() % BLOCKS;

@@ -44,24 +44,19 @@ impl ClientCert {
             meshd_ca::CaConfig::default(),
         )?;
         let id = ca.workload_id(namespace, service_account)?;
-        let issued = ca.issue(&id)?;
-        Ok(ClientCert {
-            chain_pem: issued.chain_pem.clone(),
-            key_pem: issued.key.secret_pem().to_string(),
-            trust_bundle_pem: ca.trust_bundle().pem(),
-        })
+        Ok(Self::from_issued(&ca, &ca.issue(&id)?))
     }
 
     /// The certificate `issued` by `ca`.
     pub fn from_issued(
         ca: &meshd_ca::Authority,
         issued: &meshd_ca::IssuedCertificate,
-    ) -> anyhow::Result<ClientCert> {
-        Ok(ClientCert {
+    ) -> ClientCert {
+        ClientCert {
             chain_pem: issued.chain_pem.clone(),
             key_pem: issued.key.secret_pem().to_string(),
             trust_bundle_pem: ca.trust_bundle().pem(),
-        })
+        }
     }
 
     pub fn key_pem(&self) -> &str {

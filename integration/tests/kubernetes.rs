@@ -495,28 +495,12 @@ async fn root_rotation_in_the_secret_is_driven_by_the_lease_holder() -> anyhow::
         String::from_utf8_lossy(&again.stderr)
     );
 
-    let phases = std::sync::Mutex::new(Vec::<String>::new());
+    let mut phases = Vec::new();
     for replica in [&follower, &leader] {
-        eventually("the rotation to complete", WAIT, || async {
-            let s: RotationStatus = replica.get_json("/ca/status").await?;
-            {
-                let mut seen = phases.lock().unwrap();
-                if seen.last() != Some(&s.phase) {
-                    seen.push(s.phase.clone());
-                }
-            }
-            ensure!(
-                s.phase == "idle" && s.last_completed_at.is_some(),
-                "at {}",
-                s.phase
-            );
-            Ok(())
-        })
-        .await?;
+        phases.extend(replica.wait_rotation_done(WAIT).await?.1);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (sent, failed) = traffic.stop().await;
-    let phases = phases.into_inner().unwrap();
     ensure!(
         phases.contains(&"signing-with-new-root".to_string()),
         "phases seen: {phases:?}"

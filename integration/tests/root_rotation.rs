@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use meshd::identity::RotationStatus;
 use meshd_integration::apps::{HttpApp, Traffic, http_get};
 use meshd_integration::envoy::Sidecar;
 use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};
@@ -65,28 +64,7 @@ async fn a_root_rotation_under_traffic_fails_no_request() -> anyhow::Result<()> 
     );
     assert!(printed.contains("trusting-new-root"), "{printed}");
 
-    let phases = std::sync::Mutex::new(Vec::<String>::new());
-    let done = eventually(
-        "the rotation to complete",
-        Duration::from_secs(30),
-        || async {
-            let s: RotationStatus = meshd.get_json("/ca/status").await?;
-            {
-                let mut seen = phases.lock().unwrap();
-                if seen.last() != Some(&s.phase) {
-                    seen.push(s.phase.clone());
-                }
-            }
-            ensure!(
-                s.phase == "idle" && s.last_completed_at.is_some(),
-                "at {}",
-                s.phase
-            );
-            Ok(s)
-        },
-    )
-    .await?;
-    let phases = phases.into_inner().unwrap();
+    let (done, phases) = meshd.wait_rotation_done(Duration::from_secs(30)).await?;
     // Keep traffic going a little past the end.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (sent, failed) = traffic.stop().await;
