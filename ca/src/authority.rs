@@ -13,7 +13,7 @@ use rcgen::{
 use zeroize::Zeroizing;
 
 use crate::pem::{not_after, parse};
-use crate::spiffe::SpiffeId;
+use crate::spiffe::{OperatorId, SpiffeId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -229,8 +229,57 @@ impl Authority {
         ttl: Duration,
         dns_names: &[&str],
     ) -> Result<IssuedCertificate, CaError> {
+        let leaf = self.sign_leaf(
+            &id.to_string(),
+            ttl,
+            dns_names,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )?;
+        Ok(IssuedCertificate {
+            id: id.clone(),
+            chain_pem: leaf.chain_pem,
+            key: leaf.key,
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
+            issued_at: leaf.issued_at,
+            serial: leaf.serial,
+        })
+    }
+
+    /// A client certificate for an operator of meshd's admin API, valid for `ttl`.
+    /// Client authentication only: it cannot serve, and its SPIFFE path is not a
+    /// workload's, so it opens no xDS stream.
+    pub fn issue_operator(
+        &self,
+        id: &OperatorId,
+        ttl: Duration,
+    ) -> Result<OperatorCertificate, CaError> {
+        let leaf = self.sign_leaf(
+            &id.to_string(),
+            ttl,
+            &[],
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        )?;
+        Ok(OperatorCertificate {
+            id: id.clone(),
+            chain_pem: leaf.chain_pem,
+            key: leaf.key,
+            not_after: leaf.not_after,
+        })
+    }
+
+    fn sign_leaf(
+        &self,
+        uri: &str,
+        ttl: Duration,
+        dns_names: &[&str],
+        extended_key_usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<Leaf, CaError> {
         let err = |message: String| CaError::Issue {
-            id: id.to_string(),
+            id: uri.to_string(),
             message,
         };
         let now = SystemTime::now();
@@ -239,7 +288,9 @@ impl Authority {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(
-            id.to_string().try_into().map_err(|e| err(format!("{e}")))?,
+            uri.to_string()
+                .try_into()
+                .map_err(|e| err(format!("{e}")))?,
         )];
         for name in dns_names {
             params.subject_alt_names.push(SanType::DnsName(
@@ -257,17 +308,13 @@ impl Authority {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = extended_key_usages;
         params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(|e| err(e.to_string()))?;
-        Ok(IssuedCertificate {
-            id: id.clone(),
+        Ok(Leaf {
             chain_pem: cert.pem() + &self.chain_above_leaf,
             key: PrivateKeyPem::new(key.serialize_pem()),
             not_before,
@@ -276,6 +323,26 @@ impl Authority {
             serial,
         })
     }
+}
+
+/// A signed leaf, before it is given its identity's type.
+struct Leaf {
+    chain_pem: String,
+    key: PrivateKeyPem,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    issued_at: SystemTime,
+    serial: Vec<u8>,
+}
+
+/// An operator's client certificate and its key.
+#[derive(Debug)]
+pub struct OperatorCertificate {
+    pub id: OperatorId,
+    /// The leaf followed by any intermediates up to (not including) the root.
+    pub chain_pem: String,
+    pub key: PrivateKeyPem,
+    pub not_after: SystemTime,
 }
 
 /// Generates a self-signed root: ECDSA P-256, CA, valid for `validity`.

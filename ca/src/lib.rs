@@ -1,6 +1,7 @@
 //! meshd's certificate authority. No gRPC, no Kubernetes: keys, certificates and files.
 //!
-//! - [`SpiffeId`]: workload identities, `spiffe://<td>/ns/<ns>/sa/<sa>`.
+//! - [`SpiffeId`]: workload identities, `spiffe://<td>/ns/<ns>/sa/<sa>`; [`OperatorId`]:
+//!   operators of meshd's admin API, `spiffe://<td>/meshd/operator/<name>`.
 //! - [`Authority`]: a signing CA (a root meshd generated, or a user's root or
 //!   intermediate) and the [`TrustBundle`] of roots proxies must trust. It issues
 //!   short-lived ECDSA P-256 workload certificates whose only SAN is the SPIFFE id.
@@ -16,6 +17,7 @@ pub mod spiffe;
 pub mod store;
 
 pub use authority::{
-    Authority, CaConfig, CaError, IssuedCertificate, PrivateKeyPem, TrustBundle, generate_root,
+    Authority, CaConfig, CaError, IssuedCertificate, OperatorCertificate, PrivateKeyPem,
+    TrustBundle, generate_root,
 };
-pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError};
+pub use spiffe::{DEFAULT_TRUST_DOMAIN, OperatorId, SpiffeId, SpiffeIdError};

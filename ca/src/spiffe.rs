@@ -1,4 +1,10 @@
-//! SPIFFE workload identities: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+//! SPIFFE identities in meshd's two forms:
+//!
+//! - workloads: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>` ([`SpiffeId`]);
+//! - operators of meshd's admin API: `spiffe://<trust-domain>/meshd/operator/<name>`
+//!   ([`OperatorId`]). The two paths cannot be mistaken for each other, so no workload
+//!   certificate ever passes as an operator's, and no operator certificate opens an
+//!   xDS stream.
 
 use std::fmt;
 use std::str::FromStr;
@@ -90,6 +96,69 @@ impl FromStr for SpiffeId {
     }
 }
 
+/// An operator of meshd's admin API: `spiffe://<trust-domain>/meshd/operator/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OperatorId {
+    trust_domain: String,
+    name: String,
+}
+
+impl OperatorId {
+    pub fn new(trust_domain: &str, name: &str) -> Result<OperatorId, SpiffeIdError> {
+        let id = OperatorId {
+            trust_domain: trust_domain.to_string(),
+            name: name.to_string(),
+        };
+        let err = |reason| SpiffeIdError {
+            input: id.to_string(),
+            reason,
+        };
+        validate_trust_domain(trust_domain).map_err(err)?;
+        validate_segment(name).map_err(err)?;
+        Ok(id)
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Display for OperatorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/meshd/operator/{}",
+            self.trust_domain, self.name
+        )
+    }
+}
+
+impl FromStr for OperatorId {
+    type Err = SpiffeIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| SpiffeIdError {
+            input: s.to_string(),
+            reason,
+        };
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| err("must start with spiffe://"))?;
+        let (td, path) = rest.split_once('/').ok_or_else(|| err("has no path"))?;
+        match path.split('/').collect::<Vec<_>>().as_slice() {
+            ["meshd", "operator", name] => OperatorId::new(td, name).map_err(|e| SpiffeIdError {
+                input: s.to_string(),
+                reason: e.reason,
+            }),
+            _ => Err(err("the path must be /meshd/operator/<name>")),
+        }
+    }
+}
+
 fn validate_trust_domain(td: &str) -> Result<(), &'static str> {
     if td.is_empty() {
         return Err("the trust domain is empty");
@@ -132,6 +201,29 @@ mod tests {
         assert_eq!(id.namespace(), "shop");
         assert_eq!(id.service_account(), "web");
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+    }
+
+    #[test]
+    fn operator_and_workload_ids_never_pass_for_each_other() {
+        let op: OperatorId = "spiffe://cluster.local/meshd/operator/alice"
+            .parse()
+            .unwrap();
+        assert_eq!(op.name(), "alice");
+        assert_eq!(
+            op.to_string(),
+            "spiffe://cluster.local/meshd/operator/alice"
+        );
+        assert!(
+            "spiffe://cluster.local/meshd/operator/alice"
+                .parse::<SpiffeId>()
+                .is_err()
+        );
+        assert!(
+            "spiffe://cluster.local/ns/meshd/sa/operator"
+                .parse::<OperatorId>()
+                .is_err()
+        );
+        assert!(OperatorId::new("cluster.local", "a/b").is_err());
     }
 
     #[test]

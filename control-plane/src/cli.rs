@@ -52,10 +52,47 @@ impl CaArgs {
         }
     }
 
+    /// Opens a CA that must already exist (meshctl never creates one), with the trust
+    /// bundle meshd may serve with: the root, and during a rotation the next root too.
+    pub fn open_existing(&self, ttl: Duration) -> Result<ExistingCa, CaError> {
+        let source = self.source();
+        if let CaSource::Directory(dir) = &source {
+            let cert = dir.join(meshd_ca::store::ROOT_CERT_FILE);
+            if !cert.exists() {
+                return Err(CaError::File {
+                    path: cert,
+                    message: "does not exist: no mesh CA here. meshd creates its root on \
+                              first start; point --ca-dir (or MESHD_CA_DIR) at meshd's CA \
+                              directory"
+                        .into(),
+                });
+            }
+        }
+        let (signer, _) = open(&source, self.config(ttl))?;
+        let mut trust_bundle_pem = signer.trust_bundle().pem();
+        if let CaSource::Directory(dir) = &source
+            && let Some(next) = meshd_ca::store::load_next_root(dir, self.config(ttl))?
+        {
+            trust_bundle_pem.push_str(&next.trust_bundle().pem());
+        }
+        Ok(ExistingCa {
+            signer,
+            trust_bundle_pem,
+        })
+    }
+
     /// Opens (or on first use creates) the CA, issuing certificates valid for `ttl`.
     pub fn open(&self, ttl: Duration) -> Result<(Authority, Opened), CaError> {
         open(&self.source(), self.config(ttl))
     }
+}
+
+/// A CA opened by [`CaArgs::open_existing`].
+#[derive(Debug)]
+pub struct ExistingCa {
+    pub signer: Authority,
+    /// Every root meshd may present a certificate from.
+    pub trust_bundle_pem: String,
 }
 
 /// meshd's own namespace: part of its serving identity

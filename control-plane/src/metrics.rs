@@ -1,4 +1,4 @@
-//! meshd's Prometheus metrics, served at `GET /metrics` on the admin port.
+//! meshd's Prometheus metrics, served at `GET /metrics` on the health port.
 //!
 //! | metric | what |
 //! |---|---|
@@ -11,6 +11,8 @@
 //! | `meshd_snapshot_debounce_seconds` | from the first change of a burst until its snapshot is published |
 //! | `meshd_snapshot_build_seconds` | deriving one mesh snapshot |
 //! | `meshd_snapshots_total` | mesh snapshots published |
+//! | `meshd_tls_handshake_failures_total{port}` | TLS handshakes refused or timed out on the `xds` / `admin` port |
+//! | `meshd_xds_refused_streams_total{reason}` | ADS streams ended by meshd for exceeding a limit (`request_size`, `type_urls`, `names`, `name_length`) |
 //!
 //! One process-wide set ([`metrics()`]): metrics are a property of the process, and
 //! passing a handle through every layer would buy nothing.
@@ -30,6 +32,16 @@ pub struct TypeLabel {
     pub r#type: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabel {
+    pub port: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connected_proxies: Gauge,
@@ -41,6 +53,8 @@ pub struct Metrics {
     pub debounce: Histogram,
     pub snapshot_build: Histogram,
     pub snapshots: Counter,
+    pub handshake_failures: Family<PortLabel, Counter>,
+    pub refused_streams: Family<ReasonLabel, Counter>,
 }
 
 /// 0.5 ms … ~65 s.
@@ -60,6 +74,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         debounce: Histogram::new(latency_buckets()),
         snapshot_build: Histogram::new(latency_buckets()),
         snapshots: Counter::default(),
+        handshake_failures: Family::default(),
+        refused_streams: Family::default(),
         registry: Registry::default(),
     };
     registry.register(
@@ -103,6 +119,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         m.snapshot_build.clone(),
     );
     registry.register("snapshots", "Mesh snapshots published", m.snapshots.clone());
+    registry.register(
+        "tls_handshake_failures",
+        "TLS handshakes refused or timed out, by port",
+        m.handshake_failures.clone(),
+    );
+    registry.register(
+        "xds_refused_streams",
+        "ADS streams ended for exceeding a limit, by reason",
+        m.refused_streams.clone(),
+    );
     Metrics { registry, ..m }
 });
 

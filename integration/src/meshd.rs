@@ -17,13 +17,27 @@ use crate::net::free_port;
 use crate::tools::meshd_binary;
 use crate::wait::eventually;
 
-#[derive(Debug)]
 pub struct Meshd {
     child: Child,
     pub xds_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub health_addr: SocketAddr,
     work: TempDir,
+    /// For the health port (plain HTTP).
     http: reqwest::Client,
+    /// With the Kubernetes source: the cluster whose Secret holds the root.
+    kube: Option<kube::Client>,
+    meshd_namespace: String,
+}
+
+impl std::fmt::Debug for Meshd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Meshd")
+            .field("xds_addr", &self.xds_addr)
+            .field("admin_addr", &self.admin_addr)
+            .field("health_addr", &self.health_addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Meshd {
@@ -35,7 +49,7 @@ impl Meshd {
     /// Starts meshd with extra command-line arguments.
     pub async fn start_with(config_dir: &Path, extra: &[&str]) -> anyhow::Result<Meshd> {
         let source = ["--config-dir".into(), config_dir.as_os_str().to_owned()];
-        Self::spawn(&source, extra).await
+        Self::spawn(&source, extra, None).await
     }
 
     /// Starts meshd on the Kubernetes API of `kubeconfig` and waits until it is ready
@@ -47,16 +61,7 @@ impl Meshd {
     ) -> anyhow::Result<Meshd> {
         let meshd = Self::spawn_kubernetes(api, extra).await?;
         meshd.wait_ready().await?;
-        let (cert, key) = api.mesh_root().await?;
-        let dir = meshd.ca_dir();
-        std::fs::create_dir_all(&dir)?;
-        meshd_ca::store::write_file(
-            &dir.join(meshd_ca::store::ROOT_CERT_FILE),
-            &cert,
-            0o644,
-            true,
-        )?;
-        meshd_ca::store::write_file(&dir.join(meshd_ca::store::ROOT_KEY_FILE), &key, 0o600, true)?;
+        meshd.sync_ca_dir().await?;
         Ok(meshd)
     }
 
@@ -71,13 +76,24 @@ impl Meshd {
             "--kubeconfig".into(),
             api.kubeconfig().as_os_str().to_owned(),
         ];
-        Self::spawn(&source, extra).await
+        Self::spawn(&source, extra, Some(api.client.clone())).await
     }
 
-    async fn spawn(source: &[std::ffi::OsString], extra: &[&str]) -> anyhow::Result<Meshd> {
+    async fn spawn(
+        source: &[std::ffi::OsString],
+        extra: &[&str],
+        kube: Option<kube::Client>,
+    ) -> anyhow::Result<Meshd> {
         let work = tempfile::Builder::new().prefix("meshd-run-").tempdir()?;
         let xds_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let health_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let meshd_namespace = extra
+            .iter()
+            .position(|a| *a == "--namespace")
+            .and_then(|i| extra.get(i + 1))
+            .unwrap_or(&meshd::cli::DEFAULT_MESHD_NAMESPACE)
+            .to_string();
         let log_file = std::fs::File::create(work.path().join("meshd.log"))?;
         // A test may choose its own log level.
         let log = if extra.contains(&"--log") {
@@ -91,6 +107,8 @@ impl Meshd {
             .arg(xds_addr.to_string())
             .arg("--admin-address")
             .arg(admin_addr.to_string())
+            .arg("--health-address")
+            .arg(health_addr.to_string())
             .arg("--ca-dir")
             .arg(work.path().join("ca"))
             .args(log)
@@ -105,18 +123,21 @@ impl Meshd {
             child,
             xds_addr,
             admin_addr,
+            health_addr,
             work,
             http: reqwest::Client::builder()
                 .no_proxy()
                 .timeout(Duration::from_secs(5))
                 .build()?,
+            kube,
+            meshd_namespace,
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = meshd.child.try_wait()? {
                 bail!("meshd exited ({status})\nmeshd log:\n{}", meshd.log());
             }
-            match meshd.snapshot().await {
+            match meshd.healthz().await {
                 Ok(_) => break,
                 Err(e) if tokio::time::Instant::now() > deadline => {
                     bail!(
@@ -130,12 +151,24 @@ impl Meshd {
         Ok(meshd)
     }
 
+    /// `/healthz` on the health port.
+    pub async fn healthz(&self) -> anyhow::Result<String> {
+        Ok(self
+            .http
+            .get(format!("{}/healthz", self.health_url()))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
     /// Waits until `/readyz` says ready.
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
         eventually("meshd to be ready", Duration::from_secs(30), || async {
             let resp = self
                 .http
-                .get(format!("{}/readyz", self.admin_url()))
+                .get(format!("{}/readyz", self.health_url()))
                 .send()
                 .await?;
             let status = resp.status();
@@ -150,7 +183,7 @@ impl Meshd {
     pub async fn readyz(&self) -> anyhow::Result<(u16, String)> {
         let resp = self
             .http
-            .get(format!("{}/readyz", self.admin_url()))
+            .get(format!("{}/readyz", self.health_url()))
             .send()
             .await?;
         Ok((resp.status().as_u16(), resp.text().await?))
@@ -180,8 +213,82 @@ impl Meshd {
         self.work.path().join("ca")
     }
 
+    /// The admin API (HTTPS, operator certificate required).
     pub fn admin_url(&self) -> String {
-        format!("http://{}", self.admin_addr)
+        format!("https://{}", self.admin_addr)
+    }
+
+    /// The health port (plain HTTP: /healthz, /readyz, /metrics).
+    pub fn health_url(&self) -> String {
+        format!("http://{}", self.health_addr)
+    }
+
+    /// meshd's identity, as its admin API must present it.
+    pub fn identity(&self) -> anyhow::Result<meshd_ca::SpiffeId> {
+        Ok(meshd_ca::SpiffeId::new(
+            meshd_ca::DEFAULT_TRUST_DOMAIN,
+            &self.meshd_namespace,
+            meshd::identity::MESHD_SERVICE_ACCOUNT,
+        )?)
+    }
+
+    /// With the Kubernetes source: writes the root files of the cluster's Secret into
+    /// [`Meshd::ca_dir`] (they follow a root rotation there), so operator certificates
+    /// and `meshctl bootstrap` work as with a directory.
+    async fn sync_ca_dir(&self) -> anyhow::Result<()> {
+        let Some(client) = &self.kube else {
+            return Ok(());
+        };
+        let secret = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(
+            client.clone(),
+            &self.meshd_namespace,
+        )
+        .get(meshd::cluster::ca_secret::SECRET_NAME)
+        .await
+        .context("reading meshd's CA Secret")?;
+        let data = secret.data.unwrap_or_default();
+        let dir = self.ca_dir();
+        std::fs::create_dir_all(&dir)?;
+        use meshd_ca::store::*;
+        for (file, mode) in [
+            (ROOT_CERT_FILE, 0o644),
+            (ROOT_KEY_FILE, 0o600),
+            (NEXT_ROOT_CERT_FILE, 0o644),
+            (NEXT_ROOT_KEY_FILE, 0o600),
+        ] {
+            match data.get(file) {
+                Some(text) => write_file(
+                    &dir.join(file),
+                    std::str::from_utf8(&text.0).context("PEM in the Secret")?,
+                    mode,
+                    true,
+                )?,
+                None => {
+                    let _ = std::fs::remove_file(dir.join(file));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A client for the admin API, with an operator certificate minted from the CA
+    /// directory, as `meshctl` does.
+    pub async fn admin_client(&self) -> anyhow::Result<reqwest::Client> {
+        self.sync_ca_dir().await?;
+        let ca = meshd::cli::CaArgs {
+            ca_dir: self.ca_dir(),
+            ca_cert_chain: None,
+            ca_key: None,
+            trust_domain: meshd_ca::DEFAULT_TRUST_DOMAIN.to_string(),
+        }
+        .open_existing(meshd::operator::MINTED_TTL)?;
+        let credentials = meshd::operator::Credentials::mint(
+            &ca.signer,
+            ca.trust_bundle_pem,
+            "harness",
+            meshd::operator::MINTED_TTL,
+        )?;
+        Ok(credentials.client(&self.identity()?)?)
     }
 
     /// Everything meshd has logged so far.
@@ -189,10 +296,23 @@ impl Meshd {
         std::fs::read_to_string(self.work.path().join("meshd.log")).unwrap_or_default()
     }
 
+    /// GET `path` on the admin API, as an operator.
     pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        Ok(serde_json::from_str(&self.get_text(path).await?)?)
+    }
+
+    /// GET `path` on the admin API, as an operator; the body.
+    pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
         let url = format!("{}{path}", self.admin_url());
-        let resp = self.http.get(&url).send().await?.error_for_status()?;
-        Ok(resp.json().await?)
+        let resp = self
+            .admin_client()
+            .await?
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(resp.text().await?)
     }
 
     pub async fn snapshot(&self) -> anyhow::Result<SnapshotSummary> {
@@ -201,7 +321,7 @@ impl Meshd {
 
     /// `/metrics` (Prometheus text).
     pub async fn metrics(&self) -> anyhow::Result<String> {
-        let url = format!("{}/metrics", self.admin_url());
+        let url = format!("{}/metrics", self.health_url());
         Ok(self
             .http
             .get(url)
@@ -282,11 +402,15 @@ impl Meshd {
         Ok((done, phases.into_inner().unwrap_or_else(|p| p.into_inner())))
     }
 
-    /// Runs `meshctl` with `args`, pointed at this meshd's admin API.
+    /// Runs `meshctl` with `args`, pointed at this meshd's admin API and CA directory
+    /// (from which it mints its operator certificate).
     pub async fn meshctl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        self.sync_ca_dir().await?;
         Command::new(meshd_binary("meshctl")?)
             .args(args)
             .env("MESHD_ADMIN", self.admin_url())
+            .env("MESHD_CA_DIR", self.ca_dir())
+            .env("MESHD_NAMESPACE", &self.meshd_namespace)
             .output()
             .await
             .context("cannot run meshctl")

@@ -59,6 +59,22 @@ impl ClientCert {
         }
     }
 
+    /// An operator certificate (`spiffe://cluster.local/meshd/operator/<name>`) from
+    /// the CA in `ca_dir`: what `meshctl ca operator-cert` issues.
+    pub fn operator(ca_dir: &std::path::Path, name: &str) -> anyhow::Result<ClientCert> {
+        let (ca, _) = meshd_ca::store::open(
+            &meshd_ca::store::CaSource::Directory(ca_dir.to_path_buf()),
+            meshd_ca::CaConfig::default(),
+        )?;
+        let id = meshd_ca::OperatorId::new(&ca.config().trust_domain, name)?;
+        let issued = ca.issue_operator(&id, Duration::from_secs(600))?;
+        Ok(ClientCert {
+            chain_pem: issued.chain_pem,
+            key_pem: issued.key.secret_pem().to_string(),
+            trust_bundle_pem: ca.trust_bundle().pem(),
+        })
+    }
+
     pub fn key_pem(&self) -> &str {
         &self.key_pem
     }
@@ -253,6 +269,14 @@ impl DeltaClient {
             ..Default::default()
         })
         .await
+    }
+
+    /// The stream's end status, waiting up to 5 s for it.
+    pub async fn recv_status(&mut self) -> anyhow::Result<tonic::Status> {
+        match tokio::time::timeout(RECV_TIMEOUT, self.rx.message()).await {
+            Ok(Err(status)) => Ok(status),
+            other => bail!("expected the stream to fail, got {other:?}"),
+        }
     }
 
     pub async fn recv(&mut self) -> anyhow::Result<DeltaDiscoveryResponse> {

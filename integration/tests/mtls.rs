@@ -335,10 +335,7 @@ async fn private_keys_never_appear_in_logs_or_admin_output() -> anyhow::Result<(
         "/debug/snapshot",
         "/debug/proxy-config?workload=shop/web-1",
     ] {
-        let text = reqwest::get(format!("{}{path}", m.meshd.admin_url()))
-            .await?
-            .text()
-            .await?;
+        let text = m.meshd.get_text(path).await?;
         outputs.push((path.to_string(), text));
     }
     for (what, text) in &outputs {

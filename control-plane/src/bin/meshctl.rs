@@ -10,10 +10,12 @@ use meshd::admin::{ProxyConfig, SnapshotSummary};
 use meshd::bootstrap::{BootstrapOptions, envoy_bootstrap};
 use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
 use meshd::identity::{MESHD_SERVICE_ACCOUNT, RotationStatus};
+use meshd::operator::{self, Credentials};
 use meshd::sources::file::FileSource;
 use meshd::xds::authz_check::{CheckRequest, CheckResponse};
 use meshd::xds::rbac_stats;
 use meshd::xds::status::{ProxyStatus, XdsFlavor};
+use meshd_ca::{OperatorId, SpiffeId};
 
 /// meshctl — operate and debug a meshd service mesh.
 #[derive(Debug, Parser)]
@@ -42,9 +44,8 @@ enum Command {
     },
     /// Show meshd's mesh snapshot, config errors and connected proxies.
     Status {
-        /// meshd's admin address.
-        #[arg(long, env = "MESHD_ADMIN", default_value = "http://127.0.0.1:15014")]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// Print JSON instead of a table.
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -64,9 +65,8 @@ enum Command {
     ProxyConfig {
         /// The workload, as <namespace>/<pod>.
         workload: String,
-        /// meshd's admin address.
-        #[arg(long, env = "MESHD_ADMIN", default_value = "http://127.0.0.1:15014")]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -76,8 +76,8 @@ enum Command {
 enum CaCommand {
     /// Show the roots meshd trusts and where a root rotation stands.
     Status {
-        #[arg(long, env = "MESHD_ADMIN", default_value = "http://127.0.0.1:15014")]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -87,9 +87,92 @@ enum CaCommand {
     /// --root-rotation-grace) signs new certificates with it; step 3 (one certificate
     /// lifetime later) drops the old root. Follow it with `meshctl ca status`.
     RotateRoot {
-        #[arg(long, env = "MESHD_ADMIN", default_value = "http://127.0.0.1:15014")]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
+    /// Issue an operator certificate for meshd's admin API, for someone who should not
+    /// hold the root key (or for a cluster, where the root lives in a Secret).
+    ///
+    /// Writes operator-cert.pem, operator-key.pem (mode 0600) and operator-ca.pem into
+    /// DIR; use them with `meshctl --operator DIR …` (or MESHD_OPERATOR=DIR).
+    OperatorCert {
+        /// The operator's name: spiffe://<trust-domain>/meshd/operator/<name>, logged
+        /// by meshd with every change it asks for.
+        #[arg(long)]
+        name: String,
+        /// How long the certificate is valid.
+        #[arg(long, default_value = "8h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        ca: CaArgs,
+        /// The directory to write the three files into.
+        #[arg(long, short = 'o', value_name = "DIR")]
+        output: PathBuf,
+    },
+}
+
+/// How to reach meshd's admin API: its address, and who the caller is.
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    /// meshd's admin API (HTTPS, operator certificate required).
+    #[arg(long, env = "MESHD_ADMIN", default_value = "https://127.0.0.1:15014")]
+    admin: String,
+    /// Operator credentials written by `meshctl ca operator-cert -o DIR`. Without it,
+    /// meshctl mints a 10-minute operator certificate from the CA directory (--ca-dir),
+    /// which only someone who can read the root key can do.
+    #[arg(long, env = "MESHD_OPERATOR", value_name = "DIR")]
+    operator: Option<PathBuf>,
+    #[command(flatten)]
+    ca: CaArgs,
+    /// meshd's namespace, as given to meshd (part of the identity meshctl checks).
+    #[arg(long, env = "MESHD_NAMESPACE", default_value = DEFAULT_MESHD_NAMESPACE)]
+    meshd_namespace: String,
+}
+
+impl AdminArgs {
+    /// A client for the admin API, authenticated as an operator.
+    fn connect(&self) -> anyhow::Result<Admin> {
+        if !self.admin.starts_with("https://") {
+            anyhow::bail!(
+                "--admin {:?}: meshd's admin API is HTTPS (e.g. https://127.0.0.1:15014)",
+                self.admin
+            );
+        }
+        let credentials = match &self.operator {
+            Some(dir) => Credentials::load(dir).context("--operator")?,
+            None => {
+                let authority = self.ca.open_existing(operator::MINTED_TTL).context(
+                    "meshctl authenticates to meshd's admin API with an operator \
+                     certificate: give --operator DIR (from `meshctl ca operator-cert`), or \
+                     --ca-dir where meshd keeps its root",
+                )?;
+                Credentials::mint(
+                    &authority.signer,
+                    authority.trust_bundle_pem,
+                    &operator_name(),
+                    operator::MINTED_TTL,
+                )?
+            }
+        };
+        let meshd = SpiffeId::new(
+            credentials.id.trust_domain(),
+            &self.meshd_namespace,
+            MESHD_SERVICE_ACCOUNT,
+        )
+        .context("--meshd-namespace")?;
+        Ok(Admin {
+            base: self.admin.trim_end_matches('/').to_string(),
+            client: credentials.client(&meshd)?,
+        })
+    }
+}
+
+/// The local user's name if it is a valid operator name, else `meshctl`.
+fn operator_name() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| OperatorId::new(meshd_ca::DEFAULT_TRUST_DOMAIN, u).is_ok())
+        .unwrap_or_else(|| "meshctl".to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,9 +227,8 @@ struct CheckArgs {
     /// A request header, as name:value; repeat for more.
     #[arg(long = "header", short = 'H', value_name = "NAME:VALUE")]
     headers: Vec<String>,
-    /// meshd's admin address.
-    #[arg(long, env = "MESHD_ADMIN", default_value = "http://127.0.0.1:15014")]
-    admin: String,
+    #[command(flatten)]
+    admin: AdminArgs,
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     output: Output,
 }
@@ -288,8 +370,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Status { admin, output } => {
-            let summary: SnapshotSummary = get_json(&admin, "/debug/snapshot").await?;
-            let proxies: Vec<ProxyStatus> = get_json(&admin, "/debug/proxies").await?;
+            let admin = admin.connect()?;
+            let summary: SnapshotSummary = admin.get("/debug/snapshot").await?;
+            let proxies: Vec<ProxyStatus> = admin.get("/debug/proxies").await?;
             if output == Output::Json {
                 let v = serde_json::json!({ "snapshot": summary, "proxies": proxies });
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -349,14 +432,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca(CaCommand::Status { admin, output }) => {
-            let status: RotationStatus = get_json(&admin, "/ca/status").await?;
+            let status: RotationStatus = admin.connect()?.get("/ca/status").await?;
             print_rotation(&status, output)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca(CaCommand::RotateRoot { admin }) => {
-            let status: RotationStatus = post_json(&admin, "/ca/rotate-root").await?;
+            let status: RotationStatus = admin
+                .connect()?
+                .call(reqwest::Method::POST, "/ca/rotate-root", None::<&()>)
+                .await?;
             println!("root rotation started");
             print_rotation(&status, Output::Table)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca(CaCommand::OperatorCert {
+            name,
+            ttl,
+            ca,
+            output,
+        }) => {
+            let authority = ca.open_existing(ttl)?;
+            let credentials =
+                Credentials::mint(&authority.signer, authority.trust_bundle_pem, &name, ttl)
+                    .context("--name")?;
+            credentials.write(&output)?;
+            eprintln!(
+                "wrote operator credentials for {} into {} (valid for {})",
+                credentials.id,
+                output.display(),
+                humantime::format_duration(ttl)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Crds => {
@@ -365,13 +470,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Authz(AuthzCommand::Check(args)) => {
             let req = check_request(&args)?;
-            let resp: CheckResponse = call_json(
-                reqwest::Method::POST,
-                &args.admin,
-                "/debug/authz/check",
-                Some(&req),
-            )
-            .await?;
+            let resp: CheckResponse = args
+                .admin
+                .connect()?
+                .call(reqwest::Method::POST, "/debug/authz/check", Some(&req))
+                .await?;
             print_check(&resp, &req, args.output)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -413,8 +516,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             admin,
             output,
         } => {
-            let cfg: ProxyConfig =
-                get_json(&admin, &format!("/debug/proxy-config?workload={workload}")).await?;
+            let cfg: ProxyConfig = admin
+                .connect()?
+                .get(&format!("/debug/proxy-config?workload={workload}"))
+                .await?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&cfg)?);
                 return Ok(ExitCode::SUCCESS);
@@ -555,37 +660,41 @@ fn print_check(resp: &CheckResponse, req: &CheckRequest, output: Output) -> anyh
     Ok(())
 }
 
-async fn get_json<T: serde::de::DeserializeOwned>(admin: &str, path: &str) -> anyhow::Result<T> {
-    call_json::<T, ()>(reqwest::Method::GET, admin, path, None).await
+/// meshd's admin API, as an authenticated operator.
+struct Admin {
+    base: String,
+    client: reqwest::Client,
 }
 
-async fn post_json<T: serde::de::DeserializeOwned>(admin: &str, path: &str) -> anyhow::Result<T> {
-    call_json::<T, ()>(reqwest::Method::POST, admin, path, None).await
-}
+impl Admin {
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call(reqwest::Method::GET, path, None::<&()>).await
+    }
 
-async fn call_json<T: serde::de::DeserializeOwned, B: serde::Serialize>(
-    method: reqwest::Method,
-    admin: &str,
-    path: &str,
-    body: Option<&B>,
-) -> anyhow::Result<T> {
-    let url = format!("{}{path}", admin.trim_end_matches('/'));
-    let mut request = reqwest::Client::new().request(method, &url);
-    if let Some(body) = body {
-        request = request.json(body);
+    async fn call<T: serde::de::DeserializeOwned, B: serde::Serialize>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.client.request(method, &url);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let resp = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach meshd's admin API at {}", self.base))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            anyhow::bail!("{url}: {status}: {}", body.trim());
+        }
+        resp.json()
+            .await
+            .with_context(|| format!("{url}: unexpected answer"))
     }
-    let resp = request
-        .send()
-        .await
-        .with_context(|| format!("cannot reach meshd's admin API at {admin}"))?;
-    let status = resp.status();
-    if !status.is_success() {
-        let body = resp.text().await.unwrap_or_default();
-        anyhow::bail!("{url}: {status}: {}", body.trim());
-    }
-    resp.json()
-        .await
-        .with_context(|| format!("{url}: unexpected answer"))
 }
 
 /// Writes `text` to `path` with `mode` (0600 for keys), replacing what was there.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use meshd::admin::{self, AdminState};
+use meshd::admin::{self, AdminListener, AdminState, HealthState};
 use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
 use meshd::cluster::{self, lease::Leadership};
 use meshd::identity::{CertManager, SharedRoots};
@@ -97,9 +97,16 @@ struct Args {
     #[arg(long, env = "MESHD_NAMESPACE", default_value = DEFAULT_MESHD_NAMESPACE)]
     namespace: String,
 
-    /// Address of the admin HTTP API (/healthz, /readyz, /debug/...).
+    /// Address of the admin API (/debug/..., /ca/...): HTTPS, and only clients with an
+    /// operator certificate of this mesh get past the handshake (see `meshctl ca
+    /// operator-cert`). Keep it on loopback; meshd warns if it is not.
     #[arg(long, env = "MESHD_ADMIN_ADDRESS", default_value = "127.0.0.1:15014")]
     admin_address: SocketAddr,
+
+    /// Address of the health port (/healthz, /readyz, /metrics): plain HTTP, nothing
+    /// secret, nothing that changes meshd. In a pod: the pod IP, for kubelet and Prometheus.
+    #[arg(long, env = "MESHD_HEALTH_ADDRESS", default_value = "127.0.0.1:15021")]
+    health_address: SocketAddr,
 
     /// Quiet time after a change before a new snapshot is built.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
@@ -207,21 +214,48 @@ async fn main() -> anyhow::Result<()> {
     let snapshots = spawn_translator(store.subscribe(), args.ca.trust_domain.clone());
     let registry = ProxyRegistry::default();
 
+    let health_listener = tokio::net::TcpListener::bind(args.health_address)
+        .await
+        .with_context(|| format!("cannot listen on --health-address {}", args.health_address))?;
+    let health_app = admin::health_router(
+        HealthState {
+            pending: started.pending.clone(),
+        },
+        args.health_address,
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(health_listener, health_app).await {
+            tracing::error!("health server failed: {e}");
+        }
+    });
+
+    if !args.admin_address.ip().is_loopback() {
+        tracing::warn!(
+            admin = %args.admin_address,
+            "the admin API listens beyond loopback: it needs an operator certificate, but \
+             keep it on 127.0.0.1 and reach it through a tunnel or `kubectl port-forward`"
+        );
+    }
     let admin_listener = tokio::net::TcpListener::bind(args.admin_address)
         .await
         .with_context(|| format!("cannot listen on --admin-address {}", args.admin_address))?;
+    let admin_listener = AdminListener::new(admin_listener, certs.clone())?;
     let mut pending = started.pending.clone();
-    let admin_app = admin::router(AdminState {
-        snapshots: snapshots.clone(),
-        registry: registry.clone(),
-        config_errors,
-        certs: certs.clone(),
-        pending: started.pending,
-        leader: started.leadership.as_ref().map(|l| l.is_leader()),
-        shared_rotation,
-    });
+    let admin_app = admin::router(
+        AdminState {
+            snapshots: snapshots.clone(),
+            registry: registry.clone(),
+            config_errors,
+            certs: certs.clone(),
+            pending: started.pending,
+            leader: started.leadership.as_ref().map(|l| l.is_leader()),
+            shared_rotation,
+        },
+        args.admin_address,
+    );
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(admin_listener, admin_app).await {
+        let app = admin_app.into_make_service_with_connect_info::<admin::OperatorConn>();
+        if let Err(e) = axum::serve(admin_listener, app).await {
             tracing::error!("admin server failed: {e}");
         }
     });
@@ -245,7 +279,7 @@ async fn main() -> anyhow::Result<()> {
     let xds_listener = tokio::net::TcpListener::bind(args.xds_address)
         .await
         .with_context(|| format!("cannot listen on --xds-address {}", args.xds_address))?;
-    tracing::info!(xds = %args.xds_address, admin = %args.admin_address, identity = %certs.server_id(), "meshd serving");
+    tracing::info!(xds = %args.xds_address, admin = %args.admin_address, health = %args.health_address, identity = %certs.server_id(), "meshd serving");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -255,7 +289,7 @@ async fn main() -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(AdsServer::new(snapshots, registry, certs.clone()).into_service())
         .serve_with_incoming_shutdown(
-            meshd::xds::tls::incoming(xds_listener, certs)?,
+            meshd::tls::incoming(xds_listener, certs, meshd::tls::Port::Xds)?,
             stopped(stop_rx.clone()),
         );
     // ADS streams never end by themselves: after a short grace period they are cut,

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use super::resources::ResourceType;
 use envoy_types::pb::envoy::config::core::v3::Node;
 
+use super::limits::{self, Held, StreamEnd};
 use super::server::{ProxyConn, StreamFlavor};
 use super::status::XdsFlavor;
 
@@ -39,6 +40,21 @@ pub(crate) struct DeltaStream {
     conn: ProxyConn,
     types: BTreeMap<ResourceType, TypeState>,
     tx: Tx,
+}
+
+impl DeltaStream {
+    /// The names (and versions) this stream holds because the proxy sent them.
+    fn held(&self) -> Held {
+        let mut held = Held::default();
+        for state in self.types.values() {
+            state.names.iter().for_each(|n| held.add(n));
+            for (name, version) in &state.has {
+                held.add(name);
+                held.bytes += version.len();
+            }
+        }
+        held
+    }
 }
 
 impl StreamFlavor for DeltaStream {
@@ -62,11 +78,20 @@ impl StreamFlavor for DeltaStream {
         &mut self.conn
     }
 
-    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), String> {
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), StreamEnd> {
+        limits::check_type_url(&req.type_url)?;
         let Some(t) = ResourceType::from_type_url(&req.type_url) else {
-            self.conn.record_unknown_type(&req.type_url);
+            self.conn.record_unknown_type(&req.type_url)?;
             return Ok(());
         };
+        limits::check_names(
+            req.resource_names_subscribe
+                .iter()
+                .chain(&req.resource_names_unsubscribe)
+                .chain(req.initial_resource_versions.keys())
+                .chain(req.initial_resource_versions.values())
+                .map(String::as_str),
+        )?;
         if !req.response_nonce.is_empty() {
             self.conn.record_answer(
                 t,
@@ -106,10 +131,11 @@ impl StreamFlavor for DeltaStream {
             state.has.remove(name.as_str());
             state.told_missing.remove(&name);
         }
+        self.held().check()?;
         self.respond(t).await
     }
 
-    async fn respond(&mut self, t: ResourceType) -> Result<(), String> {
+    async fn respond(&mut self, t: ResourceType) -> Result<(), StreamEnd> {
         let started = std::time::Instant::now();
         let Some(state) = self.types.get_mut(&t) else {
             return Ok(());
@@ -179,7 +205,7 @@ impl StreamFlavor for DeltaStream {
         self.tx
             .send(Box::new(Ok(response)))
             .await
-            .map_err(|_| "the proxy went away".to_string())?;
+            .map_err(|_| StreamEnd::Gone("the proxy went away".into()))?;
         crate::metrics::Metrics::observe(
             &crate::metrics::metrics().push_duration,
             started.elapsed(),

@@ -6,10 +6,12 @@
 //!   the two protocol state machines it drives, one task per stream.
 //! - [`secrets`]: SDS secrets encoded once per certificate, shared by streams.
 //! - [`status`]: per-proxy sent/ACK/NACK state for the admin API.
+//! - [`limits`]: what one stream may make meshd hold; past it, `RESOURCE_EXHAUSTED`.
 
 pub mod authz_check;
 pub mod cache;
 mod delta;
+pub mod limits;
 pub mod node;
 pub mod rbac;
 pub mod rbac_eval;
@@ -19,5 +21,4 @@ pub mod secrets;
 pub mod server;
 mod sotw;
 pub mod status;
-pub mod tls;
 pub mod translate;

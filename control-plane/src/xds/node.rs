@@ -11,8 +11,6 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::value::Kind;
 use meshd_ca::SpiffeId;
 use rustls_pki_types::CertificateDer;
-use x509_parser::extensions::GeneralName;
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::model::ObjectKey;
 
@@ -34,6 +32,13 @@ pub enum NodeError {
     MissingNode,
     #[error("node.id must not be empty")]
     MissingId,
+    #[error(
+        "node.id must be at most {max} bytes without control characters, not {id:?}",
+        max = crate::xds::limits::MAX_NAME_BYTES
+    )]
+    BadId { id: String },
+    #[error("node {node_id:?}: node.metadata.pod {pod:?} is not a pod name")]
+    BadPod { node_id: String, pod: String },
     #[error(
         "node {node_id:?}: node.metadata.{key} must be a non-empty string \
          (write the bootstrap with `meshctl bootstrap`)"
@@ -64,31 +69,10 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<SpiffeId, I
     let leaf = certs
         .and_then(|c| c.first())
         .ok_or(IdentityError::NoCertificate)?;
-    let (_, cert) = X509Certificate::from_der(leaf)
-        .map_err(|e| IdentityError::NoSpiffeId(format!("unreadable certificate: {e}")))?;
-    let sans = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .ok_or_else(|| IdentityError::NoSpiffeId("no subjectAltName".into()))?;
-    let uris: Vec<&str> = sans
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    match uris.as_slice() {
-        [one] => one
-            .parse()
-            .map_err(|e: meshd_ca::SpiffeIdError| IdentityError::NoSpiffeId(e.to_string())),
-        _ => Err(IdentityError::NoSpiffeId(format!(
-            "expected exactly one URI SAN, found {}",
-            uris.len()
-        ))),
-    }
+    crate::tls::leaf_uri(leaf)
+        .map_err(IdentityError::NoSpiffeId)?
+        .parse()
+        .map_err(|e: meshd_ca::SpiffeIdError| IdentityError::NoSpiffeId(e.to_string()))
 }
 
 /// Reads the node and checks it against the verified identity.
@@ -100,6 +84,12 @@ pub fn identify(
     let node = node.ok_or(NodeError::MissingNode)?;
     if node.id.is_empty() {
         return Err(NodeError::MissingId.into());
+    }
+    // The node id is logged with every line about this stream: it must not be able to
+    // break a line or fill one.
+    if node.id.len() > crate::xds::limits::MAX_NAME_BYTES || node.id.chars().any(char::is_control) {
+        let id = crate::logging::Escaped(&node.id).to_string();
+        return Err(NodeError::BadId { id }.into());
     }
     let field = |key: &'static str| {
         node.metadata
@@ -116,6 +106,13 @@ pub fn identify(
     };
     let namespace = field(NAMESPACE_KEY)?;
     let pod = field(POD_KEY)?;
+    if !is_pod_name(&pod) {
+        return Err(NodeError::BadPod {
+            node_id: node.id.clone(),
+            pod: crate::logging::Escaped(&pod).to_string(),
+        }
+        .into());
+    }
     let service_account = field(SERVICE_ACCOUNT_KEY)?;
     if identity.trust_domain() != trust_domain {
         return Err(IdentityError::ForeignTrustDomain {
@@ -147,6 +144,15 @@ pub fn identify(
         workload: ObjectKey::new(namespace, pod),
         identity,
     })
+}
+
+/// A Kubernetes object name: a DNS subdomain (lowercase letters, digits, `-`, `.`).
+fn is_pod_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -23,12 +23,14 @@ use tonic::{Request, Response, Status, Streaming};
 use meshd_ca::SpiffeId;
 
 use super::cache::XdsSnapshot;
+use super::limits::{self, LimitError, StreamEnd};
 use super::node::{IdentifyError, IdentityError, ProxyId, identify, peer_identity};
 use super::resources::{ProxyResources, Resource, ResourceType};
 use super::secrets::SecretCache;
 use super::status::{Nack, ProxyHandle, ProxyRegistry, ProxyStatus, XdsFlavor, now_rfc3339};
 use super::{delta, sotw};
 use crate::identity::CertManager;
+use crate::logging::Escaped;
 use crate::metrics::{self, metrics};
 
 /// Responses queued per stream before the stream task waits for the proxy to read.
@@ -69,7 +71,7 @@ impl AdsServer {
 
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<AdsServer> {
         AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(16 * 1024 * 1024)
+            .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
             .max_encoding_message_size(usize::MAX)
     }
 }
@@ -138,7 +140,7 @@ impl StreamContext {
         let result = peer.and_then(|p| identify(node, p, self.certs.trust_domain()));
         result.map_err(|e| {
             let node_id = node.map(|n| n.id.as_str()).unwrap_or("");
-            tracing::warn!(node = node_id, "refused an xDS stream: {e}");
+            tracing::warn!(node = %Escaped(node_id), "refused an xDS stream: {e}");
             match e {
                 IdentifyError::Node(e) => Status::invalid_argument(e.to_string()),
                 IdentifyError::Identity(IdentityError::NoCertificate) => {
@@ -258,10 +260,12 @@ impl ProxyConn {
     pub fn record_answer(&self, t: ResourceType, nonce: &str, error: Option<&str>) {
         if let Some(message) = error {
             tracing::warn!(
-                node = %self.id.node_id, type = t.short(), nonce,
-                "proxy rejected config (NACK), keeping its last accepted config: {message}"
+                node = %self.id.node_id, type = t.short(), nonce = %Escaped(nonce),
+                "proxy rejected config (NACK), keeping its last accepted config: {}",
+                Escaped(message)
             );
         }
+        let nonce = &nonce[..nonce.len().min(limits::MAX_NAME_BYTES)];
         self.status.update(|s| {
             let ts = s.type_mut(t.short());
             let latest = ts.sent_nonce == nonce;
@@ -275,7 +279,7 @@ impl ProxyConn {
                     ts.nacked = true;
                     ts.last_nack = Some(Nack {
                         nonce: nonce.to_string(),
-                        message: message.to_string(),
+                        message: limits::truncate_message(message),
                         at: now_rfc3339(),
                     });
                 }
@@ -323,17 +327,26 @@ impl ProxyConn {
         });
     }
 
-    pub fn record_unknown_type(&self, type_url: &str) {
+    /// Notes a type URL meshd does not serve (once per URL); a stream may name at
+    /// most [`limits::MAX_UNKNOWN_TYPES`] of them.
+    pub fn record_unknown_type(&self, type_url: &str) -> Result<(), LimitError> {
+        let mut result = Ok(());
         self.status.update(|s| {
-            if !s.unknown_type_urls.iter().any(|u| u == type_url) {
-                tracing::warn!(
-                    node = %s.node_id,
-                    type_url,
-                    "proxy asked for a resource type meshd does not serve; ignored"
-                );
-                s.unknown_type_urls.push(type_url.to_string());
+            if s.unknown_type_urls.iter().any(|u| u == type_url) {
+                return;
             }
+            if s.unknown_type_urls.len() >= limits::MAX_UNKNOWN_TYPES {
+                result = Err(LimitError::UnknownTypes);
+                return;
+            }
+            tracing::warn!(
+                node = %s.node_id,
+                type_url = %Escaped(type_url),
+                "proxy asked for a resource type meshd does not serve; ignored"
+            );
+            s.unknown_type_urls.push(type_url.to_string());
         });
+        result
     }
 }
 
@@ -347,15 +360,16 @@ pub(crate) trait StreamFlavor: Sized + Send + 'static {
     fn new(conn: ProxyConn, tx: mpsc::Sender<Queued<Self::Response>>) -> Self;
     fn conn(&mut self) -> &mut ProxyConn;
     /// Handles one request (ACK/NACK bookkeeping, subscriptions) and answers it.
+    /// A request past a [`limits`] bound ends the stream.
     fn on_request(
         &mut self,
         req: Self::Request,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    ) -> impl std::future::Future<Output = Result<(), StreamEnd>> + Send;
     /// Sends type `t` if the proxy's view of it is out of date.
     fn respond(
         &mut self,
         t: ResourceType,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    ) -> impl std::future::Future<Output = Result<(), StreamEnd>> + Send;
 }
 
 /// A stream's whole life: identify the proxy from its first request, then serve its
@@ -370,7 +384,10 @@ async fn run<F: StreamFlavor>(
     use futures::StreamExt;
     let first = match requests.next().await {
         Some(Ok(r)) => r,
-        Some(Err(e)) => return log_stream_end(None, e.message()),
+        Some(Err(status)) => {
+            let end = request_error(&status);
+            return finish(None, end, &tx).await;
+        }
         None => return log_stream_end(None, "closed by the client"),
     };
     let id = match ctx.identify(F::node(&first)) {
@@ -380,9 +397,51 @@ async fn run<F: StreamFlavor>(
             return;
         }
     };
+    let tx_end = tx.clone();
     let mut stream = F::new(ProxyConn::connect(&mut ctx, id, F::FLAVOR), tx);
-    let reason = serve(&mut stream, ctx, first, requests).await;
-    log_stream_end(Some(&stream.conn().id), &reason);
+    let end = serve(&mut stream, ctx, first, requests).await;
+    let id = stream.conn().id.clone();
+    // Free the stream's state before waiting on the proxy to take the status.
+    drop(stream);
+    finish(Some(&id), end, &tx_end).await;
+}
+
+/// What a failed read of the request stream means: a request over the size limit is
+/// the proxy's fault and gets a status; anything else means the proxy is gone.
+fn request_error(status: &Status) -> StreamEnd {
+    // tonic refuses an oversized message with OUT_OF_RANGE "…too large…".
+    if status.code() == tonic::Code::OutOfRange && status.message().contains("too large") {
+        StreamEnd::Limit(LimitError::RequestSize)
+    } else {
+        StreamEnd::Gone(format!("stream error: {}", Escaped(status.message())))
+    }
+}
+
+/// Ends a stream: a refused one gets `RESOURCE_EXHAUSTED` naming the limit, one
+/// warning and a count in `meshd_xds_refused_streams_total`.
+async fn finish<T>(id: Option<&ProxyId>, end: StreamEnd, tx: &mpsc::Sender<Queued<T>>) {
+    match end {
+        StreamEnd::Gone(reason) => log_stream_end(id, &reason),
+        StreamEnd::Limit(limit) => {
+            metrics()
+                .refused_streams
+                .get_or_create(&metrics::ReasonLabel {
+                    reason: limit.reason(),
+                })
+                .inc();
+            match id {
+                Some(id) => tracing::warn!(
+                    node = %id.node_id, workload = %id.workload, identity = %id.identity,
+                    "ended an xDS stream that sent {limit}"
+                ),
+                None => tracing::warn!("ended an xDS stream that sent {limit}"),
+            }
+            let status = Status::resource_exhausted(format!(
+                "meshd ended this stream: it sent {limit} (see meshd's limits)"
+            ));
+            let _ = tx.send(Box::new(Err(status))).await;
+        }
+    }
 }
 
 /// Serves until the stream ends; returns why it ended.
@@ -391,7 +450,7 @@ async fn serve<F: StreamFlavor>(
     mut ctx: StreamContext,
     first: F::Request,
     mut requests: Streaming<F::Request>,
-) -> String
+) -> StreamEnd
 where
     Streaming<F::Request>: futures::Stream<Item = Result<F::Request, Status>> + Unpin,
 {
@@ -411,12 +470,12 @@ where
                     stream.conn().record_pushed();
                     continue;
                 }
-                Some(Err(status)) => return format!("stream error: {}", status.message()),
-                None => return "closed by the proxy".to_string(),
+                Some(Err(status)) => return request_error(&status),
+                None => return StreamEnd::Gone("closed by the proxy".into()),
             },
             changed = ctx.snapshots.changed() => {
                 if changed.is_err() {
-                    return "meshd is shutting down".to_string();
+                    return StreamEnd::Gone("meshd is shutting down".into());
                 }
                 let snapshot = ctx.snapshots.borrow_and_update().clone();
                 stream.conn().refresh(snapshot);

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use super::resources::{Resource, ResourceType, set_version};
 use envoy_types::pb::envoy::config::core::v3::Node;
 
+use super::limits::{self, Held, StreamEnd};
 use super::server::{ProxyConn, StreamFlavor};
 use super::status::XdsFlavor;
 
@@ -48,6 +49,19 @@ pub(crate) struct SotwStream {
     tx: Tx,
 }
 
+impl SotwStream {
+    /// The names this stream holds because the proxy sent them.
+    fn held(&self) -> Held {
+        let mut held = Held::default();
+        for state in self.types.values() {
+            if let Subscription::Names(names) = &state.subscription {
+                names.iter().for_each(|n| held.add(n));
+            }
+        }
+        held
+    }
+}
+
 impl StreamFlavor for SotwStream {
     type Request = DiscoveryRequest;
     type Response = DiscoveryResponse;
@@ -69,11 +83,13 @@ impl StreamFlavor for SotwStream {
         &mut self.conn
     }
 
-    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), String> {
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), StreamEnd> {
+        limits::check_type_url(&req.type_url)?;
         let Some(t) = ResourceType::from_type_url(&req.type_url) else {
-            self.conn.record_unknown_type(&req.type_url);
+            self.conn.record_unknown_type(&req.type_url)?;
             return Ok(());
         };
+        limits::check_names(req.resource_names.iter().map(String::as_str))?;
         let state = self.types.entry(t).or_insert(TypeState {
             subscription: Subscription::Names(BTreeSet::new()),
             sent: None,
@@ -97,11 +113,12 @@ impl StreamFlavor for SotwStream {
         } else {
             Subscription::Names(req.resource_names.into_iter().collect())
         };
+        self.held().check()?;
         self.respond(t).await
     }
 
     /// Sends type `t` if what the proxy should have differs from what it was last sent.
-    async fn respond(&mut self, t: ResourceType) -> Result<(), String> {
+    async fn respond(&mut self, t: ResourceType) -> Result<(), StreamEnd> {
         let started = std::time::Instant::now();
         let Some(state) = self.types.get_mut(&t) else {
             return Ok(()); // never asked for
@@ -150,7 +167,7 @@ impl StreamFlavor for SotwStream {
         self.tx
             .send(Box::new(Ok(response)))
             .await
-            .map_err(|_| "the proxy went away".to_string())?;
+            .map_err(|_| StreamEnd::Gone("the proxy went away".into()))?;
         crate::metrics::Metrics::observe(
             &crate::metrics::metrics().push_duration,
             started.elapsed(),

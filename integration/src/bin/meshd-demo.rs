@@ -46,16 +46,14 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "  curl -s http://127.0.0.1:15001/          # frontend-1 → web, balanced over web-1 and web-2"
     );
-    println!(
-        "  MESHD_ADMIN={} {} status",
+    // meshctl mints its operator certificate from meshd's CA directory.
+    let env = format!(
+        "MESHD_ADMIN={} MESHD_CA_DIR={}",
         demo.meshd.admin_url(),
-        meshctl.display()
+        demo.meshd.ca_dir().display()
     );
-    println!(
-        "  MESHD_ADMIN={} {} proxy-config shop/frontend-1",
-        demo.meshd.admin_url(),
-        meshctl.display()
-    );
+    println!("  {env} {} status", meshctl.display());
+    println!("  {env} {} proxy-config shop/frontend-1", meshctl.display());
     println!(
         "  edit or delete a file in {} and watch the proxies follow",
         dir.display()

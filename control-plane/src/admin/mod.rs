@@ -1,23 +1,40 @@
-//! The admin HTTP API: health, and everything needed to debug a proxy's config.
+//! meshd's HTTP endpoints, on two ports:
 //!
-//! - `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus)
+//! - the **health port** ([`health`], `--health-address`, plain HTTP): `GET /healthz`,
+//!   `GET /readyz`, `GET /metrics`. Nothing there is secret or changes anything, so
+//!   kubelets and Prometheus reach it without credentials.
+//! - the **admin API** (this module, `--admin-address`, HTTPS with a required operator
+//!   certificate, see [`crate::tls::Port::Admin`] and [`crate::operator`]): everything
+//!   needed to debug a proxy's config, and the calls that change meshd's state. A
+//!   connection without an operator certificate of this mesh never gets past the TLS
+//!   handshake, so neither a sidecar, nor another local user, nor a web page (which
+//!   cannot present the certificate) can call it.
+//!
+//! Admin API:
 //! - `GET /debug/snapshot`: mesh snapshot version, object counts, config errors
 //! - `GET /debug/proxies`: every connected proxy: what was sent, ACKed, NACKed and why
 //! - `GET /debug/proxy-config?workload=<ns>/<pod>`: the resources that workload's
 //!   sidecar should have, by type, with their versions
 //! - `POST /debug/authz/check`: the decision of every workload behind a service port
 //!   for one request ([`authz_check`](crate::xds::authz_check))
-//! - `GET /ca/status`, `POST /ca/rotate-root`: the staged root rotation
+//! - `GET /ca/status`, `POST /ca/rotate-root`: the staged root rotation (logged with
+//!   the operator who asked)
 //!
-//! The admin API listens on loopback by default and has no authentication yet: do not
-//! expose it beyond the host (the authenticated gRPC admin API is still to come).
-//!
-//! Nothing here ever contains key material.
+//! Both ports refuse requests whose `Host` is not a loopback name when they listen on
+//! loopback ([`host_check`]), so a page that rebinds its DNS name to 127.0.0.1 is
+//! refused. Nothing here ever contains key material.
+
+pub mod health;
+mod host_check;
+mod listener;
+
+pub use health::{HealthState, health_router};
+pub use listener::{AdminListener, OperatorConn};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -48,17 +65,19 @@ pub struct AdminState {
     pub shared_rotation: Option<crate::cluster::root_rotation::Requests>,
 }
 
-pub fn router(state: AdminState) -> Router {
+/// The admin API's routes. Serve it with [`AdminListener`], which admits operators only.
+pub fn router(state: AdminState, local: std::net::SocketAddr) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(prometheus))
         .route("/debug/snapshot", get(snapshot))
         .route("/debug/proxies", get(proxies))
         .route("/debug/proxy-config", get(proxy_config))
         .route("/debug/authz/check", axum::routing::post(authz_check))
         .route("/ca/status", get(ca_status))
         .route("/ca/rotate-root", axum::routing::post(rotate_root))
+        .layer(axum::middleware::from_fn_with_state(
+            local.ip().is_loopback(),
+            host_check::check,
+        ))
         .with_state(state)
 }
 
@@ -78,31 +97,6 @@ pub struct SnapshotSummary {
     /// Whether this replica holds the Lease (Kubernetes source only).
     #[serde(default)]
     pub leader: Option<bool>,
-}
-
-/// `GET /metrics`: Prometheus/OpenMetrics text ([`crate::metrics`]).
-async fn prometheus() -> impl IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        crate::metrics::metrics().encode(),
-    )
-}
-
-/// `GET /readyz`: 200 once the source has its first complete view of the mesh.
-async fn readyz(State(state): State<AdminState>) -> axum::response::Response {
-    let pending = state.pending.borrow().clone();
-    if pending.is_empty() {
-        "ok\n".into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("waiting for the initial list of: {}\n", pending.join(", ")),
-        )
-            .into_response()
-    }
 }
 
 async fn snapshot(State(state): State<AdminState>) -> Json<SnapshotSummary> {
@@ -205,7 +199,11 @@ async fn ca_status(State(state): State<AdminState>) -> impl IntoResponse {
     Json(state.certs.rotation_status())
 }
 
-async fn rotate_root(State(state): State<AdminState>) -> axum::response::Response {
+async fn rotate_root(
+    State(state): State<AdminState>,
+    ConnectInfo(conn): ConnectInfo<OperatorConn>,
+) -> axum::response::Response {
+    tracing::info!(operator = %conn.operator, peer = %conn.peer, "root rotation requested");
     let started = match &state.shared_rotation {
         Some(shared) => shared.request(&state.certs).await,
         None => state.certs.start_root_rotation(),
