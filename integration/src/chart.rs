@@ -30,8 +30,9 @@ pub fn helm_ok(args: &[&str]) -> anyhow::Result<String> {
     let out = helm()?.args(args).output().context("cannot run helm")?;
     ensure!(
         out.status.success(),
-        "helm {} failed: {}",
+        "helm {} failed: {}{}",
         args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8(out.stdout)?)
