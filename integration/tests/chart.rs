@@ -300,7 +300,8 @@ fn the_schema_refuses_values_meshd_would_crash_on() -> anyhow::Result<()> {
 fn the_schemas_durations_are_the_ones_meshd_parses() -> anyhow::Result<()> {
     for text in [
         "1h", "90m", "1h30m", "1h 30m", "1.5h", "15s", "100ms", "2 days", "1hour", "3w", "45 min",
-        "abc", "1", "h", "1.h", "-1h", "1x", "", " ", "1h;", "1h-", "1,5h", "s1", ".5h",
+        "1M", "abc", "1H", "1h30", "1", "h", "1.h", "-1h", "1x", "", " ", "1h;", "1h-", "1,5h",
+        "s1", ".5h",
     ] {
         let meshd_takes = humantime::parse_duration(text).is_ok();
         let set = format!("workloadCertTTL={text}");
