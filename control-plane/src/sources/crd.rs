@@ -455,16 +455,17 @@ fn operation(o: &OperationSpec, at: &str) -> Result<Operation, FieldError> {
 mod tests {
     use super::*;
 
-    /// The chart installs the CRDs generated from these types; they must not drift.
+    /// The chart installs the CRDs generated from these types (its templates/crds.yaml
+    /// reads files/crds.yaml); they must not drift.
     #[test]
     fn the_charts_crds_match_the_rust_types() {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/meshd/crds/crds.yaml");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../charts/meshd/files/crds.yaml");
         let chart = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
             chart == crds_yaml(),
             "{} differs from the Rust types; regenerate it with\n  \
-             cargo run -p meshd --bin meshctl -- crds > charts/meshd/crds/crds.yaml",
+             cargo run -p meshd --bin meshctl -- crds > charts/meshd/files/crds.yaml",
             path.display()
         );
     }

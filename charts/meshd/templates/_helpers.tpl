@@ -1,0 +1,62 @@
+{{/*
+Names: every object this chart creates is named after the release, so two releases
+(in one namespace or in two) never share an object.
+*/}}
+
+{{/* The chart's name, or nameOverride. */}}
+{{- define "meshd.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The release's objects: fullnameOverride, else the release name when it already holds
+the chart's name ("meshd", "meshd-canary"), else "<release>-meshd". 63 characters at
+most (a label value and a Service name must fit).
+*/}}
+{{- define "meshd.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := include "meshd.name" . }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Cluster-scoped objects (ClusterRole, ClusterRoleBinding) also carry the namespace:
+releases of one name in two namespaces must not share them.
+*/}}
+{{- define "meshd.clusterName" -}}
+{{- printf "%s-%s" (include "meshd.fullname" .) .Release.Namespace | trunc 253 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "meshd.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* What selects this release's pods; never changes for a release (selectors are immutable). */}}
+{{- define "meshd.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "meshd.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+{{- end }}
+
+{{- define "meshd.labels" -}}
+helm.sh/chart: {{ include "meshd.chart" . | quote }}
+{{ include "meshd.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: control-plane
+app.kubernetes.io/part-of: meshd
+app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
+{{- end }}
+
+{{/*
+One container argument, `--flag=value`, as a single YAML string whatever the value
+holds (": ", "#", quotes, newlines): JSON strings are YAML strings.
+*/}}
+{{- define "meshd.arg" -}}
+{{- printf "--%s=%s" (index . 0) (index . 1) | toJson }}
+{{- end }}
