@@ -45,6 +45,10 @@ pub enum OperatorError {
     File { path: PathBuf, message: String },
     #[error("cannot set up TLS for the admin API: {0}")]
     Tls(String),
+    #[error("--admin {0}")]
+    Address(String),
+    #[error("{0}")]
+    Request(String),
 }
 
 /// An operator's certificate and key, and the roots meshd's certificate must chain to.
@@ -134,9 +138,20 @@ impl Credentials {
         Ok(())
     }
 
-    /// An HTTPS client for the admin API of the meshd whose identity is `meshd`.
-    pub fn client(&self, meshd: &SpiffeId) -> Result<reqwest::Client, OperatorError> {
+    /// A client for the admin API at `base` (`https://host:port`) of the meshd whose
+    /// identity is `meshd`.
+    pub fn client(&self, base: &str, meshd: &SpiffeId) -> Result<AdminClient, OperatorError> {
         let tls = |e: &dyn std::fmt::Display| OperatorError::Tls(e.to_string());
+        let authority = base
+            .strip_prefix("https://")
+            .map(|rest| rest.trim_end_matches('/'))
+            .filter(|a| !a.is_empty() && !a.contains('/'))
+            .ok_or_else(|| {
+                OperatorError::Address(format!(
+                    "{base:?}: meshd's admin API is HTTPS, give https://<host>:<port>"
+                ))
+            })?
+            .to_string();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         for der in CertificateDer::pem_slice_iter(self.trust_bundle_pem.as_bytes()) {
@@ -162,11 +177,132 @@ impl Credentials {
             .with_client_auth_cert(certs, key)
             .map_err(|e| tls(&e))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        reqwest::Client::builder()
-            .tls_backend_preconfigured(config)
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| tls(&e))
+        Ok(AdminClient {
+            authority,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        })
+    }
+}
+
+/// HTTPS to meshd's admin API as an operator: one connection per request (the admin
+/// API is called a few times per command, never on a hot path).
+#[derive(Clone)]
+pub struct AdminClient {
+    /// `host:port`
+    authority: String,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminClient")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An answer of the admin API.
+#[derive(Debug)]
+pub struct AdminResponse {
+    pub status: hyper::StatusCode,
+    pub body: Vec<u8>,
+}
+
+impl AdminResponse {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl AdminClient {
+    /// `method path` with an optional JSON body; the whole answer.
+    pub async fn request(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        json: Option<Vec<u8>>,
+    ) -> Result<AdminResponse, OperatorError> {
+        use http_body_util::{BodyExt, Full};
+        let failed = |e: &dyn std::fmt::Display| {
+            OperatorError::Request(format!("https://{}{path}: {e}", self.authority))
+        };
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(&self.authority),
+        )
+        .await
+        .map_err(|_| failed(&"no connection within 5s"))?
+        .map_err(|e| failed(&e))?;
+        // meshd is identified by its SPIFFE id, not by this name.
+        let name = rustls::pki_types::ServerName::try_from("meshd").map_err(|e| failed(&e))?;
+        let tls = tokio::time::timeout(Duration::from_secs(5), self.connector.connect(name, tcp))
+            .await
+            .map_err(|_| failed(&"TLS handshake timed out"))?
+            .map_err(|e| failed(&e))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| failed(&e))?;
+        tokio::spawn(conn);
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost");
+        if json.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(Full::new(bytes::Bytes::from(json.unwrap_or_default())))
+            .map_err(|e| failed(&e))?;
+        let response = tokio::time::timeout(Duration::from_secs(30), sender.send_request(request))
+            .await
+            .map_err(|_| failed(&"no answer within 30s"))?
+            .map_err(|e| failed(&e))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| failed(&e))?
+            .to_bytes()
+            .to_vec();
+        Ok(AdminResponse { status, body })
+    }
+
+    /// `GET path`, decoded from JSON; a non-2xx answer is an error with its body.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<T, OperatorError> {
+        self.call_json(hyper::Method::GET, path, None::<&()>).await
+    }
+
+    /// `method path` with a JSON body, decoded from JSON; a non-2xx answer is an error.
+    pub async fn call_json<T: serde::de::DeserializeOwned, B: serde::Serialize>(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, OperatorError> {
+        let json = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| OperatorError::Request(e.to_string()))?;
+        let response = self.request(method, path, json).await?;
+        if !response.status.is_success() {
+            return Err(OperatorError::Request(format!(
+                "https://{}{path}: {}: {}",
+                self.authority,
+                response.status,
+                response.text().trim()
+            )));
+        }
+        serde_json::from_slice(&response.body).map_err(|e| {
+            OperatorError::Request(format!(
+                "https://{}{path}: unexpected answer: {e}",
+                self.authority
+            ))
+        })
     }
 }
 

@@ -5,7 +5,7 @@
 //!   workload identity from it ([`crate::xds::node`]).
 //! - [`Port::Admin`]: only an operator's certificate
 //!   (`spiffe://<td>/meshd/operator/<name>`, [`meshd_ca::OperatorId`]); a workload's is
-//!   refused in the handshake (alert `access_denied`), so no request of a sidecar or a
+//!   refused in the handshake (the log says why), so no request of a sidecar or a
 //!   web page ever reaches the admin API.
 //!
 //! The handshake runs here, off the accept loop, bounded by [`HANDSHAKE_TIMEOUT`]; the
@@ -182,7 +182,11 @@ impl ClientCertVerifier for OperatorsOnly {
             )))
         };
         let uri = leaf_uri(end_entity).map_err(refused)?;
-        let id: OperatorId = uri.parse().map_err(|e| refused(format!("{e}")))?;
+        let id: OperatorId = uri.parse().map_err(|_| {
+            refused(format!(
+                "{uri:?} is not an operator id (spiffe://<trust-domain>/meshd/operator/<name>)"
+            ))
+        })?;
         if id.trust_domain() != self.trust_domain {
             return Err(refused(format!(
                 "{id} is an operator of trust domain {:?}, this mesh is {:?}",

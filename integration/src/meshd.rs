@@ -273,7 +273,7 @@ impl Meshd {
 
     /// A client for the admin API, with an operator certificate minted from the CA
     /// directory, as `meshctl` does.
-    pub async fn admin_client(&self) -> anyhow::Result<reqwest::Client> {
+    pub async fn admin_client(&self) -> anyhow::Result<meshd::operator::AdminClient> {
         self.sync_ca_dir().await?;
         let ca = meshd::cli::CaArgs {
             ca_dir: self.ca_dir(),
@@ -288,7 +288,7 @@ impl Meshd {
             "harness",
             meshd::operator::MINTED_TTL,
         )?;
-        Ok(credentials.client(&self.identity()?)?)
+        Ok(credentials.client(&self.admin_url(), &self.identity()?)?)
     }
 
     /// Everything meshd has logged so far.
@@ -303,16 +303,18 @@ impl Meshd {
 
     /// GET `path` on the admin API, as an operator; the body.
     pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        let url = format!("{}{path}", self.admin_url());
         let resp = self
             .admin_client()
             .await?
-            .get(&url)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await?
-            .error_for_status()?;
-        Ok(resp.text().await?)
+            .request(hyper::Method::GET, path, None)
+            .await?;
+        anyhow::ensure!(
+            resp.status.is_success(),
+            "{path}: {}: {}",
+            resp.status,
+            resp.text()
+        );
+        Ok(resp.text())
     }
 
     pub async fn snapshot(&self) -> anyhow::Result<SnapshotSummary> {

@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use hyper::Method;
 use meshd::admin::{ProxyConfig, SnapshotSummary};
 use meshd::bootstrap::{BootstrapOptions, envoy_bootstrap};
 use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
 use meshd::identity::{MESHD_SERVICE_ACCOUNT, RotationStatus};
-use meshd::operator::{self, Credentials};
+use meshd::operator::{self, AdminClient, Credentials};
 use meshd::sources::file::FileSource;
 use meshd::xds::authz_check::{CheckRequest, CheckResponse};
 use meshd::xds::rbac_stats;
@@ -131,7 +132,7 @@ struct AdminArgs {
 
 impl AdminArgs {
     /// A client for the admin API, authenticated as an operator.
-    fn connect(&self) -> anyhow::Result<Admin> {
+    fn connect(&self) -> anyhow::Result<AdminClient> {
         if !self.admin.starts_with("https://") {
             anyhow::bail!(
                 "--admin {:?}: meshd's admin API is HTTPS (e.g. https://127.0.0.1:15014)",
@@ -160,10 +161,7 @@ impl AdminArgs {
             MESHD_SERVICE_ACCOUNT,
         )
         .context("--meshd-namespace")?;
-        Ok(Admin {
-            base: self.admin.trim_end_matches('/').to_string(),
-            client: credentials.client(&meshd)?,
-        })
+        Ok(credentials.client(&self.admin, &meshd)?)
     }
 }
 
@@ -371,8 +369,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { admin, output } => {
             let admin = admin.connect()?;
-            let summary: SnapshotSummary = admin.get("/debug/snapshot").await?;
-            let proxies: Vec<ProxyStatus> = admin.get("/debug/proxies").await?;
+            let summary: SnapshotSummary = admin.get_json("/debug/snapshot").await?;
+            let proxies: Vec<ProxyStatus> = admin.get_json("/debug/proxies").await?;
             if output == Output::Json {
                 let v = serde_json::json!({ "snapshot": summary, "proxies": proxies });
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -432,14 +430,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca(CaCommand::Status { admin, output }) => {
-            let status: RotationStatus = admin.connect()?.get("/ca/status").await?;
+            let status: RotationStatus = admin.connect()?.get_json("/ca/status").await?;
             print_rotation(&status, output)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca(CaCommand::RotateRoot { admin }) => {
             let status: RotationStatus = admin
                 .connect()?
-                .call(reqwest::Method::POST, "/ca/rotate-root", None::<&()>)
+                .call_json(Method::POST, "/ca/rotate-root", None::<&()>)
                 .await?;
             println!("root rotation started");
             print_rotation(&status, Output::Table)?;
@@ -473,7 +471,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let resp: CheckResponse = args
                 .admin
                 .connect()?
-                .call(reqwest::Method::POST, "/debug/authz/check", Some(&req))
+                .call_json(Method::POST, "/debug/authz/check", Some(&req))
                 .await?;
             print_check(&resp, &req, args.output)?;
             Ok(ExitCode::SUCCESS)
@@ -518,7 +516,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let cfg: ProxyConfig = admin
                 .connect()?
-                .get(&format!("/debug/proxy-config?workload={workload}"))
+                .get_json(&format!("/debug/proxy-config?workload={workload}"))
                 .await?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&cfg)?);
@@ -658,43 +656,6 @@ fn print_check(resp: &CheckResponse, req: &CheckRequest, output: Output) -> anyh
         }
     }
     Ok(())
-}
-
-/// meshd's admin API, as an authenticated operator.
-struct Admin {
-    base: String,
-    client: reqwest::Client,
-}
-
-impl Admin {
-    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.call(reqwest::Method::GET, path, None::<&()>).await
-    }
-
-    async fn call<T: serde::de::DeserializeOwned, B: serde::Serialize>(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&B>,
-    ) -> anyhow::Result<T> {
-        let url = format!("{}{path}", self.base);
-        let mut request = self.client.request(method, &url);
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let resp = request
-            .send()
-            .await
-            .with_context(|| format!("cannot reach meshd's admin API at {}", self.base))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let body = resp.text().await.unwrap_or_default();
-            anyhow::bail!("{url}: {status}: {}", body.trim());
-        }
-        resp.json()
-            .await
-            .with_context(|| format!("{url}: unexpected answer"))
-    }
 }
 
 /// Writes `text` to `path` with `mode` (0600 for keys), replacing what was there.
