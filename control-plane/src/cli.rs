@@ -3,14 +3,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use meshd_ca::store::{CaSource, Opened, open};
+use meshd_ca::store::{self, CaSource};
 use meshd_ca::{Authority, CaConfig, CaError, DEFAULT_TRUST_DOMAIN};
 
 /// Where the mesh CA lives and how it issues.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CaArgs {
-    /// Directory of meshd's own root CA (root-cert.pem, root-key.pem); the root is
-    /// generated there on first start.
+    /// Directory of meshd's own root CA (root-key.pem, root-cert.pem); meshd generates
+    /// the root there on its first start, meshctl only reads it.
     #[arg(
         long,
         env = "MESHD_CA_DIR",
@@ -52,10 +52,32 @@ impl CaArgs {
         }
     }
 
-    /// Opens (or on first use creates) the CA, issuing certificates valid for `ttl`.
-    pub fn open(&self, ttl: Duration) -> Result<(Authority, Opened), CaError> {
-        open(&self.source(), self.config(ttl))
+    /// Opens the CA meshd created, issuing certificates valid for `ttl`. Never creates
+    /// one (only meshd does, with [`crate::identity::CertManager::open`]): a root made
+    /// here would be one meshd does not trust.
+    pub fn open_existing(&self, ttl: Duration) -> Result<Authority, OpenError> {
+        store::open(&self.source(), self.config(ttl)).map_err(|e| match e {
+            // The default is relative: say where that was.
+            CaError::Missing(dir) => OpenError::NoCa {
+                dir: match std::path::absolute(&dir) {
+                    Ok(abs) if abs != dir => format!("{} ({})", dir.display(), abs.display()),
+                    _ => dir.display().to_string(),
+                },
+            },
+            e => OpenError::Ca(e),
+        })
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "no mesh CA in {dir}: meshd creates it on its first start; point --ca-dir \
+         (or MESHD_CA_DIR) at the directory meshd uses"
+    )]
+    NoCa { dir: String },
+    #[error(transparent)]
+    Ca(#[from] CaError),
 }
 
 /// meshd's own namespace: part of its serving identity

@@ -39,7 +39,7 @@ impl ClientCert {
         namespace: &str,
         service_account: &str,
     ) -> anyhow::Result<ClientCert> {
-        let (ca, _) = meshd_ca::store::open(
+        let ca = meshd_ca::store::open(
             &meshd_ca::store::CaSource::Directory(ca_dir.to_path_buf()),
             meshd_ca::CaConfig::default(),
         )?;
@@ -70,6 +70,10 @@ impl ClientCert {
         trust_bundle_pem: &str,
     ) -> anyhow::Result<ClientCert> {
         let dir = tempfile::tempdir()?;
+        meshd_ca::store::open_or_create(
+            &meshd_ca::store::CaSource::Directory(dir.path().to_path_buf()),
+            meshd_ca::CaConfig::default(),
+        )?;
         let mut cert = Self::mint(dir.path(), namespace, service_account)?;
         cert.trust_bundle_pem = trust_bundle_pem.to_string();
         Ok(cert)

@@ -226,7 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .rsplit_once(':')
                 .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
                 .with_context(|| format!("--xds-address {xds_address:?}: expected host:port"))?;
-            let (authority, _) = ca.open(cert_ttl)?;
+            let authority = ca.open_existing(cert_ttl)?;
             let id = authority
                 .workload_id(&namespace, &service_account)
                 .context("--namespace / --service-account")?;
