@@ -238,7 +238,7 @@ pub fn write_file(path: &Path, text: &str, mode: u32, replace: bool) -> Result<(
 
 /// Loads and checks a CA: `chain_path` holds the signing certificate first and the root
 /// last (one certificate if the signer is the root); `key_path` the signer's key.
-pub fn load(chain_path: &Path, key_path: &Path, config: CaConfig) -> Result<Authority, CaError> {
+fn load(chain_path: &Path, key_path: &Path, config: CaConfig) -> Result<Authority, CaError> {
     let chain_text = std::fs::read_to_string(chain_path)
         .map_err(|e| CaError::file(chain_path, format!("cannot read: {e}")))?;
     let key_text = zeroize::Zeroizing::new(

@@ -339,22 +339,22 @@ fn same(c: &Option<Cert>, cert: &Cert) -> bool {
 
 fn no_certificate_for(key_path: &Path, cert_path: &Path, cert: &Option<Cert>) -> CaError {
     // The root certificate is also in every trust bundle meshd handed out.
-    let where_else = "every sidecar's trust bundle (such as the -ca.pem beside a bootstrap) \
+    let where_else = "every sidecar's trust bundle, such as the -ca.pem beside a bootstrap, \
                       holds the root certificate";
     match cert {
         Some(_) => CaError::file(
             key_path,
             format!(
                 "does not belong to the certificate in {}: restore the matching one from a \
-                 backup ({where_else})",
+                 backup; {where_else}",
                 cert_path.display()
             ),
         ),
         None => CaError::file(
             cert_path,
             format!(
-                "is missing and {} holds no certificate: restore it from a backup \
-                 ({where_else})",
+                "is missing and {} holds no certificate: restore it from a backup; \
+                 {where_else}",
                 key_path.display()
             ),
         ),
