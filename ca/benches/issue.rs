@@ -4,12 +4,12 @@
 //! is its inverse.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use meshd_ca::store::{CaSource, open};
+use meshd_ca::store::{CaSource, open_or_create};
 use meshd_ca::{CaConfig, SpiffeId};
 
 fn issue(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (ca, _) = open(
+    let (ca, _) = open_or_create(
         &CaSource::Directory(dir.path().join("ca")),
         CaConfig::default(),
     )

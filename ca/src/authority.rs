@@ -20,6 +20,9 @@ pub enum CaError {
     /// A CA file is missing, unreadable or wrong.
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
+    /// A CA directory holds no CA (only meshd creates one, on its first start).
+    #[error("{}: no CA here (there is no root-key.pem)", .0.display())]
+    Missing(PathBuf),
     #[error("cannot issue a certificate for {id}: {message}")]
     Issue { id: String, message: String },
     #[error("cannot generate a root CA: {0}")]
@@ -409,7 +412,7 @@ mod tests {
     use x509_parser::extensions::GeneralName;
 
     use super::*;
-    use crate::store::{CaSource, open};
+    use crate::store::{CaSource, open_or_create};
 
     fn authority(ttl: Duration) -> (tempfile::TempDir, Authority) {
         let dir = tempfile::tempdir().unwrap();
@@ -417,7 +420,7 @@ mod tests {
             workload_ttl: ttl,
             ..CaConfig::default()
         };
-        let (a, _) = open(&CaSource::Directory(dir.path().join("ca")), config).unwrap();
+        let (a, _) = open_or_create(&CaSource::Directory(dir.path().join("ca")), config).unwrap();
         (dir, a)
     }
 

@@ -6,8 +6,9 @@
 //!   intermediate) and the [`TrustBundle`] of roots proxies must trust. It issues
 //!   short-lived ECDSA P-256 workload certificates whose only SAN is the SPIFFE id.
 //! - [`store`]: where the signing CA comes from — a directory where meshd creates the
-//!   root on first start (key file mode 0600), or plug-in files — with every check done
-//!   at start so a bad CA fails loudly, naming the file.
+//!   root on first start ([`store::open_or_create`]; everything else only opens it, with
+//!   [`store::open`]) and whose every step survives a crash, or plug-in files — with
+//!   every check done at start so a bad CA fails loudly, naming the file.
 //!
 //! Private keys are [`PrivateKeyPem`]s: zeroized on drop, never printed by `Debug`.
 

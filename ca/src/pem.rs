@@ -17,6 +17,18 @@ pub fn certificate_blocks(text: &str) -> Result<Vec<(String, Vec<u8>)>, String> 
         .collect())
 }
 
+/// The private key of a PEM file: its first `… PRIVATE KEY` block, wherever it stands
+/// (meshd's own key files hold the key followed by its certificate).
+pub fn private_key(text: &str) -> Result<rcgen::KeyPair, String> {
+    let blocks = pem::parse_many(text).map_err(|e| format!("not valid PEM: {e}"))?;
+    let der = blocks
+        .into_iter()
+        .find(|p| p.tag().ends_with("PRIVATE KEY"))
+        .map(|p| zeroize::Zeroizing::new(p.into_contents()))
+        .ok_or("holds no PRIVATE KEY block")?;
+    rcgen::KeyPair::try_from(der.as_slice()).map_err(|e| e.to_string())
+}
+
 pub fn parse(der: &[u8]) -> Result<X509Certificate<'_>, String> {
     X509Certificate::from_der(der)
         .map(|(_, c)| c)

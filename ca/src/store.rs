@@ -1,32 +1,42 @@
 //! Where the signing CA comes from, checked at start.
 //!
-//! - [`CaSource::Directory`]: meshd's own root. On first start a root is generated and
-//!   written as `root-cert.pem` and `root-key.pem` (mode 0600, created exclusively, so a
-//!   concurrent start never overwrites a root); later starts load it.
+//! - [`CaSource::Directory`]: meshd's own root. [`open_or_create`] (meshd) generates it
+//!   on first start; [`open`] (meshctl and everything else) only reads it, and fails
+//!   naming the directory if there is none. The files, and how every step on them
+//!   survives a crash at any point, are described in [`layout`]; root rotation moves
+//!   through them with [`stage_next_root`] and [`promote_next_root`].
 //! - [`CaSource::PlugIn`]: the user's CA, e.g. from cert-manager: a certificate chain
 //!   file (the signing certificate first, the root last) and its key.
 //!
 //! Every problem — unreadable or non-PEM file, a key that does not match the
 //! certificate, an expired CA, a certificate without CA constraints, a chain that does
-//! not end in a root — fails with the file's path and what is wrong with it.
+//! not end in a root — fails with the file's path and what is wrong with it. No error
+//! advises removing a root's files: a new root would break every sidecar's trust.
 
-use std::io::Write;
+#[cfg(test)]
+mod crash_tests;
+mod disk;
+pub mod layout;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use rcgen::KeyPair;
+use zeroize::Zeroizing;
 
 use crate::authority::{Authority, CaConfig, CaError, generate_root};
-use crate::pem::{certificate_blocks, not_after, not_before, parse};
+use crate::pem::{certificate_blocks, not_after, not_before, parse, private_key};
+use disk::Disk;
 
-pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+/// The root's key, followed by its certificate (see [`layout`]).
 pub const ROOT_KEY_FILE: &str = "root-key.pem";
-/// A root being rotated in (see [`stage_next_root`]).
-pub const NEXT_ROOT_CERT_FILE: &str = "next-root-cert.pem";
+/// A copy of the root's certificate.
+pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+/// A root being rotated in (see [`stage_next_root`]), laid out as the root is.
 pub const NEXT_ROOT_KEY_FILE: &str = "next-root-key.pem";
-/// The root most recently rotated out, kept for the record.
+pub const NEXT_ROOT_CERT_FILE: &str = "next-root-cert.pem";
+/// The certificate of the root most recently rotated out, kept for the record (its key
+/// is deleted when it is rotated out).
 pub const PREVIOUS_ROOT_CERT_FILE: &str = "previous-root-cert.pem";
-pub const PREVIOUS_ROOT_KEY_FILE: &str = "previous-root-key.pem";
 /// Lifetime of a root meshd generates.
 pub const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
@@ -61,19 +71,25 @@ impl std::fmt::Display for CaSource {
     }
 }
 
-/// What [`open`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What [`open_or_create`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Opened {
+    /// There was no CA: a root was generated.
     Generated,
-    Loaded,
+    /// The CA was there. `repaired` says what a step interrupted earlier had left and
+    /// how it was finished or undone, for the log.
+    Loaded { repaired: Vec<String> },
 }
 
-pub fn open(source: &CaSource, config: CaConfig) -> Result<(Authority, Opened), CaError> {
+/// Opens the CA `source` names; never creates or changes anything. A directory without
+/// a CA is [`CaError::Missing`].
+pub fn open(source: &CaSource, config: CaConfig) -> Result<Authority, CaError> {
     match source {
-        CaSource::Directory(dir) => open_dir(dir, config),
-        CaSource::PlugIn { cert_chain, key } => {
-            Ok((load(cert_chain, key, config)?, Opened::Loaded))
-        }
+        CaSource::Directory(dir) => layout::read(dir)?
+            .root
+            .ok_or_else(|| CaError::Missing(dir.clone()))?
+            .load(config),
+        CaSource::PlugIn { cert_chain, key } => load(cert_chain, key, config),
         CaSource::Pem {
             origin,
             chain_pem,
@@ -81,115 +97,148 @@ pub fn open(source: &CaSource, config: CaConfig) -> Result<(Authority, Opened), 
         } => {
             let chain_label = PathBuf::from(format!("{origin} (certificate)"));
             let key_label = PathBuf::from(format!("{origin} (key)"));
-            let authority = check(
+            check(
                 chain_pem,
                 key_pem.secret_pem(),
                 &chain_label,
                 &key_label,
                 config,
-            )?;
-            Ok((authority, Opened::Loaded))
+            )
         }
     }
 }
 
-fn open_dir(dir: &Path, config: CaConfig) -> Result<(Authority, Opened), CaError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| CaError::file(dir, format!("cannot create the CA directory: {e}")))?;
-    let cert = dir.join(ROOT_CERT_FILE);
-    let key = dir.join(ROOT_KEY_FILE);
-    match (cert.exists(), key.exists()) {
-        (true, true) => Ok((load(&cert, &key, config)?, Opened::Loaded)),
-        (false, false) => {
-            let (cert_pem, key_pem) = generate_root(&config.trust_domain, ROOT_VALIDITY)?;
-            write_new(&key, key_pem.secret_pem(), 0o600)?;
-            write_new(&cert, &cert_pem, 0o644)?;
-            Ok((load(&cert, &key, config)?, Opened::Generated))
-        }
-        (true, false) => Err(CaError::file(
-            &key,
-            format!(
-                "is missing, but {} exists: restore the key or remove both",
-                cert.display()
-            ),
-        )),
-        (false, true) => Err(CaError::file(
-            &cert,
-            format!(
-                "is missing, but {} exists: restore the certificate or remove both",
-                key.display()
-            ),
+/// [`open`], except that a directory without a CA gets a new root, and a directory
+/// left mid-step by a crash is brought to a consistent state first. For meshd only.
+pub fn open_or_create(source: &CaSource, config: CaConfig) -> Result<(Authority, Opened), CaError> {
+    match source {
+        CaSource::Directory(dir) => open_or_create_dir(&Disk::new(dir), config),
+        _ => Ok((
+            open(source, config)?,
+            Opened::Loaded {
+                repaired: Vec::new(),
+            },
         )),
     }
 }
 
-/// Root rotation, step 1: generates the next root beside the current one. Fails if a
-/// rotation is already staged.
-pub fn stage_next_root(dir: &Path, config: &CaConfig) -> Result<(), CaError> {
+fn open_or_create_dir(disk: &Disk<'_>, config: CaConfig) -> Result<(Authority, Opened), CaError> {
+    disk.create_dir()?;
+    let (layout, repaired) = layout::repair(disk)?;
+    if let Some(root) = layout.root {
+        return Ok((root.load(config)?, Opened::Loaded { repaired }));
+    }
     let (cert_pem, key_pem) = generate_root(&config.trust_domain, ROOT_VALIDITY)?;
-    write_new(&dir.join(NEXT_ROOT_KEY_FILE), key_pem.secret_pem(), 0o600)?;
-    write_new(&dir.join(NEXT_ROOT_CERT_FILE), &cert_pem, 0o644)
-}
-
-/// The staged next root, if a rotation is under way.
-pub fn load_next_root(dir: &Path, config: CaConfig) -> Result<Option<Authority>, CaError> {
-    let (cert, key) = (dir.join(NEXT_ROOT_CERT_FILE), dir.join(NEXT_ROOT_KEY_FILE));
-    if !cert.exists() {
-        return Ok(None);
-    }
-    load(&cert, &key, config).map(Some)
-}
-
-/// Root rotation, last step: the next root becomes the root; the old one is kept as
-/// `previous-root-*.pem`.
-pub fn promote_next_root(dir: &Path) -> Result<(), CaError> {
-    let mv = |from: &str, to: &str| {
-        std::fs::rename(dir.join(from), dir.join(to))
-            .map_err(|e| CaError::file(dir.join(from), format!("cannot rename to {to}: {e}")))
-    };
-    mv(ROOT_CERT_FILE, PREVIOUS_ROOT_CERT_FILE)?;
-    mv(ROOT_KEY_FILE, PREVIOUS_ROOT_KEY_FILE)?;
-    mv(NEXT_ROOT_KEY_FILE, ROOT_KEY_FILE)?;
-    mv(NEXT_ROOT_CERT_FILE, ROOT_CERT_FILE)
-}
-
-fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), CaError> {
-    write_file(path, text, mode, false)
-}
-
-/// Writes PEM material with `mode` (0600 for keys). `replace` allows overwriting an
-/// existing file, whose mode is then reset too; without it an existing file is an error
-/// (two processes racing to create a root must not overwrite each other).
-pub fn write_file(path: &Path, text: &str, mode: u32, replace: bool) -> Result<(), CaError> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true);
-    if replace {
-        opts.create(true).truncate(true);
+    // Linked into place, never over an existing key: a concurrent start that got there
+    // first wins, and this one loads its root.
+    let generated = disk.write(
+        ROOT_KEY_FILE,
+        &key_file(key_pem.secret_pem(), &cert_pem),
+        0o600,
+        false,
+    )?;
+    let (layout, _) = layout::repair(disk)?;
+    let root = layout
+        .root
+        .ok_or_else(|| CaError::file(disk.path(ROOT_KEY_FILE), "disappeared as it was created"))?;
+    let opened = if generated {
+        Opened::Generated
     } else {
-        opts.create_new(true);
+        Opened::Loaded {
+            repaired: Vec::new(),
+        }
+    };
+    Ok((root.load(config)?, opened))
+}
+
+/// A key file: the key, then its certificate.
+fn key_file(key_pem: &str, cert_pem: &str) -> Zeroizing<String> {
+    let mut text = Zeroizing::new(String::with_capacity(key_pem.len() + cert_pem.len() + 1));
+    text.push_str(key_pem);
+    if !key_pem.ends_with('\n') {
+        text.push('\n');
     }
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut f = opts
-        .open(path)
-        .map_err(|e| CaError::file(path, format!("cannot create: {e}")))?;
-    // An existing file keeps its old mode on open; make sure a key stays private.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(|e| CaError::file(path, format!("cannot set mode {mode:o}: {e}")))?;
+    text.push_str(cert_pem);
+    text
+}
+
+/// Root rotation, step 1: generates the next root beside the current one. A next root
+/// already staged (an earlier attempt failed part-way) is kept, and its files completed.
+pub fn stage_next_root(dir: &Path, config: &CaConfig) -> Result<(), CaError> {
+    stage(&Disk::new(dir), config)
+}
+
+fn stage(disk: &Disk<'_>, config: &CaConfig) -> Result<(), CaError> {
+    let (layout, _) = layout::repair(disk)?;
+    if layout.root.is_none() {
+        return Err(CaError::Missing(disk.dir().to_path_buf()));
     }
-    f.write_all(text.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| CaError::file(path, format!("cannot write: {e}")))
+    if layout.next.is_some() {
+        return Ok(());
+    }
+    let (cert_pem, key_pem) = generate_root(&config.trust_domain, ROOT_VALIDITY)?;
+    disk.write(
+        NEXT_ROOT_KEY_FILE,
+        &key_file(key_pem.secret_pem(), &cert_pem),
+        0o600,
+        false,
+    )?;
+    // Writes next-root-cert.pem from the key file.
+    layout::repair(disk).map(|_| ())
+}
+
+/// The staged next root, if a rotation is under way. Writes nothing.
+pub fn load_next_root(dir: &Path, config: CaConfig) -> Result<Option<Authority>, CaError> {
+    layout::read(dir)?
+        .next
+        .map(|next| next.load(config))
+        .transpose()
+}
+
+/// Root rotation, last step: the next root becomes the root. The old root's certificate
+/// is kept as `previous-root-cert.pem`; its key is deleted. After an interrupted
+/// promotion this finishes it; with no next root staged it does nothing.
+pub fn promote_next_root(dir: &Path) -> Result<(), CaError> {
+    promote(&Disk::new(dir))
+}
+
+fn promote(disk: &Disk<'_>) -> Result<(), CaError> {
+    let (layout, _) = layout::repair(disk)?;
+    let root = layout
+        .root
+        .ok_or_else(|| CaError::Missing(disk.dir().to_path_buf()))?;
+    if layout.next.is_none() {
+        return Ok(());
+    }
+    disk.write(PREVIOUS_ROOT_CERT_FILE, root.cert_pem(), 0o644, true)?;
+    // The one step that makes the next root the root.
+    disk.rename(NEXT_ROOT_KEY_FILE, ROOT_KEY_FILE)?;
+    // Moves next-root-cert.pem over root-cert.pem.
+    layout::repair(disk).map(|_| ())
+}
+
+/// Writes PEM material with `mode` (0600 for keys), atomically: a reader sees the old
+/// content or the new, whole. `replace` allows replacing an existing file (whose mode is
+/// then `mode` too); without it an existing file is an error.
+pub fn write_file(path: &Path, text: &str, mode: u32, replace: bool) -> Result<(), CaError> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| CaError::file(path, "is not a file name"))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if Disk::new(dir).write(name, text, mode, replace)? {
+        Ok(())
+    } else {
+        Err(CaError::file(path, "already exists"))
+    }
 }
 
 /// Loads and checks a CA: `chain_path` holds the signing certificate first and the root
 /// last (one certificate if the signer is the root); `key_path` the signer's key.
-pub fn load(chain_path: &Path, key_path: &Path, config: CaConfig) -> Result<Authority, CaError> {
+fn load(chain_path: &Path, key_path: &Path, config: CaConfig) -> Result<Authority, CaError> {
     let chain_text = std::fs::read_to_string(chain_path)
         .map_err(|e| CaError::file(chain_path, format!("cannot read: {e}")))?;
     let key_text = zeroize::Zeroizing::new(
@@ -200,7 +249,7 @@ pub fn load(chain_path: &Path, key_path: &Path, config: CaConfig) -> Result<Auth
 }
 
 /// [`load`]'s checks on PEM text; the paths only name the material in errors.
-fn check(
+pub(crate) fn check(
     chain_text: &str,
     key_text: &str,
     chain_path: &Path,
@@ -211,7 +260,7 @@ fn check(
     if chain.is_empty() {
         return Err(CaError::file(chain_path, "holds no CERTIFICATE block"));
     }
-    let key = KeyPair::from_pem(key_text).map_err(|e| {
+    let key = private_key(key_text).map_err(|e| {
         CaError::file(
             key_path,
             format!("is not a PEM private key meshd can sign with ({e})"),
@@ -283,6 +332,7 @@ fn check(
 mod tests {
     use super::*;
     use crate::SpiffeId;
+    use rcgen::KeyPair;
 
     fn cfg() -> CaConfig {
         CaConfig::default()
@@ -296,7 +346,8 @@ mod tests {
     fn a_root_is_generated_once_and_reloaded() {
         let dir = tempfile::tempdir().unwrap();
         let ca_dir = dir.path().join("ca");
-        let (a, opened) = open(&CaSource::Directory(ca_dir.clone()), cfg()).unwrap();
+        let source = CaSource::Directory(ca_dir.clone());
+        let (a, opened) = open_or_create(&source, cfg()).unwrap();
         assert_eq!(opened, Opened::Generated);
         #[cfg(unix)]
         {
@@ -307,20 +358,66 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        let (b, opened) = open(&CaSource::Directory(ca_dir), cfg()).unwrap();
-        assert_eq!(opened, Opened::Loaded);
+        let (b, opened) = open_or_create(&source, cfg()).unwrap();
+        assert_eq!(opened, Opened::Loaded { repaired: vec![] });
         assert_eq!(a.trust_bundle(), b.trust_bundle());
+        assert_eq!(
+            open(&source, cfg()).unwrap().trust_bundle(),
+            a.trust_bundle()
+        );
+        let cert = std::fs::read_to_string(ca_dir.join(ROOT_CERT_FILE)).unwrap();
+        assert_eq!(a.trust_bundle().roots(), [cert]);
     }
 
     #[test]
-    fn a_missing_half_is_not_silently_replaced() {
+    fn open_never_creates_a_ca() {
         let dir = tempfile::tempdir().unwrap();
-        open(&CaSource::Directory(dir.path().into()), cfg()).unwrap();
+        for ca_dir in [dir.path().join("ca"), dir.path().to_path_buf()] {
+            let err = open(&CaSource::Directory(ca_dir.clone()), cfg())
+                .map(|_| ())
+                .unwrap_err();
+            assert!(matches!(&err, CaError::Missing(d) if *d == ca_dir), "{err}");
+            assert!(err.to_string().contains("no CA here"), "{err}");
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "nothing written"
+        );
+    }
+
+    #[test]
+    fn a_missing_key_is_never_replaced_and_a_missing_certificate_is_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = CaSource::Directory(dir.path().into());
+        let (a, _) = open_or_create(&source, cfg()).unwrap();
+        // The certificate is a copy of the one in the key file.
+        std::fs::remove_file(dir.path().join(ROOT_CERT_FILE)).unwrap();
+        assert_eq!(
+            open(&source, cfg()).unwrap().trust_bundle(),
+            a.trust_bundle()
+        );
+        let (b, opened) = open_or_create(&source, cfg()).unwrap();
+        assert_eq!(a.trust_bundle(), b.trust_bundle());
+        assert!(
+            matches!(&opened, Opened::Loaded { repaired } if repaired.len() == 1
+                && repaired[0].starts_with("wrote root-cert.pem")),
+            "{opened:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(ROOT_CERT_FILE)).unwrap(),
+            a.trust_bundle().roots()[0]
+        );
+
         std::fs::remove_file(dir.path().join(ROOT_KEY_FILE)).unwrap();
-        let err = open(&CaSource::Directory(dir.path().into()), cfg())
-            .unwrap_err()
-            .to_string();
+        let err = open_or_create(&source, cfg()).unwrap_err().to_string();
         assert!(err.contains("root-key.pem: is missing"), "{err}");
+        assert!(err.contains("restore root-key.pem from a backup"), "{err}");
+        assert!(
+            !err.contains("remove"),
+            "advice that would change the root: {err}"
+        );
+        assert!(!dir.path().join(ROOT_KEY_FILE).exists(), "no new root");
     }
 
     #[test]
@@ -366,7 +463,7 @@ mod tests {
     #[test]
     fn a_leaf_is_not_a_ca() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, _) = open(&CaSource::Directory(dir.path().join("ca")), cfg()).unwrap();
+        let (a, _) = open_or_create(&CaSource::Directory(dir.path().join("ca")), cfg()).unwrap();
         let leaf = a
             .issue(&SpiffeId::new("cluster.local", "ns", "sa").unwrap())
             .unwrap();
@@ -427,7 +524,7 @@ mod tests {
             cert_chain: chain.clone(),
             key: key.clone(),
         };
-        let (ca, _) = open(&source, cfg()).unwrap();
+        let ca = open(&source, cfg()).unwrap();
         assert_eq!(ca.trust_bundle().roots().len(), 1);
         let leaf = ca
             .issue(&SpiffeId::new("cluster.local", "shop", "web").unwrap())

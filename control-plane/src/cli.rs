@@ -3,14 +3,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use meshd_ca::store::{CaSource, Opened, open};
+use meshd_ca::store::{self, CaSource};
 use meshd_ca::{Authority, CaConfig, CaError, DEFAULT_TRUST_DOMAIN};
 
 /// Where the mesh CA lives and how it issues.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CaArgs {
-    /// Directory of meshd's own root CA (root-cert.pem, root-key.pem); the root is
-    /// generated there on first start.
+    /// Directory of meshd's own root CA (root-key.pem, root-cert.pem); meshd generates
+    /// the root there on its first start, meshctl only reads it.
     #[arg(
         long,
         env = "MESHD_CA_DIR",
@@ -52,26 +52,30 @@ impl CaArgs {
         }
     }
 
-    /// Opens a CA that must already exist (meshctl never creates one), with the trust
-    /// bundle meshd may serve with: the root, and during a rotation the next root too.
-    pub fn open_existing(&self, ttl: Duration) -> Result<ExistingCa, CaError> {
-        let source = self.source();
-        if let CaSource::Directory(dir) = &source {
-            let cert = dir.join(meshd_ca::store::ROOT_CERT_FILE);
-            if !cert.exists() {
-                return Err(CaError::File {
-                    path: cert,
-                    message: "does not exist: no mesh CA here. meshd creates its root on \
-                              first start; point --ca-dir (or MESHD_CA_DIR) at meshd's CA \
-                              directory"
-                        .into(),
-                });
-            }
-        }
-        let (signer, _) = open(&source, self.config(ttl))?;
+    /// Opens the CA meshd created, issuing certificates valid for `ttl`. Never creates
+    /// one (only meshd does, with [`crate::identity::CertManager::open`]): a root made
+    /// here would be one meshd does not trust.
+    pub fn open_existing(&self, ttl: Duration) -> Result<Authority, OpenError> {
+        store::open(&self.source(), self.config(ttl)).map_err(|e| match e {
+            // The default is relative: say where that was.
+            CaError::Missing(dir) => OpenError::NoCa {
+                dir: match std::path::absolute(&dir) {
+                    Ok(abs) if abs != dir => format!("{} ({})", dir.display(), abs.display()),
+                    _ => dir.display().to_string(),
+                },
+            },
+            e => OpenError::Ca(e),
+        })
+    }
+
+    /// [`CaArgs::open_existing`], with every root meshd may serve with: the root, and
+    /// during a rotation the next root too (meshd signs its own certificate with the
+    /// next root from step 2 on).
+    pub fn open_existing_with_bundle(&self, ttl: Duration) -> Result<ExistingCa, OpenError> {
+        let signer = self.open_existing(ttl)?;
         let mut trust_bundle_pem = signer.trust_bundle().pem();
-        if let CaSource::Directory(dir) = &source
-            && let Some(next) = meshd_ca::store::load_next_root(dir, self.config(ttl))?
+        if let CaSource::Directory(dir) = self.source()
+            && let Some(next) = store::load_next_root(&dir, self.config(ttl))?
         {
             trust_bundle_pem.push_str(&next.trust_bundle().pem());
         }
@@ -80,19 +84,25 @@ impl CaArgs {
             trust_bundle_pem,
         })
     }
-
-    /// Opens (or on first use creates) the CA, issuing certificates valid for `ttl`.
-    pub fn open(&self, ttl: Duration) -> Result<(Authority, Opened), CaError> {
-        open(&self.source(), self.config(ttl))
-    }
 }
 
-/// A CA opened by [`CaArgs::open_existing`].
+/// A CA opened by [`CaArgs::open_existing_with_bundle`].
 #[derive(Debug)]
 pub struct ExistingCa {
     pub signer: Authority,
     /// Every root meshd may present a certificate from.
     pub trust_bundle_pem: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "no mesh CA in {dir}: meshd creates it on its first start; point --ca-dir \
+         (or MESHD_CA_DIR) at the directory meshd uses"
+    )]
+    NoCa { dir: String },
+    #[error(transparent)]
+    Ca(#[from] CaError),
 }
 
 /// meshd's own namespace: part of its serving identity

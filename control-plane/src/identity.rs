@@ -134,15 +134,25 @@ pub enum SharedPhase {
 }
 
 impl CertManager {
-    /// Opens the CA from `source`. `namespace` is meshd's own namespace, used in its
-    /// serving identity. A rotation staged before a restart resumes at step 1.
+    /// Opens the CA from `source`, generating meshd's root in a directory that has none
+    /// and finishing or undoing a step a crash interrupted. `namespace` is meshd's own
+    /// namespace, used in its serving identity. A rotation staged before a restart
+    /// resumes at step 1.
     pub fn open(
         source: CaSource,
         config: meshd_ca::CaConfig,
         namespace: &str,
         grace: Duration,
     ) -> Result<Arc<CertManager>, CaError> {
-        let (mut authority, _) = store::open(&source, config.clone())?;
+        let (mut authority, opened) = store::open_or_create(&source, config.clone())?;
+        match opened {
+            store::Opened::Generated => tracing::info!("generated a new mesh root in {source}"),
+            store::Opened::Loaded { repaired } => {
+                for repair in repaired {
+                    tracing::warn!("{source}: {repair}");
+                }
+            }
+        }
         let mut phase = Phase::Idle;
         if let CaSource::Directory(dir) = &source
             && let Some(next) = store::load_next_root(dir, config.clone())?
@@ -282,7 +292,7 @@ impl CertManager {
     /// trusts what `roots` says to trust and signs with what it says to sign with.
     /// Certificates signed by a root that no longer signs are re-issued.
     pub fn follow_roots(&self, roots: &SharedRoots) -> Result<(), CaError> {
-        let open = |source: &CaSource| store::open(source, self.config.clone()).map(|(a, _)| a);
+        let open = |source: &CaSource| store::open(source, self.config.clone());
         let current = open(&roots.current)?;
         let (authority, phase) = match (roots.phase, &roots.next) {
             (SharedPhase::Trusting { since }, Some(next)) => (
@@ -360,11 +370,7 @@ impl CertManager {
     }
 
     fn load_current(&self, dir: &std::path::Path) -> Result<Authority, CaError> {
-        store::load(
-            &dir.join(store::ROOT_CERT_FILE),
-            &dir.join(store::ROOT_KEY_FILE),
-            self.config.clone(),
-        )
+        store::open(&CaSource::Directory(dir.to_path_buf()), self.config.clone())
     }
 
     fn load_next(&self, dir: &std::path::Path) -> Result<Authority, CaError> {
@@ -399,8 +405,22 @@ impl CertManager {
                 Ok(true)
             }
             Phase::Signing { old_leaves_expire } if now >= old_leaves_expire => {
+                // Finishes a promotion an earlier tick left half done, too.
                 store::promote_next_root(dir)?;
-                self.install(self.load_current(dir)?);
+                let promoted = self.load_current(dir)?;
+                // Trusting only a root other than the one leaves are signed with would
+                // cut every sidecar off; stay in this step until the files agree.
+                if promoted.trust_bundle().roots().first()
+                    != self.authority().trust_bundle().roots().first()
+                {
+                    return Err(CaError::File {
+                        path: dir.join(store::ROOT_KEY_FILE),
+                        message: "after the promotion this is not the root certificates \
+                                  are signed with: the CA directory changed under meshd"
+                            .into(),
+                    });
+                }
+                self.install(promoted);
                 rotation.phase = Phase::Idle;
                 rotation.last_completed = Some(now);
                 tracing::info!(

@@ -543,7 +543,7 @@ async fn run_delta(
 
 /// Issues a client certificate for every proxy (all `load/client`) from `ca_dir`.
 pub fn certificates(ca_dir: &Path, count: usize) -> anyhow::Result<Vec<ClientCert>> {
-    let (ca, _) = meshd_ca::store::open(
+    let ca = meshd_ca::store::open(
         &meshd_ca::store::CaSource::Directory(ca_dir.to_path_buf()),
         meshd_ca::CaConfig::default(),
     )

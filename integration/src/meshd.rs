@@ -281,7 +281,7 @@ impl Meshd {
             ca_key: None,
             trust_domain: meshd_ca::DEFAULT_TRUST_DOMAIN.to_string(),
         }
-        .open_existing(meshd::operator::MINTED_TTL)?;
+        .open_existing_with_bundle(meshd::operator::MINTED_TTL)?;
         let credentials = meshd::operator::Credentials::mint(
             &ca.signer,
             ca.trust_bundle_pem,

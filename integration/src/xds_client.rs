@@ -39,7 +39,7 @@ impl ClientCert {
         namespace: &str,
         service_account: &str,
     ) -> anyhow::Result<ClientCert> {
-        let (ca, _) = meshd_ca::store::open(
+        let ca = meshd_ca::store::open(
             &meshd_ca::store::CaSource::Directory(ca_dir.to_path_buf()),
             meshd_ca::CaConfig::default(),
         )?;
@@ -62,7 +62,7 @@ impl ClientCert {
     /// An operator certificate (`spiffe://cluster.local/meshd/operator/<name>`) from
     /// the CA in `ca_dir`: what `meshctl ca operator-cert` issues.
     pub fn operator(ca_dir: &std::path::Path, name: &str) -> anyhow::Result<ClientCert> {
-        let (ca, _) = meshd_ca::store::open(
+        let (ca, _) = meshd_ca::store::open_or_create(
             &meshd_ca::store::CaSource::Directory(ca_dir.to_path_buf()),
             meshd_ca::CaConfig::default(),
         )?;
@@ -86,6 +86,10 @@ impl ClientCert {
         trust_bundle_pem: &str,
     ) -> anyhow::Result<ClientCert> {
         let dir = tempfile::tempdir()?;
+        meshd_ca::store::open_or_create(
+            &meshd_ca::store::CaSource::Directory(dir.path().to_path_buf()),
+            meshd_ca::CaConfig::default(),
+        )?;
         let mut cert = Self::mint(dir.path(), namespace, service_account)?;
         cert.trust_bundle_pem = trust_bundle_pem.to_string();
         Ok(cert)

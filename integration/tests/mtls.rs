@@ -366,14 +366,11 @@ async fn meshd_refuses_a_broken_plug_in_ca_and_names_the_file() -> anyhow::Resul
     let ca = tempfile::tempdir()?;
     let (chain, key) = (ca.path().join("chain.pem"), ca.path().join("key.pem"));
     // A real CA certificate with the key of another one.
-    let good = ClientCert::mint(&ca.path().join("a"), NS, "x")?;
-    let other = ClientCert::mint(&ca.path().join("b"), NS, "x")?;
-    std::fs::write(&chain, &good.trust_bundle_pem)?;
-    std::fs::write(
-        &key,
-        std::fs::read_to_string(ca.path().join("b/root-key.pem"))?,
-    )?;
-    let _ = other;
+    let validity = meshd_ca::store::ROOT_VALIDITY;
+    let (good, _) = meshd_ca::generate_root("cluster.local", validity)?;
+    let (_, other_key) = meshd_ca::generate_root("cluster.local", validity)?;
+    std::fs::write(&chain, good)?;
+    std::fs::write(&key, other_key.secret_pem())?;
     let err = Meshd::start_with(
         dir.path(),
         &[

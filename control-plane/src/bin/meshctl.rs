@@ -142,7 +142,7 @@ impl AdminArgs {
         let credentials = match &self.operator {
             Some(dir) => Credentials::load(dir).context("--operator")?,
             None => {
-                let authority = self.ca.open_existing(operator::MINTED_TTL).context(
+                let authority = self.ca.open_existing_with_bundle(operator::MINTED_TTL).context(
                     "meshctl authenticates to meshd's admin API with an operator \
                      certificate: give --operator DIR (from `meshctl ca operator-cert`), or \
                      --ca-dir where meshd keeps its root",
@@ -306,7 +306,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .rsplit_once(':')
                 .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
                 .with_context(|| format!("--xds-address {xds_address:?}: expected host:port"))?;
-            let (authority, _) = ca.open(cert_ttl)?;
+            let ca = ca.open_existing_with_bundle(cert_ttl)?;
+            let authority = &ca.signer;
             let id = authority
                 .workload_id(&namespace, &service_account)
                 .context("--namespace / --service-account")?;
@@ -324,7 +325,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (cert_path, key_path, ca_path) = (beside("cert"), beside("key"), beside("ca"));
             write_file(&cert_path, &issued.chain_pem, 0o644)?;
             write_file(&key_path, issued.key.secret_pem(), 0o600)?;
-            write_file(&ca_path, &authority.trust_bundle().pem(), 0o644)?;
+            // With the next root during a rotation: meshd serves with it from step 2.
+            write_file(&ca_path, &ca.trust_bundle_pem, 0o644)?;
             let opts = BootstrapOptions {
                 namespace,
                 pod,
@@ -449,7 +451,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ca,
             output,
         }) => {
-            let authority = ca.open_existing(ttl)?;
+            let authority = ca.open_existing_with_bundle(ttl)?;
             let credentials =
                 Credentials::mint(&authority.signer, authority.trust_bundle_pem, &name, ttl)
                     .context("--name")?;
