@@ -176,18 +176,23 @@ async fn health_answers_promptly_while_the_directory_is_read() -> anyhow::Result
     let mut slowest = Duration::ZERO;
     let mut while_reading = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while meshd.readyz().await?.0 != 200 {
+    loop {
         ensure!(tokio::time::Instant::now() < deadline, "meshd is not ready");
         slowest = slowest.max(meshd.healthz_latency().await?);
+        if meshd.readyz().await?.0 == 200 {
+            break;
+        }
         while_reading += 1;
     }
     ensure!(
-        while_reading >= 5,
-        "the directory was read too fast to show anything ({while_reading} health checks)"
-    );
-    ensure!(
         slowest < Duration::from_millis(100),
         "a health check took {slowest:?} while meshd read its directory at start"
+    );
+    // The files take seconds to parse: a meshd that answers only once it has read them
+    // answers no health check before it is ready.
+    ensure!(
+        while_reading >= 5,
+        "only {while_reading} health checks were answered while meshd read its directory"
     );
     let snap = meshd.snapshot().await?;
     ensure!(
@@ -216,12 +221,12 @@ async fn health_answers_promptly_while_the_directory_is_read() -> anyhow::Result
         while_reading += 1;
     }
     ensure!(
-        while_reading >= 5,
-        "the change was read too fast to show anything ({while_reading} health checks)"
-    );
-    ensure!(
         slowest < Duration::from_millis(100),
         "a health check took {slowest:?} while meshd read a change"
+    );
+    ensure!(
+        while_reading >= 5,
+        "only {while_reading} health checks were answered while meshd read the change"
     );
     Ok(())
 }
