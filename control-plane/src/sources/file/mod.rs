@@ -24,7 +24,7 @@
 //! parsed again) and the full set is handed to the store, which publishes a snapshot
 //! only if something really changed.
 
-mod parse;
+pub mod parse;
 pub mod walk;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -36,10 +36,7 @@ use std::time::Duration;
 use notify::Watcher;
 use tokio::sync::watch;
 
-pub use parse::{
-    Defined, MAX_ALIAS_EVENTS, MAX_DEPTH, MAX_DOCUMENTS, MAX_FILE_BYTES, MAX_NODES, label,
-    parse_file,
-};
+use parse::{Defined, MAX_FILE_BYTES, label, parse_file};
 
 use super::SharedErrors;
 use crate::model::{MeshObject, ObjectKey, ObjectKind, Store, StoreEvent};
@@ -248,16 +245,13 @@ impl FileSource {
                     (source, objects)
                 })
                 .await;
-                let objects;
-                (source, objects) = match scanned {
-                    Ok(done) => done,
-                    Err(e) => {
-                        tracing::error!(
-                            "reading the config directory failed ({e}); it is no longer watched"
-                        );
-                        return;
-                    }
+                let Ok((scanned, objects)) = scanned else {
+                    tracing::error!(
+                        "reading the config directory panicked; it is no longer watched"
+                    );
+                    return;
                 };
+                source = scanned;
                 publish_errors(&shared, &source.errors, &before);
                 let count = objects.len();
                 store.send(StoreEvent::Replace(objects));
@@ -645,7 +639,7 @@ status: {podIP: 10.0.0.1}
         // Files within every budget that take a while to parse all the same.
         let slow = format!(
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: slow}}\nx: [{}]\n",
-            "abcdefgh,".repeat(MAX_NODES - 10)
+            "abcdefgh,".repeat(parse::MAX_NODES - 10)
         );
         for i in 0..4 {
             std::fs::write(dir.path().join(format!("slow-{i}.yaml")), &slow).unwrap();
