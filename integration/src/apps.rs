@@ -4,6 +4,7 @@
 //! [`TcpApp`] answers each line with `<name>: <line>`. Both count what they served, so a
 //! test can tell which backend a request reached.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -163,6 +164,22 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<HttpReply>
         .map(str::to_string);
     let body = resp.text().await?;
     Ok(HttpReply { status, app, body })
+}
+
+/// Which apps answered `n` GETs at `addr`; fails unless every one answered 200.
+pub async fn answering_apps(addr: SocketAddr, n: usize) -> anyhow::Result<BTreeSet<String>> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        let reply = http_get(addr, "/").await?;
+        anyhow::ensure!(
+            reply.status == 200,
+            "status {} body {:?}",
+            reply.status,
+            reply.body
+        );
+        seen.insert(reply.app.context("no x-app header")?);
+    }
+    Ok(seen)
 }
 
 /// Sends one line over a new TCP connection to `addr` and returns the reply line.

@@ -44,6 +44,65 @@ impl MeshDir {
     }
 }
 
+/// A config directory laid out as the kubelet lays out a ConfigMap volume: the files in
+/// a timestamped directory `..<time>`, `..data` a symlink to it, and each file a visible
+/// symlink `name -> ..data/name`. An update is atomic as the kubelet's (its
+/// `AtomicWriter`): write a new timestamped directory, point a new `..data_tmp` link at
+/// it and rename that over `..data`, add links for new names, remove those of names
+/// gone, remove the old directory.
+#[derive(Debug)]
+pub struct ConfigMapDir {
+    dir: TempDir,
+    updates: usize,
+}
+
+impl ConfigMapDir {
+    pub fn new() -> anyhow::Result<ConfigMapDir> {
+        Ok(ConfigMapDir {
+            dir: tempfile::Builder::new()
+                .prefix("meshd-configmap-")
+                .tempdir()?,
+            updates: 0,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Makes the volume hold exactly `files` (name, text).
+    pub fn update(&mut self, files: &[(&str, String)]) -> anyhow::Result<()> {
+        use std::os::unix::fs::symlink;
+        let root = self.dir.path();
+        self.updates += 1;
+        let timestamped = format!("..2026_12_01_10_00_00.{:04}", self.updates);
+        std::fs::create_dir(root.join(&timestamped))?;
+        for (name, text) in files {
+            std::fs::write(root.join(&timestamped).join(name), text)?;
+        }
+        let old = std::fs::read_link(root.join("..data")).ok();
+        symlink(&timestamped, root.join("..data_tmp"))?;
+        std::fs::rename(root.join("..data_tmp"), root.join("..data"))?;
+        for (name, _) in files {
+            let link = root.join(name);
+            if link.symlink_metadata().is_err() {
+                symlink(Path::new("..data").join(name), link)?;
+            }
+        }
+        for entry in std::fs::read_dir(root)? {
+            let name = entry?.file_name();
+            let visible = !name.to_string_lossy().starts_with('.');
+            if visible && !files.iter().any(|(n, _)| name == *n) {
+                std::fs::remove_file(root.join(&name))?;
+            }
+        }
+        if let Some(old) = old {
+            std::fs::remove_dir_all(root.join(old))?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServicePortDef {
     pub name: String,

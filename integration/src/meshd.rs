@@ -46,10 +46,23 @@ impl Meshd {
         Self::start_with(config_dir, &["--debounce", "50ms"]).await
     }
 
-    /// Starts meshd with extra command-line arguments.
+    /// Starts meshd with extra command-line arguments and waits until it is ready (it
+    /// has read the config directory).
     pub async fn start_with(config_dir: &Path, extra: &[&str]) -> anyhow::Result<Meshd> {
+        let meshd = Self::spawn_on_dir(config_dir, extra, &[]).await?;
+        meshd.wait_ready().await?;
+        Ok(meshd)
+    }
+
+    /// Starts meshd on `config_dir` with extra arguments and environment variables, and
+    /// returns once its admin API answers, without waiting for it to be ready.
+    pub async fn spawn_on_dir(
+        config_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Meshd> {
         let source = ["--config-dir".into(), config_dir.as_os_str().to_owned()];
-        Self::spawn(&source, extra, None).await
+        Self::spawn(&source, extra, env, None).await
     }
 
     /// Starts meshd on the Kubernetes API of `kubeconfig` and waits until it is ready
@@ -76,12 +89,13 @@ impl Meshd {
             "--kubeconfig".into(),
             api.kubeconfig().as_os_str().to_owned(),
         ];
-        Self::spawn(&source, extra, Some(api.client.clone())).await
+        Self::spawn(&source, extra, &[], Some(api.client.clone())).await
     }
 
     async fn spawn(
         source: &[std::ffi::OsString],
         extra: &[&str],
+        env: &[(&str, &str)],
         kube: Option<kube::Client>,
     ) -> anyhow::Result<Meshd> {
         let work = tempfile::Builder::new().prefix("meshd-run-").tempdir()?;
@@ -113,6 +127,7 @@ impl Meshd {
             .arg(work.path().join("ca"))
             .args(log)
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -187,6 +202,17 @@ impl Meshd {
             .send()
             .await?;
         Ok((resp.status().as_u16(), resp.text().await?))
+    }
+
+    /// How long one `/healthz` takes to answer 200.
+    pub async fn healthz_latency(&self) -> anyhow::Result<Duration> {
+        let asked = tokio::time::Instant::now();
+        self.http
+            .get(format!("{}/healthz", self.admin_url()))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(asked.elapsed())
     }
 
     /// Stops meshd as an orchestrator would: SIGTERM, then wait for it to exit.

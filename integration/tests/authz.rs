@@ -763,3 +763,57 @@ async fn invalid_policy_keeps_the_previous_version() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+/// A new file `00-dup.yaml` redefining the policy in force replaced it (it sorts first):
+/// `GET /admin` went from 403 to 200, and the error named the old file. The policy in
+/// force keeps applying, and the newcomer is the error, naming both files.
+#[tokio::test]
+async fn a_second_definition_does_not_replace_the_policy_in_force() -> anyhow::Result<()> {
+    let m = mesh().await?;
+    m.apply("web.yaml", &web_denies()[..1]).await?;
+    let denied = [case("client", get("/admin"), Some("shop/no-admin#0"))];
+    m.run("in force", &denied).await?;
+
+    let before = m.meshd.snapshot().await?.version;
+    let harmless = policy(
+        NS,
+        "no-admin",
+        Some("web"),
+        "DENY",
+        "    - to: [{operation: {paths: [\"/nothing\"]}}]\n",
+    );
+    m.dir
+        .write("00-dup.yaml", std::slice::from_ref(&harmless))?;
+    let (dup, original) = (
+        m.dir.path().join("00-dup.yaml"),
+        m.dir.path().join("web.yaml"),
+    );
+    let expected = format!(
+        "{}: document 1 (AuthorizationPolicy shop/no-admin): already defined in {} (document 1), \
+         which stays in force: an object can be defined only once",
+        dup.display(),
+        original.display()
+    );
+    let errors = eventually("the duplicate to be reported", WAIT, || async {
+        let errs = m.meshd.snapshot().await?.config_errors;
+        ensure!(!errs.is_empty(), "no error yet");
+        Ok(errs)
+    })
+    .await?;
+    // Had the duplicate replaced the policy, the sidecars would have it by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let now = m.meshd.snapshot().await?;
+    m.meshd.wait_synced(&m.web.node_id, now.version).await?;
+    m.run("after the duplicate", &denied).await?;
+    ensure!(errors == [expected], "{errors:?}");
+    ensure!(now.version == before, "the mesh changed: {now:?}");
+
+    // Once web.yaml is gone, the other definition is the only one, and applies.
+    m.apply("web.yaml", &[]).await?;
+    m.run(
+        "the newcomer alone",
+        &[case("client", get("/admin"), ALLOW)],
+    )
+    .await?;
+    Ok(())
+}

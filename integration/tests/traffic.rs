@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use meshd_integration::apps::{HttpApp, TcpApp, http_get, tcp_roundtrip};
+use meshd_integration::apps::{HttpApp, TcpApp, answering_apps, http_get, tcp_roundtrip};
 use meshd_integration::envoy::Sidecar;
 use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};
 use meshd_integration::meshd::Meshd;
@@ -16,22 +16,6 @@ use meshd_integration::{XdsFlavor, init_test_logging};
 
 const NS: &str = "shop";
 const WAIT: Duration = Duration::from_secs(15);
-
-/// Which apps answered `n` GETs at `addr`.
-async fn answering_apps(addr: std::net::SocketAddr, n: usize) -> anyhow::Result<BTreeSet<String>> {
-    let mut seen = BTreeSet::new();
-    for _ in 0..n {
-        let reply = http_get(addr, "/").await?;
-        ensure!(
-            reply.status == 200,
-            "status {} body {:?}",
-            reply.status,
-            reply.body
-        );
-        seen.insert(reply.app.context("no x-app header")?);
-    }
-    Ok(seen)
-}
 
 async fn http_and_tcp_flow(flavor: XdsFlavor) -> anyhow::Result<()> {
     init_test_logging();

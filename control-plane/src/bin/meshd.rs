@@ -13,7 +13,6 @@ use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
 use meshd::cluster::{self, lease::Leadership};
 use meshd::identity::{CertManager, SharedRoots};
 use meshd::model::{MeshDefaults, MtlsMode, ScopeEntry, Store, StoreConfig};
-use meshd::sources::SharedErrors;
 use meshd::sources::file::FileSource;
 use meshd::sources::kubernetes::{self, KubernetesOptions};
 use meshd::xds::cache::spawn_translator;
@@ -322,8 +321,8 @@ struct Started {
     ca: CaSource,
     /// The root in the cluster's Secret, which rotates under the Lease holder.
     shared_roots: Option<SharedCa>,
-    errors: SharedErrors,
-    /// Kinds not listed yet (always empty for the file source).
+    errors: meshd::sources::SharedErrors,
+    /// What the source has not read yet (kinds, or the config directory).
     pending: watch::Receiver<Vec<String>>,
     leadership: Option<Leadership>,
 }
@@ -336,25 +335,18 @@ fn start_file_source(args: &Args, config: StoreConfig) -> anyhow::Result<Started
     if !dir.is_dir() {
         anyhow::bail!("--config-dir {}: not a directory", dir.display());
     }
-    let mut source = FileSource::new(dir);
-    let initial = source.scan();
-    tracing::info!(
-        dir = %dir.display(),
-        objects = initial.len(),
-        errors = source.errors().len(),
-        "loaded config directory"
-    );
-    let store = Store::start(config, initial);
-    let errors = SharedErrors::default();
-    source
-        .spawn_watch(store.clone(), errors.clone())
+    // Empty until the source's first scan (off the async workers) is in: meshd answers
+    // health checks meanwhile, and `pending` holds back readiness and the xDS port.
+    let store = Store::start(config, Vec::new());
+    let running = FileSource::new(dir)
+        .spawn(store.clone())
         .with_context(|| format!("cannot watch {}", dir.display()))?;
     Ok(Started {
         store,
         ca: args.ca.source(),
         shared_roots: None,
-        errors,
-        pending: watch::channel(Vec::new()).1,
+        errors: running.errors,
+        pending: running.pending,
         leadership: None,
     })
 }

@@ -103,7 +103,7 @@ pub fn crds_yaml() -> String {
         String::from("# Generated from meshd's Rust types by `meshctl crds`; do not edit.\n");
     for crd in crds() {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&crd).expect("a CRD serializes"));
+        out.push_str(&serde_saphyr::to_string(&crd).expect("a CRD serializes"));
     }
     out
 }

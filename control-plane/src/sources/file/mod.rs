@@ -1,0 +1,666 @@
+//! The file source: a directory of Kubernetes-style YAML, the embedded default.
+//!
+//! Every `*.yaml`/`*.yml` file under the directory (recursively, through symlinks; see
+//! [`walk`] for what is read and how loops are cut) may hold several documents of kind
+//! `v1` Namespace, Service and Pod, `discovery.k8s.io/v1` EndpointSlice, and
+//! `security.meshd.io/v1alpha1` PeerAuthentication and AuthorizationPolicy. A Kubernetes
+//! ConfigMap volume works as it is: its files are read through the visible links, and
+//! an update (an atomic swap of `..data`) is one change.
+//!
+//! - **Each file is all or nothing**: if any document in it is wrong, the file's last good
+//!   content stays in force and the error is reported with file, document, object and
+//!   field ([`parse`], which also holds the parser's budgets).
+//! - **An object has one definition**: the same kind, namespace and name in a second file
+//!   does not replace the one in force, as the API server refuses a second object of one
+//!   name. The newcomer is reported, naming both files; the rest of its file applies. The
+//!   definition in force is the one that was already in force; when none was (at start,
+//!   or when its file stops defining it), the first file in path order wins.
+//! - **Nothing here blocks the async workers**: reading and parsing run on tokio's
+//!   blocking pool ([`FileSource::spawn`]). meshd answers health checks and serves ADS
+//!   while a directory is read; it is ready (`pending` empty) once the first read is in
+//!   a published snapshot.
+//!
+//! After every change on disk the whole directory is rescanned (unchanged files are not
+//! parsed again) and the full set is handed to the store, which publishes a snapshot
+//! only if something really changed.
+
+pub mod parse;
+pub mod walk;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::Watcher;
+use tokio::sync::watch;
+
+use parse::{Defined, MAX_FILE_BYTES, label, parse_file};
+
+use super::SharedErrors;
+use crate::model::{MeshObject, ObjectKey, ObjectKind, Store, StoreEvent};
+
+/// One problem in the config directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based index of the YAML document in the file (empty documents not counted).
+    pub document: Option<usize>,
+    /// `Kind namespace/name`, when it could be read.
+    pub object: Option<String>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn file(file: &Path, message: String) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            document: None,
+            object: None,
+            field: None,
+            message,
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(doc) = self.document {
+            write!(f, ": document {doc}")?;
+        }
+        if let Some(obj) = &self.object {
+            write!(f, " ({obj})")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// What [`FileSource::spawn`]'s readiness waits for.
+const PENDING: &str = "config directory";
+
+type Id = (ObjectKind, ObjectKey);
+
+/// The directory's content as of the last scan, file by file.
+#[derive(Debug)]
+pub struct FileSource {
+    dir: PathBuf,
+    /// Last good content of every file: (text it was parsed from, objects).
+    good: BTreeMap<PathBuf, (String, Vec<Defined>)>,
+    /// The file whose definition of each object is in force.
+    in_force: HashMap<Id, PathBuf>,
+    errors: Vec<ConfigError>,
+}
+
+/// A running [`FileSource`], as the rest of meshd sees it.
+#[derive(Debug)]
+pub struct Running {
+    /// The problems found by the latest scan, one line each.
+    pub errors: SharedErrors,
+    /// `["config directory"]` until the first scan is in a published snapshot, then empty.
+    pub pending: watch::Receiver<Vec<String>>,
+}
+
+impl FileSource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            good: BTreeMap::new(),
+            in_force: HashMap::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Problems found by the last [`FileSource::scan`].
+    pub fn errors(&self) -> &[ConfigError] {
+        &self.errors
+    }
+
+    /// Rereads the directory and returns every object now in force. Blocks: reads and
+    /// parses files.
+    pub fn scan(&mut self) -> Vec<MeshObject> {
+        let mut errors = Vec::new();
+        match walk::yaml_files(&self.dir) {
+            Ok(listing) => {
+                errors.extend(
+                    (listing.problems.into_iter()).map(|(path, m)| ConfigError::file(&path, m)),
+                );
+                let present: BTreeSet<&PathBuf> = listing.files.iter().collect();
+                self.good.retain(|path, _| present.contains(path));
+                for path in listing.files {
+                    let text = match read_text(&path) {
+                        Ok(t) => t,
+                        Err(message) => {
+                            errors.push(ConfigError::file(&path, message));
+                            continue;
+                        }
+                    };
+                    if self.good.get(&path).is_some_and(|(t, _)| *t == text) {
+                        continue;
+                    }
+                    match parse_file(&path, &text) {
+                        Ok(objs) => {
+                            self.good.insert(path, (text, objs));
+                        }
+                        Err(errs) => errors.extend(errs),
+                    }
+                }
+            }
+            // Keep serving the last good state rather than an empty mesh.
+            Err(e) => errors.push(ConfigError::file(
+                &self.dir,
+                format!("cannot read the config directory: {e}"),
+            )),
+        }
+        // A file with an error keeps its previous content; errors of unchanged broken
+        // files are reported again, since they are still broken.
+        let (objects, duplicates) = self.merge();
+        errors.extend(duplicates);
+        self.errors = errors;
+        objects
+    }
+
+    /// Joins all files: one definition of each object is in force (see the module doc),
+    /// every other one is an error.
+    fn merge(&mut self) -> (Vec<MeshObject>, Vec<ConfigError>) {
+        let mut definitions: BTreeMap<Id, Vec<(&PathBuf, &Defined)>> = BTreeMap::new();
+        for (path, (_, defined)) in &self.good {
+            for d in defined {
+                let id = (d.object.kind(), d.object.key());
+                definitions.entry(id).or_default().push((path, d));
+            }
+        }
+        let mut in_force = HashMap::new();
+        let mut objects = Vec::new();
+        let mut errors = Vec::new();
+        for (id, defs) in definitions {
+            let held = self.in_force.get(&id);
+            let winner = defs
+                .iter()
+                .position(|(path, _)| Some(*path) == held)
+                .unwrap_or(0);
+            let (owner, kept) = defs[winner];
+            for (path, d) in defs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != winner)
+                .map(|(_, d)| d)
+            {
+                errors.push(ConfigError {
+                    file: path.to_path_buf(),
+                    document: Some(d.document),
+                    object: Some(label(&d.object)),
+                    field: None,
+                    message: format!(
+                        "already defined in {} (document {}), which stays in force: \
+                         an object can be defined only once",
+                        owner.display(),
+                        kept.document
+                    ),
+                });
+            }
+            objects.push(kept.object.clone());
+            in_force.insert(id, owner.clone());
+        }
+        errors.sort_by(|a, b| (&a.file, a.document).cmp(&(&b.file, b.document)));
+        self.in_force = in_force;
+        (objects, errors)
+    }
+
+    /// Starts the source: a task that scans the directory now and after every change
+    /// on disk, on tokio's blocking pool, and hands each result to the store. Fails now
+    /// if the directory cannot be watched.
+    pub fn spawn(self, store: Store) -> notify::Result<Running> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                // Reading the files (our own scan) raises access events; reacting to
+                // them would rescan forever and keep the store's debounce from ever
+                // settling.
+                if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+                    let _ = tx.send(());
+                }
+            })?;
+        watcher.watch(&self.dir, notify::RecursiveMode::Recursive)?;
+        let errors = SharedErrors::default();
+        let (pending_tx, pending) = watch::channel(vec![PENDING.to_string()]);
+        let shared = errors.clone();
+        let mut source = self;
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            let mut first = true;
+            loop {
+                let before = source.errors.clone();
+                let scanned = tokio::task::spawn_blocking(move || {
+                    let objects = source.scan();
+                    (source, objects)
+                })
+                .await;
+                let Ok((scanned, objects)) = scanned else {
+                    tracing::error!(
+                        "reading the config directory panicked; it is no longer watched"
+                    );
+                    return;
+                };
+                source = scanned;
+                publish_errors(&shared, &source.errors, &before);
+                let count = objects.len();
+                store.send(StoreEvent::Replace(objects));
+                if first {
+                    first = false;
+                    let version = store.flush().await;
+                    tracing::info!(
+                        dir = %source.dir.display(),
+                        objects = count,
+                        errors = source.errors.len(),
+                        version,
+                        "loaded config directory"
+                    );
+                    let _ = pending_tx.send(Vec::new());
+                }
+                if rx.recv().await.is_none() {
+                    return;
+                }
+                // Editors write in several steps; let the burst land before reading.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while rx.try_recv().is_ok() {}
+            }
+        });
+        Ok(Running { errors, pending })
+    }
+}
+
+/// A file's text, if it is UTF-8 and within [`MAX_FILE_BYTES`] (checked while
+/// reading: the file may grow after it was listed).
+fn read_text(path: &Path) -> Result<String, String> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!(
+            "larger than {} MiB: not read",
+            MAX_FILE_BYTES >> 20
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))
+}
+
+/// Logs what is newly broken or fixed, and shares the current list.
+fn publish_errors(shared: &SharedErrors, now: &[ConfigError], before: &[ConfigError]) {
+    for e in now.iter().filter(|e| !before.contains(e)) {
+        tracing::warn!("config error (last good state kept): {e}");
+    }
+    if now.is_empty() && !before.is_empty() {
+        tracing::info!("config directory is free of errors again");
+    }
+    *shared.lock().unwrap_or_else(|p| p.into_inner()) = now.iter().map(|e| e.to_string()).collect();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {app: web}
+  annotations: {meshd.io/upstreams: "db:5432=15002"}
+spec:
+  containers: [{name: app, image: web}]
+status: {podIP: 10.0.0.1}
+"#;
+
+    fn p() -> PathBuf {
+        PathBuf::from("mesh/web.yaml")
+    }
+
+    #[test]
+    fn a_good_file_parses_every_document() {
+        let objs = parse_file(&p(), GOOD).unwrap();
+        assert_eq!(objs.len(), 2);
+        let MeshObject::Workload(w) = &objs[1].object else {
+            panic!("expected a pod")
+        };
+        assert_eq!(w.upstreams[0].service, ObjectKey::new("shop", "db"));
+    }
+
+    #[test]
+    fn a_wrong_field_is_named_with_file_document_and_object() {
+        let text = GOOD.replace("port: 80,", "port: eighty,");
+        let errs = parse_file(&p(), &text).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        let msg = errs[0].to_string();
+        assert!(
+            msg.starts_with("mesh/web.yaml: document 1 (Service shop/web): spec.ports[0].port: "),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_semantic_error_names_the_field() {
+        let text = GOOD.replace("podIP: 10.0.0.1", "podIP: 10.0.0.300");
+        let msg = parse_file(&p(), &text).unwrap_err()[0].to_string();
+        assert_eq!(
+            msg,
+            "mesh/web.yaml: document 2 (Pod shop/web-1): status.podIP: \"10.0.0.300\" is not an IP address"
+        );
+    }
+
+    #[test]
+    fn missing_name_and_unknown_kind_are_reported() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {}\nspec: {}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n";
+        let errs = parse_file(&p(), text).unwrap_err();
+        assert_eq!(errs.len(), 2);
+        assert_eq!(errs[0].field.as_deref(), Some("metadata.name"));
+        assert_eq!(errs[1].document, Some(2));
+        assert!(
+            errs[1]
+                .message
+                .contains("apps/v1 Deployment is not supported")
+        );
+    }
+
+    #[test]
+    fn broken_yaml_is_reported() {
+        let errs = parse_file(&p(), "apiVersion: v1\nkind: [unclosed\n").unwrap_err();
+        assert!(errs[0].message.starts_with("not valid YAML"), "{:?}", errs);
+    }
+
+    #[test]
+    fn a_broken_file_keeps_its_last_good_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.yaml");
+        std::fs::write(&file, GOOD).unwrap();
+        let mut src = FileSource::new(dir.path());
+        assert_eq!(src.scan().len(), 2);
+        std::fs::write(&file, GOOD.replace("port: 80,", "port: -1,")).unwrap();
+        let objs = src.scan();
+        assert_eq!(objs.len(), 2, "last good content stays");
+        assert_eq!(src.errors().len(), 1);
+        std::fs::remove_file(&file).unwrap();
+        assert!(src.scan().is_empty(), "a deleted file removes its objects");
+        assert!(src.errors().is_empty());
+    }
+
+    /// A file is read only up to the limit: `ln -s /dev/zero x.yaml` or a runaway log
+    /// named `x.yaml` must not fill meshd's memory.
+    #[test]
+    fn a_file_over_the_size_limit_is_refused_and_keeps_its_last_good_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.yaml");
+        std::fs::write(&file, GOOD).unwrap();
+        let mut src = FileSource::new(dir.path());
+        assert_eq!(src.scan().len(), 2);
+        let padding = "#".repeat(MAX_FILE_BYTES as usize);
+        std::fs::write(&file, format!("{GOOD}{padding}\n")).unwrap();
+        assert_eq!(src.scan().len(), 2, "last good content stays");
+        let errors: Vec<String> = src.errors().iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            errors,
+            [format!("{}: larger than 4 MiB: not read", file.display())]
+        );
+    }
+
+    #[test]
+    fn at_start_an_object_defined_twice_is_taken_from_the_first_file_in_path_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), GOOD).unwrap();
+        std::fs::write(dir.path().join(".swap.yaml"), "garbage: [").unwrap();
+        let mut src = FileSource::new(dir.path());
+        assert_eq!(src.scan().len(), 2);
+        let errors: Vec<String> = src.errors().iter().map(|e| e.to_string()).collect();
+        let a = dir.path().join("a.yaml");
+        let b = dir.path().join("b.yaml");
+        assert_eq!(
+            errors,
+            [
+                format!(
+                    "{}: document 1 (Service shop/web): already defined in {} (document 1), \
+                     which stays in force: an object can be defined only once",
+                    b.display(),
+                    a.display()
+                ),
+                format!(
+                    "{}: document 2 (Pod shop/web-1): already defined in {} (document 2), \
+                     which stays in force: an object can be defined only once",
+                    b.display(),
+                    a.display()
+                ),
+            ]
+        );
+    }
+
+    fn deny(paths: &str) -> String {
+        format!(
+            "apiVersion: security.meshd.io/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: no-admin, namespace: shop}}\nspec:\n  action: DENY\n  \
+             rules: [{{to: [{{operation: {{paths: [\"{paths}\"]}}}}]}}]\n"
+        )
+    }
+
+    fn denied_paths(objects: &[MeshObject]) -> Vec<String> {
+        objects
+            .iter()
+            .filter_map(|o| match o {
+                MeshObject::AuthorizationPolicy(p) => Some(format!("{:?}", p.rules[0].to[0])),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A new `00-dup.yaml` redefining the policy in force replaced it (it sorts first),
+    /// and the error was reported against the old file.
+    #[test]
+    fn a_newcomer_does_not_replace_the_object_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, dup) = (dir.path().join("a.yaml"), dir.path().join("00-dup.yaml"));
+        std::fs::write(&a, deny("/admin*")).unwrap();
+        let mut src = FileSource::new(dir.path());
+        let in_force = denied_paths(&src.scan());
+        assert!(in_force[0].contains("/admin"), "{in_force:?}");
+
+        std::fs::write(&dup, deny("/nothing")).unwrap();
+        assert_eq!(
+            denied_paths(&src.scan()),
+            in_force,
+            "a.yaml's policy applies"
+        );
+        assert_eq!(src.errors().len(), 1, "{:?}", src.errors());
+        let e = &src.errors()[0];
+        assert_eq!(e.file, dup, "the newcomer is the error: {e}");
+        assert_eq!(
+            e.object.as_deref(),
+            Some("AuthorizationPolicy shop/no-admin")
+        );
+        assert!(e.message.contains(&a.display().to_string()), "{e}");
+
+        // It stays so while either file changes…
+        std::fs::write(&dup, deny("/still-nothing")).unwrap();
+        assert_eq!(denied_paths(&src.scan()), in_force);
+        std::fs::write(&a, deny("/admin/*")).unwrap();
+        let edited = denied_paths(&src.scan());
+        assert!(edited[0].contains("/admin/"), "{edited:?}");
+        // …and when a.yaml is broken, its last good content stays in force.
+        std::fs::write(&a, "kind: [").unwrap();
+        assert_eq!(denied_paths(&src.scan()), edited);
+
+        // Once a.yaml no longer defines it, the other definition takes over.
+        std::fs::remove_file(&a).unwrap();
+        let now = denied_paths(&src.scan());
+        assert!(now[0].contains("/still-nothing"), "{now:?}");
+        assert!(src.errors().is_empty(), "{:?}", src.errors());
+    }
+
+    #[test]
+    fn an_object_defined_twice_in_one_file_refuses_the_file() {
+        let errs = parse_file(&p(), &format!("{}---\n{}", deny("/a"), deny("/b"))).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert_eq!(
+            errs[0].to_string(),
+            "mesh/web.yaml: document 2 (AuthorizationPolicy shop/no-admin): \
+             already defined in document 1 of this file"
+        );
+    }
+
+    #[test]
+    fn peer_authentications_parse_and_bad_ones_name_the_field() {
+        let good = "apiVersion: security.meshd.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: web, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n  portLevelMtls: {\"8080\": {mode: PERMISSIVE}}\n";
+        let objs = parse_file(&p(), good).unwrap();
+        let MeshObject::PeerAuthentication(pa) = &objs[0].object else {
+            panic!("{objs:?}")
+        };
+        assert_eq!(pa.port_modes[&8080], crate::model::MtlsMode::Permissive);
+        for (bad, field, says) in [
+            (
+                good.replace("mode: STRICT", "mode: strict"),
+                "spec.mtls.mode",
+                "is not a mode",
+            ),
+            (
+                good.replace("  selector: {matchLabels: {app: web}}\n", ""),
+                "spec.portLevelMtls[\"8080\"]",
+                "need spec.selector",
+            ),
+            (
+                good.replace("\"8080\"", "http"),
+                "spec.portLevelMtls[\"http\"]",
+                "port number",
+            ),
+            (
+                good.replace("mtls: {mode: STRICT}", "mtsl: {mode: STRICT}"),
+                "spec.mtsl",
+                "unknown field `mtsl`",
+            ),
+        ] {
+            let errs = parse_file(&p(), &bad).unwrap_err();
+            let e = &errs[0];
+            assert_eq!(e.object.as_deref(), Some("PeerAuthentication shop/web"));
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn authorization_policies_parse_and_bad_ones_name_the_field() {
+        let good = "apiVersion: security.meshd.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n    - from: [{source: {principals: [\"cluster.local/ns/shop/sa/client\"], ipBlocks: [\"10.0.0.0/8\"]}}]\n      to: [{operation: {methods: [POST], paths: [\"/admin*\"], ports: [\"8080\"]}}]\n      when: [{key: \"request.headers[X-Env]\", values: [prod]}]\n";
+        let objs = parse_file(&p(), good).unwrap();
+        let MeshObject::AuthorizationPolicy(ap) = &objs[0].object else {
+            panic!("{objs:?}")
+        };
+        assert_eq!(ap.action, crate::authz::Action::Deny);
+        assert_eq!(ap.rule_id(0), "shop/web#0");
+        assert_eq!(ap.rules[0].when[0].header, "x-env");
+        assert_eq!(
+            ap.rules[0].from[0].principals[0],
+            crate::authz::StringMatch::Exact("spiffe://cluster.local/ns/shop/sa/client".into())
+        );
+        for (bad, field, says) in [
+            (good.replace("action: DENY", "action: BLOCK"), "spec.action", "is not an action"),
+            (good.replace("10.0.0.0/8", "10.0.0.0/33"), "spec.rules[0].from[0].source.ipBlocks[0]", "CIDR"),
+            (good.replace("cluster.local/ns/shop/sa/client", "web"), "spec.rules[0].from[0].source.principals[0]", "SPIFFE"),
+            (good.replace("request.headers[X-Env]", "source.ip"), "spec.rules[0].when[0].key", "request.headers"),
+            (good.replace("\"8080\"", "\"http\""), "spec.rules[0].to[0].operation.ports[0]", "port number"),
+            (good.replace("source: {principals: [\"cluster.local/ns/shop/sa/client\"], ipBlocks: [\"10.0.0.0/8\"]}", "source: {}"), "spec.rules[0].from[0].source", "matches every caller"),
+            (format!("{}    - {{}}\n", good), "spec.rules[1]", "an empty rule matches every request"),
+        ] {
+            let errs = parse_file(&p(), &bad).unwrap_err();
+            let e = &errs[0];
+            assert_eq!(e.object.as_deref(), Some("AuthorizationPolicy shop/web"));
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+    }
+
+    /// The source reads its files after every change; those reads raise inotify access
+    /// events. Taken for changes, they made it rescan every 50 ms forever, so a burst
+    /// never went quiet and every snapshot waited for `--debounce-max`.
+    #[tokio::test]
+    async fn its_own_reads_do_not_hold_a_change_back() {
+        use crate::model::store::{Store, StoreConfig};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        let store = Store::start(
+            StoreConfig {
+                defaults: Default::default(),
+                debounce: Duration::from_millis(100),
+                debounce_max: Duration::from_secs(20),
+            },
+            Vec::new(),
+        );
+        let mut running = FileSource::new(dir.path()).spawn(store.clone()).unwrap();
+        running.pending.wait_for(|p| p.is_empty()).await.unwrap();
+        let mut snapshots = store.subscribe();
+        let before = snapshots.borrow_and_update().version;
+        let written = std::time::Instant::now();
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n",
+        )
+        .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            snapshots.wait_for(|s| s.version > before),
+        )
+        .await
+        .expect("the change is published before --debounce-max")
+        .unwrap();
+        let took = written.elapsed();
+        assert!(took < Duration::from_secs(2), "the change took {took:?}");
+    }
+
+    /// Reading and parsing ran on the async workers: with one worker (`#[tokio::test]`'s
+    /// current-thread runtime stands for a pod with one CPU, where tokio starts one
+    /// worker), nothing else ran until the directory was read: health checks and new
+    /// ADS streams timed out.
+    #[tokio::test]
+    async fn reading_the_directory_never_holds_up_other_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        // Files within every budget that take a while to parse all the same.
+        let slow = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: slow}}\nx: [{}]\n",
+            "abcdefgh,".repeat(parse::MAX_NODES - 10)
+        );
+        for i in 0..4 {
+            std::fs::write(dir.path().join(format!("slow-{i}.yaml")), &slow).unwrap();
+        }
+        let store = Store::start(crate::model::StoreConfig::default(), Vec::new());
+        let started = std::time::Instant::now();
+        let running = FileSource::new(dir.path()).spawn(store).unwrap();
+        let mut longest = Duration::ZERO;
+        while !running.pending.borrow().is_empty() {
+            let asked = std::time::Instant::now();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            longest = longest.max(asked.elapsed());
+        }
+        let read_in = started.elapsed();
+        assert!(
+            read_in > Duration::from_millis(300),
+            "the directory was too quick to read ({read_in:?}) to show anything"
+        );
+        assert!(
+            longest < Duration::from_millis(100),
+            "a 10 ms sleep took {longest:?} while the directory was read (in {read_in:?})"
+        );
+    }
+}
