@@ -208,7 +208,7 @@ impl Meshd {
     pub async fn healthz_latency(&self) -> anyhow::Result<Duration> {
         let asked = tokio::time::Instant::now();
         self.http
-            .get(format!("{}/healthz", self.admin_url()))
+            .get(format!("{}/healthz", self.health_url()))
             .send()
             .await?
             .error_for_status()?;

@@ -142,11 +142,14 @@ impl AdminArgs {
         let credentials = match &self.operator {
             Some(dir) => Credentials::load(dir).context("--operator")?,
             None => {
-                let authority = self.ca.open_existing_with_bundle(operator::MINTED_TTL).context(
-                    "meshctl authenticates to meshd's admin API with an operator \
+                let authority = self
+                    .ca
+                    .open_existing_with_bundle(operator::MINTED_TTL)
+                    .context(
+                        "meshctl authenticates to meshd's admin API with an operator \
                      certificate: give --operator DIR (from `meshctl ca operator-cert`), or \
                      --ca-dir where meshd keeps its root",
-                )?;
+                    )?;
                 Credentials::mint(
                     &authority.signer,
                     authority.trust_bundle_pem,
