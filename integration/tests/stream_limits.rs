@@ -1,6 +1,7 @@
 //! What an authenticated but hostile sidecar can do to meshd over its ADS stream: it
 //! can ask, and be refused. Each case here once grew meshd by hundreds of MiB, kept a
-//! stream open with status OK, or wrote a forged line into meshd's log.
+//! stream open with status OK, or wrote a forged line into meshd's log; a flood of
+//! failed handshakes once wrote one warning each.
 
 use std::time::Duration;
 
@@ -265,5 +266,46 @@ async fn a_node_id_with_a_newline_is_refused() -> anyhow::Result<()> {
             .any(|l| l.starts_with("2026-12-01T10:00:00Z")),
         "forged line in the log"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_flood_of_failed_handshakes_is_counted_not_logged_line_by_line() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let f = start().await?;
+    let garbage = |meshd_addr| async move {
+        let mut tcp = tokio::net::TcpStream::connect(meshd_addr).await?;
+        tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await?;
+        let mut buf = [0u8; 64];
+        let _ = tokio::io::AsyncReadExt::read(&mut tcp, &mut buf).await;
+        anyhow::Ok(())
+    };
+    for _ in 0..200 {
+        garbage(f.meshd.xds_addr).await?;
+    }
+    let failures = |log: &str| log.matches("TLS handshake failed").count();
+    eventually("every failure counted", Duration::from_secs(5), || async {
+        let metrics = f.meshd.metrics().await?;
+        anyhow::ensure!(
+            metrics.contains("meshd_tls_handshake_failures_total{port=\"xds\"} 200"),
+            "not yet"
+        );
+        Ok(())
+    })
+    .await?;
+    let logged = failures(&f.meshd.log());
+    assert!(logged <= 10, "{logged} lines for 200 failed handshakes");
+    // The next window's first line says how many were left out.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    garbage(f.meshd.xds_addr).await?;
+    eventually("the summary line", Duration::from_secs(5), || async {
+        let log = f.meshd.log();
+        anyhow::ensure!(
+            log.contains("190 similar warnings were not logged"),
+            "no summary"
+        );
+        Ok(())
+    })
+    .await?;
     Ok(())
 }

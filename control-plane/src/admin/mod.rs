@@ -65,6 +65,17 @@ pub struct AdminState {
     pub shared_rotation: Option<crate::cluster::root_rotation::Requests>,
 }
 
+/// The warning meshd logs at start when the admin API listens beyond loopback.
+pub fn exposure_warning(admin: std::net::SocketAddr) -> Option<String> {
+    (!admin.ip().is_loopback()).then(|| {
+        format!(
+            "the admin API listens on {admin}, beyond loopback: it still needs an operator \
+             certificate, but keep it on 127.0.0.1 and reach it through a tunnel or \
+             `kubectl port-forward`"
+        )
+    })
+}
+
 /// The admin API's routes. Serve it with [`AdminListener`], which admits operators only.
 pub fn router(state: AdminState, local: std::net::SocketAddr) -> Router {
     Router::new()
@@ -217,5 +228,21 @@ async fn rotate_root(
             (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
         }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn meshd_warns_when_the_admin_api_is_not_on_loopback() {
+        assert!(super::exposure_warning("127.0.0.1:15014".parse().unwrap()).is_none());
+        assert!(super::exposure_warning("[::1]:15014".parse().unwrap()).is_none());
+        for exposed in ["0.0.0.0:15014", "10.1.2.3:15014", "[::]:15014"] {
+            let warning = super::exposure_warning(exposed.parse().unwrap());
+            assert!(
+                warning.is_some_and(|w| w.contains("beyond loopback")),
+                "{exposed}"
+            );
+        }
     }
 }

@@ -228,12 +228,8 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    if !args.admin_address.ip().is_loopback() {
-        tracing::warn!(
-            admin = %args.admin_address,
-            "the admin API listens beyond loopback: it needs an operator certificate, but \
-             keep it on 127.0.0.1 and reach it through a tunnel or `kubectl port-forward`"
-        );
+    if let Some(warning) = admin::exposure_warning(args.admin_address) {
+        tracing::warn!("{warning}");
     }
     let admin_listener = tokio::net::TcpListener::bind(args.admin_address)
         .await
