@@ -22,11 +22,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshd_ca::{Authority, OperatorId, PrivateKeyPem, SpiffeId};
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::tls::SpiffeServerVerifier;
 
 /// How long a certificate minted for one command lives.
 pub const MINTED_TTL: Duration = Duration::from_secs(600);
@@ -157,13 +156,10 @@ impl Credentials {
         for der in CertificateDer::pem_slice_iter(self.trust_bundle_pem.as_bytes()) {
             roots.add(der.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
         }
-        let chain = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| tls(&e))?;
-        let verifier = Arc::new(MeshdOnly {
-            chain,
-            meshd: meshd.to_string(),
-        });
+        let verifier = Arc::new(
+            SpiffeServerVerifier::new(roots, provider.clone(), Some(meshd.to_string()))
+                .map_err(|e| tls(&e))?,
+        );
         let certs = CertificateDer::pem_slice_iter(self.chain_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| tls(&e))?;
@@ -303,68 +299,5 @@ impl AdminClient {
                 self.authority
             ))
         })
-    }
-}
-
-/// meshd's certificate: it chains to the bundle and names meshd's SPIFFE id. The DNS
-/// name or address the client dialled does not matter.
-#[derive(Debug)]
-struct MeshdOnly {
-    chain: Arc<WebPkiServerVerifier>,
-    meshd: String,
-}
-
-impl ServerCertVerifier for MeshdOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .chain
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Ok(_)
-            | Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName
-                | rustls::CertificateError::NotValidForNameContext { .. },
-            )) => {}
-            Err(e) => return Err(e),
-        }
-        match crate::tls::leaf_uri(end_entity) {
-            Ok(uri) if uri == self.meshd => Ok(ServerCertVerified::assertion()),
-            Ok(uri) => Err(rustls::Error::General(format!(
-                "the admin API presented {uri}, expected meshd's identity {} (--meshd-namespace?)",
-                self.meshd
-            ))),
-            Err(e) => Err(rustls::Error::General(format!(
-                "the admin API's certificate: {e}"
-            ))),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.chain.supported_verify_schemes()
     }
 }

@@ -8,6 +8,10 @@
 //!   refused in the handshake (the log says why), so no request of a sidecar or a
 //!   web page ever reaches the admin API.
 //!
+//! Clients of mesh servers (meshctl towards the admin API, tests towards sidecars)
+//! verify them with [`SpiffeServerVerifier`]: the chain, and the SPIFFE id rather than
+//! a DNS name.
+//!
 //! The handshake runs here, off the accept loop, bounded by [`HANDSHAKE_TIMEOUT`]; the
 //! servers get finished TLS streams. Failed handshakes are counted
 //! (`meshd_tls_handshake_failures_total{port}`) and logged through a
@@ -223,6 +227,97 @@ impl ClientCertVerifier for OperatorsOnly {
 #[derive(Debug, thiserror::Error)]
 #[error("not an operator certificate: {0}")]
 struct NotAnOperator(String);
+
+/// A server certificate of the mesh: it must chain to the roots and, if `expected` is
+/// given, carry exactly that SPIFFE id. The DNS name or address the client dialled
+/// does not matter: mesh certificates name identities, not hosts.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    chain: Arc<rustls::client::WebPkiServerVerifier>,
+    expected: Option<String>,
+}
+
+impl SpiffeServerVerifier {
+    pub fn new(
+        roots: rustls::RootCertStore,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        expected: Option<String>,
+    ) -> Result<Self, rustls::client::VerifierBuilderError> {
+        let chain =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()?;
+        Ok(SpiffeServerVerifier { chain, expected })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        match self
+            .chain
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Ok(_)
+            | Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        let Some(expected) = &self.expected else {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        };
+        match leaf_uri(end_entity) {
+            Ok(uri) if uri == *expected => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            Ok(uri) => Err(rustls::Error::General(format!(
+                "the server presented {uri}, expected {expected}"
+            ))),
+            Err(e) => Err(rustls::Error::General(format!(
+                "the server's certificate: {e}"
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::client::danger::ServerCertVerifier::verify_tls12_signature(
+            &*self.chain,
+            message,
+            cert,
+            dss,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::client::danger::ServerCertVerifier::verify_tls13_signature(
+            &*self.chain,
+            message,
+            cert,
+            dss,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::client::danger::ServerCertVerifier::supported_verify_schemes(&*self.chain)
+    }
+}
 
 /// The operator a connection to the admin port authenticated as.
 pub fn peer_operator(tls: &TlsStream<TcpStream>) -> Option<OperatorId> {

@@ -6,11 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use meshd::tls::SpiffeServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -53,55 +51,6 @@ pub fn cert_info(der: &[u8]) -> anyhow::Result<CertInfo> {
     })
 }
 
-/// Verifies the chain against the trust bundle but not the name: mesh certificates
-/// carry SPIFFE ids, not DNS names; the test checks the SAN itself.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
-            | Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
 /// Connects with TLS to `addr`, trusting `trust_bundle_pem`, presenting `client` if
 /// given. Returns the stream and the server's leaf certificate.
 pub async fn connect(
@@ -114,12 +63,12 @@ pub async fn connect(
     for der in CertificateDer::pem_slice_iter(trust_bundle_pem.as_bytes()) {
         roots.add(der?)?;
     }
-    let verifier =
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    // Chain only: the test checks the SAN itself.
+    let verifier = SpiffeServerVerifier::new(roots, provider.clone(), None)?;
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ChainOnly(verifier)));
+        .with_custom_certificate_verifier(Arc::new(verifier));
     let config = match client {
         Some(c) => builder.with_client_auth_cert(
             CertificateDer::pem_slice_iter(c.chain_pem.as_bytes())
