@@ -21,13 +21,16 @@ pub struct SpiffeId {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "{input:?} is not a workload SPIFFE id (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>): {reason}"
-)]
+#[error("{input:?} is not {form}: {reason}")]
 pub struct SpiffeIdError {
     input: String,
+    form: &'static str,
     reason: &'static str,
 }
+
+const WORKLOAD_FORM: &str =
+    "a workload SPIFFE id (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)";
+const OPERATOR_FORM: &str = "an operator id (spiffe://<trust-domain>/meshd/operator/<name>)";
 
 impl SpiffeId {
     pub fn new(
@@ -41,6 +44,7 @@ impl SpiffeId {
             service_account: service_account.to_string(),
         };
         let err = |reason| SpiffeIdError {
+            form: WORKLOAD_FORM,
             input: id.to_string(),
             reason,
         };
@@ -78,6 +82,7 @@ impl FromStr for SpiffeId {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |reason| SpiffeIdError {
+            form: WORKLOAD_FORM,
             input: s.to_string(),
             reason,
         };
@@ -88,6 +93,7 @@ impl FromStr for SpiffeId {
         let parts: Vec<&str> = path.split('/').collect();
         match parts.as_slice() {
             ["ns", ns, "sa", sa] => SpiffeId::new(td, ns, sa).map_err(|e| SpiffeIdError {
+                form: WORKLOAD_FORM,
                 input: s.to_string(),
                 reason: e.reason,
             }),
@@ -110,6 +116,7 @@ impl OperatorId {
             name: name.to_string(),
         };
         let err = |reason| SpiffeIdError {
+            form: OPERATOR_FORM,
             input: id.to_string(),
             reason,
         };
@@ -142,6 +149,7 @@ impl FromStr for OperatorId {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |reason| SpiffeIdError {
+            form: OPERATOR_FORM,
             input: s.to_string(),
             reason,
         };
@@ -151,6 +159,7 @@ impl FromStr for OperatorId {
         let (td, path) = rest.split_once('/').ok_or_else(|| err("has no path"))?;
         match path.split('/').collect::<Vec<_>>().as_slice() {
             ["meshd", "operator", name] => OperatorId::new(td, name).map_err(|e| SpiffeIdError {
+                form: OPERATOR_FORM,
                 input: s.to_string(),
                 reason: e.reason,
             }),

@@ -81,15 +81,6 @@ pub struct TlsSetupError {
     message: String,
 }
 
-impl TlsSetupError {
-    pub fn io(port: Port, e: &std::io::Error) -> Self {
-        TlsSetupError {
-            port: port.name(),
-            message: e.to_string(),
-        }
-    }
-}
-
 /// The one URI SAN of a leaf certificate.
 pub fn leaf_uri(der: &[u8]) -> Result<String, String> {
     let (_, cert) =

@@ -105,6 +105,8 @@ async fn unknown_type_urls_are_bounded_in_number_and_length() -> anyhow::Result<
     for i in 0..300 {
         let url = format!("type.googleapis.com/x.{i}.{}", "y".repeat(200));
         if c.request(None, &url, &[], None).await.is_err() {
+            // meshd closed the stream first: its status says why.
+            status = Some(c.recv_status().await?);
             break;
         }
         if i == 20 {
@@ -179,6 +181,7 @@ async fn subscriptions_are_bounded_in_names_and_bytes() -> anyhow::Result<()> {
             .collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         if c.subscribe(None, EDS, &names).await.is_err() {
+            refused = Some(c.recv_status().await?.into());
             break;
         }
         match c.recv().await {
@@ -304,6 +307,70 @@ async fn a_flood_of_failed_handshakes_is_counted_not_logged_line_by_line() -> an
             log.contains("190 similar warnings were not logged"),
             "no summary"
         );
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_long_nonce_is_refused_and_cannot_panic_meshd_into_the_log() -> anyhow::Result<()> {
+    let f = start().await?;
+    let mut c = DeltaClient::connect(f.meshd.xds_addr, &f.cert).await?;
+    c.subscribe(me(), CDS, &[]).await?;
+    c.recv().await?;
+    // Byte 1,024 falls inside a multibyte character, after a forged line.
+    let nonce = format!(
+        "x\n2026-12-01T10:00:00Z  INFO meshd: forged\n{}",
+        "€".repeat(400)
+    );
+    c.send(
+        envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+            type_url: CDS.into(),
+            response_nonce: nonce,
+            error_detail: Some(envoy_types::pb::google::rpc::Status {
+                code: 3,
+                message: "no".into(),
+                details: vec![],
+            }),
+            ..Default::default()
+        },
+    )
+    .await?;
+    assert_refused(&c.recv_status().await?, "a resource name or version of");
+    let log = f.meshd.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-12-01T10:00:00Z")),
+        "forged line in the log"
+    );
+    // meshd still serves.
+    let mut c = SotwClient::connect(f.meshd.xds_addr, &f.cert).await?;
+    c.request(me(), CDS, &[], None).await?;
+    c.recv().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_pod_may_not_open_many_streams() -> anyhow::Result<()> {
+    let f = start().await?;
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        let mut c = SotwClient::connect(f.meshd.xds_addr, &f.cert).await?;
+        c.request(me(), CDS, &[], None).await?;
+        c.recv().await?;
+        open.push(c);
+    }
+    let mut ninth = SotwClient::connect(f.meshd.xds_addr, &f.cert).await?;
+    ninth.request(me(), CDS, &[], None).await?;
+    assert_refused(&ninth.recv_status().await?, "open streams of this identity");
+    assert_refusal_logged(&f.meshd, "streams").await?;
+    // A closed stream frees its place.
+    open.pop();
+    eventually("a place to be free", Duration::from_secs(5), || async {
+        let mut c = SotwClient::connect(f.meshd.xds_addr, &f.cert).await?;
+        c.request(me(), CDS, &[], None).await?;
+        c.recv().await?;
         Ok(())
     })
     .await?;

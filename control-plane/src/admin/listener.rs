@@ -24,23 +24,14 @@ pub struct OperatorConn {
 }
 
 pub struct AdminListener {
-    local: SocketAddr,
     connections: ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>,
 }
 
 impl AdminListener {
     pub fn new(listener: TcpListener, certs: Arc<CertManager>) -> Result<Self, TlsSetupError> {
-        let local = listener
-            .local_addr()
-            .map_err(|e| TlsSetupError::io(Port::Admin, &e))?;
         Ok(AdminListener {
-            local,
             connections: tls::incoming(listener, certs, Port::Admin)?,
         })
-    }
-
-    pub fn local(&self) -> SocketAddr {
-        self.local
     }
 }
 

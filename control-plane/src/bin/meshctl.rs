@@ -133,12 +133,6 @@ struct AdminArgs {
 impl AdminArgs {
     /// A client for the admin API, authenticated as an operator.
     fn connect(&self) -> anyhow::Result<AdminClient> {
-        if !self.admin.starts_with("https://") {
-            anyhow::bail!(
-                "--admin {:?}: meshd's admin API is HTTPS (e.g. https://127.0.0.1:15014)",
-                self.admin
-            );
-        }
         let credentials = match &self.operator {
             Some(dir) => Credentials::load(dir).context("--operator")?,
             None => {

@@ -148,6 +148,11 @@ enum LogFormat {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args)?;
+    // A panic's message may quote what a peer sent: it goes through the log, escaped,
+    // not raw to stderr where it could stand as lines of its own.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!("panic: {}", meshd::logging::Escaped(&info.to_string()));
+    }));
     if args.debounce > args.debounce_max {
         anyhow::bail!(
             "--debounce ({:?}) must not be longer than --debounce-max ({:?})",
@@ -282,6 +287,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(meshd::xds::limits::MAX_STREAMS_PER_CONNECTION))
         .add_service(AdsServer::new(snapshots, registry, certs.clone()).into_service())
         .serve_with_incoming_shutdown(
             meshd::tls::incoming(xds_listener, certs, meshd::tls::Port::Xds)?,

@@ -343,7 +343,10 @@ impl Core {
             }
             Err(problem) => {
                 if self.problems.get(&item.id) != Some(&problem) {
-                    tracing::warn!("{problem} (the previous version, if any, stays in force)");
+                    tracing::warn!(
+                        "{} (the previous version, if any, stays in force)",
+                        crate::logging::Escaped(&problem.to_string())
+                    );
                 }
                 self.problems.insert(item.id, problem);
                 false

@@ -48,6 +48,7 @@ impl DeltaStream {
         let mut held = Held::default();
         for state in self.types.values() {
             state.names.iter().for_each(|n| held.add(n));
+            state.told_missing.iter().for_each(|n| held.add(n));
             for (name, version) in &state.has {
                 held.add(name);
                 held.bytes += version.len();
@@ -85,8 +86,8 @@ impl StreamFlavor for DeltaStream {
             return Ok(());
         };
         limits::check_names(
-            req.resource_names_subscribe
-                .iter()
+            std::iter::once(&req.response_nonce)
+                .chain(&req.resource_names_subscribe)
                 .chain(&req.resource_names_unsubscribe)
                 .chain(req.initial_resource_versions.keys())
                 .chain(req.initial_resource_versions.values())

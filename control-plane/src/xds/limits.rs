@@ -11,10 +11,18 @@
 //! | [`MAX_REQUEST_BYTES`] | 4 MiB | one encoded request (gRPC decoding refuses more) |
 //! | [`MAX_TYPE_URL_BYTES`] | 256 | one type URL |
 //! | [`MAX_UNKNOWN_TYPES`] | 16 | distinct type URLs meshd does not serve, per stream |
-//! | [`MAX_NAME_BYTES`] | 1,024 | one resource name, version, or the node id |
+//! | [`MAX_NAME_BYTES`] | 1,024 | one resource name, version, nonce, or the node id |
 //! | [`MAX_NAMES`] | 100,000 | resource names a stream subscribes to or says it has, all types |
 //! | [`MAX_NAME_TOTAL_BYTES`] | 8 MiB | the bytes of those names and versions |
+//! | [`MAX_STREAMS_PER_WORKLOAD`] | 8 | open streams of one identity for one pod |
+//! | [`MAX_STREAMS_PER_CONNECTION`] | 16 | concurrent HTTP/2 streams on one connection |
 //! | [`MAX_NACK_MESSAGE_BYTES`] | 4 KiB | a NACK's message as kept for `meshctl status` (longer ones are cut, not refused) |
+//!
+//! The per-stream bounds make one stream cheap; the stream bounds keep one credential
+//! from opening many for one pod. A certificate can still open streams for other pod
+//! names of its namespace and service account (each served nothing unless that pod runs
+//! as that account); bounding that needs the pod to be known before its stream is
+//! accepted, which the token-based identity of a later issue brings.
 //!
 //! A real sidecar stays far below: at 10,000 services an Envoy subscribes to 10,000
 //! EDS names of some 60 bytes each (600 KB).
@@ -28,6 +36,8 @@ pub const MAX_NAME_BYTES: usize = 1024;
 pub const MAX_NAMES: usize = 100_000;
 pub const MAX_NAME_TOTAL_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_NACK_MESSAGE_BYTES: usize = 4096;
+pub const MAX_STREAMS_PER_WORKLOAD: usize = 8;
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 
 /// Which limit a stream went past.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +54,10 @@ pub enum LimitError {
     Names(usize),
     #[error("{0} bytes of resource names (at most {MAX_NAME_TOTAL_BYTES})")]
     NameBytes(usize),
+    #[error(
+        "a stream for a pod that already has {0} open streams of this identity (at most {MAX_STREAMS_PER_WORKLOAD})"
+    )]
+    Streams(usize),
 }
 
 impl LimitError {
@@ -55,6 +69,7 @@ impl LimitError {
             LimitError::UnknownTypes => "type_urls",
             LimitError::NameLength(_) => "name_length",
             LimitError::Names(_) | LimitError::NameBytes(_) => "names",
+            LimitError::Streams(_) => "streams",
         }
     }
 }

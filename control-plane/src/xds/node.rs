@@ -55,7 +55,7 @@ pub enum IdentityError {
     NoSpiffeId(String),
     #[error("the client certificate is for trust domain {got:?}, this mesh is {want:?}")]
     ForeignTrustDomain { got: String, want: String },
-    #[error("node {node_id:?} claims {key} {claimed:?} but its client certificate is {identity}")]
+    #[error("node {node_id:?} claims {key} \"{claimed}\" but its client certificate is {identity}")]
     Mismatch {
         node_id: String,
         key: &'static str,
@@ -133,7 +133,8 @@ pub fn identify(
             return Err(IdentityError::Mismatch {
                 node_id: node.id.clone(),
                 key,
-                claimed: claimed.clone(),
+                // Peer-chosen and echoed in the log and the status: escaped and cut.
+                claimed: crate::logging::Escaped(claimed).to_string(),
                 identity: identity.to_string(),
             }
             .into());

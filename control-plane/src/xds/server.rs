@@ -30,8 +30,16 @@ use super::secrets::SecretCache;
 use super::status::{Nack, ProxyHandle, ProxyRegistry, ProxyStatus, XdsFlavor, now_rfc3339};
 use super::{delta, sotw};
 use crate::identity::CertManager;
-use crate::logging::Escaped;
+use crate::logging::{Escaped, Throttle};
 use crate::metrics::{self, metrics};
+use crate::throttled_warn;
+
+/// Warnings any authenticated peer can trigger at will: each kind at most 20 lines per
+/// 10 s (the metrics count every one).
+static REFUSED: Throttle = Throttle::new(20, std::time::Duration::from_secs(10));
+static NACKS: Throttle = Throttle::new(20, std::time::Duration::from_secs(10));
+static UNKNOWN_TYPES: Throttle = Throttle::new(20, std::time::Duration::from_secs(10));
+static LIMITS: Throttle = Throttle::new(20, std::time::Duration::from_secs(10));
 
 /// Responses queued per stream before the stream task waits for the proxy to read.
 const STREAM_BUFFER: usize = 8;
@@ -140,7 +148,7 @@ impl StreamContext {
         let result = peer.and_then(|p| identify(node, p, self.certs.trust_domain()));
         result.map_err(|e| {
             let node_id = node.map(|n| n.id.as_str()).unwrap_or("");
-            tracing::warn!(node = %Escaped(node_id), "refused an xDS stream: {e}");
+            throttled_warn!(REFUSED, node = %Escaped(node_id), "refused an xDS stream: {e}");
             match e {
                 IdentifyError::Node(e) => Status::invalid_argument(e.to_string()),
                 IdentifyError::Identity(IdentityError::NoCertificate) => {
@@ -166,13 +174,17 @@ pub(crate) struct ProxyConn {
 }
 
 impl ProxyConn {
-    pub fn connect(ctx: &mut StreamContext, id: ProxyId, flavor: XdsFlavor) -> ProxyConn {
+    pub fn connect(
+        ctx: &mut StreamContext,
+        id: ProxyId,
+        flavor: XdsFlavor,
+    ) -> Result<ProxyConn, LimitError> {
         let status = ctx.registry.register(ProxyStatus::new(
             id.node_id.clone(),
             id.workload.to_string(),
             id.identity.to_string(),
             flavor,
-        ));
+        ))?;
         tracing::info!(node = %id.node_id, workload = %id.workload, identity = %id.identity, ?flavor, "proxy connected");
         let snapshot = ctx.snapshots.borrow_and_update().clone();
         let mut conn = ProxyConn {
@@ -185,7 +197,7 @@ impl ProxyConn {
             nonce: 0,
         };
         conn.refresh_secrets(&ctx.secrets);
-        conn
+        Ok(conn)
     }
 
     /// Fetches the proxy's secrets again (after the certificates changed): its own,
@@ -259,13 +271,13 @@ impl ProxyConn {
     /// with Envoy's `error`. Only the answer to the latest response settles it.
     pub fn record_answer(&self, t: ResourceType, nonce: &str, error: Option<&str>) {
         if let Some(message) = error {
-            tracing::warn!(
+            throttled_warn!(
+                NACKS,
                 node = %self.id.node_id, type = t.short(), nonce = %Escaped(nonce),
                 "proxy rejected config (NACK), keeping its last accepted config: {}",
                 Escaped(message)
             );
         }
-        let nonce = &nonce[..nonce.len().min(limits::MAX_NAME_BYTES)];
         self.status.update(|s| {
             let ts = s.type_mut(t.short());
             let latest = ts.sent_nonce == nonce;
@@ -339,7 +351,8 @@ impl ProxyConn {
                 result = Err(LimitError::UnknownTypes);
                 return;
             }
-            tracing::warn!(
+            throttled_warn!(
+                UNKNOWN_TYPES,
                 node = %s.node_id,
                 type_url = %Escaped(type_url),
                 "proxy asked for a resource type meshd does not serve; ignored"
@@ -398,7 +411,11 @@ async fn run<F: StreamFlavor>(
         }
     };
     let tx_end = tx.clone();
-    let mut stream = F::new(ProxyConn::connect(&mut ctx, id, F::FLAVOR), tx);
+    let conn = match ProxyConn::connect(&mut ctx, id.clone(), F::FLAVOR) {
+        Ok(conn) => conn,
+        Err(limit) => return finish(Some(&id), StreamEnd::Limit(limit), &tx).await,
+    };
+    let mut stream = F::new(conn, tx);
     let end = serve(&mut stream, ctx, first, requests).await;
     let id = stream.conn().id.clone();
     // Free the stream's state before waiting on the proxy to take the status.
@@ -430,11 +447,12 @@ async fn finish<T>(id: Option<&ProxyId>, end: StreamEnd, tx: &mpsc::Sender<Queue
                 })
                 .inc();
             match id {
-                Some(id) => tracing::warn!(
+                Some(id) => throttled_warn!(
+                    LIMITS,
                     node = %id.node_id, workload = %id.workload, identity = %id.identity,
                     "ended an xDS stream that sent {limit}"
                 ),
-                None => tracing::warn!("ended an xDS stream that sent {limit}"),
+                None => throttled_warn!(LIMITS, "ended an xDS stream that sent {limit}"),
             }
             let status = Status::resource_exhausted(format!(
                 "meshd ended this stream: it sent {limit} (see meshd's limits)"

@@ -89,7 +89,11 @@ impl StreamFlavor for SotwStream {
             self.conn.record_unknown_type(&req.type_url)?;
             return Ok(());
         };
-        limits::check_names(req.resource_names.iter().map(String::as_str))?;
+        limits::check_names(
+            std::iter::once(&req.response_nonce)
+                .chain(&req.resource_names)
+                .map(String::as_str),
+        )?;
         let state = self.types.entry(t).or_insert(TypeState {
             subscription: Subscription::Names(BTreeSet::new()),
             sent: None,
@@ -97,7 +101,7 @@ impl StreamFlavor for SotwStream {
         if !req.response_nonce.is_empty() {
             let current = state.sent.as_ref().map(|s| s.nonce.as_str());
             if current != Some(req.response_nonce.as_str()) {
-                tracing::trace!(node = %self.conn.id.node_id, type = t.short(), nonce = %req.response_nonce, "stale request ignored");
+                tracing::trace!(node = %self.conn.id.node_id, type = t.short(), nonce = %crate::logging::Escaped(&req.response_nonce), "stale request ignored");
                 return Ok(());
             }
             self.conn.record_answer(

@@ -4,13 +4,14 @@
 //! Each stream owns its own `Mutex<ProxyStatus>`; the registry's map is only locked when
 //! a stream connects or disconnects, or when someone reads it, never on a push.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::time::Instant;
 
 use crate::metrics::{self, metrics};
+use crate::xds::limits::{self, LimitError};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,7 +120,13 @@ impl ProxyStatus {
     }
 }
 
-type Entries = BTreeMap<u64, Arc<Mutex<ProxyStatus>>>;
+#[derive(Debug, Default)]
+struct Entries {
+    by_stream: BTreeMap<u64, Arc<Mutex<ProxyStatus>>>,
+    /// Open streams per (identity, workload): a sidecar has one, two while it
+    /// reconnects.
+    per_workload: HashMap<(String, String), usize>,
+}
 
 /// All connected proxies. Cloning shares it.
 #[derive(Debug, Clone, Default)]
@@ -129,27 +136,37 @@ pub struct ProxyRegistry {
 }
 
 impl ProxyRegistry {
-    pub fn register(&self, mut status: ProxyStatus) -> ProxyHandle {
+    /// Registers a stream; refused past [`limits::MAX_STREAMS_PER_WORKLOAD`] open
+    /// streams of one identity for one workload.
+    pub fn register(&self, mut status: ProxyStatus) -> Result<ProxyHandle, LimitError> {
+        let key = (status.identity.clone(), status.workload.clone());
+        let mut entries = lock(&self.entries);
+        let open = entries.per_workload.entry(key.clone()).or_default();
+        if *open >= limits::MAX_STREAMS_PER_WORKLOAD {
+            return Err(LimitError::Streams(*open));
+        }
+        *open += 1;
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         status.stream = id;
         let status = Arc::new(Mutex::new(status));
-        lock(&self.entries).insert(id, status.clone());
+        entries.by_stream.insert(id, status.clone());
         metrics().connected_proxies.inc();
-        ProxyHandle {
+        Ok(ProxyHandle {
             id,
+            key,
             entries: self.entries.clone(),
             status,
-        }
+        })
     }
 
     /// A copy of every connected proxy's status, by stream id.
     pub fn list(&self) -> Vec<ProxyStatus> {
-        let entries: Vec<_> = lock(&self.entries).values().cloned().collect();
+        let entries: Vec<_> = lock(&self.entries).by_stream.values().cloned().collect();
         entries.iter().map(|s| lock(s).clone()).collect()
     }
 
     pub fn len(&self) -> usize {
-        lock(&self.entries).len()
+        lock(&self.entries).by_stream.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -161,6 +178,7 @@ impl ProxyRegistry {
 #[derive(Debug)]
 pub struct ProxyHandle {
     id: u64,
+    key: (String, String),
     entries: Arc<Mutex<Entries>>,
     status: Arc<Mutex<ProxyStatus>>,
 }
@@ -176,7 +194,14 @@ impl ProxyHandle {
 
 impl Drop for ProxyHandle {
     fn drop(&mut self) {
-        lock(&self.entries).remove(&self.id);
+        let mut entries = lock(&self.entries);
+        entries.by_stream.remove(&self.id);
+        if let Some(open) = entries.per_workload.get_mut(&self.key) {
+            *open -= 1;
+            if *open == 0 {
+                entries.per_workload.remove(&self.key);
+            }
+        }
         metrics().connected_proxies.dec();
     }
 }

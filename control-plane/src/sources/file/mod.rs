@@ -298,7 +298,10 @@ fn read_text(path: &Path) -> Result<String, String> {
 /// Logs what is newly broken or fixed, and shares the current list.
 fn publish_errors(shared: &SharedErrors, now: &[ConfigError], before: &[ConfigError]) {
     for e in now.iter().filter(|e| !before.contains(e)) {
-        tracing::warn!("config error (last good state kept): {e}");
+        tracing::warn!(
+            "config error (last good state kept): {}",
+            crate::logging::Escaped(&e.to_string())
+        );
     }
     if now.is_empty() && !before.is_empty() {
         tracing::info!("config directory is free of errors again");
