@@ -76,6 +76,7 @@ impl Sidecar {
             .kill_on_drop(true)
             .spawn()
             .context("cannot start envoy")?;
+        crate::install_crypto_provider();
         let mut sidecar = Sidecar {
             child,
             node_id: format!("{pod}.{namespace}"),

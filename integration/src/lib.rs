@@ -28,6 +28,17 @@ pub mod xds_client;
 
 pub use meshd::XdsFlavor;
 
+/// Makes ring the process's rustls provider, once. reqwest is built without a provider
+/// of its own (`rustls-no-provider`), so a plain-HTTP client (to an app, an Envoy
+/// admin, meshd's health port) panics on `build()` until one is installed.
+pub fn install_crypto_provider() {
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// Sets up logging for a test process once (`RUST_LOG` decides, default `warn`).
 pub fn init_test_logging() {
     use std::sync::Once;

@@ -119,6 +119,7 @@ impl Meshd {
             .kill_on_drop(true)
             .spawn()
             .context("cannot start meshd")?;
+        crate::install_crypto_provider();
         let mut meshd = Meshd {
             child,
             xds_addr,

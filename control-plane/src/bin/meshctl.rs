@@ -280,6 +280,9 @@ enum Output {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    // reqwest is built without a TLS provider of its own; plain-HTTP clients (`authz
+    // stats` reading an Envoy admin) need the process default.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match run(Cli::parse()).await {
         Ok(code) => code,
         Err(e) => {
