@@ -291,7 +291,8 @@ fn policy(ns: &str, name: &str, selector: Option<&str>, action: &str, rules: &st
 }
 
 /// ALLOW on web: client by principal; edge by namespace for GET /public*; `other`
-/// only with `x-team: blue`.
+/// with `x-team: blue`, or on /regional* unless `x-region` is `us-*` (a condition with
+/// only `notValues`).
 fn web_allow(with_client: bool) -> String {
     let client = if with_client {
         "    - from: [{source: {principals: [\"cluster.local/ns/shop/sa/client\"]}}]\n"
@@ -304,7 +305,7 @@ fn web_allow(with_client: bool) -> String {
         Some("web"),
         "ALLOW",
         &format!(
-            "{client}    - from: [{{source: {{namespaces: [edge]}}}}]\n      to: [{{operation: {{paths: [\"/public*\"], methods: [GET]}}}}]\n    - from: [{{source: {{principals: [\"*/sa/other\"]}}}}]\n      when: [{{key: \"request.headers[x-team]\", values: [blue]}}]\n"
+            "{client}    - from: [{{source: {{namespaces: [edge]}}}}]\n      to: [{{operation: {{paths: [\"/public*\"], methods: [GET]}}}}]\n    - from: [{{source: {{principals: [\"*/sa/other\"]}}}}]\n      when: [{{key: \"request.headers[x-team]\", values: [blue]}}]\n    - from: [{{source: {{principals: [\"*/sa/other\"]}}}}]\n      to: [{{operation: {{paths: [\"/regional*\"]}}}}]\n      when: [{{key: \"request.headers[x-region]\", notValues: [\"us-*\"]}}]\n"
         ),
     )
 }
@@ -345,6 +346,8 @@ async fn authorization_table_over_real_sidecars() -> anyhow::Result<()> {
     let m = mesh().await?;
     let blue: &[(&str, &str)] = &[("x-team", "blue")];
     let red: &[(&str, &str)] = &[("x-team", "red")];
+    let eu: &[(&str, &str)] = &[("x-region", "eu-west")];
+    let us: &[(&str, &str)] = &[("x-region", "us-east")];
 
     // No policy: everything is allowed.
     m.run(
@@ -369,6 +372,9 @@ async fn authorization_table_over_real_sidecars() -> anyhow::Result<()> {
             case("other", To::Http("GET", "/", blue), ALLOW),
             case("other", To::Http("GET", "/", red), Some("none")),
             case("other", get("/"), Some("none")),
+            case("other", To::Http("GET", "/regional", eu), ALLOW),
+            case("other", To::Http("GET", "/regional", us), Some("none")),
+            case("other", get("/regional"), ALLOW),
             // No policy selects db: still allowed.
             case("gateway", To::Tcp, ALLOW),
         ],
@@ -432,7 +438,7 @@ async fn authorization_table_over_real_sidecars() -> anyhow::Result<()> {
         ("shop/no-admin#0", 1),
         ("shop/shop-only-writes#0", 1),
         ("meshd-system/no-internal#0", 1),
-        ("none", 4),
+        ("none", 5),
     ] {
         ensure!(
             count(&web_stats, rule, "denied") == n,

@@ -12,7 +12,10 @@
 //!
 //! A rule matches when every part it has matches: any of its `from` sources (each
 //! source: all its fields), any of its `to` operations (each: all its fields), and all
-//! its `when` conditions. Strings match exactly, by `prefix*`, by `*suffix`, or `*`.
+//! its `when` conditions (a condition with `values` needs the header to have one of
+//! them, one with `notValues` needs it to have none of them — a missing header has
+//! none — and one with both needs both). Strings match exactly, by `prefix*`, by
+//! `*suffix`, or `*`.
 //!
 //! HTTP-only fields (methods, paths, hosts, request headers) on a TCP port cannot be
 //! checked: a DENY rule that uses them is applied without them (it denies more: fail

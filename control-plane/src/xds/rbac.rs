@@ -226,15 +226,13 @@ fn compile_rule(rule: &Rule, action: Action, http: bool) -> Option<Policy> {
         ));
     }
     if http {
+        // A condition may have only `values`, only `notValues`, or both; each list
+        // present adds one part (an empty `or_rules` would be NACKed by Envoy).
         for c in &rule.when {
-            perms.push(or_rules(
-                c.values.iter().map(|v| header(&c.header, v)).collect(),
-            ));
-            if !c.not_values.is_empty() {
-                perms.push(not_rule(or_rules(
-                    c.not_values.iter().map(|v| header(&c.header, v)).collect(),
-                )));
-            }
+            let headers =
+                |list: &[StringMatch]| list.iter().map(|v| header(&c.header, v)).collect();
+            push_either(&mut perms, headers(&c.values), false);
+            push_either(&mut perms, headers(&c.not_values), true);
         }
     }
     let principal = if rule.from.is_empty() {
@@ -402,8 +400,13 @@ fn and_rules(mut rules: Vec<Permission>) -> Permission {
     }
 }
 
+/// Any of `rules`. Envoy refuses an empty `or_rules`, so "any of none" is written as
+/// what it means: nothing matches.
 fn or_rules(mut rules: Vec<Permission>) -> Permission {
     match rules.len() {
+        0 => not_rule(Permission {
+            rule: Some(permission::Rule::Any(true)),
+        }),
         1 => rules.pop().expect("one"),
         _ => Permission {
             rule: Some(permission::Rule::OrRules(permission::Set { rules })),
@@ -417,8 +420,12 @@ fn not_rule(p: Permission) -> Permission {
     }
 }
 
+/// Any of `ids`; "any of none" matches nobody (as [`or_rules`]).
 fn or_ids(mut ids: Vec<Principal>) -> Principal {
     match ids.len() {
+        0 => Principal {
+            identifier: Some(principal::Identifier::NotId(Box::new(any_id()))),
+        },
         1 => ids.pop().expect("one"),
         _ => Principal {
             identifier: Some(principal::Identifier::OrIds(principal::Set { ids })),

@@ -370,4 +370,37 @@ mod tests {
         conn.http = None;
         assert_eq!(tcp.evaluate(&conn).denied_by.as_deref(), Some("none"));
     }
+
+    /// `when` with only `notValues` matches a request whose header has none of them,
+    /// also one without the header (Istio's semantics).
+    #[test]
+    fn when_with_only_not_values() {
+        let allow = policy(
+            "not-us",
+            Action::Allow,
+            Rule {
+                when: vec![Condition {
+                    header: "x-region".into(),
+                    values: vec![],
+                    not_values: vec![Prefix("us-".into())],
+                }],
+                ..Default::default()
+            },
+        );
+        let rbac = compile(&[&allow], true);
+        let with_region = |region: Option<&str>| {
+            let mut r = get(CLIENT, "/");
+            r.http.as_mut().unwrap().headers = region
+                .map(|v| vec![("X-Region".to_string(), v.to_string())])
+                .unwrap_or_default();
+            rbac.evaluate(&r)
+        };
+        assert!(with_region(Some("eu-west")).allowed);
+        assert!(
+            with_region(None).allowed,
+            "no header: none of the notValues"
+        );
+        let v = with_region(Some("us-east"));
+        assert_eq!(v.denied_by.as_deref(), Some("none"), "{v:?}");
+    }
 }
