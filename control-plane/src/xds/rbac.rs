@@ -256,10 +256,16 @@ fn operation(o: &Operation, http: bool) -> Permission {
     push_either(&mut all, o.not_ports.iter().map(port).collect(), true);
     if http {
         let method = |m: &StringMatch| header(":method", m);
-        let path = |p: &StringMatch| Permission {
-            rule: Some(permission::Rule::UrlPath(PathMatcher {
-                rule: Some(path_matcher::Rule::Path(string_matcher(p, false))),
-            })),
+        // Every HTTP request has a path: `*` is any request.
+        let path = |p: &StringMatch| match string_matcher(p, false) {
+            None => Permission {
+                rule: Some(permission::Rule::Any(true)),
+            },
+            Some(m) => Permission {
+                rule: Some(permission::Rule::UrlPath(PathMatcher {
+                    rule: Some(path_matcher::Rule::Path(m)),
+                })),
+            },
         };
         let host = |h: &StringMatch| header_ci(":authority", h);
         push_either(&mut all, o.methods.iter().map(method).collect(), false);
@@ -311,16 +317,19 @@ fn source(s: &Source) -> Principal {
     }
 }
 
-/// The peer's certificate URI SAN matches `m` (a SPIFFE id pattern).
+/// The peer's certificate URI SAN matches `m` (a SPIFFE id pattern); `*` is any peer
+/// with a certificate.
 fn peer(m: &StringMatch) -> Principal {
     authenticated(string_matcher(m, false))
 }
 
 /// The peer's SPIFFE id is in a namespace matching `m`: `.../ns/<namespace>/sa/...`.
 fn namespace(m: &StringMatch) -> Principal {
-    let contains = |s: String| StringMatcher {
-        match_pattern: Some(string_matcher::MatchPattern::Contains(s)),
-        ..Default::default()
+    let contains = |s: String| {
+        Some(StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Contains(s)),
+            ..Default::default()
+        })
     };
     match m {
         StringMatch::Any => authenticated(contains("/ns/".into())),
@@ -330,12 +339,11 @@ fn namespace(m: &StringMatch) -> Principal {
     }
 }
 
-fn authenticated(m: StringMatcher) -> Principal {
+/// A peer with a certificate whose URI SAN matches `m` (any, if `None`).
+fn authenticated(m: Option<StringMatcher>) -> Principal {
     Principal {
         identifier: Some(principal::Identifier::Authenticated(
-            principal::Authenticated {
-                principal_name: Some(m),
-            },
+            principal::Authenticated { principal_name: m },
         )),
     }
 }
@@ -360,9 +368,10 @@ fn header_ci(name: &str, m: &StringMatch) -> Permission {
 }
 
 fn header_matcher(name: &str, m: &StringMatch, ignore_case: bool) -> Permission {
-    let specifier = match m {
-        StringMatch::Any => header_matcher::HeaderMatchSpecifier::PresentMatch(true),
-        _ => header_matcher::HeaderMatchSpecifier::StringMatch(string_matcher(m, ignore_case)),
+    // `*`: the header is there, with any value.
+    let specifier = match string_matcher(m, ignore_case) {
+        None => header_matcher::HeaderMatchSpecifier::PresentMatch(true),
+        Some(sm) => header_matcher::HeaderMatchSpecifier::StringMatch(sm),
     };
     Permission {
         rule: Some(permission::Rule::Header(HeaderMatcher {
@@ -373,19 +382,20 @@ fn header_matcher(name: &str, m: &StringMatch, ignore_case: bool) -> Permission 
     }
 }
 
-fn string_matcher(m: &StringMatch, ignore_case: bool) -> StringMatcher {
+/// `m` as an Envoy string matcher; `None` for `*`, which Envoy cannot say as one (an
+/// empty prefix is refused): each caller writes "anything" its own way.
+fn string_matcher(m: &StringMatch, ignore_case: bool) -> Option<StringMatcher> {
     use string_matcher::MatchPattern;
     let pattern = match m {
-        // Envoy has no "any" string matcher; an empty prefix matches every value.
-        StringMatch::Any => MatchPattern::Prefix(String::new()),
+        StringMatch::Any => return None,
         StringMatch::Exact(s) => MatchPattern::Exact(s.clone()),
         StringMatch::Prefix(s) => MatchPattern::Prefix(s.clone()),
         StringMatch::Suffix(s) => MatchPattern::Suffix(s.clone()),
     };
-    StringMatcher {
+    Some(StringMatcher {
         match_pattern: Some(pattern),
         ignore_case,
-    }
+    })
 }
 
 fn and_rules(mut rules: Vec<Permission>) -> Permission {
@@ -515,5 +525,111 @@ mod tests {
         let allow = allow.1.rules.expect("fail closed");
         assert_eq!(allow.action, rbac::Action::Allow as i32);
         assert!(allow.policies.is_empty());
+    }
+
+    /// What Envoy's validation refuses in RBAC, as far as meshd's output goes: empty
+    /// `and_rules`/`or_rules`/`and_ids`/`or_ids`, and empty `prefix`, `suffix` or
+    /// `contains` matchers (the property test in `integration/tests/envoy_validate.rs`
+    /// has a real Envoy check everything).
+    fn assert_envoy_accepts(rbac: &Rbac) {
+        use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+        fn sm(m: &StringMatcher) {
+            match &m.match_pattern {
+                Some(
+                    MatchPattern::Prefix(s) | MatchPattern::Suffix(s) | MatchPattern::Contains(s),
+                ) => {
+                    assert!(!s.is_empty(), "empty matcher {m:?}")
+                }
+                Some(MatchPattern::Exact(_)) => {}
+                other => panic!("unexpected matcher {other:?}"),
+            }
+        }
+        fn perm(p: &Permission) {
+            match p.rule.as_ref().expect("a rule") {
+                permission::Rule::AndRules(set) | permission::Rule::OrRules(set) => {
+                    assert!(!set.rules.is_empty(), "empty set");
+                    set.rules.iter().for_each(perm);
+                }
+                permission::Rule::NotRule(p) => perm(p),
+                permission::Rule::Header(h) => {
+                    if let Some(header_matcher::HeaderMatchSpecifier::StringMatch(m)) =
+                        &h.header_match_specifier
+                    {
+                        sm(m)
+                    }
+                }
+                permission::Rule::UrlPath(p) => match &p.rule {
+                    Some(path_matcher::Rule::Path(m)) => sm(m),
+                    other => panic!("{other:?}"),
+                },
+                _ => {}
+            }
+        }
+        fn id(p: &Principal) {
+            match p.identifier.as_ref().expect("an identifier") {
+                principal::Identifier::AndIds(set) | principal::Identifier::OrIds(set) => {
+                    assert!(!set.ids.is_empty(), "empty set");
+                    set.ids.iter().for_each(id);
+                }
+                principal::Identifier::NotId(p) => id(p),
+                principal::Identifier::Authenticated(a) => {
+                    if let Some(m) = &a.principal_name {
+                        sm(m)
+                    }
+                }
+                _ => {}
+            }
+        }
+        for policy in rbac.policies.values() {
+            policy.permissions.iter().for_each(perm);
+            policy.principals.iter().for_each(id);
+        }
+    }
+
+    /// `*` in every field that takes a pattern, plus a `when` with only `notValues`:
+    /// nothing Envoy refuses (an empty prefix was, for `principals: ["*"]`).
+    #[test]
+    fn wildcards_and_not_values_compile_to_rbac_envoy_accepts() {
+        let any = vec![StringMatch::Any];
+        let rule = Rule {
+            from: vec![Source {
+                principals: any.clone(),
+                not_principals: any.clone(),
+                namespaces: any.clone(),
+                not_namespaces: any.clone(),
+                ..Default::default()
+            }],
+            to: vec![Operation {
+                methods: any.clone(),
+                not_methods: any.clone(),
+                paths: any.clone(),
+                not_paths: any.clone(),
+                hosts: any.clone(),
+                not_hosts: any.clone(),
+                ..Default::default()
+            }],
+            when: vec![
+                crate::authz::Condition {
+                    header: "x-a".into(),
+                    values: any.clone(),
+                    not_values: any.clone(),
+                },
+                crate::authz::Condition {
+                    header: "x-b".into(),
+                    values: vec![],
+                    not_values: vec![StringMatch::Prefix("us-".into())],
+                },
+            ],
+        };
+        for action in [Action::Allow, Action::Deny, Action::Audit] {
+            let mut p = policy(action, Operation::default());
+            p.rules = vec![rule.clone()];
+            for http in [true, false] {
+                let c = compile(&[&p], http);
+                for stage in [&c.deny, &c.allow, &c.audit].into_iter().flatten() {
+                    assert_envoy_accepts(stage);
+                }
+            }
+        }
     }
 }

@@ -403,4 +403,29 @@ mod tests {
         let v = with_region(Some("us-east"));
         assert_eq!(v.denied_by.as_deref(), Some("none"), "{v:?}");
     }
+
+    /// `principals: ["*"]` is any caller with a certificate; `paths: ["*"]` any path.
+    #[test]
+    fn star_principal_and_path() {
+        let allow = policy(
+            "any-peer",
+            Action::Allow,
+            Rule {
+                from: vec![Source {
+                    principals: vec![crate::authz::StringMatch::Any],
+                    ..Default::default()
+                }],
+                to: vec![Operation {
+                    paths: vec![crate::authz::StringMatch::Any],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        let rbac = compile(&[&allow], true);
+        assert!(rbac.evaluate(&get(OTHER, "/x/y?z")).allowed);
+        let mut plaintext = get(CLIENT, "/");
+        plaintext.principal = None;
+        assert_eq!(rbac.evaluate(&plaintext).denied_by.as_deref(), Some("none"));
+    }
 }
