@@ -8,7 +8,8 @@
 //!   denied, whatever else applies.
 //! - **ALLOW**: if any ALLOW policy selects a workload, a request must match at least
 //!   one rule of one of them; if none selects it, the request is allowed.
-//! - **AUDIT** never changes the decision; matches are recorded (Envoy shadow rules).
+//! - **AUDIT** never changes the decision; matches are recorded (Envoy shadow rules),
+//!   for every request, allowed or denied: the AUDIT stage runs first.
 //!
 //! A rule matches when every part it has matches: any of its `from` sources (each
 //! source: all its fields), any of its `to` operations (each: all its fields), and all

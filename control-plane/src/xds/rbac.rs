@@ -1,16 +1,19 @@
 //! AuthorizationPolicies → Envoy RBAC filters for one inbound port.
 //!
 //! Three stages per port, in the order they run:
-//! 1. DENY: every DENY rule; a request that matches one is denied;
-//! 2. ALLOW: every ALLOW rule, only if some ALLOW policy selects the workload (with
-//!    none, everything is allowed; with some, at least one rule must match);
-//! 3. AUDIT: every AUDIT rule as shadow rules, which never enforce.
+//! 1. AUDIT: every AUDIT rule as shadow rules, which never enforce. It runs first so
+//!    that it sees every request, allowed or denied (Istio's AUDIT does too): a denial
+//!    ends the filter chain, and an AUDIT stage after it would never see the denied;
+//! 2. DENY: every DENY rule; a request that matches one is denied;
+//! 3. ALLOW: every ALLOW rule, only if some ALLOW policy selects the workload (with
+//!    none, everything is allowed; with some, at least one rule must match).
 //!
 //! Each rule is an Envoy policy named `<namespace>/<name>#<rule>`, so Envoy's response
 //! details (and meshd's `x-meshd-denied-by` header, and the access log) name the rule
-//! that denied a request. Envoy counts per rule (HTTP: `track_per_rule_stats`) or per
-//! DENY policy (TCP: one network filter each) what was denied, allowed and audited,
-//! and per port what no ALLOW rule admitted; `meshctl authz stats` reads it back
+//! that denied a request. Envoy counts per rule (HTTP: `track_per_rule_stats`) what
+//! was denied, allowed and audited; network RBAC has no per-rule counters, so on TCP
+//! each DENY policy and each AUDIT rule is a network filter of its own. Per port it
+//! counts what no ALLOW rule admitted; `meshctl authz stats` reads it back
 //! ([`rbac_stats`](super::rbac_stats)).
 //!
 //! **Live updates.** On HTTP ports the three stages are HTTP filters in the listener
@@ -63,9 +66,9 @@ pub struct PortRbac {
 /// The stages, in the order they run: the name of each stage's HTTP filter, and its
 /// stat prefix (stats: `http.<listener>.rbac.<prefix>…`).
 pub const STAGES: [(&str, &str); 3] = [
+    ("meshd.rbac.audit", "audit_"),
     ("meshd.rbac.deny", "deny."),
     ("meshd.rbac.allow", "allow."),
-    ("meshd.rbac.audit", "audit_"),
 ];
 
 /// The RBAC of `workload`'s inbound port `inbound`, exactly as its sidecar gets it.
@@ -116,8 +119,9 @@ impl PortRbac {
     /// the route ([`Self::per_route_configs`]). Without a route override, DENY and AUDIT
     /// pass everything and ALLOW admits nothing.
     pub fn http_filters() -> [(&'static str, HttpRbac); 3] {
-        let [deny, allow, audit] = STAGES;
+        let [audit, deny, allow] = STAGES;
         [
+            (audit.0, Self::http_stage(audit.1, None, None)),
             (deny.0, Self::http_stage(deny.1, None, None)),
             (
                 allow.0,
@@ -130,7 +134,6 @@ impl PortRbac {
                     None,
                 ),
             ),
-            (audit.0, Self::http_stage(audit.1, None, None)),
         ]
     }
 
@@ -138,11 +141,11 @@ impl PortRbac {
     /// by filter name: one route carries all three, so they change together. A stage
     /// without policies passes everything (an RBAC filter without rules does nothing).
     pub fn per_route_configs(&self) -> HashMap<String, Any> {
-        let [deny, allow, audit] = STAGES;
+        let [audit, deny, allow] = STAGES;
         let stages = [
+            (audit, Self::http_stage(audit.1, None, self.audit.clone())),
             (deny, Self::http_stage(deny.1, self.deny.clone(), None)),
             (allow, Self::http_stage(allow.1, self.allow.clone(), None)),
-            (audit, Self::http_stage(audit.1, None, self.audit.clone())),
         ];
         stages
             .into_iter()
@@ -166,11 +169,34 @@ impl PortRbac {
         }
     }
 
-    /// The network filters (before the TCP proxy) of the listener `listener`. Network
-    /// RBAC has no per-rule counters, so each DENY policy gets a filter of its own:
-    /// its `denied` counter (`<listener>.deny.<ns>/<name>.rbac.denied`) is the policy's.
+    /// The network filters (before the TCP proxy) of the listener `listener`, AUDIT
+    /// first. Network RBAC has no per-rule counters, so
+    /// - each AUDIT rule gets a filter of its own, whose shadow rules (action DENY: a
+    ///   match is counted as `shadow_denied`, and never enforced) count its matches in
+    ///   `<listener>.audit.<ns>/<name>#<i>.rbac.audit_.shadow_denied`. They run in
+    ///   reverse name order: each match writes the connection's
+    ///   `audit_shadow_effective_policy_id`, so the access log names the first
+    ///   matching rule by name, as the one HTTP stage does;
+    /// - each DENY policy gets a filter of its own: its `denied` counter
+    ///   (`<listener>.deny.<ns>/<name>.rbac.denied`) is the policy's.
     pub fn network_filters(&self, listener: &str) -> Vec<NetworkRbac> {
         let mut out = Vec::new();
+        if let Some(audit) = &self.audit {
+            let mut rules: Vec<_> = audit.policies.iter().collect();
+            rules.sort_by(|a, b| b.0.cmp(a.0));
+            for (rule_id, rule) in rules {
+                out.push(NetworkRbac {
+                    shadow_rules: Some(Rbac {
+                        action: rbac::Action::Deny as i32,
+                        policies: [(rule_id.clone(), rule.clone())].into(),
+                        ..Default::default()
+                    }),
+                    shadow_rules_stat_prefix: STAGES[0].1.to_string(),
+                    stat_prefix: format!("{listener}.audit.{rule_id}."),
+                    ..Default::default()
+                });
+            }
+        }
         if let Some(deny) = &self.deny {
             let mut by_policy: std::collections::BTreeMap<&str, Rbac> = Default::default();
             for (rule_id, rule) in &deny.policies {
@@ -197,14 +223,6 @@ impl PortRbac {
             out.push(NetworkRbac {
                 rules: Some(allow.clone()),
                 stat_prefix: format!("{listener}.allow."),
-                ..Default::default()
-            });
-        }
-        if let Some(audit) = &self.audit {
-            out.push(NetworkRbac {
-                shadow_rules: Some(audit.clone()),
-                shadow_rules_stat_prefix: "audit_".to_string(),
-                stat_prefix: format!("{listener}."),
                 ..Default::default()
             });
         }
@@ -520,7 +538,7 @@ mod tests {
 
     #[test]
     fn without_route_overrides_the_allow_stage_admits_nothing() {
-        let [deny, allow, audit] = PortRbac::http_filters();
+        let [audit, deny, allow] = PortRbac::http_filters();
         assert!(deny.1.rules.is_none() && audit.1.rules.is_none());
         let allow = allow.1.rules.expect("fail closed");
         assert_eq!(allow.action, rbac::Action::Allow as i32);
@@ -631,5 +649,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// AUDIT runs first on HTTP and TCP ports, so it sees the requests DENY and ALLOW
+    /// refuse; on TCP each AUDIT rule is a filter of its own (its own counter), in
+    /// reverse name order (the access log names the first match).
+    #[test]
+    fn audit_runs_before_deny_and_allow() {
+        let [first, ..] = PortRbac::http_filters();
+        assert_eq!(first.0, "meshd.rbac.audit");
+        let mut audit = policy(Action::Audit, get_admin());
+        audit.rules.push(Rule {
+            from: vec![Source {
+                namespaces: vec![StringMatch::Exact("edge".into())],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let deny = policy(Action::Deny, get_admin());
+        let filters = compile(&[&deny, &audit], false).network_filters("l");
+        let prefixes: Vec<&str> = filters.iter().map(|f| f.stat_prefix.as_str()).collect();
+        assert_eq!(
+            prefixes,
+            ["l.audit.shop/p#1.", "l.audit.shop/p#0.", "l.deny.shop/p."]
+        );
+        let shadow = filters[0].shadow_rules.as_ref().unwrap();
+        assert!(filters[0].rules.is_none() && shadow.action == rbac::Action::Deny as i32);
     }
 }

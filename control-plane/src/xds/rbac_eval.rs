@@ -8,7 +8,9 @@
 //! Envoy's rules, mirrored here: a policy matches when any of its permissions and any
 //! of its principals match; an enforcing filter with action DENY denies when some
 //! policy matches, one with ALLOW denies when none does; filters run in order and the
-//! first denial wins, naming the first matching policy in name order (or `none`).
+//! first denial wins, naming the first matching policy in name order (or `none`). The
+//! AUDIT stage runs before them, so every request, allowed or denied, gets its AUDIT
+//! matches.
 //! `Authenticated` matches the peer certificate's URI SAN (no certificate: no match);
 //! `url_path` ignores the query; a header with several values matches joined by `,`.
 
