@@ -1,7 +1,9 @@
 //! Nothing meshd can produce may be NACKed: random meshes ([`mesh_gen`]) go through
 //! the file source's parser, the snapshot and meshd's real translation, and a real
 //! Envoy (`envoy --mode validate`, [`validate`]) checks every proxy's whole config —
-//! listeners, routes with their RBAC, clusters, endpoints, secrets.
+//! listeners, routes with their RBAC, clusters, endpoints, secrets — and, once per
+//! mesh, the deny-all versions a proxy gets after rejecting its inbound routes or
+//! listeners (`meshd::xds::fail_closed`).
 //!
 //! The suite runs [`SUITE_CASES`] meshes; the bench-style run takes more:
 //! `MESHD_VALIDATE_CASES=2000 cargo test -p meshd-integration --test envoy_validate -- --ignored`.
@@ -12,15 +14,16 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use meshd::authz::{Action, AuthorizationPolicy, StringMatch};
-use meshd::model::{MeshObject, MeshSnapshot, MtlsMode};
+use meshd::model::{MeshObject, MeshSnapshot, MtlsMode, ObjectKey};
 use meshd::xds::cache::XdsSnapshot;
-use meshd::xds::resources::{Resource, ResourceType};
+use meshd::xds::fail_closed;
+use meshd::xds::resources::{ProxyResources, Resource, ResourceType};
 use meshd::xds::translate;
 use meshd_integration::mesh_gen::{self, GenMesh};
 use meshd_integration::validate::{bootstrap, envoy_validate};
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-const SUITE_CASES: u32 = 200;
+const SUITE_CASES: u32 = 160;
 
 #[test]
 fn envoy_accepts_every_config_meshd_translates() {
@@ -82,6 +85,7 @@ fn check(mesh: &GenMesh, ca: &Ca, coverage: &Mutex<Coverage>) -> anyhow::Result<
     ));
     let xds = XdsSnapshot::build(snapshot.clone(), None, "cluster.local");
     let mut proxies = Vec::new();
+    let mut denied_once = false;
     for (key, workload) in &snapshot.workloads {
         let (_, mut resources) = xds.proxy_resources(key).context("a workload of the mesh")?;
         for secret in ca.secrets(&key.namespace, &workload.service_account)? {
@@ -89,6 +93,20 @@ fn check(mesh: &GenMesh, ca: &Ca, coverage: &Mutex<Coverage>) -> anyhow::Result<
         }
         let node = format!("{}.{}", key.name, key.namespace);
         proxies.push((node.clone(), bootstrap(&node, &resources)?));
+        // What the proxy gets instead after rejecting its inbound routes, or its
+        // inbound listeners: once per mesh, for the first proxy that has them.
+        let guarded = |t| resources.get(t).keys().any(|n| fail_closed::guards(t, n));
+        if !denied_once && guarded(ResourceType::Listener) {
+            denied_once = true;
+            for (variant, denied) in [
+                ("routes", ResourceType::Route),
+                ("listeners", ResourceType::Listener),
+            ] {
+                let denying = fail_closed_variant(&xds, key, &resources, denied);
+                let name = format!("{node}-denying-{variant}");
+                proxies.push((name.clone(), bootstrap(&name, &denying)?));
+            }
+        }
     }
     let dir = tempfile::tempdir()?;
     // Envoy processes of one mesh run side by side.
@@ -110,6 +128,33 @@ fn check(mesh: &GenMesh, ca: &Ca, coverage: &Mutex<Coverage>) -> anyhow::Result<
         .unwrap()
         .record(&parsed, &snapshot, &xds, mesh.docs.len());
     Ok(())
+}
+
+/// `resources` with each inbound resource of type `denied` replaced by the version that
+/// denies everything, as meshd serves it after a NACK. A denying HTTP listener has its
+/// route inline, so with denied listeners the inbound routes are left out (Envoy would
+/// keep them, unused).
+fn fail_closed_variant(
+    xds: &XdsSnapshot,
+    workload: &ObjectKey,
+    resources: &ProxyResources,
+    denied: ResourceType,
+) -> ProxyResources {
+    let mut out = ProxyResources::default();
+    for t in ResourceType::PUSH_ORDER {
+        for (name, r) in resources.get(t) {
+            let guarded = fail_closed::guards(t, name);
+            if guarded && denied == ResourceType::Listener && t == ResourceType::Route {
+                continue;
+            }
+            let r = match guarded && t == denied {
+                true => xds.denying(workload, t, name).expect("a denying version"),
+                false => r.clone(),
+            };
+            out.insert(t, r);
+        }
+    }
+    out
 }
 
 /// A throwaway mesh CA: each identity's workload secret and the trust bundle.
