@@ -12,6 +12,7 @@
 //! | `meshd_snapshot_build_seconds` | deriving one mesh snapshot |
 //! | `meshd_snapshots_total` | mesh snapshots published |
 //! | `meshd_tls_handshake_failures_total{port}` | TLS handshakes refused or timed out on the `xds` / `admin` port |
+//! | `meshd_xds_fail_closed_resources` | inbound listeners and routes served as deny-all right now, because their proxy rejected the compiled policy ([`crate::xds::fail_closed`]) |
 //! | `meshd_xds_refused_streams_total{reason}` | ADS streams ended by meshd for exceeding a limit (`request_size`, `type_urls`, `names`, `name_length`) |
 //!
 //! One process-wide set ([`metrics()`]): metrics are a property of the process, and
@@ -55,6 +56,7 @@ pub struct Metrics {
     pub snapshots: Counter,
     pub handshake_failures: Family<PortLabel, Counter>,
     pub refused_streams: Family<ReasonLabel, Counter>,
+    pub fail_closed: Gauge,
 }
 
 /// 0.5 ms … ~65 s.
@@ -76,6 +78,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         snapshots: Counter::default(),
         handshake_failures: Family::default(),
         refused_streams: Family::default(),
+        fail_closed: Gauge::default(),
         registry: Registry::default(),
     };
     registry.register(
@@ -128,6 +131,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "xds_refused_streams",
         "ADS streams ended for exceeding a limit, by reason",
         m.refused_streams.clone(),
+    );
+    registry.register(
+        "xds_fail_closed_resources",
+        "Inbound listeners and routes served as deny-all because their proxy rejected the compiled policy",
+        m.fail_closed.clone(),
     );
     Metrics { registry, ..m }
 });

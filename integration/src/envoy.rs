@@ -47,6 +47,18 @@ impl Sidecar {
         service_account: &str,
         flavor: XdsFlavor,
     ) -> anyhow::Result<Sidecar> {
+        Self::start_with_args(meshd, namespace, pod, service_account, flavor, &[]).await
+    }
+
+    /// [`Sidecar::start`] with more Envoy command-line arguments.
+    pub async fn start_with_args(
+        meshd: &Meshd,
+        namespace: &str,
+        pod: &str,
+        service_account: &str,
+        flavor: XdsFlavor,
+        extra: &[&str],
+    ) -> anyhow::Result<Sidecar> {
         let work = tempfile::Builder::new().prefix("meshd-envoy-").tempdir()?;
         let admin_port = free_port();
         let bootstrap = meshd
@@ -70,6 +82,7 @@ impl Sidecar {
                 "--log-level",
                 "info",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

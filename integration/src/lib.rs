@@ -20,10 +20,12 @@ pub mod envoy;
 pub mod kube_api;
 pub mod load;
 pub mod mesh;
+pub mod mesh_gen;
 pub mod meshd;
 pub mod net;
 pub mod tls;
 pub mod tools;
+pub mod validate;
 pub mod wait;
 pub mod xds_client;
 

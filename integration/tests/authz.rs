@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use meshd::xds::authz_check::CheckResponse;
+use meshd::xds::rbac_eval::Verdict;
 use meshd::xds::rbac_stats::RuleCount;
 use meshd_integration::apps::{HttpApp, TcpApp, tcp_roundtrip};
 use meshd_integration::envoy::Sidecar;
@@ -233,8 +234,13 @@ impl Mesh {
         }
     }
 
-    /// What `meshctl authz check` predicts.
+    /// What `meshctl authz check` predicts: the rule that denies, if one does.
     async fn predict(&self, c: &Case) -> anyhow::Result<Option<String>> {
+        Ok(self.predict_verdict(c).await?.denied_by)
+    }
+
+    /// What `meshctl authz check` predicts, in full.
+    async fn predict_verdict(&self, c: &Case) -> anyhow::Result<Verdict> {
         let pod = self.caller(c.from);
         let from = format!("{}/{}", pod.namespace, pod.service_account);
         let mut args = vec!["authz", "check", "--from-sa", &from, "-o", "json"];
@@ -259,7 +265,66 @@ impl Mesh {
         ensure!(resp.workloads.len() == 1, "{resp:?}");
         let v = &resp.workloads[0].verdict;
         ensure!(v.allowed == resp.allowed && v.allowed == v.denied_by.is_none());
-        Ok(v.denied_by.clone())
+        Ok(v.clone())
+    }
+
+    /// Runs `cases` like [`Mesh::run`], and checks that the AUDIT rules each request
+    /// matched are the ones given: as `meshctl authz check` predicts them, and as the
+    /// destination sidecar's access log records them (`audit=`, the first by name).
+    async fn run_audited(&self, phase: &str, cases: &[(Case, &[&str])]) -> anyhow::Result<()> {
+        for (i, (c, audit)) in cases.iter().enumerate() {
+            let what = format!("{phase} case {i}: {} → {:?}", c.from, c.to);
+            let logged_before = self.access_log(c).len();
+            let real = self.real(c).await.with_context(|| what.clone())?;
+            ensure!(
+                real == c.expect.map(str::to_string),
+                "{what}: expected {:?}, the sidecars said {real:?}",
+                c.expect
+            );
+            let predicted = self
+                .predict_verdict(c)
+                .await
+                .with_context(|| what.clone())?;
+            ensure!(
+                predicted.denied_by == real && predicted.audit == *audit,
+                "{what}: meshctl authz check predicted {predicted:?}; expected audit {audit:?}"
+            );
+            let logged = eventually("the request's access log line", WAIT, || async {
+                let lines = self.access_log(c);
+                ensure!(lines.len() > logged_before, "not logged yet");
+                Ok(lines[lines.len() - 1].clone())
+            })
+            .await
+            .with_context(|| what.clone())?;
+            let field = logged
+                .split(" audit=")
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next())
+                .with_context(|| format!("{what}: no audit= in {logged:?}"))?;
+            let expected = audit.first().copied().unwrap_or("-");
+            ensure!(
+                field == expected,
+                "{what}: the access log says audit={field}, expected {expected}: {logged}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The destination sidecar's access log lines for requests like `c` from its caller.
+    fn access_log(&self, c: &Case) -> Vec<String> {
+        let pod = self.caller(c.from);
+        let peer = format!(
+            "peer=spiffe://cluster.local/ns/{}/sa/{}",
+            pod.namespace, pod.service_account
+        );
+        let (log, what) = match c.to {
+            To::Http(method, path, _) => (self.web.log(), format!("inbound \"{method} {path} ")),
+            To::Tcp => (self.db.log(), "inbound tcp".to_string()),
+        };
+        log.lines()
+            .filter(|l| l.contains(&what) && l.contains(&peer))
+            .map(str::to_string)
+            .collect()
     }
 
     async fn stats(&self, sidecar: &Sidecar) -> anyhow::Result<Vec<RuleCount>> {
@@ -291,7 +356,8 @@ fn policy(ns: &str, name: &str, selector: Option<&str>, action: &str, rules: &st
 }
 
 /// ALLOW on web: client by principal; edge by namespace for GET /public*; `other`
-/// only with `x-team: blue`.
+/// with `x-team: blue`, or on /regional* unless `x-region` is `us-*` (a condition with
+/// only `notValues`).
 fn web_allow(with_client: bool) -> String {
     let client = if with_client {
         "    - from: [{source: {principals: [\"cluster.local/ns/shop/sa/client\"]}}]\n"
@@ -304,7 +370,7 @@ fn web_allow(with_client: bool) -> String {
         Some("web"),
         "ALLOW",
         &format!(
-            "{client}    - from: [{{source: {{namespaces: [edge]}}}}]\n      to: [{{operation: {{paths: [\"/public*\"], methods: [GET]}}}}]\n    - from: [{{source: {{principals: [\"*/sa/other\"]}}}}]\n      when: [{{key: \"request.headers[x-team]\", values: [blue]}}]\n"
+            "{client}    - from: [{{source: {{namespaces: [edge]}}}}]\n      to: [{{operation: {{paths: [\"/public*\"], methods: [GET]}}}}]\n    - from: [{{source: {{principals: [\"*/sa/other\"]}}}}]\n      when: [{{key: \"request.headers[x-team]\", values: [blue]}}]\n    - from: [{{source: {{principals: [\"*/sa/other\"]}}}}]\n      to: [{{operation: {{paths: [\"/regional*\"]}}}}]\n      when: [{{key: \"request.headers[x-region]\", notValues: [\"us-*\"]}}]\n"
         ),
     )
 }
@@ -345,6 +411,8 @@ async fn authorization_table_over_real_sidecars() -> anyhow::Result<()> {
     let m = mesh().await?;
     let blue: &[(&str, &str)] = &[("x-team", "blue")];
     let red: &[(&str, &str)] = &[("x-team", "red")];
+    let eu: &[(&str, &str)] = &[("x-region", "eu-west")];
+    let us: &[(&str, &str)] = &[("x-region", "us-east")];
 
     // No policy: everything is allowed.
     m.run(
@@ -369,6 +437,9 @@ async fn authorization_table_over_real_sidecars() -> anyhow::Result<()> {
             case("other", To::Http("GET", "/", blue), ALLOW),
             case("other", To::Http("GET", "/", red), Some("none")),
             case("other", get("/"), Some("none")),
+            case("other", To::Http("GET", "/regional", eu), ALLOW),
+            case("other", To::Http("GET", "/regional", us), Some("none")),
+            case("other", get("/regional"), ALLOW),
             // No policy selects db: still allowed.
             case("gateway", To::Tcp, ALLOW),
         ],
@@ -432,7 +503,7 @@ async fn authorization_table_over_real_sidecars() -> anyhow::Result<()> {
         ("shop/no-admin#0", 1),
         ("shop/shop-only-writes#0", 1),
         ("meshd-system/no-internal#0", 1),
-        ("none", 4),
+        ("none", 5),
     ] {
         ensure!(
             count(&web_stats, rule, "denied") == n,
@@ -460,16 +531,27 @@ async fn authorization_table_over_real_sidecars() -> anyhow::Result<()> {
     })
     .await?;
 
-    // AUDIT logs and allows; an ALLOW rule with HTTP fields never matches on TCP.
+    // AUDIT sees every request, allowed or denied, and never changes the decision;
+    // the sidecars' access logs, `meshctl authz check` and `meshctl authz stats` agree
+    // on what it saw. An ALLOW rule with HTTP fields never matches on TCP.
     m.apply(
         "audit.yaml",
-        &[policy(
-            NS,
-            "web-audit",
-            Some("web"),
-            "AUDIT",
-            "    - to: [{operation: {paths: [\"/orders*\"]}}]\n",
-        )],
+        &[
+            policy(
+                NS,
+                "web-audit",
+                Some("web"),
+                "AUDIT",
+                "    - to: [{operation: {paths: [\"/orders*\"]}}]\n    - to: [{operation: {paths: [\"/admin*\"]}}]\n",
+            ),
+            policy(
+                NS,
+                "db-audit",
+                Some("db"),
+                "AUDIT",
+                "    - from: [{source: {principals: [\"*/sa/other\"]}}]\n",
+            ),
+        ],
     )
     .await?;
     m.apply(
@@ -483,61 +565,37 @@ async fn authorization_table_over_real_sidecars() -> anyhow::Result<()> {
         )],
     )
     .await?;
-    m.run(
-        "audit",
-        &[
+    let audited: &[(Case, &[&str])] = &[
+        (
             case("client", get("/orders/1"), ALLOW),
-            case("client", get("/catalog"), ALLOW),
-            case("other", To::Tcp, Some("none")),
-            case("client", To::Tcp, ALLOW),
-        ],
-    )
-    .await?;
-    let check = m
-        .meshd
-        .meshctl(&[
-            "authz",
-            "check",
-            "--from-sa",
-            "shop/client",
-            "--to",
-            "shop/web:80",
-            "--path",
-            "/orders/1",
-            "-o",
-            "json",
-        ])
-        .await?;
-    let resp: CheckResponse = serde_json::from_slice(&check.stdout)?;
-    ensure!(
-        resp.workloads[0].verdict.audit == ["shop/web-audit#0"],
-        "{resp:?}"
-    );
+            &["shop/web-audit#0"],
+        ),
+        (
+            case("gateway", get("/orders/1"), Some("none")),
+            &["shop/web-audit#0"],
+        ),
+        (
+            case("client", get("/admin/x"), Some("shop/no-admin#0")),
+            &["shop/web-audit#1"],
+        ),
+        (case("client", get("/catalog"), ALLOW), &[]),
+        (case("other", To::Tcp, Some("none")), &["shop/db-audit#0"]),
+        (case("client", To::Tcp, ALLOW), &[]),
+    ];
+    m.run_audited("audit", audited).await?;
     let web_stats = m.stats(&m.web).await?;
-    ensure!(
-        count(&web_stats, "shop/web-audit#0", "audited") == 1,
-        "{web_stats:?}"
-    );
-    eventually(
-        "web's access log to record the audited request",
-        WAIT,
-        || async {
-            let log = m.web.log();
-            let audited: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("audit=shop/web-audit#0"))
-                .collect();
-            ensure!(
-                audited.len() == 1
-                    && audited[0].contains("\"GET /orders/1 ")
-                    && audited[0].contains(" 200 ")
-                    && audited[0].contains("peer=spiffe://cluster.local/ns/shop/sa/client"),
-                "audited lines: {audited:?}\nlog:\n{log}"
-            );
-            Ok(())
-        },
-    )
-    .await?;
+    let db_stats = m.stats(&m.db).await?;
+    for rule in ["shop/web-audit#0", "shop/web-audit#1", "shop/db-audit#0"] {
+        let expected = audited
+            .iter()
+            .filter(|(_, audit)| audit.contains(&rule))
+            .count() as u64;
+        let counted = count(&web_stats, rule, "audited") + count(&db_stats, rule, "audited");
+        ensure!(
+            counted == expected,
+            "meshctl authz stats counts {counted} audits of {rule}, the requests made {expected}:\n{web_stats:?}\n{db_stats:?}"
+        );
+    }
 
     // A live change flips a decision: web no longer admits client by principal.
     let mut web = vec![web_allow(false)];

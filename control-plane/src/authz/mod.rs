@@ -8,11 +8,15 @@
 //!   denied, whatever else applies.
 //! - **ALLOW**: if any ALLOW policy selects a workload, a request must match at least
 //!   one rule of one of them; if none selects it, the request is allowed.
-//! - **AUDIT** never changes the decision; matches are recorded (Envoy shadow rules).
+//! - **AUDIT** never changes the decision; matches are recorded (Envoy shadow rules),
+//!   for every request, allowed or denied: the AUDIT stage runs first.
 //!
 //! A rule matches when every part it has matches: any of its `from` sources (each
 //! source: all its fields), any of its `to` operations (each: all its fields), and all
-//! its `when` conditions. Strings match exactly, by `prefix*`, by `*suffix`, or `*`.
+//! its `when` conditions (a condition with `values` needs the header to have one of
+//! them, one with `notValues` needs it to have none of them — a missing header has
+//! none — and one with both needs both). Strings match exactly, by `prefix*`, by
+//! `*suffix`, or `*`.
 //!
 //! HTTP-only fields (methods, paths, hosts, request headers) on a TCP port cannot be
 //! checked: a DENY rule that uses them is applied without them (it denies more: fail

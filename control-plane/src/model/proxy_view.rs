@@ -2,6 +2,7 @@
 //! it declared, and the HTTP services its egress port's scope covers — never the whole
 //! mesh.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use super::snapshot::{InboundPort, MeshSnapshot};
@@ -44,7 +45,23 @@ impl ProxyView {
             .unwrap_or_default();
         let mut outbound = Vec::new();
         let mut problems = Vec::new();
+        // Outbound and egress listeners bind 127.0.0.1; a pod whose own address is
+        // 127.0.0.1 has its inbound listeners there too, and Envoy refuses two listeners
+        // on one address. The inbound one wins: it serves the pod and carries its policy.
+        let inbound_port = |local_port: u16| {
+            (workload.address == Some(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+                .then(|| inbound.iter().find(|p| p.port == local_port))
+                .flatten()
+        };
         for up in &workload.upstreams {
+            if let Some(p) = inbound_port(up.local_port) {
+                problems.push(format!(
+                    "upstream {}:{} (local port {}): 127.0.0.1:{} is already this pod's inbound \
+                     port {} (its IP is 127.0.0.1); not served",
+                    up.service, up.port, up.local_port, up.local_port, p.port
+                ));
+                continue;
+            }
             let Some(service) = snap.services.get(&up.service) else {
                 problems.push(format!(
                     "upstream {}:{} (local port {}): no such service",
@@ -65,7 +82,21 @@ impl ProxyView {
                 port: port.clone(),
             });
         }
-        let egress = workload.egress.as_ref().map(|e| {
+        let egress = workload
+            .egress
+            .as_ref()
+            .filter(|e| match inbound_port(e.port) {
+                Some(p) => {
+                    problems.push(format!(
+                        "egress port {}: 127.0.0.1:{} is already this pod's inbound port {} \
+                     (its IP is 127.0.0.1); not served",
+                        e.port, e.port, p.port
+                    ));
+                    false
+                }
+                None => true,
+            });
+        let egress = egress.map(|e| {
             let scope = e
                 .scope
                 .clone()
@@ -153,5 +184,67 @@ mod tests {
             .map(|(s, _)| s.key.to_string())
             .collect();
         assert_eq!(names, ["shop/web"]);
+    }
+
+    /// A pod on 127.0.0.1 has its inbound listeners where its upstream and egress
+    /// listeners are; Envoy refuses two listeners on one address, so a clash drops the
+    /// outbound one, with the reason.
+    #[test]
+    fn an_upstream_or_egress_port_on_an_inbound_port_of_a_loopback_pod_is_not_served() {
+        let pod = Workload {
+            key: ObjectKey::new("shop", "web-1"),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            service_account: "web".into(),
+            address: Some("127.0.0.1".parse().unwrap()),
+            ready: true,
+            container_ports: vec![],
+            app_ports: Default::default(),
+            upstreams: vec![
+                Upstream {
+                    service: ObjectKey::new("shop", "web"),
+                    port: 80,
+                    local_port: 8080,
+                },
+                Upstream {
+                    service: ObjectKey::new("shop", "web"),
+                    port: 80,
+                    local_port: 15001,
+                },
+            ],
+            egress: Some(Egress {
+                port: 8080,
+                scope: None,
+            }),
+        };
+        let mut web = service("shop", "web", Protocol::Http);
+        if let MeshObject::Service(s) = &mut web {
+            Arc::make_mut(s).selector = Some(pod.labels.clone());
+        }
+        let snap = MeshSnapshot::build(
+            1,
+            MeshDefaults::default(),
+            vec![web, MeshObject::Workload(Arc::new(pod))],
+        );
+        let view = ProxyView::build(&snap, &ObjectKey::new("shop", "web-1")).unwrap();
+        assert_eq!(view.inbound.len(), 1, "inbound 8080");
+        let locals: Vec<u16> = view
+            .outbound
+            .iter()
+            .map(|o| o.upstream.local_port)
+            .collect();
+        assert_eq!(locals, [15001]);
+        assert!(view.egress.is_none());
+        assert_eq!(view.problems.len(), 2, "{:?}", view.problems);
+        assert!(
+            view.problems[0].contains("shop/web:80 (local port 8080)")
+                && view.problems[0].contains("inbound port 8080"),
+            "{:?}",
+            view.problems
+        );
+        assert!(
+            view.problems[1].starts_with("egress port 8080"),
+            "{:?}",
+            view.problems
+        );
     }
 }

@@ -312,13 +312,21 @@ pub fn authorization_policy(
                 .key
                 .strip_prefix("request.headers[")
                 .and_then(|k| k.strip_suffix(']'))
-                .filter(|k| !k.is_empty())
                 .ok_or_else(|| {
                     FieldError::new(
                         format!("{at}.key"),
                         format!("{:?} is not supported: use request.headers[<name>]", c.key),
                     )
                 })?;
+            if !is_header_name(header) {
+                return Err(FieldError::new(
+                    format!("{at}.key"),
+                    format!(
+                        "{header:?} is not an HTTP header name (letters, digits and \
+                         !#$%&'*+-.^_`|~, or a pseudo-header such as :authority)"
+                    ),
+                ));
+            }
             if c.values.is_empty() && c.not_values.is_empty() {
                 return Err(FieldError::new(at, "needs values or notValues"));
             }
@@ -336,6 +344,17 @@ pub fn authorization_policy(
         action,
         rules,
     })
+}
+
+/// A header name a request can carry: an RFC 9110 token, or one after `:` (HTTP/2
+/// pseudo-headers). Anything else could never match, and Envoy refuses some of it
+/// (NUL, CR, LF) outright.
+fn is_header_name(name: &str) -> bool {
+    let token = name.strip_prefix(':').unwrap_or(name);
+    !token.is_empty()
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn patterns(v: &[String]) -> Vec<StringMatch> {
@@ -482,5 +501,39 @@ mod tests {
         ] {
             assert!(yaml.contains(needle), "{needle} missing in:\n{yaml}");
         }
+    }
+
+    fn policy_with_header(key: &str) -> Result<authz::AuthorizationPolicy, FieldError> {
+        let mut spec = AuthorizationPolicySpec::default();
+        spec.rules.push(RuleSpec {
+            when: vec![ConditionSpec {
+                key: key.to_string(),
+                values: vec!["blue".into()],
+                not_values: vec![],
+            }],
+            ..Default::default()
+        });
+        let mut p = AuthorizationPolicy::new("p", spec);
+        p.metadata.namespace = Some("shop".into());
+        authorization_policy(&p)
+    }
+
+    /// A header name Envoy would refuse (NUL, CR, LF), or none a request can carry,
+    /// is refused here with the field named, not compiled into a route Envoy NACKs.
+    #[test]
+    fn when_keys_must_name_an_http_header() {
+        for bad in [
+            "request.headers[x\ny]",
+            "request.headers[a\0b]",
+            "request.headers[x y]",
+            "request.headers[]",
+            "request.headers[:]",
+        ] {
+            let e = policy_with_header(bad).unwrap_err();
+            assert_eq!(e.field, "spec.rules[0].when[0].key", "{bad:?}: {e}");
+        }
+        let ok = policy_with_header("request.headers[X-Team]").unwrap();
+        assert_eq!(ok.rules[0].when[0].header, "x-team");
+        assert!(policy_with_header("request.headers[:authority]").is_ok());
     }
 }

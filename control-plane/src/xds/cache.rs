@@ -297,6 +297,35 @@ impl XdsSnapshot {
         self.mesh.version
     }
 
+    /// The version of `workload`'s inbound listener or route `name` that denies every
+    /// request on it, served while its proxy rejects the compiled one
+    /// ([`super::fail_closed`]); `None` if it is no such resource.
+    pub fn denying(
+        &self,
+        workload: &ObjectKey,
+        t: ResourceType,
+        name: &str,
+    ) -> Option<Arc<Resource>> {
+        let address = self.mesh.workloads.get(workload)?.address?;
+        let port = self
+            .mesh
+            .inbound
+            .get(workload)?
+            .iter()
+            .find(|p| translate::inbound_listener_name(address, p.port) == name)?;
+        match t {
+            ResourceType::Route if port.protocol.is_http() => Some(Resource::encode(
+                name,
+                &translate::inbound_route_denied(name),
+            )),
+            ResourceType::Listener => Some(Resource::encode(
+                name,
+                &translate::inbound_listener_denied(address, port),
+            )),
+            _ => None,
+        }
+    }
+
     /// Everything the sidecar of `workload` should have, or `None` if the mesh has no
     /// such workload (yet).
     pub fn proxy_resources(&self, workload: &ObjectKey) -> Option<(ProxyView, ProxyResources)> {

@@ -5,9 +5,10 @@
 //! proxy reconnects. A response carries only resources whose version differs from what
 //! the proxy has, and `removed_resources` for what it has that is gone. Explicitly
 //! subscribed names that do not exist are reported once in `removed_resources`, so the
-//! proxy does not wait for them. A NACK is recorded; the proxy keeps its config.
+//! proxy does not wait for them. A NACK is recorded; the proxy keeps its config, except
+//! for resources that carry policy ([`super::fail_closed`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::server::Queued;
@@ -16,7 +17,8 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use tokio::sync::mpsc;
 
-use super::resources::ResourceType;
+use super::fail_closed;
+use super::resources::{Resource, ResourceType};
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use super::limits::{self, Held, StreamEnd};
@@ -32,7 +34,14 @@ struct TypeState {
     /// Subscribed names already reported as not existing.
     told_missing: BTreeSet<String>,
     answered_once: bool,
+    /// Responses not answered yet: nonce, and the resources in it that carry policy
+    /// (what a NACK of it may have rejected, [`super::fail_closed`]).
+    unanswered: VecDeque<(String, Vec<Arc<Resource>>)>,
 }
+
+/// Unanswered responses remembered per type; a proxy answers each in turn, and at most
+/// a stream's channel buffer of them are in flight.
+const MAX_UNANSWERED: usize = 16;
 
 type Tx = mpsc::Sender<Queued<DeltaDiscoveryResponse>>;
 
@@ -94,10 +103,23 @@ impl StreamFlavor for DeltaStream {
                 .map(String::as_str),
         )?;
         if !req.response_nonce.is_empty() {
+            let sent = self
+                .types
+                .get_mut(&t)
+                .and_then(|s| {
+                    let i = s
+                        .unanswered
+                        .iter()
+                        .position(|(n, _)| *n == req.response_nonce)?;
+                    s.unanswered.remove(i)
+                })
+                .map(|(_, sent)| sent)
+                .unwrap_or_default();
             self.conn.record_answer(
                 t,
                 &req.response_nonce,
                 req.error_detail.as_ref().map(|e| e.message.as_str()),
+                &sent,
             );
         }
         let first_for_type = !self.types.contains_key(&t);
@@ -178,6 +200,17 @@ impl StreamFlavor for DeltaStream {
         state.told_missing.extend(missing);
         state.answered_once = true;
         let nonce = self.conn.next_nonce();
+        let guarded: Vec<_> = updates
+            .iter()
+            .filter(|r| fail_closed::guards(t, &r.name))
+            .cloned()
+            .collect();
+        if !guarded.is_empty() {
+            if state.unanswered.len() == MAX_UNANSWERED {
+                state.unanswered.pop_front();
+            }
+            state.unanswered.push_back((nonce.clone(), guarded));
+        }
         let version = self.conn.snapshot.version().to_string();
         let now_has = state.has.len();
         let response = DeltaDiscoveryResponse {

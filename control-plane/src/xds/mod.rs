@@ -11,6 +11,7 @@
 pub mod authz_check;
 pub mod cache;
 mod delta;
+pub mod fail_closed;
 pub mod limits;
 pub mod node;
 pub mod rbac;

@@ -1,16 +1,19 @@
 //! AuthorizationPolicies → Envoy RBAC filters for one inbound port.
 //!
 //! Three stages per port, in the order they run:
-//! 1. DENY: every DENY rule; a request that matches one is denied;
-//! 2. ALLOW: every ALLOW rule, only if some ALLOW policy selects the workload (with
-//!    none, everything is allowed; with some, at least one rule must match);
-//! 3. AUDIT: every AUDIT rule as shadow rules, which never enforce.
+//! 1. AUDIT: every AUDIT rule as shadow rules, which never enforce. It runs first so
+//!    that it sees every request, allowed or denied (Istio's AUDIT does too): a denial
+//!    ends the filter chain, and an AUDIT stage after it would never see the denied;
+//! 2. DENY: every DENY rule; a request that matches one is denied;
+//! 3. ALLOW: every ALLOW rule, only if some ALLOW policy selects the workload (with
+//!    none, everything is allowed; with some, at least one rule must match).
 //!
 //! Each rule is an Envoy policy named `<namespace>/<name>#<rule>`, so Envoy's response
 //! details (and meshd's `x-meshd-denied-by` header, and the access log) name the rule
-//! that denied a request. Envoy counts per rule (HTTP: `track_per_rule_stats`) or per
-//! DENY policy (TCP: one network filter each) what was denied, allowed and audited,
-//! and per port what no ALLOW rule admitted; `meshctl authz stats` reads it back
+//! that denied a request. Envoy counts per rule (HTTP: `track_per_rule_stats`) what
+//! was denied, allowed and audited; network RBAC has no per-rule counters, so on TCP
+//! each DENY policy and each AUDIT rule is a network filter of its own. Per port it
+//! counts what no ALLOW rule admitted; `meshctl authz stats` reads it back
 //! ([`rbac_stats`](super::rbac_stats)).
 //!
 //! **Live updates.** On HTTP ports the three stages are HTTP filters in the listener
@@ -63,9 +66,9 @@ pub struct PortRbac {
 /// The stages, in the order they run: the name of each stage's HTTP filter, and its
 /// stat prefix (stats: `http.<listener>.rbac.<prefix>…`).
 pub const STAGES: [(&str, &str); 3] = [
+    ("meshd.rbac.audit", "audit_"),
     ("meshd.rbac.deny", "deny."),
     ("meshd.rbac.allow", "allow."),
-    ("meshd.rbac.audit", "audit_"),
 ];
 
 /// The RBAC of `workload`'s inbound port `inbound`, exactly as its sidecar gets it.
@@ -116,8 +119,9 @@ impl PortRbac {
     /// the route ([`Self::per_route_configs`]). Without a route override, DENY and AUDIT
     /// pass everything and ALLOW admits nothing.
     pub fn http_filters() -> [(&'static str, HttpRbac); 3] {
-        let [deny, allow, audit] = STAGES;
+        let [audit, deny, allow] = STAGES;
         [
+            (audit.0, Self::http_stage(audit.1, None, None)),
             (deny.0, Self::http_stage(deny.1, None, None)),
             (
                 allow.0,
@@ -130,7 +134,6 @@ impl PortRbac {
                     None,
                 ),
             ),
-            (audit.0, Self::http_stage(audit.1, None, None)),
         ]
     }
 
@@ -138,11 +141,11 @@ impl PortRbac {
     /// by filter name: one route carries all three, so they change together. A stage
     /// without policies passes everything (an RBAC filter without rules does nothing).
     pub fn per_route_configs(&self) -> HashMap<String, Any> {
-        let [deny, allow, audit] = STAGES;
+        let [audit, deny, allow] = STAGES;
         let stages = [
+            (audit, Self::http_stage(audit.1, None, self.audit.clone())),
             (deny, Self::http_stage(deny.1, self.deny.clone(), None)),
             (allow, Self::http_stage(allow.1, self.allow.clone(), None)),
-            (audit, Self::http_stage(audit.1, None, self.audit.clone())),
         ];
         stages
             .into_iter()
@@ -166,11 +169,34 @@ impl PortRbac {
         }
     }
 
-    /// The network filters (before the TCP proxy) of the listener `listener`. Network
-    /// RBAC has no per-rule counters, so each DENY policy gets a filter of its own:
-    /// its `denied` counter (`<listener>.deny.<ns>/<name>.rbac.denied`) is the policy's.
+    /// The network filters (before the TCP proxy) of the listener `listener`, AUDIT
+    /// first. Network RBAC has no per-rule counters, so
+    /// - each AUDIT rule gets a filter of its own, whose shadow rules (action DENY: a
+    ///   match is counted as `shadow_denied`, and never enforced) count its matches in
+    ///   `<listener>.audit.<ns>/<name>#<i>.rbac.audit_.shadow_denied`. They run in
+    ///   reverse name order: each match writes the connection's
+    ///   `audit_shadow_effective_policy_id`, so the access log names the first
+    ///   matching rule by name, as the one HTTP stage does;
+    /// - each DENY policy gets a filter of its own: its `denied` counter
+    ///   (`<listener>.deny.<ns>/<name>.rbac.denied`) is the policy's.
     pub fn network_filters(&self, listener: &str) -> Vec<NetworkRbac> {
         let mut out = Vec::new();
+        if let Some(audit) = &self.audit {
+            let mut rules: Vec<_> = audit.policies.iter().collect();
+            rules.sort_by(|a, b| b.0.cmp(a.0));
+            for (rule_id, rule) in rules {
+                out.push(NetworkRbac {
+                    shadow_rules: Some(Rbac {
+                        action: rbac::Action::Deny as i32,
+                        policies: [(rule_id.clone(), rule.clone())].into(),
+                        ..Default::default()
+                    }),
+                    shadow_rules_stat_prefix: STAGES[0].1.to_string(),
+                    stat_prefix: format!("{listener}.audit.{rule_id}."),
+                    ..Default::default()
+                });
+            }
+        }
         if let Some(deny) = &self.deny {
             let mut by_policy: std::collections::BTreeMap<&str, Rbac> = Default::default();
             for (rule_id, rule) in &deny.policies {
@@ -200,14 +226,6 @@ impl PortRbac {
                 ..Default::default()
             });
         }
-        if let Some(audit) = &self.audit {
-            out.push(NetworkRbac {
-                shadow_rules: Some(audit.clone()),
-                shadow_rules_stat_prefix: "audit_".to_string(),
-                stat_prefix: format!("{listener}."),
-                ..Default::default()
-            });
-        }
         out
     }
 }
@@ -226,15 +244,13 @@ fn compile_rule(rule: &Rule, action: Action, http: bool) -> Option<Policy> {
         ));
     }
     if http {
+        // A condition may have only `values`, only `notValues`, or both; each list
+        // present adds one part (an empty `or_rules` would be NACKed by Envoy).
         for c in &rule.when {
-            perms.push(or_rules(
-                c.values.iter().map(|v| header(&c.header, v)).collect(),
-            ));
-            if !c.not_values.is_empty() {
-                perms.push(not_rule(or_rules(
-                    c.not_values.iter().map(|v| header(&c.header, v)).collect(),
-                )));
-            }
+            let headers =
+                |list: &[StringMatch]| list.iter().map(|v| header(&c.header, v)).collect();
+            push_either(&mut perms, headers(&c.values), false);
+            push_either(&mut perms, headers(&c.not_values), true);
         }
     }
     let principal = if rule.from.is_empty() {
@@ -258,10 +274,16 @@ fn operation(o: &Operation, http: bool) -> Permission {
     push_either(&mut all, o.not_ports.iter().map(port).collect(), true);
     if http {
         let method = |m: &StringMatch| header(":method", m);
-        let path = |p: &StringMatch| Permission {
-            rule: Some(permission::Rule::UrlPath(PathMatcher {
-                rule: Some(path_matcher::Rule::Path(string_matcher(p, false))),
-            })),
+        // Every HTTP request has a path: `*` is any request.
+        let path = |p: &StringMatch| match string_matcher(p, false) {
+            None => Permission {
+                rule: Some(permission::Rule::Any(true)),
+            },
+            Some(m) => Permission {
+                rule: Some(permission::Rule::UrlPath(PathMatcher {
+                    rule: Some(path_matcher::Rule::Path(m)),
+                })),
+            },
         };
         let host = |h: &StringMatch| header_ci(":authority", h);
         push_either(&mut all, o.methods.iter().map(method).collect(), false);
@@ -313,16 +335,19 @@ fn source(s: &Source) -> Principal {
     }
 }
 
-/// The peer's certificate URI SAN matches `m` (a SPIFFE id pattern).
+/// The peer's certificate URI SAN matches `m` (a SPIFFE id pattern); `*` is any peer
+/// with a certificate.
 fn peer(m: &StringMatch) -> Principal {
     authenticated(string_matcher(m, false))
 }
 
 /// The peer's SPIFFE id is in a namespace matching `m`: `.../ns/<namespace>/sa/...`.
 fn namespace(m: &StringMatch) -> Principal {
-    let contains = |s: String| StringMatcher {
-        match_pattern: Some(string_matcher::MatchPattern::Contains(s)),
-        ..Default::default()
+    let contains = |s: String| {
+        Some(StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Contains(s)),
+            ..Default::default()
+        })
     };
     match m {
         StringMatch::Any => authenticated(contains("/ns/".into())),
@@ -332,12 +357,11 @@ fn namespace(m: &StringMatch) -> Principal {
     }
 }
 
-fn authenticated(m: StringMatcher) -> Principal {
+/// A peer with a certificate whose URI SAN matches `m` (any, if `None`).
+fn authenticated(m: Option<StringMatcher>) -> Principal {
     Principal {
         identifier: Some(principal::Identifier::Authenticated(
-            principal::Authenticated {
-                principal_name: Some(m),
-            },
+            principal::Authenticated { principal_name: m },
         )),
     }
 }
@@ -362,9 +386,10 @@ fn header_ci(name: &str, m: &StringMatch) -> Permission {
 }
 
 fn header_matcher(name: &str, m: &StringMatch, ignore_case: bool) -> Permission {
-    let specifier = match m {
-        StringMatch::Any => header_matcher::HeaderMatchSpecifier::PresentMatch(true),
-        _ => header_matcher::HeaderMatchSpecifier::StringMatch(string_matcher(m, ignore_case)),
+    // `*`: the header is there, with any value.
+    let specifier = match string_matcher(m, ignore_case) {
+        None => header_matcher::HeaderMatchSpecifier::PresentMatch(true),
+        Some(sm) => header_matcher::HeaderMatchSpecifier::StringMatch(sm),
     };
     Permission {
         rule: Some(permission::Rule::Header(HeaderMatcher {
@@ -375,19 +400,20 @@ fn header_matcher(name: &str, m: &StringMatch, ignore_case: bool) -> Permission 
     }
 }
 
-fn string_matcher(m: &StringMatch, ignore_case: bool) -> StringMatcher {
+/// `m` as an Envoy string matcher; `None` for `*`, which Envoy cannot say as one (an
+/// empty prefix is refused): each caller writes "anything" its own way.
+fn string_matcher(m: &StringMatch, ignore_case: bool) -> Option<StringMatcher> {
     use string_matcher::MatchPattern;
     let pattern = match m {
-        // Envoy has no "any" string matcher; an empty prefix matches every value.
-        StringMatch::Any => MatchPattern::Prefix(String::new()),
+        StringMatch::Any => return None,
         StringMatch::Exact(s) => MatchPattern::Exact(s.clone()),
         StringMatch::Prefix(s) => MatchPattern::Prefix(s.clone()),
         StringMatch::Suffix(s) => MatchPattern::Suffix(s.clone()),
     };
-    StringMatcher {
+    Some(StringMatcher {
         match_pattern: Some(pattern),
         ignore_case,
-    }
+    })
 }
 
 fn and_rules(mut rules: Vec<Permission>) -> Permission {
@@ -402,8 +428,13 @@ fn and_rules(mut rules: Vec<Permission>) -> Permission {
     }
 }
 
+/// Any of `rules`. Envoy refuses an empty `or_rules`, so "any of none" is written as
+/// what it means: nothing matches.
 fn or_rules(mut rules: Vec<Permission>) -> Permission {
     match rules.len() {
+        0 => not_rule(Permission {
+            rule: Some(permission::Rule::Any(true)),
+        }),
         1 => rules.pop().expect("one"),
         _ => Permission {
             rule: Some(permission::Rule::OrRules(permission::Set { rules })),
@@ -417,8 +448,12 @@ fn not_rule(p: Permission) -> Permission {
     }
 }
 
+/// Any of `ids`; "any of none" matches nobody (as [`or_rules`]).
 fn or_ids(mut ids: Vec<Principal>) -> Principal {
     match ids.len() {
+        0 => Principal {
+            identifier: Some(principal::Identifier::NotId(Box::new(any_id()))),
+        },
         1 => ids.pop().expect("one"),
         _ => Principal {
             identifier: Some(principal::Identifier::OrIds(principal::Set { ids })),
@@ -503,10 +538,142 @@ mod tests {
 
     #[test]
     fn without_route_overrides_the_allow_stage_admits_nothing() {
-        let [deny, allow, audit] = PortRbac::http_filters();
+        let [audit, deny, allow] = PortRbac::http_filters();
         assert!(deny.1.rules.is_none() && audit.1.rules.is_none());
         let allow = allow.1.rules.expect("fail closed");
         assert_eq!(allow.action, rbac::Action::Allow as i32);
         assert!(allow.policies.is_empty());
+    }
+
+    /// What Envoy's validation refuses in RBAC, as far as meshd's output goes: empty
+    /// `and_rules`/`or_rules`/`and_ids`/`or_ids`, and empty `prefix`, `suffix` or
+    /// `contains` matchers (the property test in `integration/tests/envoy_validate.rs`
+    /// has a real Envoy check everything).
+    fn assert_envoy_accepts(rbac: &Rbac) {
+        use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+        fn sm(m: &StringMatcher) {
+            match &m.match_pattern {
+                Some(
+                    MatchPattern::Prefix(s) | MatchPattern::Suffix(s) | MatchPattern::Contains(s),
+                ) => {
+                    assert!(!s.is_empty(), "empty matcher {m:?}")
+                }
+                Some(MatchPattern::Exact(_)) => {}
+                other => panic!("unexpected matcher {other:?}"),
+            }
+        }
+        fn perm(p: &Permission) {
+            match p.rule.as_ref().expect("a rule") {
+                permission::Rule::AndRules(set) | permission::Rule::OrRules(set) => {
+                    assert!(!set.rules.is_empty(), "empty set");
+                    set.rules.iter().for_each(perm);
+                }
+                permission::Rule::NotRule(p) => perm(p),
+                permission::Rule::Header(h) => {
+                    if let Some(header_matcher::HeaderMatchSpecifier::StringMatch(m)) =
+                        &h.header_match_specifier
+                    {
+                        sm(m)
+                    }
+                }
+                permission::Rule::UrlPath(p) => match &p.rule {
+                    Some(path_matcher::Rule::Path(m)) => sm(m),
+                    other => panic!("{other:?}"),
+                },
+                _ => {}
+            }
+        }
+        fn id(p: &Principal) {
+            match p.identifier.as_ref().expect("an identifier") {
+                principal::Identifier::AndIds(set) | principal::Identifier::OrIds(set) => {
+                    assert!(!set.ids.is_empty(), "empty set");
+                    set.ids.iter().for_each(id);
+                }
+                principal::Identifier::NotId(p) => id(p),
+                principal::Identifier::Authenticated(a) => {
+                    if let Some(m) = &a.principal_name {
+                        sm(m)
+                    }
+                }
+                _ => {}
+            }
+        }
+        for policy in rbac.policies.values() {
+            policy.permissions.iter().for_each(perm);
+            policy.principals.iter().for_each(id);
+        }
+    }
+
+    /// `*` in every field that takes a pattern, plus a `when` with only `notValues`:
+    /// nothing Envoy refuses (an empty prefix was, for `principals: ["*"]`).
+    #[test]
+    fn wildcards_and_not_values_compile_to_rbac_envoy_accepts() {
+        let any = vec![StringMatch::Any];
+        let rule = Rule {
+            from: vec![Source {
+                principals: any.clone(),
+                not_principals: any.clone(),
+                namespaces: any.clone(),
+                not_namespaces: any.clone(),
+                ..Default::default()
+            }],
+            to: vec![Operation {
+                methods: any.clone(),
+                not_methods: any.clone(),
+                paths: any.clone(),
+                not_paths: any.clone(),
+                hosts: any.clone(),
+                not_hosts: any.clone(),
+                ..Default::default()
+            }],
+            when: vec![
+                crate::authz::Condition {
+                    header: "x-a".into(),
+                    values: any.clone(),
+                    not_values: any.clone(),
+                },
+                crate::authz::Condition {
+                    header: "x-b".into(),
+                    values: vec![],
+                    not_values: vec![StringMatch::Prefix("us-".into())],
+                },
+            ],
+        };
+        for action in [Action::Allow, Action::Deny, Action::Audit] {
+            let mut p = policy(action, Operation::default());
+            p.rules = vec![rule.clone()];
+            for http in [true, false] {
+                let c = compile(&[&p], http);
+                for stage in [&c.deny, &c.allow, &c.audit].into_iter().flatten() {
+                    assert_envoy_accepts(stage);
+                }
+            }
+        }
+    }
+
+    /// AUDIT runs first on HTTP and TCP ports, so it sees the requests DENY and ALLOW
+    /// refuse; on TCP each AUDIT rule is a filter of its own (its own counter), in
+    /// reverse name order (the access log names the first match).
+    #[test]
+    fn audit_runs_before_deny_and_allow() {
+        let [first, ..] = PortRbac::http_filters();
+        assert_eq!(first.0, "meshd.rbac.audit");
+        let mut audit = policy(Action::Audit, get_admin());
+        audit.rules.push(Rule {
+            from: vec![Source {
+                namespaces: vec![StringMatch::Exact("edge".into())],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let deny = policy(Action::Deny, get_admin());
+        let filters = compile(&[&deny, &audit], false).network_filters("l");
+        let prefixes: Vec<&str> = filters.iter().map(|f| f.stat_prefix.as_str()).collect();
+        assert_eq!(
+            prefixes,
+            ["l.audit.shop/p#1.", "l.audit.shop/p#0.", "l.deny.shop/p."]
+        );
+        let shadow = filters[0].shadow_rules.as_ref().unwrap();
+        assert!(filters[0].rules.is_none() && shadow.action == rbac::Action::Deny as i32);
     }
 }

@@ -8,7 +8,9 @@
 //! Envoy's rules, mirrored here: a policy matches when any of its permissions and any
 //! of its principals match; an enforcing filter with action DENY denies when some
 //! policy matches, one with ALLOW denies when none does; filters run in order and the
-//! first denial wins, naming the first matching policy in name order (or `none`).
+//! first denial wins, naming the first matching policy in name order (or `none`). The
+//! AUDIT stage runs before them, so every request, allowed or denied, gets its AUDIT
+//! matches.
 //! `Authenticated` matches the peer certificate's URI SAN (no certificate: no match);
 //! `url_path` ignores the query; a header with several values matches joined by `,`.
 
@@ -369,5 +371,63 @@ mod tests {
         let mut conn = get(CLIENT, "/");
         conn.http = None;
         assert_eq!(tcp.evaluate(&conn).denied_by.as_deref(), Some("none"));
+    }
+
+    /// `when` with only `notValues` matches a request whose header has none of them,
+    /// also one without the header (Istio's semantics).
+    #[test]
+    fn when_with_only_not_values() {
+        let allow = policy(
+            "not-us",
+            Action::Allow,
+            Rule {
+                when: vec![Condition {
+                    header: "x-region".into(),
+                    values: vec![],
+                    not_values: vec![Prefix("us-".into())],
+                }],
+                ..Default::default()
+            },
+        );
+        let rbac = compile(&[&allow], true);
+        let with_region = |region: Option<&str>| {
+            let mut r = get(CLIENT, "/");
+            r.http.as_mut().unwrap().headers = region
+                .map(|v| vec![("X-Region".to_string(), v.to_string())])
+                .unwrap_or_default();
+            rbac.evaluate(&r)
+        };
+        assert!(with_region(Some("eu-west")).allowed);
+        assert!(
+            with_region(None).allowed,
+            "no header: none of the notValues"
+        );
+        let v = with_region(Some("us-east"));
+        assert_eq!(v.denied_by.as_deref(), Some("none"), "{v:?}");
+    }
+
+    /// `principals: ["*"]` is any caller with a certificate; `paths: ["*"]` any path.
+    #[test]
+    fn star_principal_and_path() {
+        let allow = policy(
+            "any-peer",
+            Action::Allow,
+            Rule {
+                from: vec![Source {
+                    principals: vec![crate::authz::StringMatch::Any],
+                    ..Default::default()
+                }],
+                to: vec![Operation {
+                    paths: vec![crate::authz::StringMatch::Any],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        let rbac = compile(&[&allow], true);
+        assert!(rbac.evaluate(&get(OTHER, "/x/y?z")).allowed);
+        let mut plaintext = get(CLIENT, "/");
+        plaintext.principal = None;
+        assert_eq!(rbac.evaluate(&plaintext).denied_by.as_deref(), Some("none"));
     }
 }

@@ -10,6 +10,9 @@
 //! | `http.<listener>.rbac.audit_.policy.<rule>.shadow_allowed` | requests AUDIT rule `<rule>` matched |
 //! | `<listener>.deny.<ns>/<name>.rbac.denied` | connections DENY policy `<ns>/<name>` denied |
 //! | `<listener>.allow.rbac.denied` | connections no ALLOW rule admitted |
+//! | `<listener>.audit.<rule>.rbac.audit_.shadow_denied` | connections AUDIT rule `<rule>` matched |
+//!
+//! AUDIT runs before DENY and ALLOW, so its counts include requests they denied.
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +65,10 @@ fn split(name: &str) -> Option<(&str, &str, &str)> {
         }
         return (stat == "allow.denied").then_some((listener, "none", "denied"));
     }
+    if let Some(body) = name.strip_suffix(".rbac.audit_.shadow_denied") {
+        let (listener, rule) = body.split_once(".audit.")?;
+        return Some((listener, rule, "audited"));
+    }
     let body = name.strip_suffix(".rbac.denied")?;
     if let Some(listener) = body.strip_suffix(".allow") {
         return Some((listener, "none", "denied"));
@@ -87,6 +94,8 @@ http.inbound|10.0.0.1:8080.rbac.audit_.shadow_allowed: 9
 inbound|10.0.0.3:5432.deny.shop/no.dots.rbac.denied: 4
 inbound|10.0.0.3:5432.deny.shop/no.dots.rbac.allowed: 6
 inbound|10.0.0.3:5432.allow.rbac.denied: 1
+inbound|10.0.0.3:5432.audit.shop/watch#1.rbac.audit_.shadow_denied: 2
+inbound|10.0.0.3:5432.audit.shop/watch#1.rbac.audit_.shadow_allowed: 5
 http.inbound|10.0.0.1:8080.rbac.audit_.shadow_denied: 4
 cluster.x.upstream_rq: 5
 ";
@@ -104,6 +113,7 @@ cluster.x.upstream_rq: 5
                 row("inbound|10.0.0.1:8080", "shop/web#1", "allowed", 5),
                 row("inbound|10.0.0.3:5432", "none", "denied", 1),
                 row("inbound|10.0.0.3:5432", "shop/no.dots", "denied", 4),
+                row("inbound|10.0.0.3:5432", "shop/watch#1", "audited", 2),
             ]
         );
     }

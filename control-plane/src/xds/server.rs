@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use meshd_ca::SpiffeId;
 
 use super::cache::XdsSnapshot;
+use super::fail_closed::FailClosed;
 use super::limits::{self, LimitError, StreamEnd};
 use super::node::{IdentifyError, IdentityError, ProxyId, identify, peer_identity};
 use super::resources::{ProxyResources, Resource, ResourceType};
@@ -169,6 +170,8 @@ pub(crate) struct ProxyConn {
     /// The proxy's SDS secrets, encoded when its certificate changes.
     secrets: Vec<Arc<Resource>>,
     secret_problem: Option<String>,
+    /// Inbound listeners and routes the proxy rejected, served as deny-all.
+    fail_closed: FailClosed,
     pub status: ProxyHandle,
     nonce: u64,
 }
@@ -193,6 +196,7 @@ impl ProxyConn {
             resources: ProxyResources::default(),
             secrets: Vec::new(),
             secret_problem: None,
+            fail_closed: FailClosed::default(),
             status,
             nonce: 0,
         };
@@ -246,6 +250,9 @@ impl ProxyConn {
             resources.insert(ResourceType::Secret, secret.clone());
         }
         problems.extend(self.secret_problem.clone());
+        self.fail_closed
+            .apply(&snapshot, &self.id.workload, &mut resources);
+        problems.extend(self.fail_closed.problems());
         let version = snapshot.version();
         let changed_at = snapshot.mesh.changed_at;
         self.status.update(|s| {
@@ -267,9 +274,31 @@ impl ProxyConn {
         self.nonce.to_string()
     }
 
-    /// Records the proxy's answer to response `nonce` of type `t`: an ACK, or a NACK
-    /// with Envoy's `error`. Only the answer to the latest response settles it.
-    pub fn record_answer(&self, t: ResourceType, nonce: &str, error: Option<&str>) {
+    /// Records the proxy's answer to response `nonce` of type `t`, which held `sent`: an
+    /// ACK, or a NACK with Envoy's `error`. Only the answer to the latest response
+    /// settles the type's status; a NACK of a resource that carries policy makes the
+    /// proxy's config deny everything on it until a changed one is accepted
+    /// ([`super::fail_closed`]).
+    pub fn record_answer(
+        &mut self,
+        t: ResourceType,
+        nonce: &str,
+        error: Option<&str>,
+        sent: &[Arc<Resource>],
+    ) {
+        let node = self.id.node_id.clone();
+        let changed = match error {
+            Some(message) => self.fail_closed.on_nack(t, sent, message),
+            None => self.fail_closed.on_ack(&node, t, sent),
+        };
+        self.record_answer_status(t, nonce, error);
+        if changed {
+            let snapshot = self.snapshot.clone();
+            self.refresh(snapshot);
+        }
+    }
+
+    fn record_answer_status(&self, t: ResourceType, nonce: &str, error: Option<&str>) {
         if let Some(message) = error {
             throttled_warn!(
                 NACKS,

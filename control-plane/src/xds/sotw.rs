@@ -6,7 +6,8 @@
 //! differs from the last one sent — after a new snapshot or a changed subscription.
 //! Requests carrying an older nonce than the last response are stale and ignored, as
 //! the protocol says. A NACK is recorded and nothing is resent until the config
-//! changes, so the proxy keeps its last accepted config.
+//! changes, so the proxy keeps its last accepted config — except for resources that
+//! carry policy, which are replaced by deny-all versions ([`super::fail_closed`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -104,10 +105,12 @@ impl StreamFlavor for SotwStream {
                 tracing::trace!(node = %self.conn.id.node_id, type = t.short(), nonce = %crate::logging::Escaped(&req.response_nonce), "stale request ignored");
                 return Ok(());
             }
+            let sent = state.sent.as_ref().map(|s| s.resources.as_slice());
             self.conn.record_answer(
                 t,
                 &req.response_nonce,
                 req.error_detail.as_ref().map(|e| e.message.as_str()),
+                sent.unwrap_or_default(),
             );
         }
         let wildcard = t.is_wildcard_type()

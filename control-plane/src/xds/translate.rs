@@ -223,7 +223,6 @@ pub fn inbound_route(listener: &str, inbound: &InboundPort, rbac: &PortRbac) -> 
 /// route configuration [`inbound_route`].
 pub fn inbound_listener(address: IpAddr, inbound: &InboundPort, rbac: &PortRbac) -> Listener {
     let name = inbound_listener_name(address, inbound.port);
-    let cluster = inbound_cluster_name(inbound.port);
     let filters = if inbound.protocol.is_http() {
         let rbac_filters = PortRbac::http_filters()
             .into_iter()
@@ -246,18 +245,139 @@ pub fn inbound_listener(address: IpAddr, inbound: &InboundPort, rbac: &PortRbac)
         let mut filters: Vec<Filter> = rbac
             .network_filters(&name)
             .iter()
-            .map(|r| Filter {
-                name: "envoy.filters.network.rbac".to_string(),
-                config_type: Some(filter::ConfigType::TypedConfig(any(r))),
-            })
+            .map(network_rbac_filter)
             .collect();
         filters.push(tcp_proxy_filter(
             &name,
-            &cluster,
+            &inbound_cluster_name(inbound.port),
             stdout_access_log(Some(INBOUND_TCP_LOG)),
         ));
         filters
     };
+    inbound_listener_with(address, inbound, filters)
+}
+
+/// The reason a fail-closed resource gives for every denial, in the
+/// [`DENIED_BY_HEADER`] header and the body.
+pub const INVALID_POLICY: &str = "invalid-policy: this sidecar rejected the policy meshd compiled for this port; see meshctl status";
+
+/// The name of the RBAC policy that denies every connection on a fail-closed TCP port.
+pub const INVALID_POLICY_RULE: &str = "invalid-policy";
+
+/// What an inbound HTTP port's route becomes when the sidecar rejected the compiled one
+/// ([`super::fail_closed`]): every request gets 403 naming [`INVALID_POLICY`]. A direct
+/// response, with the RBAC filters switched off for it (a generic `FilterConfig`), so it
+/// needs none of the RBAC machinery the sidecar may have refused.
+pub fn inbound_route_denied(listener: &str) -> RouteConfiguration {
+    use envoy_types::pb::envoy::config::core::v3::{
+        HeaderValue, HeaderValueOption, header_value_option,
+    };
+    use envoy_types::pb::envoy::config::route::v3::{DirectResponseAction, FilterConfig};
+    let route = Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_string())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::DirectResponse(DirectResponseAction {
+            status: 403,
+            body: Some(inline(&format!("{DENIAL_BODY_PREFIX}{INVALID_POLICY}\n"))),
+            ..Default::default()
+        })),
+        // The RBAC filters of the listener pass the request on to this response (the
+        // ALLOW stage would refuse it first, naming no rule, without a route override).
+        typed_per_filter_config: super::rbac::STAGES
+            .iter()
+            .map(|(filter, _)| {
+                let off = FilterConfig {
+                    disabled: true,
+                    ..Default::default()
+                };
+                (filter.to_string(), any(&off))
+            })
+            .collect(),
+        response_headers_to_add: vec![HeaderValueOption {
+            header: Some(HeaderValue {
+                key: DENIED_BY_HEADER.to_string(),
+                value: INVALID_POLICY.to_string(),
+                ..Default::default()
+            }),
+            append_action: header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    RouteConfiguration {
+        name: listener.to_string(),
+        virtual_hosts: vec![VirtualHost {
+            name: "inbound".to_string(),
+            domains: vec!["*".to_string()],
+            routes: vec![route],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// What an inbound listener becomes when the sidecar rejected the compiled one
+/// ([`super::fail_closed`]): the same address, transport and access log, denying every
+/// request — HTTP with [`inbound_route_denied`] inline and no RBAC filter, TCP with one
+/// RBAC filter whose only policy, [`INVALID_POLICY_RULE`], matches every connection.
+pub fn inbound_listener_denied(address: IpAddr, inbound: &InboundPort) -> Listener {
+    use envoy_types::pb::envoy::config::rbac::v3::{
+        Permission, Policy, Principal, Rbac, permission, principal, rbac,
+    };
+    use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
+    let name = inbound_listener_name(address, inbound.port);
+    let filters = if inbound.protocol.is_http() {
+        vec![http_filter_chain_filter(
+            &name,
+            http_connection_manager::RouteSpecifier::RouteConfig(inbound_route_denied(&name)),
+            Vec::new(),
+            stdout_access_log(Some(INBOUND_HTTP_LOG)),
+        )]
+    } else {
+        let everything = Policy {
+            permissions: vec![Permission {
+                rule: Some(permission::Rule::Any(true)),
+            }],
+            principals: vec![Principal {
+                identifier: Some(principal::Identifier::Any(true)),
+            }],
+            ..Default::default()
+        };
+        let deny_all = NetworkRbac {
+            rules: Some(Rbac {
+                action: rbac::Action::Deny as i32,
+                policies: [(INVALID_POLICY_RULE.to_string(), everything)].into(),
+                ..Default::default()
+            }),
+            stat_prefix: format!("{name}.deny.{INVALID_POLICY_RULE}."),
+            ..Default::default()
+        };
+        vec![
+            network_rbac_filter(&deny_all),
+            tcp_proxy_filter(
+                &name,
+                &inbound_cluster_name(inbound.port),
+                stdout_access_log(Some(INBOUND_TCP_LOG)),
+            ),
+        ]
+    };
+    inbound_listener_with(address, inbound, filters)
+}
+
+fn network_rbac_filter(
+    rbac: &envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac,
+) -> Filter {
+    Filter {
+        name: "envoy.filters.network.rbac".to_string(),
+        config_type: Some(filter::ConfigType::TypedConfig(any(rbac))),
+    }
+}
+
+/// An inbound listener with `filters` on each of the chains its mTLS mode needs.
+fn inbound_listener_with(address: IpAddr, inbound: &InboundPort, filters: Vec<Filter>) -> Listener {
+    let name = inbound_listener_name(address, inbound.port);
     let chain = |transport_protocol: &str, tls: bool| FilterChain {
         filter_chain_match: (!transport_protocol.is_empty()).then(|| FilterChainMatch {
             transport_protocol: transport_protocol.to_string(),
@@ -553,7 +673,12 @@ fn http_filter_chain_filter(
     }
 }
 
-/// Local 403s (RBAC denials) say which rule denied them, in a header and the body.
+/// The start of the body of every denial.
+const DENIAL_BODY_PREFIX: &str = "access denied by meshd authorization: ";
+
+/// Local 403s say why, in a header and the body: for RBAC denials the rule
+/// (`%RESPONSE_CODE_DETAILS%`); a fail-closed route's direct response
+/// ([`inbound_route_denied`]) sets the header itself, and it is kept.
 fn denial_reply() -> envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::LocalReplyConfig{
     use envoy_types::pb::envoy::config::accesslog::v3::{
         AccessLogFilter, ComparisonFilter, StatusCodeFilter, access_log_filter, comparison_filter,
@@ -580,7 +705,7 @@ fn denial_reply() -> envoy_types::pb::envoy::extensions::filters::network::http_
             }),
             body_format_override: Some(SubstitutionFormatString {
                 format: Some(substitution_format_string::Format::TextFormatSource(inline(
-                    "access denied by meshd authorization: %RESPONSE_CODE_DETAILS%\n",
+                    &format!("{DENIAL_BODY_PREFIX}%RESP({DENIED_BY_HEADER})%\n"),
                 ))),
                 ..Default::default()
             }),
@@ -590,8 +715,7 @@ fn denial_reply() -> envoy_types::pb::envoy::extensions::filters::network::http_
                     value: "%RESPONSE_CODE_DETAILS%".to_string(),
                     ..Default::default()
                 }),
-                append_action: header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd
-                    as i32,
+                append_action: header_value_option::HeaderAppendAction::AddIfAbsent as i32,
                 ..Default::default()
             }],
             ..Default::default()
