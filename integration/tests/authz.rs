@@ -813,15 +813,15 @@ async fn a_second_definition_does_not_replace_the_policy_in_force() -> anyhow::R
     // starts, and `00-dup.yaml` sorted first, so it took over. web.yaml is older.
     m.meshd.kill_and_restart().await?;
     let restarted = m.meshd.snapshot().await?;
+    m.meshd
+        .wait_synced(&m.web.node_id, restarted.version)
+        .await?;
+    m.run("after a restart", &denied).await?;
     ensure!(
         restarted.config_errors == errors,
         "{:?}",
         restarted.config_errors
     );
-    m.meshd
-        .wait_synced(&m.web.node_id, restarted.version)
-        .await?;
-    m.run("after a restart", &denied).await?;
 
     // Once web.yaml is gone, the other definition is the only one, and applies.
     m.apply("web.yaml", &[]).await?;
