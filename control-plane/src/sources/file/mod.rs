@@ -369,16 +369,27 @@ impl FileSource {
 
 /// A file's text, if it is UTF-8 and within [`MAX_FILE_BYTES`] (checked while
 /// reading: the file may grow after it was listed), and when it was last modified.
+///
+/// The walk listed a regular file, but anything may have taken its name since: the file
+/// is opened non-blocking (opening a FIFO for reading otherwise waits for a writer,
+/// forever, holding up every later scan) and read only if what was opened is a regular
+/// file.
 fn read_text(path: &Path) -> Result<(String, SystemTime), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let cannot = |e: std::io::Error| format!("cannot read: {e}");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return Err("not a regular file: not read".to_string());
+    }
+    // No modification time (no Linux filesystem lacks one): path order decides.
+    let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
     let mut bytes = Vec::new();
-    let modified = std::fs::File::open(path)
-        .and_then(|f| {
-            // No modification time (no Linux filesystem lacks one): path order decides.
-            let modified = f.metadata()?.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
-            Ok(modified)
-        })
-        .map_err(|e| format!("cannot read: {e}"))?;
+    (file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)).map_err(cannot)?;
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(format!(
             "larger than {} MiB: not read",
@@ -525,6 +536,31 @@ status: {podIP: 10.0.0.1}
     /// With nothing in force yet (at start), the first file in path order won, so
     /// `00-dup.yaml` took over at every restart. The oldest file wins, then path order,
     /// and the other file is refused as a whole, naming both files.
+    /// The walk checks that a file is regular; a FIFO that took its name before it was
+    /// read blocked the open, and with it the scan thread and every later scan, forever.
+    #[test]
+    fn a_fifo_swapped_in_after_the_walk_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("web.yaml");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let read = fifo.clone();
+        std::thread::spawn(move || tx.send(read_text(&read).map(|(t, _)| t)));
+        let result = rx.recv_timeout(Duration::from_secs(5));
+        if result.is_err() {
+            // Lets the blocked reader go before failing.
+            drop(std::fs::OpenOptions::new().write(true).open(&fifo));
+        }
+        assert_eq!(
+            result.expect("reading a FIFO returns"),
+            Err("not a regular file: not read".to_string())
+        );
+    }
+
     #[test]
     fn at_start_an_object_defined_twice_is_taken_from_the_oldest_file() {
         let dir = tempfile::tempdir().unwrap();
