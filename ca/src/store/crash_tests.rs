@@ -366,3 +366,49 @@ fn a_next_certificate_without_its_key_is_refused_without_advice_to_remove_the_ro
     );
     assert!(err.contains("the root stays as it is"), "{err}");
 }
+
+/// With `root-key.pem` gone and the next root staged (operator error, a partial
+/// restore: no crash leaves this with key files that carry their certificates), meshd
+/// promoted the next root on its own, which sidecars may not trust yet. It refuses,
+/// saying to restore the root key, and touches nothing.
+#[test]
+fn a_missing_root_key_beside_a_staged_next_root_is_refused_not_promoted() {
+    let dir = tempfile::tempdir().unwrap();
+    create_and_stage(dir.path());
+    std::fs::remove_file(dir.path().join(ROOT_KEY_FILE)).unwrap();
+    let before = files(dir.path());
+    let err = open_or_create(&CaSource::Directory(dir.path().into()), cfg())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("root-key.pem: is missing, but next-root-key.pem is there")
+            && err.contains("restore root-key.pem from a backup"),
+        "{err}"
+    );
+    for advice in ["delete", "remove", "move"] {
+        assert!(!err.contains(advice), "{err}");
+    }
+    assert_eq!(files(dir.path()), before, "nothing was changed");
+
+    // Also with a previous-root-cert.pem from an earlier rotation.
+    let (earlier, _) = generate_root("cluster.local", ROOT_VALIDITY).unwrap();
+    put(dir.path(), PREVIOUS_ROOT_CERT_FILE, &earlier);
+    let err = open_or_create(&CaSource::Directory(dir.path().into()), cfg()).unwrap_err();
+    assert!(err.to_string().contains("restore root-key.pem"), "{err}");
+}
+
+/// A promotion whose first step (the root's certificate copied to
+/// `previous-root-cert.pem`) is done, and then `root-key.pem` gone: the promotion was
+/// under way, so it is finished.
+#[test]
+fn a_missing_root_key_during_a_promotion_finishes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    create_and_stage(dir.path());
+    let staged = roots(dir.path());
+    let root_cert = std::fs::read_to_string(dir.path().join(ROOT_CERT_FILE)).unwrap();
+    put(dir.path(), PREVIOUS_ROOT_CERT_FILE, &root_cert);
+    std::fs::remove_file(dir.path().join(ROOT_KEY_FILE)).unwrap();
+    open_or_create(&CaSource::Directory(dir.path().into()), cfg()).unwrap();
+    assert_eq!(roots(dir.path()).root, staged.next);
+    assert_consistent(dir.path(), &[]);
+}

@@ -26,7 +26,11 @@
 //! (`root-*` to `previous-root-*`, `next-root-*` to `root-*`). A key without a
 //! certificate takes the certificate file whose public key matches; with that, every
 //! state those renames could leave resolves too, and the old `previous-root-key.pem` is
-//! deleted.
+//! deleted. Of those, only the one with `root-key.pem` gone and `next-root-key.pem` there
+//! is finished by promoting, and only when it bears a promotion's marks (a next key
+//! alone in its file, or `previous-root-cert.pem` already the root's certificate):
+//! otherwise that state is operator error or a partial restore, and reading refuses it,
+//! saying to restore `root-key.pem` from a backup.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -141,14 +145,21 @@ pub(crate) fn read(dir: &Path) -> Result<Layout, CaError> {
     let next_key = read_key(&path(NEXT_ROOT_KEY_FILE))?;
     let cert = read_cert(&path(ROOT_CERT_FILE))?;
     let next_cert = read_cert(&path(NEXT_ROOT_CERT_FILE))?;
+    let previous = read_cert(&path(PREVIOUS_ROOT_CERT_FILE))?;
     let mut repairs = Vec::new();
 
     // Which key is the root's.
     let (key, key_name, next_key) = match (key, next_key) {
         (Some(key), next_key) => (key, ROOT_KEY_FILE, next_key),
-        // Only the old four-rename promotion leaves this: the old key had been moved
-        // away, the next one not yet moved in.
-        (None, Some(next_key)) => {
+        // Only the old four-rename promotion leaves this by a crash: the old key had
+        // been moved away, the next one not yet moved in. Its marks: the next key file
+        // holds the key alone (the old layout), or `previous-root-cert.pem` already holds
+        // the certificate in `root-cert.pem` (a promotion's first step, done). Anything else is operator
+        // error or a partial restore: promoting then would silently make a root that
+        // sidecars may not trust yet the one that signs.
+        (None, Some(next_key))
+            if next_key.cert.is_none() || previous.as_ref().is_some_and(|p| same(&cert, p)) =>
+        {
             repairs.push(Repair::Rename {
                 from: NEXT_ROOT_KEY_FILE,
                 to: ROOT_KEY_FILE,
@@ -156,6 +167,17 @@ pub(crate) fn read(dir: &Path) -> Result<Layout, CaError> {
                       key was moved away",
             });
             (next_key, NEXT_ROOT_KEY_FILE, None)
+        }
+        (None, Some(_)) => {
+            return Err(CaError::file(
+                path(ROOT_KEY_FILE),
+                format!(
+                    "is missing, but {NEXT_ROOT_KEY_FILE} is there and no root promotion \
+                     was in progress: restore {ROOT_KEY_FILE} from a backup. meshd does not \
+                     promote the next root on its own: sidecars that do not trust it yet \
+                     would refuse the certificates it signs"
+                ),
+            ));
         }
         (None, None) => {
             if let Some(name) = [(ROOT_CERT_FILE, &cert), (NEXT_ROOT_CERT_FILE, &next_cert)]
@@ -181,7 +203,6 @@ pub(crate) fn read(dir: &Path) -> Result<Layout, CaError> {
 
     // The root's certificate: the one in its key file, else (older versions) the
     // certificate file that matches the key.
-    let previous = read_cert(&path(PREVIOUS_ROOT_CERT_FILE))?;
     let (root_cert, root_cert_path) = match &key.cert {
         Some(c) => (c.clone(), path(key_name)),
         None => [

@@ -12,9 +12,12 @@
 //!   field ([`parse`], which also holds the parser's budgets).
 //! - **An object has one definition**: the same kind, namespace and name in a second file
 //!   does not replace the one in force, as the API server refuses a second object of one
-//!   name. The newcomer is reported, naming both files; the rest of its file applies. The
+//!   name. The newcomer's file is refused as a whole (all or nothing, as for any other
+//!   error in it: its last good content stays), and reported naming both files. The
 //!   definition in force is the one that was already in force; when none was (at start,
-//!   or when its file stops defining it), the first file in path order wins.
+//!   after any restart, or when its file stops defining it), the file modified longest
+//!   ago wins, then the first in path order: a newcomer cannot win by its name
+//!   (`00-dup.yaml`), so a restart keeps what was in force.
 //! - **Nothing here blocks the async workers**: reading and parsing run on tokio's
 //!   blocking pool ([`FileSource::spawn`]). meshd answers health checks and serves ADS
 //!   while a directory is read; it is ready (`pending` empty) once the first read is in
@@ -31,7 +34,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use notify::Watcher;
 use tokio::sync::watch;
@@ -86,12 +89,22 @@ const PENDING: &str = "config directory";
 
 type Id = (ObjectKind, ObjectKey);
 
+/// One file's content: the text it was parsed from and the objects it defines.
+#[derive(Debug)]
+struct Content {
+    text: String,
+    /// When the file was last modified, as of the latest read: the tie-break between
+    /// two definitions of which neither is in force (see the module doc).
+    modified: SystemTime,
+    objects: Vec<Defined>,
+}
+
 /// The directory's content as of the last scan, file by file.
 #[derive(Debug)]
 pub struct FileSource {
     dir: PathBuf,
-    /// Last good content of every file: (text it was parsed from, objects).
-    good: BTreeMap<PathBuf, (String, Vec<Defined>)>,
+    /// Last good content of every file: the content last applied.
+    good: BTreeMap<PathBuf, Content>,
     /// The file whose definition of each object is in force.
     in_force: HashMap<Id, PathBuf>,
     errors: Vec<ConfigError>,
@@ -104,6 +117,17 @@ pub struct Running {
     pub errors: SharedErrors,
     /// `["config directory"]` until the first scan is in a published snapshot, then empty.
     pub pending: watch::Receiver<Vec<String>>,
+}
+
+/// Which content of a file [`FileSource::merge`] is trying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Choice {
+    /// What was just parsed.
+    New,
+    /// The last good content.
+    Good,
+    /// Nothing: the file applies nothing.
+    Refused,
 }
 
 impl FileSource {
@@ -129,6 +153,7 @@ impl FileSource {
     /// parses files.
     pub fn scan(&mut self) -> Vec<MeshObject> {
         let mut errors = Vec::new();
+        let mut parsed = BTreeMap::new();
         match walk::yaml_files(&self.dir) {
             Ok(listing) => {
                 errors.extend(
@@ -137,19 +162,25 @@ impl FileSource {
                 let present: BTreeSet<&PathBuf> = listing.files.iter().collect();
                 self.good.retain(|path, _| present.contains(path));
                 for path in listing.files {
-                    let text = match read_text(&path) {
+                    let (text, modified) = match read_text(&path) {
                         Ok(t) => t,
                         Err(message) => {
                             errors.push(ConfigError::file(&path, message));
                             continue;
                         }
                     };
-                    if self.good.get(&path).is_some_and(|(t, _)| *t == text) {
+                    if let Some(good) = self.good.get_mut(&path).filter(|g| g.text == text) {
+                        good.modified = modified;
                         continue;
                     }
                     match parse_file(&path, &text) {
-                        Ok(objs) => {
-                            self.good.insert(path, (text, objs));
+                        Ok(objects) => {
+                            let content = Content {
+                                text,
+                                modified,
+                                objects,
+                            };
+                            parsed.insert(path, content);
                         }
                         Err(errs) => errors.extend(errs),
                     }
@@ -163,56 +194,113 @@ impl FileSource {
         }
         // A file with an error keeps its previous content; errors of unchanged broken
         // files are reported again, since they are still broken.
-        let (objects, duplicates) = self.merge();
+        let (objects, duplicates) = self.merge(parsed);
         errors.extend(duplicates);
+        errors.sort_by(|a, b| (&a.file, a.document).cmp(&(&b.file, b.document)));
+        // A file refused in one round may be refused for the same object in the next.
+        errors.dedup();
         self.errors = errors;
         objects
     }
 
-    /// Joins all files: one definition of each object is in force (see the module doc),
-    /// every other one is an error.
-    fn merge(&mut self) -> (Vec<MeshObject>, Vec<ConfigError>) {
-        let mut definitions: BTreeMap<Id, Vec<(&PathBuf, &Defined)>> = BTreeMap::new();
-        for (path, (_, defined)) in &self.good {
-            for d in defined {
-                let id = (d.object.kind(), d.object.key());
-                definitions.entry(id).or_default().push((path, d));
-            }
-        }
-        let mut in_force = HashMap::new();
-        let mut objects = Vec::new();
+    /// Joins the files' good content with what was just `parsed`: one definition of each
+    /// object is in force (see the module doc), and a file that defines an object in
+    /// force elsewhere is refused as a whole, as any other error in it.
+    fn merge(
+        &mut self,
+        mut parsed: BTreeMap<PathBuf, Content>,
+    ) -> (Vec<MeshObject>, Vec<ConfigError>) {
+        let paths: BTreeSet<PathBuf> = self.good.keys().chain(parsed.keys()).cloned().collect();
+        let mut choice: BTreeMap<&PathBuf, Choice> = paths
+            .iter()
+            .map(|p| {
+                (
+                    p,
+                    if parsed.contains_key(p) {
+                        Choice::New
+                    } else {
+                        Choice::Good
+                    },
+                )
+            })
+            .collect();
         let mut errors = Vec::new();
-        for (id, defs) in definitions {
-            let held = self.in_force.get(&id);
-            let winner = defs
-                .iter()
-                .position(|(path, _)| Some(*path) == held)
-                .unwrap_or(0);
-            let (owner, kept) = defs[winner];
-            for (path, d) in defs
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != winner)
-                .map(|(_, d)| d)
-            {
-                errors.push(ConfigError {
-                    file: path.to_path_buf(),
-                    document: Some(d.document),
-                    object: Some(label(&d.object)),
-                    field: None,
-                    message: format!(
-                        "already defined in {} (document {}), which stays in force: \
-                         an object can be defined only once",
-                        owner.display(),
-                        kept.document
-                    ),
-                });
+        // Each round refuses the files that define an object another file holds, which
+        // then fall back to their last good content, then to nothing; so it ends.
+        let owners = loop {
+            let mut definitions: BTreeMap<Id, Vec<(&PathBuf, &Content, &Defined)>> =
+                BTreeMap::new();
+            for (path, chosen) in &choice {
+                let content = match chosen {
+                    Choice::New => parsed.get(*path),
+                    Choice::Good => self.good.get(*path),
+                    Choice::Refused => None,
+                };
+                for d in content
+                    .iter()
+                    .flat_map(|c| c.objects.iter().map(move |d| (c, d)))
+                {
+                    let id = (d.1.object.kind(), d.1.object.key());
+                    definitions.entry(id).or_default().push((*path, d.0, d.1));
+                }
             }
-            objects.push(kept.object.clone());
-            in_force.insert(id, owner.clone());
+            let mut owners = Vec::new();
+            let mut losers: BTreeSet<&PathBuf> = BTreeSet::new();
+            for (id, defs) in definitions {
+                let held = self.in_force.get(&id);
+                let winner = match defs.iter().position(|(path, ..)| Some(*path) == held) {
+                    Some(i) => i,
+                    // Nothing in force (at start, or its file stopped defining it): the
+                    // oldest file, which a newcomer cannot become by its name.
+                    None => (0..defs.len())
+                        .min_by_key(|&i| (defs[i].1.modified, defs[i].0))
+                        .unwrap_or(0),
+                };
+                let (owner, _, kept) = defs[winner];
+                for (i, (path, _, d)) in defs.iter().enumerate() {
+                    if i == winner {
+                        continue;
+                    }
+                    losers.insert(path);
+                    errors.push(ConfigError {
+                        file: path.to_path_buf(),
+                        document: Some(d.document),
+                        object: Some(label(&d.object)),
+                        field: None,
+                        message: format!(
+                            "already defined in {} (document {}), which stays in force: \
+                             an object can be defined only once",
+                            owner.display(),
+                            kept.document
+                        ),
+                    });
+                }
+                owners.push((id, owner.clone(), kept.object.clone()));
+            }
+            if losers.is_empty() {
+                break owners;
+            }
+            for path in losers {
+                let c = choice.get_mut(path).expect("every file has a choice");
+                *c = match c {
+                    Choice::New if self.good.contains_key(path) => Choice::Good,
+                    _ => Choice::Refused,
+                };
+            }
+        };
+        for (path, chosen) in &choice {
+            if *chosen == Choice::New {
+                let content = parsed.remove(*path).expect("parsed");
+                self.good.insert((*path).clone(), content);
+            }
         }
-        errors.sort_by(|a, b| (&a.file, a.document).cmp(&(&b.file, b.document)));
-        self.in_force = in_force;
+        let mut objects = Vec::with_capacity(owners.len());
+        self.in_force = (owners.into_iter())
+            .map(|(id, owner, object)| {
+                objects.push(object);
+                (id, owner)
+            })
+            .collect();
         (objects, errors)
     }
 
@@ -280,19 +368,36 @@ impl FileSource {
 }
 
 /// A file's text, if it is UTF-8 and within [`MAX_FILE_BYTES`] (checked while
-/// reading: the file may grow after it was listed).
-fn read_text(path: &Path) -> Result<String, String> {
+/// reading: the file may grow after it was listed), and when it was last modified.
+///
+/// The walk listed a regular file, but anything may have taken its name since: the file
+/// is opened non-blocking (opening a FIFO for reading otherwise waits for a writer,
+/// forever, holding up every later scan) and read only if what was opened is a regular
+/// file.
+fn read_text(path: &Path) -> Result<(String, SystemTime), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let cannot = |e: std::io::Error| format!("cannot read: {e}");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return Err("not a regular file: not read".to_string());
+    }
+    // No modification time (no Linux filesystem lacks one): path order decides.
+    let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(|e| format!("cannot read: {e}"))?;
+    (file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)).map_err(cannot)?;
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(format!(
             "larger than {} MiB: not read",
             MAX_FILE_BYTES >> 20
         ));
     }
-    String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))
+    let text = String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))?;
+    Ok((text, modified))
 }
 
 /// Logs what is newly broken or fixed, and shares the current list.
@@ -424,34 +529,74 @@ status: {podIP: 10.0.0.1}
         );
     }
 
+    /// Sets `path`'s modification time to `secs` after the epoch.
+    fn touch(path: &Path, secs: u64) {
+        let file = std::fs::File::options().append(true).open(path).unwrap();
+        file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+            .unwrap();
+    }
+
+    /// With nothing in force yet (at start), the first file in path order won, so
+    /// `00-dup.yaml` took over at every restart. The oldest file wins, then path order,
+    /// and the other file is refused as a whole, naming both files.
+    /// The walk checks that a file is regular; a FIFO that took its name before it was
+    /// read blocked the open, and with it the scan thread and every later scan, forever.
     #[test]
-    fn at_start_an_object_defined_twice_is_taken_from_the_first_file_in_path_order() {
+    fn a_fifo_swapped_in_after_the_walk_is_refused_without_blocking() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
-        std::fs::write(dir.path().join("b.yaml"), GOOD).unwrap();
+        let fifo = dir.path().join("web.yaml");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let read = fifo.clone();
+        std::thread::spawn(move || tx.send(read_text(&read).map(|(t, _)| t)));
+        let result = rx.recv_timeout(Duration::from_secs(5));
+        if result.is_err() {
+            // Lets the blocked reader go before failing.
+            drop(std::fs::OpenOptions::new().write(true).open(&fifo));
+        }
+        assert_eq!(
+            result.expect("reading a FIFO returns"),
+            Err("not a regular file: not read".to_string())
+        );
+    }
+
+    #[test]
+    fn at_start_an_object_defined_twice_is_taken_from_the_oldest_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+        std::fs::write(&b, GOOD).unwrap();
+        std::fs::write(&a, GOOD).unwrap();
         std::fs::write(dir.path().join(".swap.yaml"), "garbage: [").unwrap();
+        touch(&b, 1_000);
+        touch(&a, 2_000);
         let mut src = FileSource::new(dir.path());
         assert_eq!(src.scan().len(), 2);
         let errors: Vec<String> = src.errors().iter().map(|e| e.to_string()).collect();
-        let a = dir.path().join("a.yaml");
-        let b = dir.path().join("b.yaml");
-        assert_eq!(
-            errors,
-            [
-                format!(
-                    "{}: document 1 (Service shop/web): already defined in {} (document 1), \
-                     which stays in force: an object can be defined only once",
-                    b.display(),
-                    a.display()
-                ),
-                format!(
-                    "{}: document 2 (Pod shop/web-1): already defined in {} (document 2), \
-                     which stays in force: an object can be defined only once",
-                    b.display(),
-                    a.display()
-                ),
-            ]
-        );
+        let dup = |document: usize| {
+            format!(
+                "{}: document {document} ({}): already defined in {} (document {document}), \
+                 which stays in force: an object can be defined only once",
+                a.display(),
+                ["Service shop/web", "Pod shop/web-1"][document - 1],
+                b.display()
+            )
+        };
+        assert_eq!(errors, [dup(1), dup(2)]);
+        // Equally old: path order.
+        touch(&b, 2_000);
+        let errors = FileSource::new(dir.path()).scan_errors();
+        assert!(errors.iter().all(|e| e.file == b), "{errors:?}");
+    }
+
+    impl FileSource {
+        fn scan_errors(&mut self) -> Vec<ConfigError> {
+            self.scan();
+            self.errors.clone()
+        }
     }
 
     fn deny(paths: &str) -> String {
@@ -483,20 +628,26 @@ status: {podIP: 10.0.0.1}
         let in_force = denied_paths(&src.scan());
         assert!(in_force[0].contains("/admin"), "{in_force:?}");
 
-        std::fs::write(&dup, deny("/nothing")).unwrap();
-        assert_eq!(
-            denied_paths(&src.scan()),
-            in_force,
-            "a.yaml's policy applies"
-        );
+        let other = "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n";
+        std::fs::write(&dup, format!("{other}---\n{}", deny("/nothing"))).unwrap();
+        let objects = src.scan();
+        assert_eq!(denied_paths(&objects), in_force, "a.yaml's policy applies");
+        assert_eq!(objects.len(), 1, "none of 00-dup.yaml applies: {objects:?}");
         assert_eq!(src.errors().len(), 1, "{:?}", src.errors());
         let e = &src.errors()[0];
         assert_eq!(e.file, dup, "the newcomer is the error: {e}");
+        assert_eq!(e.document, Some(2));
         assert_eq!(
             e.object.as_deref(),
             Some("AuthorizationPolicy shop/no-admin")
         );
         assert!(e.message.contains(&a.display().to_string()), "{e}");
+
+        // A restart (nothing in force) keeps it so: a.yaml is older.
+        touch(&a, 1_000);
+        let mut restarted = FileSource::new(dir.path());
+        assert_eq!(denied_paths(&restarted.scan()), in_force, "after a restart");
+        assert_eq!(restarted.errors(), src.errors());
 
         // It stays so while either file changes…
         std::fs::write(&dup, deny("/still-nothing")).unwrap();

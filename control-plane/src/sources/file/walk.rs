@@ -11,8 +11,9 @@
 //!   A link to a directory that contains it (`ln -s . mesh/loop`) is a loop: it is
 //!   reported once, naming the link, and not followed. A link to a directory already read
 //!   elsewhere is not read again: its files are already in.
-//! - Only regular files are read: a FIFO or a device named `x.yaml` would block the
-//!   reader or never end.
+//! - Only regular files are listed: a FIFO or a device named `x.yaml` would block the
+//!   reader or never end. The reader checks again what it opened (non-blocking), since
+//!   a FIFO may take the name between the walk and the read.
 //! - Entries are walked in name order, so which name a directory is read under does not
 //!   depend on the order the system lists them in.
 
