@@ -208,7 +208,7 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let store = started.store;
-    let config_errors = started.errors;
+    let (config_errors, config_notes) = (started.errors, started.notes);
 
     let snapshots = spawn_translator(store.subscribe(), args.ca.trust_domain.clone());
     let registry = ProxyRegistry::default();
@@ -245,6 +245,7 @@ async fn main() -> anyhow::Result<()> {
             snapshots: snapshots.clone(),
             registry: registry.clone(),
             config_errors,
+            config_notes,
             certs: certs.clone(),
             pending: started.pending,
             leader: started.leadership.as_ref().map(|l| l.is_leader()),
@@ -322,6 +323,8 @@ struct Started {
     /// The root in the cluster's Secret, which rotates under the Lease holder.
     shared_roots: Option<SharedCa>,
     errors: meshd::sources::SharedErrors,
+    /// What the source ignored (the file source's notes).
+    notes: meshd::sources::SharedErrors,
     /// What the source has not read yet (kinds, or the config directory).
     pending: watch::Receiver<Vec<String>>,
     leadership: Option<Leadership>,
@@ -346,6 +349,7 @@ fn start_file_source(args: &Args, config: StoreConfig) -> anyhow::Result<Started
         ca: args.ca.source(),
         shared_roots: None,
         errors: running.errors,
+        notes: running.notes,
         pending: running.pending,
         leadership: None,
     })
@@ -412,6 +416,7 @@ async fn start_kubernetes_source(args: &Args, config: StoreConfig) -> anyhow::Re
         ca,
         shared_roots,
         errors: running.errors,
+        notes: Default::default(),
         pending: running.pending,
         leadership: Some(leadership),
     })

@@ -15,6 +15,8 @@ use super::convert::{FieldError, object_key};
 use crate::authz::{self, Action, Cidr, Condition, Operation, Rule, Source, StringMatch};
 use crate::model::MtlsMode;
 
+/// meshd's API group.
+pub const GROUP: &str = "security.meshd.io";
 pub const GROUP_VERSION: &str = "security.meshd.io/v1alpha1";
 
 /// PeerAuthentication: which mTLS mode the inbound ports of the selected workloads
