@@ -29,6 +29,14 @@ pub struct SpiffeIdError {
     reason: &'static str,
 }
 
+impl SpiffeIdError {
+    /// What is wrong, without the input (for messages that show the input as the user
+    /// wrote it).
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
 impl SpiffeId {
     pub fn new(
         trust_domain: &str,
