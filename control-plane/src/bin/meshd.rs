@@ -360,6 +360,7 @@ async fn start_kubernetes_source(args: &Args, config: StoreConfig) -> anyhow::Re
         anyhow::bail!("--config-dir is for --source file; --source kubernetes reads the cluster");
     }
     let client = cluster::client(args.kubeconfig.as_deref()).await?;
+    cluster::require_namespace(&client, &args.namespace).await?;
     // A plug-in CA (--ca-cert-chain) is the user's choice; otherwise the root is the
     // cluster's, in a Secret every replica shares.
     let (ca, shared_roots) = match args.ca.source() {
