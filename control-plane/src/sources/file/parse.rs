@@ -114,22 +114,11 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Parsed, Vec<ConfigError>> {
     let mut seen = HashMap::new();
     for (i, value) in values.into_iter().enumerate() {
         let document = i + 1;
-        let entries = match list_items(value) {
-            Ok(Some(items)) => items
-                .into_iter()
-                .enumerate()
-                .map(|(j, v)| (Some(j), v))
-                .collect(),
-            Ok(None) => Vec::new(),
-            Err(ListOrNot::Single(value)) => vec![(None, value)],
-            Err(ListOrNot::Broken(e)) => {
-                errors.push(err(
-                    Some(document),
-                    None,
-                    Some("List".into()),
-                    e.field_opt(),
-                    e.message,
-                ));
+        let entries = match objects_of(value) {
+            Ok(entries) => entries,
+            Err(e) => {
+                let list = Some("List".to_string());
+                errors.push(err(Some(document), None, list, e.field_opt(), e.message));
                 continue;
             }
         };
@@ -170,28 +159,22 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Parsed, Vec<ConfigError>> {
     }
 }
 
-/// Why a document is not a List.
-enum ListOrNot {
-    /// It is one object.
-    Single(Value),
-    /// It says it is a List, but its `items` are not a sequence.
-    Broken(FieldError),
-}
-
-/// The items of a `v1` List (`None` for a List without items).
-fn list_items(value: Value) -> Result<Option<Vec<Value>>, ListOrNot> {
+/// The objects a document stands for: itself, or the items of a `v1` List, each with
+/// its index.
+fn objects_of(mut value: Value) -> Result<Vec<(Option<usize>, Value)>, FieldError> {
     let is_list = value.get("apiVersion").and_then(Value::as_str) == Some("v1")
         && value.get("kind").and_then(Value::as_str) == Some("List");
     if !is_list {
-        return Err(ListOrNot::Single(value));
+        return Ok(vec![(None, value)]);
     }
-    match value.get("items") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Array(items)) => Ok(Some(items.clone())),
-        Some(_) => Err(ListOrNot::Broken(FieldError::new(
-            "items",
-            "must be a sequence of objects",
-        ))),
+    match value.get_mut("items").map(Value::take) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => Ok(items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| (Some(i), item))
+            .collect()),
+        Some(_) => Err(FieldError::new("items", "must be a sequence of objects")),
     }
 }
 
