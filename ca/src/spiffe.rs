@@ -32,6 +32,14 @@ const WORKLOAD_FORM: &str =
     "a workload SPIFFE id (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)";
 const OPERATOR_FORM: &str = "an operator id (spiffe://<trust-domain>/meshd/operator/<name>)";
 
+impl SpiffeIdError {
+    /// What is wrong, without the input (for messages that show the input as the user
+    /// wrote it).
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
 impl SpiffeId {
     pub fn new(
         trust_domain: &str,

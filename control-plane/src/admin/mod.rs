@@ -11,7 +11,8 @@
 //!   cannot present the certificate) can call it.
 //!
 //! Admin API:
-//! - `GET /debug/snapshot`: mesh snapshot version, object counts, config errors
+//! - `GET /debug/snapshot`: mesh snapshot version, object counts, config errors and
+//!   notes, the mesh's problems (service ports that miss pods they select)
 //! - `GET /debug/proxies`: every connected proxy: what was sent, ACKed, NACKed and why
 //! - `GET /debug/proxy-config?workload=<ns>/<pod>`: the resources that workload's
 //!   sidecar should have, by type, with their versions
@@ -55,6 +56,8 @@ pub struct AdminState {
     pub snapshots: watch::Receiver<Arc<XdsSnapshot>>,
     pub registry: ProxyRegistry,
     pub config_errors: SharedErrors,
+    /// What the source read but ignored (objects of kinds meshd does not read).
+    pub config_notes: SharedErrors,
     pub certs: Arc<CertManager>,
     /// What the source has not listed yet; ready when empty.
     pub pending: watch::Receiver<Vec<String>>,
@@ -102,6 +105,13 @@ pub struct SnapshotSummary {
     pub endpoints: usize,
     pub connected_proxies: usize,
     pub config_errors: Vec<String>,
+    /// What the config directory holds that meshd ignores (not errors).
+    #[serde(default)]
+    pub config_notes: Vec<String>,
+    /// What is wrong in the mesh as a whole, such as a service port that reaches none
+    /// of some pods it selects.
+    #[serde(default)]
+    pub problems: Vec<String>,
     /// Kinds whose initial list is not complete yet.
     #[serde(default)]
     pub pending: Vec<String>,
@@ -112,11 +122,7 @@ pub struct SnapshotSummary {
 
 async fn snapshot(State(state): State<AdminState>) -> Json<SnapshotSummary> {
     let snap = state.snapshots.borrow().clone();
-    let errors = state
-        .config_errors
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let lines = |shared: &SharedErrors| shared.lock().unwrap_or_else(|p| p.into_inner()).clone();
     Json(SnapshotSummary {
         version: snap.version(),
         namespaces: snap.mesh.namespaces.len(),
@@ -124,7 +130,9 @@ async fn snapshot(State(state): State<AdminState>) -> Json<SnapshotSummary> {
         workloads: snap.mesh.workloads.len(),
         endpoints: snap.mesh.endpoints.values().map(|e| e.len()).sum(),
         connected_proxies: state.registry.len(),
-        config_errors: errors,
+        config_errors: lines(&state.config_errors),
+        config_notes: lines(&state.config_notes),
+        problems: snap.mesh.problems().map(str::to_string).collect(),
         pending: state.pending.borrow().clone(),
         leader: state.leader.as_ref().map(|l| *l.borrow()),
     })

@@ -11,6 +11,7 @@ use meshd::admin::{ProxyConfig, SnapshotSummary};
 use meshd::bootstrap::{BootstrapOptions, envoy_bootstrap};
 use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
 use meshd::identity::{MESHD_SERVICE_ACCOUNT, RotationStatus};
+use meshd::model::{MeshDefaults, MeshSnapshot};
 use meshd::operator::{self, AdminClient, Credentials};
 use meshd::sources::file::FileSource;
 use meshd::xds::authz_check::{CheckRequest, CheckResponse};
@@ -240,7 +241,7 @@ struct BootstrapArgs {
     #[arg(long, default_value = "default")]
     service_account: String,
     /// meshd's xDS address, host:port (host may be a DNS name).
-    #[arg(long, default_value = "127.0.0.1:15012")]
+    #[arg(long, env = "MESHD_XDS_ADDRESS", default_value = "127.0.0.1:15012")]
     xds_address: String,
     /// meshd's namespace, as given to meshd (part of the identity Envoy checks).
     #[arg(long, env = "MESHD_NAMESPACE", default_value = DEFAULT_MESHD_NAMESPACE)]
@@ -355,14 +356,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let mut source = FileSource::new(&dir);
             let objects = source.scan();
+            let count = objects.len();
+            let mesh = MeshSnapshot::build(0, MeshDefaults::default(), objects);
+            let problems: Vec<&str> = mesh.problems().collect();
             for e in source.errors() {
                 println!("error: {e}");
             }
-            if source.errors().is_empty() {
-                println!("{}: {} objects, no problems", dir.display(), objects.len());
+            for p in &problems {
+                println!("problem: {p}");
+            }
+            for n in source.notes() {
+                println!("note: {n}");
+            }
+            let ignored = match source.notes().len() {
+                0 => String::new(),
+                n => format!(", {n} ignored (see the notes)"),
+            };
+            let wrong = source.errors().len() + problems.len();
+            if wrong == 0 {
+                println!("{}: {count} objects, no problems{ignored}", dir.display());
                 Ok(ExitCode::SUCCESS)
             } else {
-                println!("{} problem(s)", source.errors().len());
+                println!("{wrong} problem(s){ignored}");
                 Ok(ExitCode::from(1))
             }
         }
@@ -375,57 +390,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
-                "snapshot {}: {} namespaces, {} services, {} workloads, {} endpoints",
-                summary.version,
-                summary.namespaces,
-                summary.services,
-                summary.workloads,
-                summary.endpoints
-            );
-            for e in &summary.config_errors {
-                println!("config error: {e}");
-            }
-            println!();
-            println!(
-                "{:<32} {:<24} {:<6} {:>8} {:>8}  TYPES",
-                "NODE", "WORKLOAD", "XDS", "SNAPSHOT", "SYNCED"
-            );
-            for p in &proxies {
-                let types: Vec<String> = p
-                    .types
-                    .iter()
-                    .map(|(t, s)| {
-                        let state = if s.nacked {
-                            "NACKED"
-                        } else if s.pending {
-                            "sent"
-                        } else {
-                            "acked"
-                        };
-                        format!("{t}:{}({state})", s.resources)
-                    })
-                    .collect();
-                println!(
-                    "{:<32} {:<24} {:<6} {:>8} {:>8}  {}",
-                    p.node_id,
-                    p.workload,
-                    serde_json::to_value(p.flavor)?.as_str().unwrap_or("?"),
-                    p.snapshot_version,
-                    p.synced_version
-                        .map(|v| v.to_string())
-                        .unwrap_or("-".into()),
-                    types.join(" ")
-                );
-                for (t, s) in &p.types {
-                    if let Some(n) = s.last_nack.as_ref().filter(|_| s.nacked) {
-                        println!("    {t} rejected at {}: {}", n.at, n.message);
-                    }
-                }
-                for problem in &p.problems {
-                    println!("    problem: {problem}");
-                }
-            }
+            print!("{}", status_text(&summary, &proxies));
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca(CaCommand::Status { admin, output }) => {
@@ -534,6 +499,123 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// How many config notes `meshctl status` prints before it points at `-o json`.
+const STATUS_NOTES: usize = 10;
+
+/// `meshctl status` as text: the snapshot, what is wrong with the config and the mesh,
+/// and a table of the connected proxies.
+fn status_text(summary: &SnapshotSummary, proxies: &[ProxyStatus]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "snapshot {}: {} namespaces, {} services, {} workloads, {} endpoints",
+        summary.version, summary.namespaces, summary.services, summary.workloads, summary.endpoints
+    );
+    for e in &summary.config_errors {
+        let _ = writeln!(out, "config error: {e}");
+    }
+    for p in &summary.problems {
+        let _ = writeln!(out, "problem: {p}");
+    }
+    for n in summary.config_notes.iter().take(STATUS_NOTES) {
+        let _ = writeln!(out, "config note: {n}");
+    }
+    if summary.config_notes.len() > STATUS_NOTES {
+        let _ = writeln!(
+            out,
+            "… and {} more config notes (`-o json` lists them all)",
+            summary.config_notes.len() - STATUS_NOTES
+        );
+    }
+    out.push('\n');
+    let mut rows = vec![
+        [
+            "NODE", "WORKLOAD", "IDENTITY", "XDS", "SNAPSHOT", "SYNCED", "TYPES",
+        ]
+        .map(String::from),
+    ];
+    let mut details: Vec<Vec<String>> = Vec::new();
+    for p in proxies {
+        let types: Vec<String> = p
+            .types
+            .iter()
+            .map(|(t, s)| {
+                let state = if s.nacked {
+                    "NACKED"
+                } else if s.pending {
+                    "sent"
+                } else {
+                    "acked"
+                };
+                format!("{t}:{}({state})", s.resources)
+            })
+            .collect();
+        rows.push([
+            p.node_id.clone(),
+            p.workload.clone(),
+            p.identity.clone(),
+            match p.flavor {
+                XdsFlavor::Sotw => "sotw",
+                XdsFlavor::Delta => "delta",
+            }
+            .to_string(),
+            p.snapshot_version.to_string(),
+            p.synced_version
+                .map(|v| v.to_string())
+                .unwrap_or("-".into()),
+            types.join(" "),
+        ]);
+        let mut lines = Vec::new();
+        for (t, s) in &p.types {
+            if let Some(n) = s.last_nack.as_ref().filter(|_| s.nacked) {
+                lines.push(format!("    {t} rejected at {}: {}", n.at, n.message));
+            }
+        }
+        lines.extend(
+            p.problems
+                .iter()
+                .map(|problem| format!("    problem: {problem}")),
+        );
+        details.push(lines);
+    }
+    let table = table(&rows);
+    let mut lines = table.lines();
+    let _ = writeln!(out, "{}", lines.next().unwrap_or_default());
+    for (line, detail) in lines.zip(&details) {
+        let _ = writeln!(out, "{line}");
+        for d in detail {
+            let _ = writeln!(out, "{d}");
+        }
+    }
+    out
+}
+
+/// Rows as columns as wide as their widest cell, two spaces apart; the last column is
+/// not padded.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 fn print_rotation(status: &RotationStatus, output: Output) -> anyhow::Result<()> {
@@ -664,4 +746,89 @@ fn write_file(path: &std::path::Path, text: &str, mode: u32) -> anyhow::Result<(
 
 fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshd::xds::status::TypeStatus;
+
+    fn proxy(node_id: &str, workload: &str, identity: &str) -> ProxyStatus {
+        let mut p = ProxyStatus::new(
+            node_id.into(),
+            workload.into(),
+            identity.into(),
+            XdsFlavor::Delta,
+        );
+        p.snapshot_version = 12;
+        p.synced_version = Some(12);
+        p.types.insert(
+            "cds".into(),
+            TypeStatus {
+                resources: 3,
+                ..Default::default()
+            },
+        );
+        p
+    }
+
+    /// Columns were 32 and 24 characters wide whatever the data: a longer node id
+    /// pushed the rest of its row out of line, and two streams of one node id (one
+    /// pod's sidecar, one impostor) looked alike without the identity.
+    #[test]
+    fn status_columns_fit_the_data_and_show_the_identity() {
+        let summary = SnapshotSummary {
+            version: 12,
+            namespaces: 1,
+            services: 1,
+            workloads: 2,
+            endpoints: 1,
+            connected_proxies: 2,
+            config_errors: vec![],
+            config_notes: vec![],
+            problems: vec!["Service shop/web port 80: …".into()],
+            pending: vec![],
+            leader: None,
+        };
+        let long = "checkout-frontend-7f9c8d6b5-abcde.storefront-production";
+        let proxies = [
+            proxy(
+                long,
+                "storefront-production/checkout-frontend-7f9c8d6b5-abcde",
+                "spiffe://cluster.local/ns/storefront-production/sa/checkout",
+            ),
+            proxy(
+                "web-1.shop",
+                "shop/web-1",
+                "spiffe://cluster.local/ns/shop/sa/web",
+            ),
+        ];
+        let text = status_text(&summary, &proxies);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], "problem: Service shop/web port 80: …");
+        let table = &lines[3..];
+        assert!(table[0].starts_with("NODE "), "{text}");
+        for column in ["WORKLOAD", "IDENTITY", "XDS", "SNAPSHOT", "SYNCED", "TYPES"] {
+            let at = table[0].find(column).unwrap();
+            for row in &table[1..] {
+                assert!(
+                    row.len() > at && row[..at].ends_with("  ") && !row[at..].starts_with(' '),
+                    "column {column} is not aligned:\n{text}"
+                );
+            }
+        }
+        let cells: Vec<&str> = table[2].split_whitespace().collect();
+        assert_eq!(
+            cells,
+            [
+                "web-1.shop",
+                "shop/web-1",
+                "spiffe://cluster.local/ns/shop/sa/web",
+                "delta",
+                "12",
+                "12",
+                "cds:3(acked)"
+            ]
+        );
+    }
 }

@@ -213,7 +213,7 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let store = started.store;
-    let config_errors = started.errors;
+    let (config_errors, config_notes) = (started.errors, started.notes);
 
     let snapshots = spawn_translator(store.subscribe(), args.ca.trust_domain.clone());
     let registry = ProxyRegistry::default();
@@ -246,6 +246,7 @@ async fn main() -> anyhow::Result<()> {
             snapshots: snapshots.clone(),
             registry: registry.clone(),
             config_errors,
+            config_notes,
             certs: certs.clone(),
             pending: started.pending,
             leader: started.leadership.as_ref().map(|l| l.is_leader()),
@@ -324,6 +325,8 @@ struct Started {
     /// The root in the cluster's Secret, which rotates under the Lease holder.
     shared_roots: Option<SharedCa>,
     errors: meshd::sources::SharedErrors,
+    /// What the source ignored (the file source's notes).
+    notes: meshd::sources::SharedErrors,
     /// What the source has not read yet (kinds, or the config directory).
     pending: watch::Receiver<Vec<String>>,
     leadership: Option<Leadership>,
@@ -348,6 +351,7 @@ fn start_file_source(args: &Args, config: StoreConfig) -> anyhow::Result<Started
         ca: args.ca.source(),
         shared_roots: None,
         errors: running.errors,
+        notes: running.notes,
         pending: running.pending,
         leadership: None,
     })
@@ -358,6 +362,7 @@ async fn start_kubernetes_source(args: &Args, config: StoreConfig) -> anyhow::Re
         anyhow::bail!("--config-dir is for --source file; --source kubernetes reads the cluster");
     }
     let client = cluster::client(args.kubeconfig.as_deref()).await?;
+    cluster::require_namespace(&client, &args.namespace).await?;
     // A plug-in CA (--ca-cert-chain) is the user's choice; otherwise the root is the
     // cluster's, in a Secret every replica shares.
     let (ca, shared_roots) = match args.ca.source() {
@@ -414,6 +419,7 @@ async fn start_kubernetes_source(args: &Args, config: StoreConfig) -> anyhow::Re
         ca,
         shared_roots,
         errors: running.errors,
+        notes: Default::default(),
         pending: running.pending,
         leadership: Some(leadership),
     })

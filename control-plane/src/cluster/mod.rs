@@ -35,3 +35,28 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube
     };
     kube::Client::try_from(config).context("cannot build a Kubernetes client")
 }
+
+/// Fails at start, saying what to do, when meshd's own namespace does not exist: meshd
+/// keeps the mesh root (Secret `meshd-ca`) and its Lease there, and it does not create
+/// namespaces (that is the installer's choice: `helm install --create-namespace`).
+/// Without the right to read namespaces, the steps that follow report what fails.
+pub async fn require_namespace(client: &kube::Client, namespace: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: kube::Api<Namespace> = kube::Api::all(client.clone());
+    match api.get_opt(namespace).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => anyhow::bail!(
+            "namespace {namespace:?} does not exist. meshd keeps the mesh root (Secret \
+             {namespace}/{}) and its Lease in the namespace that --namespace (MESHD_NAMESPACE) \
+             names, and does not create it: create it (`kubectl create namespace {namespace}`; \
+             the Helm chart's `helm install -n {namespace} --create-namespace` does), or give \
+             --namespace the namespace meshd should use",
+            ca_secret::SECRET_NAME
+        ),
+        Err(kube::Error::Api(e)) if e.code == 403 => Ok(()),
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot read namespace {namespace:?} (--namespace)"))
+        }
+    }
+}

@@ -1,5 +1,11 @@
 //! An immutable, versioned view of the whole mesh, with the derived facts every
 //! consumer needs (endpoints per service port, inbound ports per workload) computed once.
+//!
+//! Deriving endpoints also finds what keeps a service port from pods it selects: a
+//! named `targetPort` that no container port of a pod declares leaves that pod
+//! without the port's traffic. Kubernetes accepts such a Service, so meshd does too,
+//! and says so: [`MeshSnapshot::problems`] (the log, `/debug/snapshot`, `meshctl
+//! status` and `meshctl analyze` show them); the rest of the mesh is served as usual.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -51,6 +57,9 @@ pub struct MeshSnapshot {
     pub endpoints: BTreeMap<ServicePortKey, Arc<Vec<Endpoint>>>,
     /// Per workload, the ports on which some service sends it traffic.
     pub inbound: HashMap<ObjectKey, Arc<Vec<InboundPort>>>,
+    /// Per service port, why pods it selects get none of its traffic (see the module
+    /// doc). Derived with the endpoints.
+    pub port_problems: BTreeMap<ServicePortKey, Arc<str>>,
     /// How many service ports this snapshot derived endpoints for (the others were
     /// reused from the previous snapshot): what one change cost.
     pub derived_service_ports: usize,
@@ -131,6 +140,11 @@ impl MeshSnapshot {
             }
         }
         snap
+    }
+
+    /// What is wrong in the mesh as a whole, one line each, in service order.
+    pub fn problems(&self) -> impl Iterator<Item = &str> {
+        self.port_problems.values().map(|p| &**p)
     }
 
     pub fn service_endpoints(&self, service: &ObjectKey, port: u16) -> &[Endpoint] {
@@ -216,8 +230,8 @@ impl MeshSnapshot {
     }
 
     /// The endpoints of every port of `svc`, from its EndpointSlices if it has any,
-    /// else from the pods its selector picks.
-    fn service_port_endpoints(&self, svc: &Service) -> Vec<(u16, Arc<Vec<Endpoint>>)> {
+    /// else from the pods its selector picks, and what keeps selected pods from a port.
+    fn service_port_endpoints(&self, svc: &Service) -> Vec<DerivedPort> {
         let ns = svc.key.namespace.as_str();
         let slices: Vec<&EndpointSlice> = self
             .slices_in(ns)
@@ -239,10 +253,13 @@ impl MeshSnapshot {
         svc.ports
             .iter()
             .map(|port| {
-                let mut eps = if slices.is_empty() {
-                    from_selector(port, &selected)
+                let (mut eps, problem) = if slices.is_empty() {
+                    (
+                        from_selector(port, &selected),
+                        unresolved_target(svc, port, &selected),
+                    )
                 } else {
-                    from_slices(svc, port, &slices, &by_address)
+                    (from_slices(svc, port, &slices, &by_address), None)
                 };
                 for ep in &mut eps {
                     ep.mtls = match ep.workload.as_ref().and_then(|w| self.workloads.get(w)) {
@@ -252,20 +269,30 @@ impl MeshSnapshot {
                 }
                 eps.sort();
                 eps.dedup();
-                (port.port, Arc::new(eps))
+                DerivedPort {
+                    port: port.port,
+                    endpoints: Arc::new(eps),
+                    problem,
+                }
             })
             .collect()
     }
 
     fn derive_all(&mut self) {
         let mut endpoints = BTreeMap::new();
+        let mut problems = BTreeMap::new();
         for svc in self.services.values() {
-            for (port, eps) in self.service_port_endpoints(svc) {
-                endpoints.insert((svc.key.clone(), port), eps);
+            for derived in self.service_port_endpoints(svc) {
+                let key = (svc.key.clone(), derived.port);
+                if let Some(problem) = derived.problem {
+                    problems.insert(key.clone(), problem);
+                }
+                endpoints.insert(key, derived.endpoints);
             }
         }
         self.derived_service_ports = endpoints.len();
         self.endpoints = endpoints;
+        self.port_problems = problems;
         let workloads: BTreeSet<ObjectKey> = self
             .endpoints
             .values()
@@ -346,6 +373,8 @@ impl MeshSnapshot {
 
         let mut endpoints = previous.endpoints.clone();
         endpoints.retain(|(svc, _), _| !services.contains(svc));
+        let mut problems = previous.port_problems.clone();
+        problems.retain(|(svc, _), _| !services.contains(svc));
         let mut derived = 0;
         for key in &services {
             // Their workloads before the change need their inbound ports again too.
@@ -359,13 +388,18 @@ impl MeshSnapshot {
             let Some(svc) = self.services.get(key) else {
                 continue;
             };
-            for (port, eps) in self.service_port_endpoints(svc) {
+            for port in self.service_port_endpoints(svc) {
+                let eps = port.endpoints;
                 touched_workloads.extend(eps.iter().filter_map(|e| e.workload.clone()));
-                endpoints.insert((key.clone(), port), eps);
+                if let Some(problem) = port.problem {
+                    problems.insert((key.clone(), port.port), problem);
+                }
+                endpoints.insert((key.clone(), port.port), eps);
                 derived += 1;
             }
         }
         self.endpoints = endpoints;
+        self.port_problems = problems;
         self.derived_service_ports = derived;
 
         // Which affected services send traffic to which workload now.
@@ -480,6 +514,52 @@ fn from_slices(
     out
 }
 
+/// One service port's derived facts.
+struct DerivedPort {
+    port: u16,
+    endpoints: Arc<Vec<Endpoint>>,
+    problem: Option<Arc<str>>,
+}
+
+/// How many pods a problem names before it says "and N more".
+const NAMED_PODS: usize = 5;
+
+/// The selected pods a named `targetPort` does not resolve on (none of their container
+/// ports has that name), as a problem line; `None` if it resolves on every one.
+fn unresolved_target(
+    svc: &Service,
+    port: &ServicePort,
+    selected: &[&Arc<Workload>],
+) -> Option<Arc<str>> {
+    let TargetPort::Named(name) = &port.target_port else {
+        return None;
+    };
+    let missing: Vec<String> = selected
+        .iter()
+        .filter(|w| w.container_port_named(name).is_none())
+        .map(|w| w.key.to_string())
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let mut pods = missing[..missing.len().min(NAMED_PODS)].join(", ");
+    if missing.len() > NAMED_PODS {
+        pods.push_str(&format!(" and {} more", missing.len() - NAMED_PODS));
+    }
+    let (pod, they) = match missing.len() {
+        1 => ("pod", "it gets"),
+        _ => ("pods", "they get"),
+    };
+    Some(
+        format!(
+            "Service {} port {}: targetPort {name:?} is the name of no container port of \
+             {pod} {pods}, so {they} none of this port's traffic",
+            svc.key, port.port
+        )
+        .into(),
+    )
+}
+
 fn from_selector(port: &ServicePort, selected: &[&Arc<Workload>]) -> Vec<Endpoint> {
     selected
         .iter()
@@ -560,6 +640,60 @@ mod tests {
             !snap
                 .inbound
                 .contains_key(&ObjectKey::new("default", "db-1"))
+        );
+    }
+
+    /// A named targetPort that a selected pod does not declare gave that pod no
+    /// traffic, and nothing said so.
+    #[test]
+    fn a_named_target_port_no_selected_pod_declares_is_a_problem() {
+        let without_http = |name: &str, ip: &str| {
+            let MeshObject::Workload(w) = pod(name, ip, "web") else {
+                unreachable!()
+            };
+            let mut w = (*w).clone();
+            w.container_ports[0].name = Some("web".into());
+            MeshObject::Workload(Arc::new(w))
+        };
+        let snap = MeshSnapshot::build(
+            1,
+            MeshDefaults::default(),
+            vec![
+                svc("web", TargetPort::Named("http".into())),
+                pod("web-1", "10.0.0.1", "web"),
+                without_http("web-2", "10.0.0.2"),
+                svc("db", TargetPort::Named("http".into())),
+            ],
+        );
+        let eps = snap.service_endpoints(&ObjectKey::new("default", "web"), 80);
+        assert_eq!(eps.len(), 1, "web-1 still serves");
+        assert_eq!(
+            snap.problems().collect::<Vec<_>>(),
+            [
+                "Service default/web port 80: targetPort \"http\" is the name of no container \
+              port of pod default/web-2, so it gets none of this port's traffic"
+            ]
+        );
+
+        let mut objects = vec![svc("web", TargetPort::Named("http".into()))];
+        for i in 0..7 {
+            objects.push(without_http(
+                &format!("web-{i}"),
+                &format!("10.0.0.{}", i + 1),
+            ));
+        }
+        let snap = MeshSnapshot::build(1, MeshDefaults::default(), objects);
+        assert_eq!(
+            snap.problems().collect::<Vec<_>>(),
+            [
+                "Service default/web port 80: targetPort \"http\" is the name of no container \
+              port of pods default/web-0, default/web-1, default/web-2, default/web-3, \
+              default/web-4 and 2 more, so they get none of this port's traffic"
+            ]
+        );
+        assert!(
+            snap.service_endpoints(&ObjectKey::new("default", "web"), 80)
+                .is_empty()
         );
     }
 
@@ -726,8 +860,9 @@ mod tests {
                 service_account: format!("sa{app}"),
                 address: ip.then(|| format!("10.0.{}.{}", i / 200, i % 200 + 1).parse().unwrap()),
                 ready,
+                // Some pods do not declare the services' named target port.
                 container_ports: vec![super::super::ContainerPort {
-                    name: Some("http".into()),
+                    name: Some(if i % 7 == 3 { "web" } else { "http" }.into()),
                     port: 8080,
                 }],
                 app_ports: Default::default(),
@@ -773,6 +908,7 @@ mod tests {
             MeshDefaults::default(),
             objects.values().cloned(),
         ));
+        let mut problems_seen = false;
         for step in 0..400u64 {
             let mut changes = Changes::new();
             for _ in 0..=rand(3) {
@@ -812,6 +948,11 @@ mod tests {
                 next.inbound, full.inbound,
                 "inbound after step {step}: {changes:?}"
             );
+            assert_eq!(
+                next.port_problems, full.port_problems,
+                "problems after step {step}: {changes:?}"
+            );
+            problems_seen |= !full.port_problems.is_empty();
             assert!(
                 next.derived_service_ports <= 3 * 2 + 4,
                 "step {step} derived {}",
@@ -819,5 +960,6 @@ mod tests {
             );
             last = Arc::new(next);
         }
+        assert!(problems_seen, "the changes never made a problem to derive");
     }
 }

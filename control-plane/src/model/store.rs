@@ -251,9 +251,25 @@ impl State {
         };
         self.changes.clear();
         snap.changed_at = changed_at;
+        log_problems(self.last.as_deref(), &snap);
         let snap = Arc::new(snap);
         self.last = Some(snap.clone());
         snap
+    }
+}
+
+/// Logs the problems `snap` has that `previous` did not, and those it no longer has.
+fn log_problems(previous: Option<&MeshSnapshot>, snap: &MeshSnapshot) {
+    let before = previous.map(|p| &p.port_problems);
+    for (key, problem) in &snap.port_problems {
+        if before.and_then(|b| b.get(key)) != Some(problem) {
+            tracing::warn!(version = snap.version, "mesh problem: {problem}");
+        }
+    }
+    for (key, problem) in before.into_iter().flatten() {
+        if !snap.port_problems.contains_key(key) {
+            tracing::info!(version = snap.version, "mesh problem resolved: {problem}");
+        }
     }
 }
 

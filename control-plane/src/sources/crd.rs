@@ -15,6 +15,8 @@ use super::convert::{FieldError, object_key};
 use crate::authz::{self, Action, Cidr, Condition, Operation, Rule, Source, StringMatch};
 use crate::model::MtlsMode;
 
+/// meshd's API group.
+pub const GROUP: &str = "security.meshd.io";
 pub const GROUP_VERSION: &str = "security.meshd.io/v1alpha1";
 
 /// PeerAuthentication: which mTLS mode the inbound ports of the selected workloads
@@ -405,16 +407,21 @@ fn principal(p: &str) -> Result<StringMatch, String> {
         format!("spiffe://{p}")
     };
     let pattern = StringMatch::parse(&full);
+    // The message shows what was written, not the `spiffe://` form meshd made of it.
+    let not_a_pattern = |why: &str| {
+        format!(
+            "{p:?} is not a SPIFFE id pattern ([spiffe://]<trust-domain>/ns/<namespace>/sa/<service-account>, \
+             prefix* or *suffix): {why}"
+        )
+    };
     // Check the fixed part against the SPIFFE form where it is complete.
     if let StringMatch::Exact(id) = &pattern {
         id.parse::<meshd_ca::SpiffeId>()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| not_a_pattern(e.reason()))?;
     } else if let StringMatch::Prefix(pre) = &pattern
         && !pre.starts_with("spiffe://")
     {
-        return Err(format!(
-            "{p:?} is not a SPIFFE id pattern (spiffe://<trust-domain>/ns/<ns>/sa/<sa>, prefix* or *suffix)"
-        ));
+        return Err(not_a_pattern("a prefix must start with spiffe://"));
     }
     Ok(pattern)
 }
@@ -487,6 +494,36 @@ mod tests {
              cargo run -p meshd --bin meshctl -- crds > charts/meshd/files/crds.yaml",
             path.display()
         );
+    }
+
+    /// `storefront/web` was reported as `"spiffe://storefront/web" is not …`: a string
+    /// the user never wrote.
+    #[test]
+    fn an_invalid_principal_is_shown_as_written() {
+        for (written, why) in [
+            (
+                "storefront/web",
+                "the path must be /ns/<namespace>/sa/<service-account>",
+            ),
+            (
+                "spiffe://cluster.local/ns/shop",
+                "the path must be /ns/<namespace>/sa/<service-account>",
+            ),
+        ] {
+            let e = principal(written).unwrap_err();
+            assert!(
+                e.starts_with(&format!("{written:?} is not a SPIFFE id pattern (")),
+                "{e}"
+            );
+            assert!(e.ends_with(why), "{e}");
+            if !written.starts_with("spiffe://") {
+                assert!(
+                    !e.contains("spiffe://cluster") && !e.contains("spiffe://storefront"),
+                    "{e}"
+                );
+            }
+        }
+        assert!(principal("storefront/ns/web/sa/api").is_ok());
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! route of every service port, built once and shared by all proxies. A service port
 //! whose inputs did not change keeps the previous snapshot's `Arc`s, so a change only
 //! re-encodes what it touches. Outbound listeners are encoded once per service port and
-//! local port, and shared by every proxy that declares that upstream.
+//! local port, and shared by every proxy that declares that upstream. A service port's
+//! cluster is encoded once per calling pod IP (it binds its connections to it, see
+//! [`translate::bound_to`]), shared by that pod's streams, and dropped with the pod.
 //!
 //! A workload's own resources — the listener, static cluster and (HTTP) route of each
 //! inbound port, the route carrying its RBAC; its egress listener and route — are
@@ -17,7 +19,8 @@
 //! content can produce other bytes, another version, and a needless push.
 //! [`XdsSnapshot::proxy_resources`] assembles both kinds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -35,6 +38,7 @@ use crate::model::{MeshSnapshot, ObjectKey, ProxyView, Service, Workload};
 #[derive(Debug)]
 pub struct ServicePortResources {
     service: Arc<Service>,
+    port: u16,
     endpoints: Arc<Vec<Endpoint>>,
     /// The SPIFFE ids of the endpoints' pods: whom the cluster's TLS accepts.
     identities: Vec<SpiffeId>,
@@ -45,9 +49,34 @@ pub struct ServicePortResources {
     /// proxy that uses that local port (filled on first use; kept while the service
     /// itself does not change).
     listeners: Mutex<HashMap<u16, Arc<Resource>>>,
+    /// The cluster bound to each calling pod's IP (filled on first use; kept while the
+    /// service does not change and a pod has that IP).
+    bound_clusters: Mutex<HashMap<IpAddr, Arc<Resource>>>,
 }
 
 impl ServicePortResources {
+    /// This service port's cluster for a sidecar whose pod has `address`: connecting
+    /// from it, or the unbound [`Self::cluster`] for a pod without an IP.
+    pub fn cluster_for(&self, address: Option<IpAddr>) -> Arc<Resource> {
+        let (Some(address), Some(port)) = (address, self.service.port(self.port)) else {
+            return self.cluster.clone();
+        };
+        let mut bound = self
+            .bound_clusters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        bound
+            .entry(address)
+            .or_insert_with(|| {
+                let cluster = translate::service_cluster(&self.service, port, &self.identities);
+                Resource::encode(
+                    self.cluster.name.clone(),
+                    &translate::bound_to(cluster, address),
+                )
+            })
+            .clone()
+    }
+
     /// The outbound listener through which a proxy reaches this service port.
     pub fn outbound_listener(&self, out: &Outbound) -> Arc<Resource> {
         let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
@@ -184,6 +213,8 @@ impl XdsSnapshot {
         trust_domain: &str,
     ) -> XdsSnapshot {
         let mut services = HashMap::with_capacity(mesh.endpoints.len());
+        let addresses: HashSet<IpAddr> =
+            mesh.workloads.values().filter_map(|w| w.address).collect();
         for svc in mesh.services.values() {
             for port in &svc.ports {
                 let key = (svc.key.clone(), port.port);
@@ -194,7 +225,13 @@ impl XdsSnapshot {
                     old.is_some_and(|o| o.service == *svc && o.identities == identities);
                 let same_endpoints = old.is_some_and(|o| o.endpoints == endpoints);
                 let entry = match old {
-                    Some(old) if same_service && same_endpoints => old.clone(),
+                    Some(old) if same_service && same_endpoints => {
+                        old.bound_clusters
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .retain(|ip, _| addresses.contains(ip));
+                        old.clone()
+                    }
                     _ => {
                         // One allocation for the three resources' names.
                         let name: Arc<str> = translate::service_cluster_name(svc, port.port).into();
@@ -220,22 +257,30 @@ impl XdsSnapshot {
                                 &translate::service_load_assignment(&name, &endpoints),
                             ),
                         };
-                        let listeners = match old.filter(|_| same_service) {
-                            Some(old) => old
-                                .listeners
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .clone(),
-                            None => HashMap::new(),
+                        let (listeners, mut bound_clusters) = match old.filter(|_| same_service) {
+                            Some(old) => (
+                                old.listeners
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .clone(),
+                                old.bound_clusters
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .clone(),
+                            ),
+                            None => (HashMap::new(), HashMap::new()),
                         };
+                        bound_clusters.retain(|ip, _| addresses.contains(ip));
                         Arc::new(ServicePortResources {
                             service: svc.clone(),
+                            port: port.port,
                             endpoints,
                             identities,
                             cluster,
                             load_assignment,
                             route,
                             listeners: Mutex::new(listeners),
+                            bound_clusters: Mutex::new(bound_clusters),
                         })
                     }
                 };
@@ -343,7 +388,10 @@ impl XdsSnapshot {
             let Some(shared) = self.services.get(&key) else {
                 continue;
             };
-            out.insert(ResourceType::Cluster, shared.cluster.clone());
+            out.insert(
+                ResourceType::Cluster,
+                shared.cluster_for(view.workload.address),
+            );
             out.insert(ResourceType::Endpoint, shared.load_assignment.clone());
             if let Some(route) = &shared.route {
                 out.insert(ResourceType::Route, route.clone());
@@ -355,7 +403,10 @@ impl XdsSnapshot {
                 let Some(shared) = self.services.get(&(svc.key.clone(), port.port)) else {
                     continue;
                 };
-                out.insert(ResourceType::Cluster, shared.cluster.clone());
+                out.insert(
+                    ResourceType::Cluster,
+                    shared.cluster_for(view.workload.address),
+                );
                 out.insert(ResourceType::Endpoint, shared.load_assignment.clone());
             }
         }
@@ -491,6 +542,96 @@ mod tests {
             })
             .collect();
         assert_eq!(changed, [(ResourceType::Route, "inbound|10.0.0.1:8080")]);
+    }
+
+    /// Each caller's cluster connects from its own pod IP (a pod without one gets the
+    /// unbound cluster); a caller's streams share one encoding; it goes with the pod.
+    #[test]
+    fn a_callers_cluster_is_bound_to_its_pod_ip() {
+        use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+        use prost::Message;
+        let web = mesh(vec![]);
+        let caller = |name: &str, ip: Option<&str>| {
+            MeshObject::Workload(Arc::new(Workload {
+                key: ObjectKey::new("shop", name),
+                labels: Default::default(),
+                service_account: "client".into(),
+                address: ip.map(|ip| ip.parse().unwrap()),
+                ready: true,
+                container_ports: vec![],
+                app_ports: Default::default(),
+                upstreams: vec![crate::model::Upstream {
+                    service: ObjectKey::new("shop", "web"),
+                    port: 80,
+                    local_port: 15001,
+                }],
+                egress: None,
+            }))
+        };
+        let with = |callers: Vec<MeshObject>| {
+            let mut objects: Vec<MeshObject> = web
+                .workloads
+                .values()
+                .cloned()
+                .map(MeshObject::Workload)
+                .collect();
+            objects.extend(web.services.values().cloned().map(MeshObject::Service));
+            objects.extend(callers);
+            Arc::new(MeshSnapshot::build(2, MeshDefaults::default(), objects))
+        };
+        let name = "outbound|80||web.shop.svc.cluster.local";
+        let source = |snap: &XdsSnapshot, pod: &str| {
+            let (_, resources) = snap.proxy_resources(&ObjectKey::new("shop", pod)).unwrap();
+            let r = resources.get(ResourceType::Cluster)[name].clone();
+            let cluster = Cluster::decode(&r.body.value[..]).unwrap();
+            let bound = cluster
+                .upstream_bind_config
+                .and_then(|b| b.source_address)
+                .map(|a| a.address);
+            (r, bound)
+        };
+        let first = XdsSnapshot::build(
+            with(vec![
+                caller("a-1", Some("10.0.0.2")),
+                caller("b-1", Some("10.0.0.3")),
+                caller("c-1", None),
+            ]),
+            None,
+            "cluster.local",
+        );
+        let (a, a_source) = source(&first, "a-1");
+        assert_eq!(a_source.as_deref(), Some("10.0.0.2"));
+        assert_eq!(source(&first, "b-1").1.as_deref(), Some("10.0.0.3"));
+        assert_eq!(source(&first, "c-1").1, None);
+        assert!(
+            Arc::ptr_eq(&a, &source(&first, "a-1").0),
+            "encoded once per pod IP"
+        );
+
+        let key = (ObjectKey::new("shop", "web"), 80);
+        let bound = |snap: &XdsSnapshot| {
+            let entry = &snap.services[&key];
+            let mut ips: Vec<IpAddr> = entry
+                .bound_clusters
+                .lock()
+                .unwrap()
+                .keys()
+                .copied()
+                .collect();
+            ips.sort();
+            ips
+        };
+        let next = XdsSnapshot::build(
+            with(vec![caller("a-1", Some("10.0.0.2"))]),
+            Some(&first),
+            "cluster.local",
+        );
+        assert_eq!(
+            bound(&next),
+            ["10.0.0.2".parse::<IpAddr>().unwrap()],
+            "b-1 left"
+        );
+        assert!(Arc::ptr_eq(&a, &source(&next, "a-1").0));
     }
 
     /// A snapshot that does not touch a workload hands its proxy the very same inbound

@@ -27,9 +27,9 @@ use envoy_types::pb::envoy::config::cluster::v3::cluster::{
 };
 use envoy_types::pb::envoy::config::core::v3::Metadata;
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, HealthStatus,
-    Http2ProtocolOptions, SocketAddress, TrafficDirection, TransportSocket, address, config_source,
-    data_source, socket_address, transport_socket,
+    Address, AggregatedConfigSource, ApiVersion, BindConfig, ConfigSource, DataSource,
+    HealthStatus, Http2ProtocolOptions, SocketAddress, TrafficDirection, TransportSocket, address,
+    config_source, data_source, socket_address, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -122,6 +122,24 @@ pub fn service_cluster(svc: &Service, port: &ServicePort, identities: &[SpiffeId
     if port.protocol.needs_http2_upstream() {
         set_http2_upstream(&mut cluster);
     }
+    cluster
+}
+
+/// `cluster`, connecting from `source` (the calling pod's IP). In explicit capture the
+/// sidecars of one machine would otherwise all connect from the address the kernel
+/// picks (127.0.0.1 towards a loopback pod IP), and a destination's `ipBlocks` could not
+/// tell its callers apart. In a pod of its own the pod IP is what the kernel picks
+/// anyway. The pod IP must be an address of the machine, as inbound listeners already
+/// require.
+pub fn bound_to(mut cluster: Cluster, source: IpAddr) -> Cluster {
+    cluster.upstream_bind_config = Some(BindConfig {
+        source_address: Some(SocketAddress {
+            address: source.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(0)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     cluster
 }
 

@@ -10,6 +10,10 @@
 //! - **Each file is all or nothing**: if any document in it is wrong, the file's last good
 //!   content stays in force and the error is reported with file, document, object and
 //!   field ([`parse`], which also holds the parser's budgets).
+//! - **`kubectl get … -o yaml` output works**: a `v1` List is read item by item, and
+//!   objects of kinds meshd does not read are ignored with a *note* each (logged at
+//!   debug, counted at info, listed by `meshctl analyze` and `meshctl status`), not
+//!   refused: `kubectl get all -A -o yaml > mesh.yaml` is a valid config file.
 //! - **An object has one definition**: the same kind, namespace and name in a second file
 //!   does not replace the one in force, as the API server refuses a second object of one
 //!   name. The newcomer's file is refused as a whole (all or nothing, as for any other
@@ -39,7 +43,7 @@ use std::time::{Duration, SystemTime};
 use notify::Watcher;
 use tokio::sync::watch;
 
-use parse::{Defined, MAX_FILE_BYTES, label, parse_file};
+use parse::{Defined, MAX_FILE_BYTES, label, parse_file, place};
 
 use super::SharedErrors;
 use crate::model::{MeshObject, ObjectKey, ObjectKind, Store, StoreEvent};
@@ -50,6 +54,8 @@ pub struct ConfigError {
     pub file: PathBuf,
     /// 1-based index of the YAML document in the file (empty documents not counted).
     pub document: Option<usize>,
+    /// Index in the document's `items`, when the document is a List.
+    pub item: Option<usize>,
     /// `Kind namespace/name`, when it could be read.
     pub object: Option<String>,
     pub field: Option<String>,
@@ -61,6 +67,7 @@ impl ConfigError {
         ConfigError {
             file: file.to_path_buf(),
             document: None,
+            item: None,
             object: None,
             field: None,
             message,
@@ -72,7 +79,7 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
         if let Some(doc) = self.document {
-            write!(f, ": document {doc}")?;
+            write!(f, ": {}", parse::place(doc, self.item))?;
         }
         if let Some(obj) = &self.object {
             write!(f, " ({obj})")?;
@@ -97,6 +104,8 @@ struct Content {
     /// two definitions of which neither is in force (see the module doc).
     modified: SystemTime,
     objects: Vec<Defined>,
+    /// What the file holds that meshd does not read.
+    notes: Vec<ConfigError>,
 }
 
 /// The directory's content as of the last scan, file by file.
@@ -108,6 +117,7 @@ pub struct FileSource {
     /// The file whose definition of each object is in force.
     in_force: HashMap<Id, PathBuf>,
     errors: Vec<ConfigError>,
+    notes: Vec<ConfigError>,
 }
 
 /// A running [`FileSource`], as the rest of meshd sees it.
@@ -115,6 +125,8 @@ pub struct FileSource {
 pub struct Running {
     /// The problems found by the latest scan, one line each.
     pub errors: SharedErrors,
+    /// What the latest scan ignored (objects of kinds meshd does not read), one line each.
+    pub notes: SharedErrors,
     /// `["config directory"]` until the first scan is in a published snapshot, then empty.
     pub pending: watch::Receiver<Vec<String>>,
 }
@@ -137,6 +149,7 @@ impl FileSource {
             good: BTreeMap::new(),
             in_force: HashMap::new(),
             errors: Vec::new(),
+            notes: Vec::new(),
         }
     }
 
@@ -147,6 +160,12 @@ impl FileSource {
     /// Problems found by the last [`FileSource::scan`].
     pub fn errors(&self) -> &[ConfigError] {
         &self.errors
+    }
+
+    /// What the last [`FileSource::scan`] ignored: objects of kinds meshd does not read,
+    /// in the content in force. Not problems.
+    pub fn notes(&self) -> &[ConfigError] {
+        &self.notes
     }
 
     /// Rereads the directory and returns every object now in force. Blocks: reads and
@@ -174,11 +193,12 @@ impl FileSource {
                         continue;
                     }
                     match parse_file(&path, &text) {
-                        Ok(objects) => {
+                        Ok(file) => {
                             let content = Content {
                                 text,
                                 modified,
-                                objects,
+                                objects: file.defined,
+                                notes: file.notes,
                             };
                             parsed.insert(path, content);
                         }
@@ -196,10 +216,13 @@ impl FileSource {
         // files are reported again, since they are still broken.
         let (objects, duplicates) = self.merge(parsed);
         errors.extend(duplicates);
-        errors.sort_by(|a, b| (&a.file, a.document).cmp(&(&b.file, b.document)));
+        errors.sort_by(|a, b| (&a.file, a.document, a.item).cmp(&(&b.file, b.document, b.item)));
         // A file refused in one round may be refused for the same object in the next.
         errors.dedup();
         self.errors = errors;
+        self.notes = (self.good.values())
+            .flat_map(|c| c.notes.iter().cloned())
+            .collect();
         objects
     }
 
@@ -265,13 +288,14 @@ impl FileSource {
                     errors.push(ConfigError {
                         file: path.to_path_buf(),
                         document: Some(d.document),
+                        item: d.item,
                         object: Some(label(&d.object)),
                         field: None,
                         message: format!(
-                            "already defined in {} (document {}), which stays in force: \
+                            "already defined in {} ({}), which stays in force: \
                              an object can be defined only once",
                             owner.display(),
-                            kept.document
+                            place(kept.document, kept.item)
                         ),
                     });
                 }
@@ -320,14 +344,15 @@ impl FileSource {
             })?;
         watcher.watch(&self.dir, notify::RecursiveMode::Recursive)?;
         let errors = SharedErrors::default();
+        let notes = SharedErrors::default();
         let (pending_tx, pending) = watch::channel(vec![PENDING.to_string()]);
-        let shared = errors.clone();
+        let (shared, shared_notes) = (errors.clone(), notes.clone());
         let mut source = self;
         tokio::spawn(async move {
             let _watcher = watcher;
             let mut first = true;
             loop {
-                let before = source.errors.clone();
+                let before = (source.errors.clone(), source.notes.clone());
                 let scanned = tokio::task::spawn_blocking(move || {
                     let objects = source.scan();
                     (source, objects)
@@ -340,7 +365,8 @@ impl FileSource {
                     return;
                 };
                 source = scanned;
-                publish_errors(&shared, &source.errors, &before);
+                publish_errors(&shared, &source.errors, &before.0);
+                publish_notes(&shared_notes, &source.notes, &before.1);
                 let count = objects.len();
                 store.send(StoreEvent::Replace(objects));
                 if first {
@@ -350,6 +376,7 @@ impl FileSource {
                         dir = %source.dir.display(),
                         objects = count,
                         errors = source.errors.len(),
+                        ignored = source.notes.len(),
                         version,
                         "loaded config directory"
                     );
@@ -363,7 +390,11 @@ impl FileSource {
                 while rx.try_recv().is_ok() {}
             }
         });
-        Ok(Running { errors, pending })
+        Ok(Running {
+            errors,
+            notes,
+            pending,
+        })
     }
 }
 
@@ -414,6 +445,29 @@ fn publish_errors(shared: &SharedErrors, now: &[ConfigError], before: &[ConfigEr
     *shared.lock().unwrap_or_else(|p| p.into_inner()) = now.iter().map(|e| e.to_string()).collect();
 }
 
+/// Logs what is newly ignored (each at debug, a count at info) and shares the list.
+fn publish_notes(shared: &SharedErrors, now: &[ConfigError], before: &[ConfigError]) {
+    let new: Vec<&ConfigError> = now.iter().filter(|n| !before.contains(n)).collect();
+    for n in &new {
+        tracing::debug!("config note: {n}");
+    }
+    if !new.is_empty() {
+        let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+        for n in &new {
+            let kind = n.object.as_deref().and_then(|o| o.split(' ').next());
+            *kinds.entry(kind.unwrap_or("?")).or_default() += 1;
+        }
+        let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
+        tracing::info!(
+            "config directory: ignored {} object(s) of kinds meshd does not read ({}); \
+             `meshctl analyze` lists them",
+            new.len(),
+            kinds.join(", ")
+        );
+    }
+    *shared.lock().unwrap_or_else(|p| p.into_inner()) = now.iter().map(|n| n.to_string()).collect();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,7 +498,7 @@ status: {podIP: 10.0.0.1}
 
     #[test]
     fn a_good_file_parses_every_document() {
-        let objs = parse_file(&p(), GOOD).unwrap();
+        let objs = parse_file(&p(), GOOD).unwrap().defined;
         assert_eq!(objs.len(), 2);
         let MeshObject::Workload(w) = &objs[1].object else {
             panic!("expected a pod")
@@ -475,17 +529,252 @@ status: {podIP: 10.0.0.1}
     }
 
     #[test]
-    fn missing_name_and_unknown_kind_are_reported() {
-        let text = "apiVersion: v1\nkind: Service\nmetadata: {}\nspec: {}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n";
+    fn missing_name_and_unknown_kinds_of_meshds_group_are_errors() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {}\nspec: {}\n---\napiVersion: security.meshd.io/v1alpha1\nkind: AuthorisationPolicy\nmetadata: {name: x}\n---\napiVersion: security.meshd.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: y}\n";
         let errs = parse_file(&p(), text).unwrap_err();
-        assert_eq!(errs.len(), 2);
+        assert_eq!(errs.len(), 3, "{errs:?}");
         assert_eq!(errs[0].field.as_deref(), Some("metadata.name"));
-        assert_eq!(errs[1].document, Some(2));
-        assert!(
-            errs[1]
-                .message
-                .contains("apps/v1 Deployment is not supported")
+        assert_eq!(
+            errs[1].to_string(),
+            "mesh/web.yaml: document 2 (AuthorisationPolicy default/x): kind: \
+             security.meshd.io/v1alpha1 AuthorisationPolicy is not a kind meshd knows; its \
+             group holds security.meshd.io/v1alpha1 PeerAuthentication and AuthorizationPolicy"
         );
+        assert_eq!(errs[2].document, Some(3));
+    }
+
+    /// What `kubectl get all,configmaps -n shop -o yaml` writes: one `v1` List, with
+    /// the fields a real API server fills in. It loaded as an empty mesh: the List kind,
+    /// and then the ReplicaSet, Deployment and ConfigMap in it, refused the file.
+    const KUBECTL_EXPORT: &str = r#"apiVersion: v1
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    creationTimestamp: "2026-05-04T09:12:31Z"
+    generateName: web-6d4cf56db6-
+    labels: {app: web, pod-template-hash: 6d4cf56db6}
+    name: web-6d4cf56db6-x7k2p
+    namespace: shop
+    ownerReferences:
+    - apiVersion: apps/v1
+      blockOwnerDeletion: true
+      controller: true
+      kind: ReplicaSet
+      name: web-6d4cf56db6
+      uid: 0b6e4a34-1c55-4d7e-9a3c-4c1f0e5b2a11
+    resourceVersion: "48213"
+    uid: 5f0e7d0a-8a65-4b1e-b0c4-1f3a2e6d7c90
+  spec:
+    containers:
+    - image: registry.example/web:1.4.2
+      imagePullPolicy: IfNotPresent
+      name: web
+      ports:
+      - {containerPort: 8080, name: http, protocol: TCP}
+      resources: {}
+      terminationMessagePath: /dev/termination-log
+      terminationMessagePolicy: File
+    dnsPolicy: ClusterFirst
+    nodeName: node-1
+    restartPolicy: Always
+    serviceAccount: web
+    serviceAccountName: web
+    terminationGracePeriodSeconds: 30
+  status:
+    conditions:
+    - {lastProbeTime: null, lastTransitionTime: "2026-05-04T09:12:33Z", status: "True", type: Ready}
+    hostIP: 192.168.49.2
+    phase: Running
+    podIP: 10.244.0.17
+    podIPs:
+    - {ip: 10.244.0.17}
+    qosClass: BestEffort
+    startTime: "2026-05-04T09:12:31Z"
+- apiVersion: v1
+  kind: Service
+  metadata:
+    creationTimestamp: "2026-05-01T08:00:00Z"
+    labels: {component: apiserver, provider: kubernetes}
+    name: kubernetes
+    namespace: default
+    resourceVersion: "192"
+    uid: 8e0c1b6f-3f36-4a8b-9d1e-2c6a0f9e7b55
+  spec:
+    clusterIP: 10.96.0.1
+    clusterIPs: [10.96.0.1]
+    internalTrafficPolicy: Cluster
+    ipFamilies: [IPv4]
+    ipFamilyPolicy: SingleStack
+    ports:
+    - {name: https, port: 443, protocol: TCP, targetPort: 6443}
+    sessionAffinity: None
+    type: ClusterIP
+  status:
+    loadBalancer: {}
+- apiVersion: v1
+  kind: Service
+  metadata:
+    annotations:
+      kubectl.kubernetes.io/last-applied-configuration: |
+        {"apiVersion":"v1","kind":"Service","metadata":{"annotations":{},"name":"web","namespace":"shop"},"spec":{"ports":[{"name":"http","port":80,"targetPort":"http"}],"selector":{"app":"web"}}}
+    name: web
+    namespace: shop
+    resourceVersion: "48001"
+    uid: 2a9d8c7b-6e5f-4a3b-8c1d-0e9f8a7b6c5d
+  spec:
+    clusterIP: 10.96.12.40
+    clusterIPs: [10.96.12.40]
+    ports:
+    - {name: http, port: 80, protocol: TCP, targetPort: http}
+    selector: {app: web}
+    sessionAffinity: None
+    type: ClusterIP
+  status:
+    loadBalancer: {}
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata:
+    annotations: {deployment.kubernetes.io/revision: "1"}
+    generation: 1
+    name: web
+    namespace: shop
+  spec:
+    progressDeadlineSeconds: 600
+    replicas: 1
+    selector:
+      matchLabels: {app: web}
+    template:
+      metadata:
+        labels: {app: web}
+      spec:
+        containers:
+        - {image: "registry.example/web:1.4.2", name: web, ports: [{containerPort: 8080, name: http}]}
+  status:
+    availableReplicas: 1
+    readyReplicas: 1
+    replicas: 1
+- apiVersion: apps/v1
+  kind: ReplicaSet
+  metadata:
+    labels: {app: web, pod-template-hash: 6d4cf56db6}
+    name: web-6d4cf56db6
+    namespace: shop
+    ownerReferences:
+    - {apiVersion: apps/v1, controller: true, kind: Deployment, name: web, uid: 9c8b7a6d-5e4f-4a3b-2c1d-0e9f8a7b6c5d}
+  spec:
+    replicas: 1
+    selector:
+      matchLabels: {app: web, pod-template-hash: 6d4cf56db6}
+  status:
+    replicas: 1
+- apiVersion: v1
+  data:
+    ca.crt: |
+      -----BEGIN CERTIFICATE-----
+      MIIBdzCCAR2gAwIBAgIBADAKBggqhkjOPQQDAjAjMSEwHwYDVQQDDBhrM3Mtc2Vy
+      -----END CERTIFICATE-----
+  kind: ConfigMap
+  metadata:
+    name: kube-root-ca.crt
+    namespace: shop
+- apiVersion: rbac.authorization.k8s.io/v1
+  kind: ClusterRole
+  metadata: {name: view}
+- apiVersion: discovery.k8s.io/v1beta1
+  kind: EndpointSlice
+  metadata: {name: web-abc, namespace: shop}
+kind: List
+metadata:
+  resourceVersion: ""
+"#;
+
+    #[test]
+    fn a_kubectl_export_is_read_and_what_meshd_does_not_read_is_noted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mesh.yaml");
+        std::fs::write(&file, KUBECTL_EXPORT).unwrap();
+        let mut src = FileSource::new(dir.path());
+        let objects = src.scan();
+        assert!(src.errors().is_empty(), "{:?}", src.errors());
+        let mut read: Vec<String> = objects.iter().map(label).collect();
+        read.sort();
+        assert_eq!(
+            read,
+            [
+                "Pod shop/web-6d4cf56db6-x7k2p",
+                "Service default/kubernetes",
+                "Service shop/web"
+            ]
+        );
+        let notes: Vec<String> = src.notes().iter().map(|n| n.to_string()).collect();
+        let at = |item: usize, rest: &str| {
+            format!("{}: document 1, items[{item}] {rest}", file.display())
+        };
+        assert_eq!(
+            notes,
+            [
+                at(
+                    3,
+                    "(Deployment shop/web): apps/v1 Deployment is not read by meshd: ignored"
+                ),
+                at(
+                    4,
+                    "(ReplicaSet shop/web-6d4cf56db6): apps/v1 ReplicaSet is not read by meshd: ignored"
+                ),
+                at(
+                    5,
+                    "(ConfigMap shop/kube-root-ca.crt): v1 ConfigMap is not read by meshd: ignored"
+                ),
+                at(
+                    6,
+                    "(ClusterRole view): rbac.authorization.k8s.io/v1 ClusterRole is not read by meshd: ignored"
+                ),
+                at(
+                    7,
+                    "(EndpointSlice shop/web-abc): discovery.k8s.io/v1beta1 EndpointSlice is not read \
+                     by meshd (it reads discovery.k8s.io/v1 EndpointSlice): ignored"
+                ),
+            ]
+        );
+        let web = objects
+            .iter()
+            .find_map(|o| match o {
+                MeshObject::Workload(w) => Some(w.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(web.service_account, "web");
+        assert_eq!(web.address, Some("10.244.0.17".parse().unwrap()));
+        assert_eq!(web.container_port_named("http"), Some(8080));
+    }
+
+    #[test]
+    fn an_error_in_a_list_item_names_document_item_object_and_field() {
+        let broken = KUBECTL_EXPORT.replace("podIP: 10.244.0.17", "podIP: 10.244.0.300");
+        let errs = parse_file(&p(), &broken).unwrap_err();
+        assert_eq!(
+            errs.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            [
+                "mesh/web.yaml: document 1, items[0] (Pod shop/web-6d4cf56db6-x7k2p): status.podIP: \
+              \"10.244.0.300\" is not an IP address"
+            ]
+        );
+        assert_eq!(errs[0].item, Some(0));
+        let twice = format!("{KUBECTL_EXPORT}---\n{GOOD}");
+        let errs = parse_file(&p(), &twice).unwrap_err();
+        assert_eq!(
+            errs[0].to_string(),
+            "mesh/web.yaml: document 2 (Service shop/web): already defined in document 1, items[2] of this file"
+        );
+        let not_a_list = "apiVersion: v1\nkind: List\nitems: {a: b}\n";
+        assert_eq!(
+            parse_file(&p(), not_a_list).unwrap_err()[0].to_string(),
+            "mesh/web.yaml: document 1 (List): items: must be a sequence of objects"
+        );
+        let empty = "apiVersion: v1\nkind: List\nitems: []\nmetadata: {resourceVersion: \"\"}\n";
+        let parsed = parse_file(&p(), empty).unwrap();
+        assert!(parsed.defined.is_empty() && parsed.notes.is_empty());
     }
 
     #[test]
@@ -680,7 +969,7 @@ status: {podIP: 10.0.0.1}
     #[test]
     fn peer_authentications_parse_and_bad_ones_name_the_field() {
         let good = "apiVersion: security.meshd.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: web, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n  portLevelMtls: {\"8080\": {mode: PERMISSIVE}}\n";
-        let objs = parse_file(&p(), good).unwrap();
+        let objs = parse_file(&p(), good).unwrap().defined;
         let MeshObject::PeerAuthentication(pa) = &objs[0].object else {
             panic!("{objs:?}")
         };
@@ -718,7 +1007,7 @@ status: {podIP: 10.0.0.1}
     #[test]
     fn authorization_policies_parse_and_bad_ones_name_the_field() {
         let good = "apiVersion: security.meshd.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n    - from: [{source: {principals: [\"cluster.local/ns/shop/sa/client\"], ipBlocks: [\"10.0.0.0/8\"]}}]\n      to: [{operation: {methods: [POST], paths: [\"/admin*\"], ports: [\"8080\"]}}]\n      when: [{key: \"request.headers[X-Env]\", values: [prod]}]\n";
-        let objs = parse_file(&p(), good).unwrap();
+        let objs = parse_file(&p(), good).unwrap().defined;
         let MeshObject::AuthorizationPolicy(ap) = &objs[0].object else {
             panic!("{objs:?}")
         };

@@ -10,6 +10,15 @@
 //! `kind`), then into the Kubernetes type through `serde_path_to_error`, so an error
 //! names the field. Documents are numbered from 1, counting the file's non-empty
 //! documents (an empty document between two `---` holds nothing to point at).
+//!
+//! What `kubectl get … -o yaml` writes is read as it is:
+//! - a `v1` **List** stands for its `items`, each read like a document of its own and
+//!   named by its index (`document 1, items[3]`);
+//! - an object of a **kind meshd does not read** (a ReplicaSet, a ConfigMap, an Istio
+//!   policy) is ignored with a note, one per object, that says so; it does not refuse
+//!   its file. Notes are not errors: the rest of the file applies. Only meshd's own
+//!   group, `security.meshd.io`, refuses kinds and versions it does not know, since a
+//!   misspelled policy must not pass for one that is in force.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -53,12 +62,30 @@ fn options() -> serde_saphyr::Options {
     }
 }
 
-/// One object read from a file, with the document it came from.
+/// One object read from a file, with the document (and List item) it came from.
 #[derive(Debug, Clone)]
 pub struct Defined {
     /// 1-based, as in [`ConfigError::document`].
     pub document: usize,
+    /// Its index in the document's `items`, when the document is a List.
+    pub item: Option<usize>,
     pub object: MeshObject,
+}
+
+/// Where in its file an object is: `document 2` or `document 1, items[3]`.
+pub fn place(document: usize, item: Option<usize>) -> String {
+    match item {
+        Some(i) => format!("document {document}, items[{i}]"),
+        None => format!("document {document}"),
+    }
+}
+
+/// A file's content as meshd reads it.
+#[derive(Debug, Clone, Default)]
+pub struct Parsed {
+    pub defined: Vec<Defined>,
+    /// What was ignored, and why (objects of kinds meshd does not read).
+    pub notes: Vec<ConfigError>,
 }
 
 /// `Kind namespace/name` (`Namespace name` for namespaces), as errors name objects.
@@ -69,42 +96,85 @@ pub fn label(object: &MeshObject) -> String {
     }
 }
 
-/// Parses one file's text. All documents or none.
-pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Defined>, Vec<ConfigError>> {
-    let err = |document: Option<usize>, object, field, message| ConfigError {
+/// Parses one file's text. All documents or none; objects meshd does not read are
+/// left out with a note each.
+pub fn parse_file(path: &Path, text: &str) -> Result<Parsed, Vec<ConfigError>> {
+    let err = |document: Option<usize>, item, object, field, message| ConfigError {
         file: path.to_path_buf(),
         document,
+        item,
         object,
         field,
         message,
     };
     let values: Vec<Value> = serde_saphyr::from_multiple_with_options(text, options())
-        .map_err(|e| vec![err(None, None, None, yaml_error(&e))])?;
-    let mut defined: Vec<Defined> = Vec::new();
+        .map_err(|e| vec![err(None, None, None, None, yaml_error(&e))])?;
+    let mut parsed = Parsed::default();
     let mut errors = Vec::new();
     let mut seen = HashMap::new();
     for (i, value) in values.into_iter().enumerate() {
         let document = i + 1;
-        match parse_document(value) {
-            Ok(object) => {
-                let id = (object.kind(), object.key());
-                if let Some(first) = seen.insert(id, document) {
-                    errors.push(err(
-                        Some(document),
-                        Some(label(&object)),
-                        None,
-                        format!("already defined in document {first} of this file"),
-                    ));
-                }
-                defined.push(Defined { document, object });
+        let entries = match objects_of(value) {
+            Ok(entries) => entries,
+            Err(e) => {
+                let list = Some("List".to_string());
+                errors.push(err(Some(document), None, list, e.field_opt(), e.message));
+                continue;
             }
-            Err((object, e)) => errors.push(err(Some(document), object, e.field_opt(), e.message)),
+        };
+        for (item, value) in entries {
+            match parse_document(value) {
+                Ok(Read::Object(object)) => {
+                    let id = (object.kind(), object.key());
+                    if let Some(first) = seen.insert(id, place(document, item)) {
+                        errors.push(err(
+                            Some(document),
+                            item,
+                            Some(label(&object)),
+                            None,
+                            format!("already defined in {first} of this file"),
+                        ));
+                    }
+                    parsed.defined.push(Defined {
+                        document,
+                        item,
+                        object,
+                    });
+                }
+                Ok(Read::Ignored { object, why }) => {
+                    parsed
+                        .notes
+                        .push(err(Some(document), item, Some(object), None, why));
+                }
+                Err((object, e)) => {
+                    errors.push(err(Some(document), item, object, e.field_opt(), e.message))
+                }
+            }
         }
     }
     if errors.is_empty() {
-        Ok(defined)
+        Ok(parsed)
     } else {
         Err(errors)
+    }
+}
+
+/// The objects a document stands for: itself, or the items of a `v1` List, each with
+/// its index.
+fn objects_of(mut value: Value) -> Result<Vec<(Option<usize>, Value)>, FieldError> {
+    let is_list = value.get("apiVersion").and_then(Value::as_str) == Some("v1")
+        && value.get("kind").and_then(Value::as_str) == Some("List");
+    if !is_list {
+        return Ok(vec![(None, value)]);
+    }
+    match value.get_mut("items").map(Value::take) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => Ok(items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| (Some(i), item))
+            .collect()),
+        Some(_) => Err(FieldError::new("items", "must be a sequence of objects")),
     }
 }
 
@@ -133,17 +203,35 @@ impl FieldError {
     }
 }
 
-fn parse_document(value: Value) -> Result<MeshObject, (Option<String>, FieldError)> {
+/// What one document (or List item) is to meshd.
+enum Read {
+    Object(MeshObject),
+    /// A kind meshd does not read: `object` names it, `why` says so.
+    Ignored {
+        object: String,
+        why: String,
+    },
+}
+
+/// The kinds meshd reads, by `apiVersion` and `kind`.
+const READ: [(&str, &str); 6] = [
+    ("v1", "Namespace"),
+    ("v1", "Service"),
+    ("v1", "Pod"),
+    ("discovery.k8s.io/v1", "EndpointSlice"),
+    (crd::GROUP_VERSION, "AuthorizationPolicy"),
+    (crd::GROUP_VERSION, "PeerAuthentication"),
+];
+
+fn parse_document(value: Value) -> Result<Read, (Option<String>, FieldError)> {
     let text = |key: &str| value.get(key).and_then(|v| v.as_str()).map(str::to_string);
     let api_version =
         text("apiVersion").ok_or_else(|| (None, FieldError::new("apiVersion", "is required")))?;
     let kind = text("kind").ok_or_else(|| (None, FieldError::new("kind", "is required")))?;
     let meta = value.get("metadata");
-    let name = meta.and_then(|m| m.get("name")).and_then(|v| v.as_str());
-    let namespace = meta
-        .and_then(|m| m.get("namespace"))
-        .and_then(|v| v.as_str())
-        .unwrap_or("default");
+    let meta_text = |key: &str| meta.and_then(|m| m.get(key)).and_then(|v| v.as_str());
+    let (name, given_namespace) = (meta_text("name"), meta_text("namespace"));
+    let namespace = given_namespace.unwrap_or("default");
     let label = Some(match (kind.as_str(), name) {
         ("Namespace", Some(n)) => format!("Namespace {n}"),
         (k, Some(n)) => format!("{k} {namespace}/{n}"),
@@ -168,16 +256,36 @@ fn parse_document(value: Value) -> Result<MeshObject, (Option<String>, FieldErro
         (crd::GROUP_VERSION, "PeerAuthentication") => typed::<crd::PeerAuthentication>(value)
             .and_then(|p| crd::peer_authentication(&p))
             .map(|p| MeshObject::PeerAuthentication(Arc::new(p))),
-        _ => Err(FieldError::new(
-            "kind",
-            format!(
-                "{api_version} {kind} is not supported here; expected v1 Namespace, Service \
-                 or Pod, discovery.k8s.io/v1 EndpointSlice, or {} PeerAuthentication and AuthorizationPolicy",
-                crd::GROUP_VERSION
-            ),
-        )),
+        // meshd's own group: anything else there is a mistake, not someone else's object.
+        (group_version, _) if group_version.split('/').next() == Some(crd::GROUP) => {
+            Err(FieldError::new(
+                "kind",
+                format!(
+                    "{api_version} {kind} is not a kind meshd knows; its group holds {} \
+                     PeerAuthentication and AuthorizationPolicy",
+                    crd::GROUP_VERSION
+                ),
+            ))
+        }
+        _ => {
+            // Cluster-scoped kinds have no namespace: name them without one.
+            let object = match (name, given_namespace) {
+                (Some(n), Some(ns)) => format!("{kind} {ns}/{n}"),
+                (Some(n), None) => format!("{kind} {n}"),
+                (None, _) => kind.clone(),
+            };
+            let read_as = READ
+                .iter()
+                .find(|(_, k)| *k == kind)
+                .map(|(v, k)| format!(" (it reads {v} {k})"))
+                .unwrap_or_default();
+            return Ok(Read::Ignored {
+                object,
+                why: format!("{api_version} {kind} is not read by meshd{read_as}: ignored"),
+            });
+        }
     };
-    result.map_err(|e| (label, e))
+    result.map(Read::Object).map_err(|e| (label, e))
 }
 
 /// Deserializes into a Kubernetes type, keeping the path of the field that failed.
