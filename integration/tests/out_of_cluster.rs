@@ -124,19 +124,24 @@ async fn the_readmes_out_of_cluster_recipe_works() -> anyhow::Result<()> {
         ("MESHD_ADMIN", format!("https://127.0.0.1:{admin}")),
     ];
 
-    // Block 1 ends with meshd, which keeps running: in its own process group, so that
-    // the test can stop it with the shell.
+    // Block 1 ends with meshd, which keeps running. The shell becomes meshd (`exec`, by
+    // a function of meshd's name), so the test stops it as its own child: no signal to
+    // a process group, nothing left running after the test.
+    let block = readme_block("out-of-cluster meshd")?;
+    ensure!(
+        block
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .is_some_and(|l| l.starts_with("meshd ")),
+        "the README's first block no longer ends with meshd:\n{block}"
+    );
     let log = std::fs::File::create(work.path().join("meshd.log"))?;
-    let mut cluster = shell(work.path(), &readme_block("out-of-cluster meshd")?, &env)?;
-    cluster
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0);
+    let script = format!("meshd() {{ exec meshd \"$@\"; }}\n{block}");
+    let mut cluster = shell(work.path(), &script, &env)?;
+    cluster.stdout(log.try_clone()?).stderr(log);
     let mut meshd = cluster
         .spawn()
         .context("cannot run the README's first block")?;
-    let group = meshd.id().context("no pid")?;
-    let stop = GroupGuard(group);
     let meshd_log = || std::fs::read_to_string(work.path().join("meshd.log")).unwrap_or_default();
     let http = reqwest::Client::builder().no_proxy().build()?;
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -236,18 +241,6 @@ async fn the_readmes_out_of_cluster_recipe_works() -> anyhow::Result<()> {
         Ok(())
     })
     .await?;
-    drop(stop);
+    meshd.kill().await?;
     Ok(())
-}
-
-/// Stops a process group (the README's shell and its meshd) when dropped.
-struct GroupGuard(u32);
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(format!("-{}", self.0))
-            .status();
-    }
 }
