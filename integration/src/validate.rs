@@ -202,21 +202,21 @@ fn to_any<M: Message + Name>(m: &M) -> Any {
 
 /// Makes the TLS context in `ts` take its secrets from the bootstrap's static ones.
 fn static_secrets(ts: &mut TransportSocket) -> anyhow::Result<()> {
-    let Some(transport_socket::ConfigType::TypedConfig(any)) = &mut ts.config_type else {
-        return Ok(());
-    };
-    if any.type_url == DownstreamTlsContext::type_url() {
-        let mut ctx = DownstreamTlsContext::decode(any.value.as_slice())?;
-        if let Some(common) = &mut ctx.common_tls_context {
-            strip_sds_sources(common);
+    // A transport socket without a typed config has no secrets to take.
+    if let Some(transport_socket::ConfigType::TypedConfig(any)) = &mut ts.config_type {
+        if any.type_url == DownstreamTlsContext::type_url() {
+            let mut ctx = DownstreamTlsContext::decode(any.value.as_slice())?;
+            if let Some(common) = &mut ctx.common_tls_context {
+                strip_sds_sources(common);
+            }
+            *any = to_any(&ctx);
+        } else if any.type_url == UpstreamTlsContext::type_url() {
+            let mut ctx = UpstreamTlsContext::decode(any.value.as_slice())?;
+            if let Some(common) = &mut ctx.common_tls_context {
+                strip_sds_sources(common);
+            }
+            *any = to_any(&ctx);
         }
-        *any = to_any(&ctx);
-    } else if any.type_url == UpstreamTlsContext::type_url() {
-        let mut ctx = UpstreamTlsContext::decode(any.value.as_slice())?;
-        if let Some(common) = &mut ctx.common_tls_context {
-            strip_sds_sources(common);
-        }
-        *any = to_any(&ctx);
     }
     Ok(())
 }
