@@ -33,6 +33,19 @@ const WORKLOAD_FORM: &str =
 const OPERATOR_FORM: &str = "an operator id (spiffe://<trust-domain>/meshd/operator/<name>)";
 
 impl SpiffeIdError {
+    fn new(input: &str, form: &'static str, reason: &'static str) -> Self {
+        SpiffeIdError {
+            input: input.to_string(),
+            form,
+            reason,
+        }
+    }
+
+    /// The same reason, for the whole `input` it was found in.
+    fn of_input(self, input: &str, form: &'static str) -> Self {
+        SpiffeIdError::new(input, form, self.reason)
+    }
+
     /// What is wrong, without the input (for messages that show the input as the user
     /// wrote it).
     pub fn reason(&self) -> &'static str {
@@ -89,23 +102,16 @@ impl FromStr for SpiffeId {
     type Err = SpiffeIdError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| SpiffeIdError {
-            form: WORKLOAD_FORM,
-            input: s.to_string(),
-            reason,
-        };
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| err("must start with spiffe://"))?;
-        let (td, path) = rest.split_once('/').ok_or_else(|| err("has no path"))?;
-        let parts: Vec<&str> = path.split('/').collect();
-        match parts.as_slice() {
-            ["ns", ns, "sa", sa] => SpiffeId::new(td, ns, sa).map_err(|e| SpiffeIdError {
-                form: WORKLOAD_FORM,
-                input: s.to_string(),
-                reason: e.reason,
-            }),
-            _ => Err(err("the path must be /ns/<namespace>/sa/<service-account>")),
+        let (td, path) = split_uri(s, WORKLOAD_FORM)?;
+        match path.as_slice() {
+            ["ns", ns, "sa", sa] => {
+                SpiffeId::new(td, ns, sa).map_err(|e| e.of_input(s, WORKLOAD_FORM))
+            }
+            _ => Err(SpiffeIdError::new(
+                s,
+                WORKLOAD_FORM,
+                "the path must be /ns/<namespace>/sa/<service-account>",
+            )),
         }
     }
 }
@@ -156,24 +162,29 @@ impl FromStr for OperatorId {
     type Err = SpiffeIdError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| SpiffeIdError {
-            form: OPERATOR_FORM,
-            input: s.to_string(),
-            reason,
-        };
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| err("must start with spiffe://"))?;
-        let (td, path) = rest.split_once('/').ok_or_else(|| err("has no path"))?;
-        match path.split('/').collect::<Vec<_>>().as_slice() {
-            ["meshd", "operator", name] => OperatorId::new(td, name).map_err(|e| SpiffeIdError {
-                form: OPERATOR_FORM,
-                input: s.to_string(),
-                reason: e.reason,
-            }),
-            _ => Err(err("the path must be /meshd/operator/<name>")),
+        let (td, path) = split_uri(s, OPERATOR_FORM)?;
+        match path.as_slice() {
+            ["meshd", "operator", name] => {
+                OperatorId::new(td, name).map_err(|e| e.of_input(s, OPERATOR_FORM))
+            }
+            _ => Err(SpiffeIdError::new(
+                s,
+                OPERATOR_FORM,
+                "the path must be /meshd/operator/<name>",
+            )),
         }
     }
+}
+
+/// `spiffe://<td>/<a>/<b>…` → (`td`, [`a`, `b`, …]).
+fn split_uri<'a>(s: &'a str, form: &'static str) -> Result<(&'a str, Vec<&'a str>), SpiffeIdError> {
+    let rest = s
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| SpiffeIdError::new(s, form, "must start with spiffe://"))?;
+    let (td, path) = rest
+        .split_once('/')
+        .ok_or_else(|| SpiffeIdError::new(s, form, "has no path"))?;
+    Ok((td, path.split('/').collect()))
 }
 
 fn validate_trust_domain(td: &str) -> Result<(), &'static str> {

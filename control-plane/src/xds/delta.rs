@@ -122,6 +122,10 @@ impl StreamFlavor for DeltaStream {
                 &sent,
             );
         }
+        // Only subscriptions and reported versions grow what the stream holds; an ACK
+        // (the request of every push) is not counted again.
+        let adds =
+            !req.resource_names_subscribe.is_empty() || !req.initial_resource_versions.is_empty();
         let first_for_type = !self.types.contains_key(&t);
         let state = self.types.entry(t).or_default();
         if first_for_type {
@@ -154,7 +158,9 @@ impl StreamFlavor for DeltaStream {
             state.has.remove(name.as_str());
             state.told_missing.remove(&name);
         }
-        self.held().check()?;
+        if adds {
+            self.held().check()?;
+        }
         self.respond(t).await
     }
 
