@@ -78,13 +78,13 @@ impl fmt::Debug for PrivateKeyPem {
     }
 }
 
-/// A workload certificate and its key.
-#[derive(Debug)]
-pub struct IssuedCertificate {
+/// A workload certificate, without its key: what meshd signs for a CSR, whose key
+/// never leaves the workload.
+#[derive(Debug, Clone)]
+pub struct SignedCertificate {
     pub id: SpiffeId,
     /// The leaf followed by any intermediates up to (not including) the root.
     pub chain_pem: String,
-    pub key: PrivateKeyPem,
     /// `notBefore`: the issue time less the backdate.
     pub not_before: SystemTime,
     pub not_after: SystemTime,
@@ -93,7 +93,7 @@ pub struct IssuedCertificate {
     pub serial: Vec<u8>,
 }
 
-impl IssuedCertificate {
+impl SignedCertificate {
     /// When the certificate should be replaced: half its lifetime after it was issued
     /// (the backdate does not count, or short lifetimes would be due at once).
     pub fn refresh_at(&self) -> SystemTime {
@@ -102,6 +102,27 @@ impl IssuedCertificate {
             .duration_since(self.issued_at)
             .unwrap_or_default();
         self.issued_at + life / 2
+    }
+
+    /// The serial number in hex, as logs and `meshctl` show it.
+    pub fn serial_hex(&self) -> String {
+        self.serial.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// A workload certificate and the key meshd made for it (served to the workload's
+/// proxy over SDS).
+#[derive(Debug)]
+pub struct IssuedCertificate {
+    pub cert: SignedCertificate,
+    pub key: PrivateKeyPem,
+}
+
+impl std::ops::Deref for IssuedCertificate {
+    type Target = SignedCertificate;
+
+    fn deref(&self) -> &SignedCertificate {
+        &self.cert
     }
 }
 
@@ -232,24 +253,28 @@ impl Authority {
         ttl: Duration,
         dns_names: &[&str],
     ) -> Result<IssuedCertificate, CaError> {
-        let leaf = self.sign_leaf(
-            &id.to_string(),
-            ttl,
-            dns_names,
-            vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-        )?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Issue {
+            id: id.to_string(),
+            message: e.to_string(),
+        })?;
+        let leaf = self.sign_leaf(&id.to_string(), ttl, dns_names, WORKLOAD_USAGES, &key)?;
         Ok(IssuedCertificate {
-            id: id.clone(),
-            chain_pem: leaf.chain_pem,
-            key: leaf.key,
-            not_before: leaf.not_before,
-            not_after: leaf.not_after,
-            issued_at: leaf.issued_at,
-            serial: leaf.serial,
+            cert: leaf.into_signed(id),
+            key: PrivateKeyPem::new(key.serialize_pem()),
         })
+    }
+
+    /// Signs the key of a verified CSR for `id` (the caller's authenticated identity,
+    /// never what the CSR asks for: [`crate::csr::Csr::check_identity`] compares them),
+    /// valid for `ttl` (never past the signing CA's own expiry).
+    pub fn sign_csr(
+        &self,
+        csr: &crate::csr::Csr,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<SignedCertificate, CaError> {
+        let leaf = self.sign_leaf(&id.to_string(), ttl, &[], WORKLOAD_USAGES, csr.public_key())?;
+        Ok(leaf.into_signed(id))
     }
 
     /// A client certificate for an operator of meshd's admin API, valid for `ttl`.
@@ -260,16 +285,21 @@ impl Authority {
         id: &OperatorId,
         ttl: Duration,
     ) -> Result<OperatorCertificate, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Issue {
+            id: id.to_string(),
+            message: e.to_string(),
+        })?;
         let leaf = self.sign_leaf(
             &id.to_string(),
             ttl,
             &[],
-            vec![ExtendedKeyUsagePurpose::ClientAuth],
+            &[ExtendedKeyUsagePurpose::ClientAuth],
+            &key,
         )?;
         Ok(OperatorCertificate {
             id: id.clone(),
             chain_pem: leaf.chain_pem,
-            key: leaf.key,
+            key: PrivateKeyPem::new(key.serialize_pem()),
             not_after: leaf.not_after,
         })
     }
@@ -279,7 +309,8 @@ impl Authority {
         uri: &str,
         ttl: Duration,
         dns_names: &[&str],
-        extended_key_usages: Vec<ExtendedKeyUsagePurpose>,
+        extended_key_usages: &[ExtendedKeyUsagePurpose],
+        public_key: &impl rcgen::PublicKeyData,
     ) -> Result<Leaf, CaError> {
         let err = |message: String| CaError::Issue {
             id: uri.to_string(),
@@ -311,15 +342,13 @@ impl Authority {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = extended_key_usages;
+        params.extended_key_usages = extended_key_usages.to_vec();
         params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
         let cert = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(public_key, &self.issuer)
             .map_err(|e| err(e.to_string()))?;
         Ok(Leaf {
             chain_pem: cert.pem() + &self.chain_above_leaf,
-            key: PrivateKeyPem::new(key.serialize_pem()),
             not_before,
             not_after,
             issued_at: now,
@@ -328,14 +357,32 @@ impl Authority {
     }
 }
 
+/// What a workload certificate may be used for: both ends of mutual TLS.
+const WORKLOAD_USAGES: &[ExtendedKeyUsagePurpose] = &[
+    ExtendedKeyUsagePurpose::ServerAuth,
+    ExtendedKeyUsagePurpose::ClientAuth,
+];
+
 /// A signed leaf, before it is given its identity's type.
 struct Leaf {
     chain_pem: String,
-    key: PrivateKeyPem,
     not_before: SystemTime,
     not_after: SystemTime,
     issued_at: SystemTime,
     serial: Vec<u8>,
+}
+
+impl Leaf {
+    fn into_signed(self, id: &SpiffeId) -> SignedCertificate {
+        SignedCertificate {
+            id: id.clone(),
+            chain_pem: self.chain_pem,
+            not_before: self.not_before,
+            not_after: self.not_after,
+            issued_at: self.issued_at,
+            serial: self.serial,
+        }
+    }
 }
 
 /// An operator's client certificate and its key.
@@ -485,7 +532,9 @@ mod tests {
     fn serial_numbers_never_repeat() {
         let (_dir, ca) = authority(Duration::from_secs(60));
         let id = ca.workload_id("a", "b").unwrap();
-        let serials: HashSet<Vec<u8>> = (0..500).map(|_| ca.issue(&id).unwrap().serial).collect();
+        let serials: HashSet<Vec<u8>> = (0..500)
+            .map(|_| ca.issue(&id).unwrap().cert.serial)
+            .collect();
         assert_eq!(serials.len(), 500);
     }
 }

@@ -4,7 +4,9 @@
 //!   operators of meshd's admin API, `spiffe://<td>/meshd/operator/<name>`.
 //! - [`Authority`]: a signing CA (a root meshd generated, or a user's root or
 //!   intermediate) and the [`TrustBundle`] of roots proxies must trust. It issues
-//!   short-lived ECDSA P-256 workload certificates whose only SAN is the SPIFFE id.
+//!   short-lived ECDSA P-256 workload certificates whose only SAN is the SPIFFE id:
+//!   with a key it makes (served over SDS), or for the key of a checked [`csr::Csr`]
+//!   (meshd-agent's, which never leaves its pod).
 //! - [`store`]: where the signing CA comes from — a directory where meshd creates the
 //!   root on first start ([`store::open_or_create`]; everything else only opens it, with
 //!   [`store::open`]) and whose every step survives a crash, or plug-in files — with
@@ -13,12 +15,13 @@
 //! Private keys are [`PrivateKeyPem`]s: zeroized on drop, never printed by `Debug`.
 
 mod authority;
+pub mod csr;
 mod pem;
 pub mod spiffe;
 pub mod store;
 
 pub use authority::{
     Authority, CaConfig, CaError, IssuedCertificate, OperatorCertificate, PrivateKeyPem,
-    TrustBundle, generate_root,
+    SignedCertificate, TrustBundle, generate_root,
 };
-pub use spiffe::{DEFAULT_TRUST_DOMAIN, OperatorId, SpiffeId, SpiffeIdError};
+pub use spiffe::{DEFAULT_TRUST_DOMAIN, OperatorId, SpiffeId, SpiffeIdError, leaf_uri};

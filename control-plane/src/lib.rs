@@ -2,12 +2,11 @@
 //!
 //! Data flows one way (see ARCHITECTURE.md):
 //! [`sources`] → [`model::Store`] → [`model::MeshSnapshot`] → [`xds::translate`] →
-//! [`xds::server`] → Envoy. [`admin`] shows what is happening; [`bootstrap`] writes the
-//! Envoy side of the handshake.
+//! [`xds::server`] → Envoy. [`admin`] shows what is happening; the Envoy side of the
+//! handshake (bootstrap, credential files) is `meshd_sidecar`'s.
 
 pub mod admin;
 pub mod authz;
-pub mod bootstrap;
 pub mod cli;
 pub mod cluster;
 pub mod identity;

@@ -25,7 +25,7 @@ use meshd_ca::{Authority, OperatorId, PrivateKeyPem, SpiffeId};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::tls::SpiffeServerVerifier;
+use meshd_proto::client::SpiffeServerVerifier;
 
 /// How long a certificate minted for one command lives.
 pub const MINTED_TTL: Duration = Duration::from_secs(600);
@@ -101,7 +101,7 @@ impl Credentials {
                 path: dir.join(CERT_FILE),
                 message: "holds no PEM certificate".into(),
             })?;
-        let id = crate::tls::leaf_uri(&leaf)
+        let id = meshd_ca::leaf_uri(&leaf)
             .and_then(|uri| uri.parse::<OperatorId>().map_err(|e| e.to_string()))
             .map_err(|message| OperatorError::File {
                 path: dir.join(CERT_FILE),

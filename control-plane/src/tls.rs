@@ -8,9 +8,9 @@
 //!   refused in the handshake (the log says why), so no request of a sidecar or a
 //!   web page ever reaches the admin API.
 //!
-//! Clients of mesh servers (meshctl towards the admin API, tests towards sidecars)
-//! verify them with [`SpiffeServerVerifier`]: the chain, and the SPIFFE id rather than
-//! a DNS name.
+//! Clients of mesh servers (meshctl towards the admin API, agents towards the xDS port,
+//! tests towards sidecars) verify them with [`meshd_proto::client::SpiffeServerVerifier`]:
+//! the chain, and the SPIFFE id rather than a DNS name.
 //!
 //! The handshake runs here, off the accept loop, bounded by [`HANDSHAKE_TIMEOUT`]; the
 //! servers get finished TLS streams. Failed handshakes are counted
@@ -20,7 +20,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshd_ca::OperatorId;
+use meshd_ca::{OperatorId, leaf_uri};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
@@ -32,8 +32,6 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use x509_parser::extensions::GeneralName;
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::identity::CertManager;
 use crate::logging::Throttle;
@@ -79,33 +77,6 @@ impl Port {
 pub struct TlsSetupError {
     port: &'static str,
     message: String,
-}
-
-/// The one URI SAN of a leaf certificate.
-pub fn leaf_uri(der: &[u8]) -> Result<String, String> {
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
-    let sans = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .ok_or_else(|| "no subjectAltName".to_string())?;
-    let uris: Vec<&str> = sans
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    match uris.as_slice() {
-        [one] => Ok(one.to_string()),
-        _ => Err(format!(
-            "expected exactly one URI SAN, found {}",
-            uris.len()
-        )),
-    }
 }
 
 /// A rustls server config for `port` from the manager's current certificate and trust
@@ -218,97 +189,6 @@ impl ClientCertVerifier for OperatorsOnly {
 #[derive(Debug, thiserror::Error)]
 #[error("not an operator certificate: {0}")]
 struct NotAnOperator(String);
-
-/// A server certificate of the mesh: it must chain to the roots and, if `expected` is
-/// given, carry exactly that SPIFFE id. The DNS name or address the client dialled
-/// does not matter: mesh certificates name identities, not hosts.
-#[derive(Debug)]
-pub struct SpiffeServerVerifier {
-    chain: Arc<rustls::client::WebPkiServerVerifier>,
-    expected: Option<String>,
-}
-
-impl SpiffeServerVerifier {
-    pub fn new(
-        roots: rustls::RootCertStore,
-        provider: Arc<rustls::crypto::CryptoProvider>,
-        expected: Option<String>,
-    ) -> Result<Self, rustls::client::VerifierBuilderError> {
-        let chain =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()?;
-        Ok(SpiffeServerVerifier { chain, expected })
-    }
-}
-
-impl rustls::client::danger::ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &rustls_pki_types::ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        match self
-            .chain
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Ok(_)
-            | Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName
-                | rustls::CertificateError::NotValidForNameContext { .. },
-            )) => {}
-            Err(e) => return Err(e),
-        }
-        let Some(expected) = &self.expected else {
-            return Ok(rustls::client::danger::ServerCertVerified::assertion());
-        };
-        match leaf_uri(end_entity) {
-            Ok(uri) if uri == *expected => {
-                Ok(rustls::client::danger::ServerCertVerified::assertion())
-            }
-            Ok(uri) => Err(rustls::Error::General(format!(
-                "the server presented {uri}, expected {expected}"
-            ))),
-            Err(e) => Err(rustls::Error::General(format!(
-                "the server's certificate: {e}"
-            ))),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::client::danger::ServerCertVerifier::verify_tls12_signature(
-            &*self.chain,
-            message,
-            cert,
-            dss,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::client::danger::ServerCertVerifier::verify_tls13_signature(
-            &*self.chain,
-            message,
-            cert,
-            dss,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::client::danger::ServerCertVerifier::supported_verify_schemes(&*self.chain)
-    }
-}
 
 /// The operator a connection to the admin port authenticated as.
 pub fn peer_operator(tls: &TlsStream<TcpStream>) -> Option<OperatorId> {

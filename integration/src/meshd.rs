@@ -470,7 +470,7 @@ impl Meshd {
         admin_port: u16,
         dir: &Path,
     ) -> anyhow::Result<PathBuf> {
-        let path = dir.join(format!("{pod}.{namespace}.bootstrap.json"));
+        let path = dir.join(format!("{pod}.{namespace}"));
         let flavor = match flavor {
             XdsFlavor::Sotw => "sotw",
             XdsFlavor::Delta => "delta",
@@ -502,7 +502,7 @@ impl Meshd {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(path)
+        Ok(path.join(meshd_sidecar::bootstrap::BOOTSTRAP_FILE))
     }
 }
 

@@ -212,7 +212,7 @@ async fn the_readmes_out_of_cluster_recipe_works() -> anyhow::Result<()> {
 
     // The bootstrap connects: Envoy on it (with its admin port moved off the default),
     // and meshd sees the sidecar with the identity of its certificate.
-    let bootstrap = work.path().join("web-1.json");
+    let bootstrap = work.path().join("web-1").join("envoy-bootstrap.json");
     let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&bootstrap)?)?;
     json["admin"]["address"]["socket_address"]["port_value"] = free_port().into();
     std::fs::write(&bootstrap, serde_json::to_string(&json)?)?;

@@ -8,7 +8,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use hyper::Method;
 use meshd::admin::{ProxyConfig, SnapshotSummary};
-use meshd::bootstrap::{BootstrapOptions, envoy_bootstrap};
 use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
 use meshd::identity::{MESHD_SERVICE_ACCOUNT, RotationStatus};
 use meshd::model::{MeshDefaults, MeshSnapshot};
@@ -18,6 +17,8 @@ use meshd::xds::authz_check::{CheckRequest, CheckResponse};
 use meshd::xds::rbac_stats;
 use meshd::xds::status::{ProxyStatus, XdsFlavor};
 use meshd_ca::{OperatorId, SpiffeId};
+use meshd_sidecar::bootstrap::{BootstrapOptions, write_bootstrap};
+use meshd_sidecar::credentials::{CredentialDir, Credentials as SidecarCredentials};
 
 /// meshctl — operate and debug a meshd service mesh.
 #[derive(Debug, Parser)]
@@ -29,13 +30,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Write the Envoy bootstrap for a workload's sidecar, with its client certificate.
+    /// Write a sidecar directory for a workload: Envoy's bootstrap and its credentials.
     ///
-    /// The bootstrap names the pod (node id `<pod>.<namespace>` and metadata), points
-    /// ADS at meshd over mutual TLS and puts Envoy's admin interface on 127.0.0.1.
-    /// Beside it go `<name>-cert.pem` (a certificate for the pod's identity
-    /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>, minted with the
-    /// mesh CA), `<name>-key.pem` (mode 0600) and `<name>-ca.pem` (the trust bundle).
+    /// `DIR/envoy-bootstrap.json` names the pod (node id `<pod>.<namespace>` and
+    /// metadata), points ADS at meshd over mutual TLS and puts Envoy's admin interface
+    /// on 127.0.0.1. `DIR/certs/` holds a certificate for the pod's identity
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> minted with the mesh
+    /// CA, its key (0600) and the trust bundle, which Envoy reads through file-based SDS
+    /// (`DIR/sds/`). Run Envoy on it directly, or hand DIR to `meshd-agent run
+    /// --cert-dir DIR`, which renews the certificate before it expires.
     Bootstrap(Box<BootstrapArgs>),
     /// Check a config directory offline and list every problem.
     ///
@@ -257,8 +260,8 @@ struct BootstrapArgs {
     /// xDS flavour: state of the world or incremental.
     #[arg(long, value_enum, default_value_t = Flavor::Delta)]
     xds_protocol: Flavor,
-    /// The bootstrap file to write (its certificate files go beside it).
-    #[arg(long, short = 'o')]
+    /// The sidecar directory to write (created 0700; its credentials are replaced).
+    #[arg(long, short = 'o', value_name = "DIR")]
     output: PathBuf,
 }
 
@@ -313,18 +316,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .workload_id(&meshd_namespace, MESHD_SERVICE_ACCOUNT)
                 .context("--meshd-namespace")?;
             let issued = authority.issue(&id)?;
-            let stem = output
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .context("--output needs a file name")?
-                .to_string();
-            let dir = output.parent().unwrap_or(std::path::Path::new(""));
-            let beside = |suffix: &str| dir.join(format!("{stem}-{suffix}.pem"));
-            let (cert_path, key_path, ca_path) = (beside("cert"), beside("key"), beside("ca"));
-            write_file(&cert_path, &issued.chain_pem, 0o644)?;
-            write_file(&key_path, issued.key.secret_pem(), 0o600)?;
+            let dir = CredentialDir::new(&output)?;
             // With the next root during a rotation: meshd serves with it from step 2.
-            write_file(&ca_path, &ca.trust_bundle_pem, 0o644)?;
+            dir.write(&SidecarCredentials {
+                cert_chain_pem: issued.chain_pem.clone(),
+                key_pem: issued.key.secret_pem().to_string().into(),
+                trust_bundle_pem: ca.trust_bundle_pem.clone(),
+            })?;
             let opts = BootstrapOptions {
                 namespace,
                 pod,
@@ -337,12 +335,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Flavor::Sotw => XdsFlavor::Sotw,
                     Flavor::Delta => XdsFlavor::Delta,
                 },
-                cert_chain: absolute(&cert_path)?,
-                private_key: absolute(&key_path)?,
-                trust_bundle: absolute(&ca_path)?,
+                credentials: dir.clone(),
             };
-            let text = serde_json::to_string_pretty(&envoy_bootstrap(&opts))? + "\n";
-            write_file(&output, &text, 0o644)?;
+            let output = write_bootstrap(&opts)?;
             eprintln!(
                 "wrote {} for {id} (certificate valid until {})",
                 output.display(),
@@ -737,15 +732,6 @@ fn print_check(resp: &CheckResponse, req: &CheckRequest, output: Output) -> anyh
         }
     }
     Ok(())
-}
-
-/// Writes `text` to `path` with `mode` (0600 for keys), replacing what was there.
-fn write_file(path: &std::path::Path, text: &str, mode: u32) -> anyhow::Result<()> {
-    Ok(meshd_ca::store::write_file(path, text, mode, true)?)
-}
-
-fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
-    std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
 }
 
 #[cfg(test)]

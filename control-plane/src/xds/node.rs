@@ -14,9 +14,7 @@ use rustls_pki_types::CertificateDer;
 
 use crate::model::ObjectKey;
 
-pub const NAMESPACE_KEY: &str = "namespace";
-pub const POD_KEY: &str = "pod";
-pub const SERVICE_ACCOUNT_KEY: &str = "service_account";
+pub use meshd_sidecar::{NAMESPACE_KEY, POD_KEY, SERVICE_ACCOUNT_KEY};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyId {
@@ -69,7 +67,7 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<SpiffeId, I
     let leaf = certs
         .and_then(|c| c.first())
         .ok_or(IdentityError::NoCertificate)?;
-    crate::tls::leaf_uri(leaf)
+    meshd_ca::leaf_uri(leaf)
         .map_err(IdentityError::NoSpiffeId)?
         .parse()
         .map_err(|e: meshd_ca::SpiffeIdError| IdentityError::NoSpiffeId(e.to_string()))

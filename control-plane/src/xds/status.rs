@@ -14,14 +14,7 @@ use crate::metrics::{self, metrics};
 use crate::xds::limits::{self, LimitError};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XdsFlavor {
-    /// State of the world (`StreamAggregatedResources`).
-    Sotw,
-    /// Incremental (`DeltaAggregatedResources`).
-    Delta,
-}
+pub use meshd_sidecar::XdsFlavor;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Nack {

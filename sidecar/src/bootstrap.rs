@@ -1,14 +1,17 @@
-//! The Envoy side of the handshake: a bootstrap that names the workload, points ADS at
-//! meshd over mutual TLS, and keeps Envoy's admin interface on loopback. Written by
-//! `meshctl bootstrap`, with the proxy's bootstrap certificate and key beside it.
+//! The Envoy bootstrap: the node names the workload, ADS points at meshd over mutual
+//! TLS, Envoy's admin interface stays on loopback. The client certificate and the
+//! trust bundle Envoy checks meshd with come from file-based SDS secrets in a
+//! [`CredentialDir`], so a renewal or a new root reaches Envoy without a restart.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
-use crate::xds::node::{NAMESPACE_KEY, POD_KEY, SERVICE_ACCOUNT_KEY};
-use crate::xds::status::XdsFlavor;
+use crate::credentials::{CLIENT_CERT_SECRET, CredentialDir, CredentialError, TRUST_BUNDLE_SECRET};
+use crate::{NAMESPACE_KEY, POD_KEY, SERVICE_ACCOUNT_KEY, XdsFlavor};
+
+/// The bootstrap's file in a sidecar directory, beside the credentials.
+pub const BOOTSTRAP_FILE: &str = "envoy-bootstrap.json";
 
 /// The name of the bootstrap's static cluster that reaches meshd.
 pub const XDS_CLUSTER: &str = "meshd-xds";
@@ -26,10 +29,8 @@ pub struct BootstrapOptions {
     /// Envoy's admin interface, always on loopback.
     pub admin_port: u16,
     pub flavor: XdsFlavor,
-    /// The proxy's client certificate chain, its key and the trust bundle (PEM files).
-    pub cert_chain: PathBuf,
-    pub private_key: PathBuf,
-    pub trust_bundle: PathBuf,
+    /// Where the client certificate, its key and the trust bundle are kept current.
+    pub credentials: CredentialDir,
 }
 
 impl BootstrapOptions {
@@ -91,16 +92,18 @@ pub fn envoy_bootstrap(opts: &BootstrapOptions) -> Value {
                         "sni": "meshd",
                         "common_tls_context": {
                             "alpn_protocols": ["h2"],
-                            "tls_certificates": [{
-                                "certificate_chain": { "filename": opts.cert_chain },
-                                "private_key": { "filename": opts.private_key },
-                            }],
-                            "validation_context": {
-                                "trusted_ca": { "filename": opts.trust_bundle },
-                                "match_typed_subject_alt_names": [{
-                                    "san_type": "URI",
-                                    "matcher": { "exact": opts.meshd_identity },
-                                }],
+                            "tls_certificate_sds_secret_configs": [
+                                file_sds(CLIENT_CERT_SECRET, &opts.credentials.client_cert_sds()),
+                            ],
+                            "combined_validation_context": {
+                                "default_validation_context": {
+                                    "match_typed_subject_alt_names": [{
+                                        "san_type": "URI",
+                                        "matcher": { "exact": opts.meshd_identity },
+                                    }],
+                                },
+                                "validation_context_sds_secret_config":
+                                    file_sds(TRUST_BUNDLE_SECRET, &opts.credentials.trust_bundle_sds()),
                             },
                         },
                     },
@@ -114,4 +117,24 @@ pub fn envoy_bootstrap(opts: &BootstrapOptions) -> Value {
             }]
         },
     })
+}
+
+/// An SDS secret read from `path` (which never changes: the files it names do).
+fn file_sds(name: &str, path: &std::path::Path) -> Value {
+    json!({
+        "name": name,
+        "sds_config": {
+            "path_config_source": { "path": path },
+            "resource_api_version": "V3",
+        },
+    })
+}
+
+/// Writes the bootstrap into its credential directory (whose credentials must already
+/// be there: Envoy reads them at start) and returns its path.
+pub fn write_bootstrap(opts: &BootstrapOptions) -> Result<std::path::PathBuf, CredentialError> {
+    let path = opts.credentials.root().join(BOOTSTRAP_FILE);
+    let text = serde_json::to_string_pretty(&envoy_bootstrap(opts)).expect("JSON") + "\n";
+    crate::credentials::replace_file(&path, &text, 0o644)?;
+    Ok(path)
 }

@@ -1,0 +1,34 @@
+//! What a sidecar's Envoy starts from, shared by `meshctl bootstrap` (which writes it
+//! once, for local runs) and meshd-agent (which writes it in the pod and keeps the
+//! credentials current):
+//!
+//! - [`bootstrap`]: the Envoy bootstrap, the one generator: the node names the pod, ADS
+//!   points at meshd over mutual TLS, Envoy's admin interface stays on loopback, and the
+//!   client certificate and trust bundle come from file-based SDS.
+//! - [`credentials`]: the directory those SDS files point into, replaced atomically (the
+//!   Kubernetes `..data` swap) so that Envoy picks up a renewed certificate or a new
+//!   trust bundle without a restart, and never sees a key beside another key's
+//!   certificate.
+//!
+//! meshd reads the node metadata keys defined here ([`NAMESPACE_KEY`], ...). No kube,
+//! no gRPC: meshd-agent depends on this crate.
+
+pub mod bootstrap;
+pub mod credentials;
+
+use serde::{Deserialize, Serialize};
+
+/// `node.metadata` keys naming the pod a sidecar serves.
+pub const NAMESPACE_KEY: &str = "namespace";
+pub const POD_KEY: &str = "pod";
+pub const SERVICE_ACCOUNT_KEY: &str = "service_account";
+
+/// How a sidecar speaks xDS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdsFlavor {
+    /// State of the world (`StreamAggregatedResources`).
+    Sotw,
+    /// Incremental (`DeltaAggregatedResources`).
+    Delta,
+}
