@@ -222,6 +222,33 @@ fn validate_segment(seg: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The one URI SAN of a leaf certificate (DER): the identity a peer presented.
+pub fn leaf_uri(der: &[u8]) -> Result<String, String> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let sans = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .ok_or_else(|| "no subjectAltName".to_string())?;
+    let uris: Vec<&str> = sans
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => Ok(one.to_string()),
+        _ => Err(format!(
+            "expected exactly one URI SAN, found {}",
+            uris.len()
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,32 +300,5 @@ mod tests {
             let err = bad.parse::<SpiffeId>().unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }
-    }
-}
-
-/// The one URI SAN of a leaf certificate (DER): the identity a peer presented.
-pub fn leaf_uri(der: &[u8]) -> Result<String, String> {
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
-    let sans = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .ok_or_else(|| "no subjectAltName".to_string())?;
-    let uris: Vec<&str> = sans
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    match uris.as_slice() {
-        [one] => Ok(one.to_string()),
-        _ => Err(format!(
-            "expected exactly one URI SAN, found {}",
-            uris.len()
-        )),
     }
 }
