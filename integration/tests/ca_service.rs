@@ -290,6 +290,25 @@ async fn a_pods_token_gets_exactly_its_identity_and_nothing_else() -> anyhow::Re
         assert!(line.contains(part), "{part:?} is not in {line:?}");
     }
 
+    // The bundle the pod's agent trusts meshd by, before its first certificate.
+    let bundle = meshd.trust_bundle_pem().await?;
+    eventually(
+        "the trust bundle ConfigMap",
+        Duration::from_secs(20),
+        || {
+            let (client, bundle) = (api.client.clone(), bundle.clone());
+            async move {
+                let cm = kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client, NS)
+                    .get("meshd-trust-bundle")
+                    .await?;
+                let data = cm.data.unwrap_or_default();
+                ensure!(data.get("trust-bundle.pem") == Some(&bundle), "{data:?}");
+                Ok(())
+            }
+        },
+    )
+    .await?;
+
     // Web's token cannot get db's identity.
     assert_refused(
         sign(&mut ca, Some(&token), &csr_for(DB).pem).await,

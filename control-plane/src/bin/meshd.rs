@@ -230,6 +230,15 @@ async fn main() -> anyhow::Result<()> {
             mesh: started.store.subscribe(),
         });
     let ca_service = meshd::ca_service::CaService::new(certs.clone(), pod_tokens);
+    if let (Some(client), Some(leadership)) = (&started.kube_client, &started.leadership) {
+        cluster::trust_bundle::spawn(
+            client.clone(),
+            certs.clone(),
+            started.store.subscribe(),
+            leadership.is_leader(),
+            started.replica.clone(),
+        );
+    }
     let store = started.store;
     let (config_errors, config_notes) = (started.errors, started.notes);
 
@@ -349,8 +358,10 @@ struct Started {
     /// What the source has not read yet (kinds, or the config directory).
     pending: watch::Receiver<Vec<String>>,
     leadership: Option<Leadership>,
-    /// The cluster's API (Kubernetes mode): token reviews.
+    /// The cluster's API (Kubernetes mode): token reviews, the trust bundle ConfigMaps.
     kube_client: Option<kube::Client>,
+    /// This replica's name (Kubernetes mode): its field manager.
+    replica: String,
 }
 
 fn start_file_source(args: &Args, config: StoreConfig) -> anyhow::Result<Started> {
@@ -376,6 +387,7 @@ fn start_file_source(args: &Args, config: StoreConfig) -> anyhow::Result<Started
         pending: running.pending,
         leadership: None,
         kube_client: None,
+        replica: String::new(),
     })
 }
 
@@ -435,7 +447,7 @@ async fn start_kubernetes_source(args: &Args, config: StoreConfig) -> anyhow::Re
         roots,
         client,
         namespace: args.namespace.clone(),
-        replica,
+        replica: replica.clone(),
     });
     Ok(Started {
         store,
@@ -446,6 +458,7 @@ async fn start_kubernetes_source(args: &Args, config: StoreConfig) -> anyhow::Re
         pending: running.pending,
         leadership: Some(leadership),
         kube_client: Some(kube_client),
+        replica,
     })
 }
 

@@ -162,7 +162,10 @@ async fn main() -> anyhow::Result<()> {
     for r in [&cached, &reviewed] {
         let pct = |p: f64| {
             r.latencies
-                .get(((r.latencies.len() as f64 * p) as usize).min(r.latencies.len().saturating_sub(1)))
+                .get(
+                    ((r.latencies.len() as f64 * p) as usize)
+                        .min(r.latencies.len().saturating_sub(1)),
+                )
                 .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1000.0))
                 .unwrap_or_else(|| "-".into())
         };
