@@ -42,6 +42,7 @@ fn pod(svc: usize, n: usize, ready: bool) -> MeshObject {
     let i = svc * PODS_PER_SERVICE + n;
     MeshObject::Workload(Arc::new(Workload {
         key: ObjectKey::new(format!("ns{}", svc % NAMESPACES), format!("svc{svc}-{n}")),
+        uid: None,
         labels: [("app".to_string(), format!("svc{svc}"))].into(),
         service_account: format!("svc{svc}"),
         address: Some(std::net::Ipv4Addr::from(0x0a00_0000 + i as u32).into()),

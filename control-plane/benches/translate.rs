@@ -31,6 +31,7 @@ fn mesh() -> MeshSnapshot {
             let i = s * 10 + n;
             objects.push(MeshObject::Workload(Arc::new(Workload {
                 key: ObjectKey::new("shop", format!("svc{s}-{n}")),
+                uid: None,
                 labels: [("app".to_string(), format!("svc{s}"))].into(),
                 service_account: format!("svc{s}"),
                 address: Some(std::net::Ipv4Addr::from(0x0a00_0000 + i).into()),

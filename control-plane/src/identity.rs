@@ -24,15 +24,23 @@
 //!   replicas trust and sign alike.
 //!
 //! Private keys stay inside [`meshd_ca::IssuedCertificate`]s: they leave this process
-//! only as the SDS secret of the proxy whose identity they certify.
+//! only as the SDS secret of the proxy whose identity they certify. Certificates for a
+//! CSR ([`CertManager::sign_csr`], meshd-agent's xDS client certificate) carry a key
+//! meshd never sees.
+//!
+//! Every certificate issued is kept in a ledger (serial-free: its expiry and the root
+//! that signed it) until it expires, so that the step dropping a root can wait until
+//! no certificate this replica issued under it is still valid, and `meshctl ca status`
+//! can say how many are left.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
 
+use meshd_ca::csr::Csr;
 use meshd_ca::store::{self, CaSource};
-use meshd_ca::{Authority, CaError, IssuedCertificate, SpiffeId, TrustBundle};
+use meshd_ca::{Authority, CaError, IssuedCertificate, SignedCertificate, SpiffeId, TrustBundle};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -62,6 +70,11 @@ pub struct RotationStatus {
     pub trusted_roots: Vec<String>,
     pub next_step_at: Option<String>,
     pub last_completed_at: Option<String>,
+    /// Certificates this replica issued (over SDS or for a CSR) that are still valid
+    /// and signed by a root other than the one signing now. The step that drops the
+    /// old root waits for 0.
+    #[serde(default)]
+    pub valid_under_old_roots: usize,
 }
 
 #[derive(Debug)]
@@ -82,7 +95,39 @@ pub struct CertManager {
     server_id: SpiffeId,
     server: Mutex<Option<Arc<IssuedCertificate>>>,
     workloads: Mutex<HashMap<SpiffeId, Arc<IssuedCertificate>>>,
+    ledger: Mutex<Ledger>,
     generation: watch::Sender<u64>,
+}
+
+/// The certificates issued and not yet expired: expiry → the serial of the root that
+/// signed them. A `BTreeMap` so that the expired ones leave from the front.
+#[derive(Debug, Default)]
+struct Ledger {
+    valid: std::collections::BTreeMap<(SystemTime, u64), Arc<str>>,
+    next: u64,
+}
+
+impl Ledger {
+    fn record(&mut self, not_after: SystemTime, signer: Arc<str>) {
+        self.prune(SystemTime::now());
+        self.next += 1;
+        self.valid.insert((not_after, self.next), signer);
+    }
+
+    fn prune(&mut self, now: SystemTime) {
+        while let Some(entry) = self.valid.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            entry.remove();
+        }
+    }
+
+    /// Valid certificates signed by any root but `signer`.
+    fn valid_not_signed_by(&mut self, signer: &str) -> usize {
+        self.prune(SystemTime::now());
+        self.valid.values().filter(|s| &***s != signer).count()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +225,7 @@ impl CertManager {
             server_id,
             server: Mutex::new(None),
             workloads: Mutex::new(HashMap::new()),
+            ledger: Mutex::new(Ledger::default()),
             generation: watch::Sender::new(0),
         }))
     }
@@ -236,10 +282,50 @@ impl CertManager {
         if let Some(c) = certs.get(id).filter(|c| c.refresh_at() > SystemTime::now()) {
             return Ok(c.clone());
         }
-        let issued = Arc::new(self.authority().issue(id)?);
+        let authority = self.authority();
+        let issued = Arc::new(authority.issue(id)?);
+        self.record(&authority, &issued);
         tracing::info!(identity = %id, not_after = %humantime::format_rfc3339_seconds(issued.not_after), "issued workload certificate");
         certs.insert(id.clone(), issued.clone());
         Ok(issued)
+    }
+
+    /// Signs a checked CSR for `id` (the caller's authenticated identity), valid for
+    /// `ttl` but never longer than the workload lifetime, so the rotation's wait for old
+    /// certificates to expire holds for these too. Returns the certificate and the
+    /// trust bundle it goes with.
+    pub fn sign_csr(
+        &self,
+        csr: &Csr,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<(SignedCertificate, TrustBundle), CaError> {
+        let authority = self.authority();
+        let signed = authority.sign_csr(csr, id, ttl.min(self.config.workload_ttl))?;
+        self.record(&authority, &signed);
+        Ok((signed, authority.trust_bundle().clone()))
+    }
+
+    fn record(&self, authority: &Authority, cert: &SignedCertificate) {
+        let signer = authority
+            .trust_bundle()
+            .roots()
+            .first()
+            .map(|r| root_serial(r))
+            .unwrap_or_default();
+        lock(&self.ledger).record(cert.not_after, signer.into());
+    }
+
+    /// Valid certificates issued here under a root that no longer signs.
+    pub fn valid_under_old_roots(&self) -> usize {
+        let signer = self
+            .authority()
+            .trust_bundle()
+            .roots()
+            .first()
+            .map(|r| root_serial(r))
+            .unwrap_or_default();
+        lock(&self.ledger).valid_not_signed_by(&signer)
     }
 
     /// meshd's own serving certificate for the xDS port.
@@ -329,10 +415,15 @@ impl CertManager {
     /// that no longer signs (the bundle's first) are dropped, to be issued again.
     /// The caller bumps the generation once its state is consistent.
     fn install(&self, authority: Authority) {
-        let mut current = self.authority.write().unwrap_or_else(|p| p.into_inner());
-        let signer_changed =
-            current.trust_bundle().roots().first() != authority.trust_bundle().roots().first();
-        *current = Arc::new(authority);
+        let signer_changed = {
+            let mut current = self.authority.write().unwrap_or_else(|p| p.into_inner());
+            let changed =
+                current.trust_bundle().roots().first() != authority.trust_bundle().roots().first();
+            *current = Arc::new(authority);
+            changed
+        };
+        // Not under the authority's lock: `workload_certificate` takes the two the other
+        // way round.
         if signer_changed {
             lock(&self.workloads).clear();
             *lock(&self.server) = None;
@@ -358,6 +449,7 @@ impl CertManager {
             last_completed_at: rotation
                 .last_completed
                 .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            valid_under_old_roots: self.valid_under_old_roots(),
         }
     }
 
@@ -403,7 +495,9 @@ impl CertManager {
                 );
                 Ok(true)
             }
-            Phase::Signing { old_leaves_expire } if now >= old_leaves_expire => {
+            Phase::Signing { old_leaves_expire }
+                if now >= old_leaves_expire && self.valid_under_old_roots() == 0 =>
+            {
                 // Finishes a promotion an earlier tick left half done, too.
                 store::promote_next_root(dir)?;
                 let promoted = self.load_current(dir)?;
@@ -450,6 +544,7 @@ impl CertManager {
                 if cert.refresh_at() <= now {
                     match authority.issue(id) {
                         Ok(fresh) => {
+                            self.record(&authority, &fresh);
                             *cert = Arc::new(fresh);
                             changed = true;
                         }

@@ -13,6 +13,9 @@
 //! | `meshd_snapshots_total` | mesh snapshots published |
 //! | `meshd_tls_handshake_failures_total{port}` | TLS handshakes refused or timed out on the `xds` / `admin` port |
 //! | `meshd_xds_fail_closed_resources` | inbound listeners and routes served as deny-all right now, because their proxy rejected the compiled policy ([`crate::xds::fail_closed`]) |
+//! | `meshd_ca_signed_total{auth}` | certificates signed for a CSR, by how the caller authenticated (`token`, `certificate`) |
+//! | `meshd_ca_refused_total{reason}` | CA calls refused, by the check that failed (`token_expired`, `csr_identity`, `pod_uid`, …) |
+//! | `meshd_token_reviews_total{reason}` | TokenReviews sent to the API server, by outcome (`authenticated`, `token_refused`, …) |
 //! | `meshd_xds_refused_streams_total{reason}` | ADS streams ended by meshd for exceeding a limit (`request_size`, `type_urls`, `names`, `name_length`) |
 //!
 //! One process-wide set ([`metrics()`]): metrics are a property of the process, and
@@ -39,6 +42,11 @@ pub struct PortLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabel {
+    pub auth: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
 }
@@ -57,6 +65,9 @@ pub struct Metrics {
     pub handshake_failures: Family<PortLabel, Counter>,
     pub refused_streams: Family<ReasonLabel, Counter>,
     pub fail_closed: Gauge,
+    pub ca_signed: Family<AuthLabel, Counter>,
+    pub ca_refused: Family<ReasonLabel, Counter>,
+    pub token_reviews: Family<ReasonLabel, Counter>,
 }
 
 /// 0.5 ms … ~65 s.
@@ -79,6 +90,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         handshake_failures: Family::default(),
         refused_streams: Family::default(),
         fail_closed: Gauge::default(),
+        ca_signed: Family::default(),
+        ca_refused: Family::default(),
+        token_reviews: Family::default(),
         registry: Registry::default(),
     };
     registry.register(
@@ -136,6 +150,21 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "xds_fail_closed_resources",
         "Inbound listeners and routes served as deny-all because their proxy rejected the compiled policy",
         m.fail_closed.clone(),
+    );
+    registry.register(
+        "ca_signed",
+        "Certificates signed for a CSR, by how the caller authenticated",
+        m.ca_signed.clone(),
+    );
+    registry.register(
+        "ca_refused",
+        "CA calls refused, by the check that failed",
+        m.ca_refused.clone(),
+    );
+    registry.register(
+        "token_reviews",
+        "TokenReviews sent to the API server, by outcome",
+        m.token_reviews.clone(),
     );
     Metrics { registry, ..m }
 });

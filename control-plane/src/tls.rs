@@ -1,8 +1,11 @@
 //! TLS on meshd's authenticated ports. meshd presents its own certificate from the mesh
 //! CA and requires a client certificate that chains to the trust bundle:
 //!
-//! - [`Port::Xds`]: any mesh certificate; the ADS server then derives the proxy's
-//!   workload identity from it ([`crate::xds::node`]).
+//! - [`Port::Xds`]: any mesh certificate, or none: the CA service
+//!   ([`crate::ca_service`]) takes a pod's ServiceAccount token instead, so a pod
+//!   with no certificate yet reaches one address. Every ADS stream still needs a
+//!   verified certificate: the ADS server derives the proxy's workload identity from
+//!   it and refuses a stream without one ([`crate::xds::node`]).
 //! - [`Port::Admin`]: only an operator's certificate
 //!   (`spiffe://<td>/meshd/operator/<name>`, [`meshd_ca::OperatorId`]); a workload's is
 //!   refused in the handshake (the log says why), so no request of a sidecar or a
@@ -95,13 +98,15 @@ pub fn server_config(
         roots.add(der.map_err(|e| err(&e))?).map_err(|e| err(&e))?;
     }
     let chain_verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| err(&e))?;
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     let verifier: Arc<dyn ClientCertVerifier> = match port {
-        Port::Xds => chain_verifier,
+        // A certificate, if presented, must verify; none is allowed for the CA service.
+        Port::Xds => chain_verifier
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| err(&e))?,
         Port::Admin => Arc::new(OperatorsOnly {
-            chain: chain_verifier,
+            chain: chain_verifier.build().map_err(|e| err(&e))?,
             trust_domain: manager.trust_domain().to_string(),
         }),
     };

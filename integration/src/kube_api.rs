@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -71,7 +71,13 @@ impl KubeApi {
     }
 
     async fn run_script(&self, command: &str) -> anyhow::Result<()> {
+        let key = self.sa_key_file();
+        if !key.exists() {
+            let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            std::fs::write(&key, pair.serialize_pem())?;
+        }
         let out = tokio::process::Command::new("bash")
+            .env("KUBE_TEST_SA_KEY_FILE", &key)
             .arg(script()?)
             .arg(command)
             .arg(self.dir.path())
@@ -269,6 +275,113 @@ impl KubeApi {
                    "endpoints": eps}),
         )
         .await
+    }
+
+    /// Creates the ServiceAccount `ns/name`.
+    pub async fn service_account(&self, ns: &str, name: &str) -> anyhow::Result<()> {
+        self.apply::<ServiceAccount>(
+            ns,
+            json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                   "metadata": {"name": name, "namespace": ns}}),
+        )
+        .await
+    }
+
+    /// The uid of pod `ns/name`.
+    pub async fn pod_uid(&self, ns: &str, name: &str) -> anyhow::Result<String> {
+        Api::<Pod>::namespaced(self.client.clone(), ns)
+            .get(name)
+            .await?
+            .metadata
+            .uid
+            .context("the pod has no uid")
+    }
+
+    /// Deletes pod `ns/name` at once, as the kubelet finally does.
+    pub async fn delete_pod_now(&self, ns: &str, name: &str) -> anyhow::Result<()> {
+        Api::<Pod>::namespaced(self.client.clone(), ns)
+            .delete(name, &DeleteParams::default().grace_period(0))
+            .await?;
+        Ok(())
+    }
+
+    /// A token of ServiceAccount `ns/sa` for `audience` (TokenRequest, what
+    /// `kubectl create token` does), bound to `pod` if given (its uid looked up).
+    pub async fn token(
+        &self,
+        ns: &str,
+        sa: &str,
+        audience: &str,
+        pod: Option<&str>,
+    ) -> anyhow::Result<String> {
+        use k8s_openapi::api::authentication::v1::{
+            BoundObjectReference, TokenRequest, TokenRequestSpec,
+        };
+        let bound = match pod {
+            Some(name) => Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(name.into()),
+                uid: Some(self.pod_uid(ns, name).await?),
+            }),
+            None => None,
+        };
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![audience.into()],
+                bound_object_ref: bound,
+                expiration_seconds: Some(600),
+            },
+            ..Default::default()
+        };
+        let answer = Api::<ServiceAccount>::namespaced(self.client.clone(), ns)
+            .create_token_request(sa, &Default::default(), &request)
+            .await
+            .with_context(|| format!("TokenRequest for {ns}/{sa}"))?;
+        Ok(answer.status.context("no token in the answer")?.token)
+    }
+
+    /// `token` with its times moved into the past (`exp` two minutes ago, beyond the
+    /// API server's leeway), signed again with the API server's own signing key: a
+    /// genuine token that has expired. TokenRequest cannot mint one (at least 10 min).
+    pub fn expired(&self, token: &str) -> anyhow::Result<String> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut parts = token.split('.');
+        let (header, payload) = (
+            parts.next().context("header")?,
+            parts.next().context("payload")?,
+        );
+        let mut claims: Value = serde_json::from_slice(&b64.decode(payload)?)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs() as i64;
+        claims["iat"] = json!(now - 900);
+        claims["nbf"] = json!(now - 900);
+        claims["exp"] = json!(now - 120);
+        let signing_input = format!("{header}.{}", b64.encode(claims.to_string()));
+        let key_pem = std::fs::read_to_string(self.sa_key_file())?;
+        let der = pem::parse(&key_pem)?.into_contents();
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &der,
+            &rng,
+        )
+        .map_err(|e| anyhow::anyhow!("the ServiceAccount signing key: {e}"))?;
+        let signature = key
+            .sign(&rng, signing_input.as_bytes())
+            .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
+        Ok(format!(
+            "{signing_input}.{}",
+            b64.encode(signature.as_ref())
+        ))
+    }
+
+    /// The key the API server signs ServiceAccount tokens with: PKCS#8, made here
+    /// (the server's own default is SEC1, which ring does not read).
+    fn sa_key_file(&self) -> PathBuf {
+        self.dir.path().join("sa-signing-key.pem")
     }
 
     /// meshd's root as stored in its Secret: (certificate PEM, key PEM).

@@ -14,6 +14,7 @@
 //! meshd binaries by `cargo build`.
 
 pub mod apps;
+pub mod ca_client;
 pub mod chart;
 pub mod demo;
 pub mod envoy;

@@ -313,6 +313,22 @@ impl Meshd {
         Ok(())
     }
 
+    /// The roots meshd's certificates chain to now (PEM), from the CA directory (or the
+    /// cluster's Secret).
+    pub async fn trust_bundle_pem(&self) -> anyhow::Result<String> {
+        self.sync_ca_dir().await?;
+        let mut pem = String::new();
+        for file in [
+            meshd_ca::store::ROOT_CERT_FILE,
+            meshd_ca::store::NEXT_ROOT_CERT_FILE,
+        ] {
+            if let Ok(text) = std::fs::read_to_string(self.ca_dir().join(file)) {
+                pem.push_str(&text);
+            }
+        }
+        Ok(pem)
+    }
+
     /// A client for the admin API, with an operator certificate minted from the CA
     /// directory, as `meshctl` does.
     pub async fn admin_client(&self) -> anyhow::Result<meshd::operator::AdminClient> {

@@ -79,6 +79,23 @@ fn default_values_render_valid_manifests() -> anyhow::Result<()> {
         container["startupProbe"]["httpGet"]["path"] == "/healthz",
         "no startup probe: {container}"
     );
+    // The CA service reviews pod tokens.
+    let role = r.one("ClusterRole")?;
+    ensure!(
+        role["rules"]
+            .as_array()
+            .is_some_and(|rules| rules.iter().any(|rule| {
+                rule["apiGroups"][0] == "authentication.k8s.io"
+                    && rule["resources"][0] == "tokenreviews"
+                    && rule["verbs"][0] == "create"
+            })),
+        "meshd may not create TokenReviews: {role}"
+    );
+    ensure!(
+        args(&r)?.contains(&Value::from("--token-audience=meshd")),
+        "no --token-audience: {:?}",
+        args(&r)?
+    );
     Ok(())
 }
 

@@ -624,6 +624,12 @@ fn print_rotation(status: &RotationStatus, output: Output) -> anyhow::Result<()>
     if let Some(t) = &status.next_step_at {
         println!("  next step at {t}");
     }
+    if status.phase != "idle" {
+        println!(
+            "  certificates still valid under the old root: {} (the old root leaves the bundle at 0)",
+            status.valid_under_old_roots
+        );
+    }
     if let Some(t) = &status.last_completed_at {
         println!("  last rotation completed at {t}");
     }

@@ -59,15 +59,22 @@ struct Args {
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
 
-    /// Address of the xDS (ADS) gRPC server. It speaks TLS only and requires a client
-    /// certificate from the mesh CA (`meshctl bootstrap` writes one).
+    /// Address of the xDS (ADS) gRPC server, and of the CA service pods get their
+    /// certificates from. TLS only; an ADS stream needs a client certificate of the mesh
+    /// (meshd-agent gets one with the pod's token, `meshctl bootstrap` writes one).
     #[arg(long, env = "MESHD_XDS_ADDRESS", default_value = "127.0.0.1:15012")]
     xds_address: SocketAddr,
 
     #[command(flatten)]
     ca: CaArgs,
 
-    /// Lifetime of workload certificates; they are re-issued at half of it.
+    /// The audience a pod's ServiceAccount token must be minted for (--source kubernetes:
+    /// the CA service checks tokens with a TokenReview).
+    #[arg(long, env = "MESHD_TOKEN_AUDIENCE", default_value = "meshd")]
+    token_audience: String,
+
+    /// Lifetime of workload certificates (served over SDS, or signed for an agent's
+    /// CSR, which may ask for less); SDS ones are re-issued at half of it.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     workload_cert_ttl: Duration,
 
@@ -212,6 +219,26 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let pod_tokens = started
+        .kube_client
+        .clone()
+        .map(|client| meshd::ca_service::PodTokens {
+            reviewer: meshd::ca_service::token::TokenReviewer::new(
+                client,
+                args.token_audience.clone(),
+            ),
+            mesh: started.store.subscribe(),
+        });
+    let ca_service = meshd::ca_service::CaService::new(certs.clone(), pod_tokens);
+    if let (Some(client), Some(leadership)) = (&started.kube_client, &started.leadership) {
+        cluster::trust_bundle::spawn(
+            client.clone(),
+            certs.clone(),
+            started.store.subscribe(),
+            leadership.is_leader(),
+            started.replica.clone(),
+        );
+    }
     let store = started.store;
     let (config_errors, config_notes) = (started.errors, started.notes);
 
@@ -290,6 +317,7 @@ async fn main() -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(meshd::xds::limits::MAX_STREAMS_PER_CONNECTION))
         .add_service(AdsServer::new(snapshots, registry, certs.clone()).into_service())
+        .add_service(ca_service.into_service())
         .serve_with_incoming_shutdown(
             meshd::tls::incoming(xds_listener, certs, meshd::tls::Port::Xds)?,
             stopped(stop_rx.clone()),
@@ -330,6 +358,10 @@ struct Started {
     /// What the source has not read yet (kinds, or the config directory).
     pending: watch::Receiver<Vec<String>>,
     leadership: Option<Leadership>,
+    /// The cluster's API (Kubernetes mode): token reviews, the trust bundle ConfigMaps.
+    kube_client: Option<kube::Client>,
+    /// This replica's name (Kubernetes mode): its field manager.
+    replica: String,
 }
 
 fn start_file_source(args: &Args, config: StoreConfig) -> anyhow::Result<Started> {
@@ -354,6 +386,8 @@ fn start_file_source(args: &Args, config: StoreConfig) -> anyhow::Result<Started
         notes: running.notes,
         pending: running.pending,
         leadership: None,
+        kube_client: None,
+        replica: String::new(),
     })
 }
 
@@ -408,11 +442,12 @@ async fn start_kubernetes_source(args: &Args, config: StoreConfig) -> anyhow::Re
         replica.clone(),
     );
     tracing::info!(replica, namespace = %args.namespace, "watching the Kubernetes API");
+    let kube_client = client.clone();
     let shared_roots = shared_roots.map(|roots| SharedCa {
         roots,
         client,
         namespace: args.namespace.clone(),
-        replica,
+        replica: replica.clone(),
     });
     Ok(Started {
         store,
@@ -422,6 +457,8 @@ async fn start_kubernetes_source(args: &Args, config: StoreConfig) -> anyhow::Re
         notes: Default::default(),
         pending: running.pending,
         leadership: Some(leadership),
+        kube_client: Some(kube_client),
+        replica,
     })
 }
 

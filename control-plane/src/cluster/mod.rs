@@ -11,11 +11,14 @@
 //! - [`policy_status`]: the Lease holder writes each policy's `Accepted` condition.
 //! - [`root_rotation`]: the Lease holder moves staged root rotations on, in the Secret;
 //!   every replica follows it.
+//! - [`trust_bundle`]: the Lease holder keeps the trust bundle in a ConfigMap in every
+//!   mesh namespace, for pods' agents to trust meshd by before their first certificate.
 
 pub mod ca_secret;
 pub mod lease;
 pub mod policy_status;
 pub mod root_rotation;
+pub mod trust_bundle;
 
 /// The Kubernetes client: `kubeconfig` if given, else `KUBECONFIG`/`~/.kube/config`,
 /// else the in-cluster service account.

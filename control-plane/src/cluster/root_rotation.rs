@@ -221,6 +221,11 @@ fn next_step(
     if due_at(secret, roots, certs).is_none_or(|due| due > now) {
         return Ok(None);
     }
+    // The time bound covers every replica's certificates; this replica's ledger says
+    // so for its own (it issued them, it knows).
+    if matches!(roots.phase, SharedPhase::Signing { .. }) && certs.valid_under_old_roots() > 0 {
+        return Ok(None);
+    }
     let mut next = secret.clone();
     next.metadata.managed_fields = None;
     let annotations = next.metadata.annotations.get_or_insert_default();

@@ -188,6 +188,8 @@ pub struct Egress {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
     pub key: ObjectKey,
+    /// The pod's `metadata.uid` (the CA checks a pod-bound token against it).
+    pub uid: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub service_account: String,
     /// The pod IP. In explicit mode the sidecar's inbound listeners bind here.

@@ -154,6 +154,7 @@ mod tests {
     fn the_scope_falls_back_to_the_own_namespace_and_takes_http_only() {
         let client = Workload {
             key: ObjectKey::new("shop", "client-1"),
+            uid: None,
             labels: Default::default(),
             service_account: "client".into(),
             address: None,
@@ -193,6 +194,7 @@ mod tests {
     fn an_upstream_or_egress_port_on_an_inbound_port_of_a_loopback_pod_is_not_served() {
         let pod = Workload {
             key: ObjectKey::new("shop", "web-1"),
+            uid: None,
             labels: [("app".to_string(), "web".to_string())].into(),
             service_account: "web".into(),
             address: Some("127.0.0.1".parse().unwrap()),

@@ -587,6 +587,7 @@ mod tests {
     fn pod(name: &str, ip: &str, app: &str) -> MeshObject {
         MeshObject::Workload(Arc::new(Workload {
             key: ObjectKey::new("default", name),
+            uid: None,
             labels: [("app".to_string(), app.to_string())].into(),
             service_account: "default".into(),
             address: Some(ip.parse().unwrap()),
@@ -749,6 +750,7 @@ mod tests {
     fn the_most_specific_peer_authentication_decides() {
         let other = MeshObject::Workload(Arc::new(Workload {
             key: ObjectKey::new("other", "x-1"),
+            uid: None,
             ..match pod("x-1", "10.0.0.9", "x") {
                 MeshObject::Workload(w) => (*w).clone(),
                 _ => unreachable!(),
@@ -856,6 +858,7 @@ mod tests {
         let pod = |i: u64, app: u64, ready: bool, ip: bool| {
             MeshObject::Workload(Arc::new(Workload {
                 key: ObjectKey::new("default", format!("p{i}")),
+                uid: None,
                 labels: [("app".to_string(), format!("s{app}"))].into(),
                 service_account: format!("sa{app}"),
                 address: ip.then(|| format!("10.0.{}.{}", i / 200, i % 200 + 1).parse().unwrap()),

@@ -346,6 +346,7 @@ mod tests {
         let pod = |name: &str| {
             MeshObject::Workload(Arc::new(Workload {
                 key: ObjectKey::new("a", name),
+                uid: None,
                 labels: Default::default(),
                 service_account: "default".into(),
                 address: None,

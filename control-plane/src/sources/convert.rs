@@ -295,6 +295,7 @@ pub fn pod(pod: &core::Pod) -> Result<Workload> {
     };
     Ok(Workload {
         key,
+        uid: pod.metadata.uid.clone(),
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         service_account: spec
             .service_account_name

@@ -449,6 +449,7 @@ mod tests {
     fn mesh(policies: Vec<AuthorizationPolicy>) -> Arc<MeshSnapshot> {
         let web = Workload {
             key: ObjectKey::new("shop", "web-1"),
+            uid: None,
             labels: [("app".to_string(), "web".to_string())].into(),
             service_account: "web".into(),
             address: Some("10.0.0.1".parse().unwrap()),
@@ -554,6 +555,7 @@ mod tests {
         let caller = |name: &str, ip: Option<&str>| {
             MeshObject::Workload(Arc::new(Workload {
                 key: ObjectKey::new("shop", name),
+                uid: None,
                 labels: Default::default(),
                 service_account: "client".into(),
                 address: ip.map(|ip| ip.parse().unwrap()),
