@@ -62,9 +62,18 @@ pub fn leaf(chain_pem: &str) -> Result<Leaf, String> {
         id,
         not_before: time(validity.not_before),
         not_after: time(validity.not_after),
-        serial: cert.raw_serial_as_string().replace(':', ""),
+        serial: serial_hex(cert.raw_serial()),
         public_key: cert.public_key().subject_public_key.data.to_vec(),
     })
+}
+
+/// A serial number as meshd logs it: hex, without the sign byte DER may add.
+fn serial_hex(raw: &[u8]) -> String {
+    let start = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    raw[start..].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether `root_pem` (one certificate) signed the top of `chain_pem` (the leaf, or
@@ -127,6 +136,8 @@ mod tests {
         assert!(held.valid_at(SystemTime::now()));
         assert!(!held.valid_at(SystemTime::now() + Duration::from_secs(601)));
         assert_eq!(held.serial.len() % 2, 0);
+        assert_eq!(serial_hex(&[0, 0x8f, 1]), "8f01");
+        assert_eq!(serial_hex(&[0]), "00");
         let root = &ca.trust_bundle().roots()[0];
         let other_root = &other.trust_bundle().roots()[0];
         assert!(signed_by(&chain, root));

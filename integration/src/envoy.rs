@@ -113,7 +113,9 @@ impl Sidecar {
         flavor: XdsFlavor,
         options: SidecarOptions,
     ) -> anyhow::Result<Sidecar> {
-        let work = tempfile::Builder::new().prefix("meshd-sidecar-").tempdir()?;
+        let work = tempfile::Builder::new()
+            .prefix("meshd-sidecar-")
+            .tempdir()?;
         let admin_port = free_port();
         let health_port = free_port();
         // What `meshctl bootstrap -o DIR` writes: the agent starts from its certificate.
@@ -309,7 +311,11 @@ pub fn children_of(pid: u32) -> anyhow::Result<Vec<u32>> {
     let mut children = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let entry = entry?;
-        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {

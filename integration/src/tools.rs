@@ -250,7 +250,15 @@ fn build_meshd() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
-        .args(["build", "--quiet", "-p", "meshd", "-p", "meshd-agent", "--bins"])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "meshd",
+            "-p",
+            "meshd-agent",
+            "--bins",
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     if release {
