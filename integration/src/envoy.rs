@@ -1,7 +1,8 @@
 //! A real sidecar for one pod, as a pod runs it: `meshd-agent run` in local mode
-//! (its `--cert-dir` is what `meshctl bootstrap` wrote), which has meshd sign its own
-//! key and then runs a real Envoy as its child. So every test that starts a sidecar
-//! exercises the agent too.
+//! (its `--cert-dir` is what `meshctl bootstrap` wrote) or, with
+//! [`SidecarOptions::token`], in token mode; the agent has meshd sign its own key and
+//! then runs a real Envoy as its child. So every test that starts a sidecar exercises
+//! the agent too.
 //!
 //! The agent runs in a process group of its own, and the whole group (agent and
 //! Envoy) is SIGKILLed when the sidecar is stopped or dropped: no test leaves an Envoy
@@ -47,6 +48,18 @@ pub struct SidecarOptions {
     pub agent_args: Vec<String>,
     /// Wait until Envoy is LIVE before returning.
     pub wait_live: bool,
+    /// Token mode instead of local mode: the pod's token file and the bundle to trust
+    /// meshd by (no `meshctl bootstrap`; the token names the pod).
+    pub token: Option<TokenFiles>,
+    /// Where the agent (and so Envoy) reaches meshd, if not at `meshd.xds_addr`.
+    pub xds_address: Option<std::net::SocketAddr>,
+}
+
+/// What a pod's agent reads in token mode.
+#[derive(Debug, Clone)]
+pub struct TokenFiles {
+    pub token_file: PathBuf,
+    pub trust_bundle: PathBuf,
 }
 
 impl Default for SidecarOptions {
@@ -55,6 +68,8 @@ impl Default for SidecarOptions {
             envoy_args: Vec::new(),
             agent_args: Vec::new(),
             wait_live: true,
+            token: None,
+            xds_address: None,
         }
     }
 }
@@ -118,29 +133,40 @@ impl Sidecar {
             .tempdir()?;
         let admin_port = free_port();
         let health_port = free_port();
-        // What `meshctl bootstrap -o DIR` writes: the agent starts from its certificate.
-        let bootstrap = meshd
-            .bootstrap(
-                namespace,
-                pod,
-                service_account,
-                flavor,
-                admin_port,
-                work.path(),
-            )
-            .await?;
-        let cert_dir = bootstrap.parent().context("bootstrap file's directory")?;
         let agent_dir = work.path().join("agent");
-        let log = std::fs::File::create(work.path().join("sidecar.log"))?;
         let mut command = Command::new(meshd_binary("meshd-agent")?);
+        command.arg("run");
+        match &options.token {
+            Some(token) => {
+                command
+                    .arg("--token-file")
+                    .arg(&token.token_file)
+                    .arg("--trust-bundle")
+                    .arg(&token.trust_bundle);
+            }
+            None => {
+                // What `meshctl bootstrap -o DIR` writes: the agent starts from its
+                // certificate.
+                let bootstrap = meshd
+                    .bootstrap(
+                        namespace,
+                        pod,
+                        service_account,
+                        flavor,
+                        admin_port,
+                        work.path(),
+                    )
+                    .await?;
+                let cert_dir = bootstrap.parent().context("bootstrap file's directory")?;
+                command.arg("--cert-dir").arg(cert_dir).args(["--pod", pod]);
+            }
+        }
+        let log = std::fs::File::create(work.path().join("sidecar.log"))?;
         command
-            .arg("run")
-            .arg("--cert-dir")
-            .arg(cert_dir)
-            .args(["--pod", pod])
             .arg("--dir")
             .arg(&agent_dir)
-            .args(["--xds-address", &meshd.xds_addr.to_string()])
+            .arg("--xds-address")
+            .arg(options.xds_address.unwrap_or(meshd.xds_addr).to_string())
             .args(["--meshd-namespace", meshd.meshd_namespace()])
             .args(["--xds-protocol", flavor_arg(flavor)])
             .args(["--envoy-admin-port", &admin_port.to_string()])
@@ -239,7 +265,7 @@ impl Sidecar {
         std::fs::read_to_string(self.work.path().join("sidecar.log")).unwrap_or_default()
     }
 
-    /// The directory `meshctl bootstrap` wrote (the agent's `--cert-dir`).
+    /// The directory `meshctl bootstrap` wrote (the agent's `--cert-dir`; local mode).
     pub fn bootstrap_dir(&self) -> PathBuf {
         self.work.path().join(&self.node_id)
     }

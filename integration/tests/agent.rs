@@ -148,6 +148,8 @@ async fn agents_carry_mtls_traffic_and_envoy_presents_the_agents_own_key() -> an
     assert!(signed.contains(WEB_ID), "{signed}");
     // The bootstrap Envoy runs from is the agent's, in the agent's directory.
     assert!(agent_dir.join("envoy-bootstrap.json").is_file());
+    // No key material in what the agent and Envoy log.
+    assert!(!web_sidecar.log().contains("PRIVATE KEY"));
     Ok(())
 }
 
@@ -288,38 +290,64 @@ async fn when_envoy_dies_the_agent_exits_non_zero_saying_so() -> anyhow::Result<
     Ok(())
 }
 
+/// A TCP relay to `target` that passes the first connection at once and holds every
+/// later one until `release` turns true: the agent's first `Sign` gets through, Envoy's
+/// xDS connection waits.
+async fn held_relay(
+    target: std::net::SocketAddr,
+    release: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut release = release.clone();
+            let hold = !std::mem::take(&mut first);
+            tokio::spawn(async move {
+                if hold && release.wait_for(|r| *r).await.is_err() {
+                    return;
+                }
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
 #[tokio::test]
 async fn ready_only_once_envoy_has_its_config() -> anyhow::Result<()> {
     init_test_logging();
     let app = HttpApp::start("web-1").await?;
-    let web = PodDef::new(NS, "web-1", "web").serves(8080, app.port());
-    let mesh = MeshDir::new()?;
-    // The pod is not in the mesh yet: meshd signs its certificate but serves it no
-    // config.
-    mesh.write(
-        "service.yaml",
-        &[ServiceDef::new(NS, "web").http_port(80, 8080).yaml()],
-    )?;
+    let (mesh, _web, _client) = web_and_client(app.port())?;
     let meshd = Meshd::start(mesh.path()).await?;
+    let (release, held) = tokio::sync::watch::channel(false);
+    let relay = held_relay(meshd.xds_addr, held).await?;
     let options = SidecarOptions {
         wait_live: false,
+        xds_address: Some(relay),
         ..SidecarOptions::default()
     };
     let sidecar =
         Sidecar::start_with(&meshd, NS, "web-1", "web", XdsFlavor::Delta, options).await?;
-    let (status, body) = eventually("envoy to be started, unready", WAIT, || async {
+    // The agent has its certificate and Envoy runs, but has no config yet.
+    let body = eventually("envoy to be started, unready", WAIT, || async {
         let (status, body) = sidecar.health("/healthz/ready").await?;
-        ensure!(
-            !body.contains("waiting for the first certificate"),
-            "{body}"
-        );
-        Ok((status, body))
+        ensure!(status == 503, "{status}: {body}");
+        ensure!(body.starts_with("envoy is "), "{body}");
+        Ok(body)
     })
     .await?;
-    assert_eq!(status, 503, "{body}");
-    assert!(body.starts_with("envoy "), "{body}");
+    assert!(body.contains("PRE_INITIALIZING"), "{body}");
+    let (status, body) = sidecar.health("/healthz/ready").await?;
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "envoy is PRE_INITIALIZING, not LIVE\n")
+    );
 
-    mesh.write("pod.yaml", &[web.yaml()])?;
+    release.send_replace(true);
     let body = eventually("/healthz/ready to answer 200", WAIT, || async {
         let (status, body) = sidecar.health("/healthz/ready").await?;
         ensure!(status == 200, "{status}: {body}");
@@ -327,9 +355,163 @@ async fn ready_only_once_envoy_has_its_config() -> anyhow::Result<()> {
     })
     .await?;
     assert_eq!(body, "ready\n");
-    let lds = sidecar.stat("listener_manager.lds.update_success").await?;
-    assert!(lds.is_some_and(|n| n >= 1), "{lds:?}");
+    for stat in [
+        "listener_manager.lds.update_success",
+        "cluster_manager.cds.update_success",
+    ] {
+        let n = sidecar.stat(stat).await?;
+        assert!(n.is_some_and(|n| n >= 1), "{stat}: {n:?}");
+    }
     let (status, _) = sidecar.health("/other").await?;
     assert_eq!(status, 404);
+    Ok(())
+}
+
+/// Token mode against a real API server: each pod's agent has only its pod-bound
+/// token (audience meshd) and the bundle a ConfigMap would carry.
+#[tokio::test]
+async fn token_mode_agents_get_their_service_accounts_identity_and_carry_traffic()
+-> anyhow::Result<()> {
+    use meshd_integration::envoy::TokenFiles;
+    use meshd_integration::kube_api::{KubeApi, PodSpec};
+    use meshd_integration::net::pod_ip;
+
+    init_test_logging();
+    let api = KubeApi::start().await?;
+    let app = HttpApp::start("web-1").await?;
+    let (web_ip, client_ip, local) = (pod_ip().to_string(), pod_ip().to_string(), free_port());
+    api.create_namespace(NS, &[]).await?;
+    api.http_service(NS, "web", 80, 8080).await?;
+    for sa in ["web", "client"] {
+        api.service_account(NS, sa).await?;
+    }
+    let app_ports = format!("8080={}", app.port());
+    let upstreams = format!("web:80={local}");
+    let web = PodSpec {
+        namespace: NS,
+        name: "web-1",
+        app: "web",
+        service_account: "web",
+        ip: &web_ip,
+        ports: &[8080],
+        annotations: &[("meshd.io/app-ports", &app_ports)],
+    };
+    let client = PodSpec {
+        namespace: NS,
+        name: "client-1",
+        app: "client",
+        service_account: "client",
+        ip: &client_ip,
+        ports: &[],
+        annotations: &[("meshd.io/upstreams", &upstreams)],
+    };
+    api.pod(&web, true).await?;
+    api.pod(&client, true).await?;
+    api.endpoint_slice(NS, "web", 8080, &[("web-1", &web_ip, true)])
+        .await?;
+    let meshd = Meshd::start_kubernetes(&api, &["--debounce", "50ms"]).await?;
+
+    let files = tempfile::tempdir()?;
+    let trust_bundle = files.path().join("trust-bundle.pem");
+    std::fs::write(&trust_bundle, meshd.trust_bundle_pem().await?)?;
+    let token_files = |name: &str, token: String| -> anyhow::Result<TokenFiles> {
+        let token_file = files.path().join(name);
+        std::fs::write(&token_file, token)?;
+        Ok(TokenFiles {
+            token_file,
+            trust_bundle: trust_bundle.clone(),
+        })
+    };
+    let with_token = |token: TokenFiles, wait_live: bool| SidecarOptions {
+        token: Some(token),
+        wait_live,
+        ..SidecarOptions::default()
+    };
+    let web_token = token_files("web", api.token(NS, "web", "meshd", Some("web-1")).await?)?;
+    let client_token = token_files(
+        "client",
+        api.token(NS, "client", "meshd", Some("client-1")).await?,
+    )?;
+    let web_sidecar = Sidecar::start_with(
+        &meshd,
+        NS,
+        "web-1",
+        "web",
+        XdsFlavor::Delta,
+        with_token(web_token, true),
+    )
+    .await?;
+    let _client_sidecar = Sidecar::start_with(
+        &meshd,
+        NS,
+        "client-1",
+        "client",
+        XdsFlavor::Sotw,
+        with_token(client_token, true),
+    )
+    .await?;
+    let outbound: std::net::SocketAddr = ([127, 0, 0, 1], local).into();
+    eventually(
+        "HTTP from client-1 to web-1",
+        Duration::from_secs(30),
+        || async {
+            let r = http_get(outbound, "/").await?;
+            ensure!(r.status == 200, "status {}: {}", r.status, r.body);
+            Ok(())
+        },
+    )
+    .await?;
+
+    // Envoy holds the agent's certificate for web's ServiceAccount, which meshd signed
+    // for web-1's token.
+    let (serial, cert_key) = cert_file(&web_sidecar.agent_dir().join("certs/cert-chain.pem"))?;
+    let held = envoy_serials(&web_sidecar).await?;
+    assert!(held.contains(&serial), "{serial} not in {held:?}");
+    assert_eq!(
+        cert_key,
+        key_file(&web_sidecar.agent_dir().join("certs/key.pem"))?
+    );
+    let log = meshd.log();
+    let signed = log
+        .lines()
+        .find(|l| l.contains("(ServiceAccount token)") && l.contains(&serial))
+        .with_context(|| format!("meshd did not log signing {serial}:\n{log}"))?;
+    assert!(signed.contains("pod=shop/web-1"), "{signed}");
+    assert!(signed.contains(WEB_ID), "{signed}");
+
+    // A token for another audience: the agent keeps asking, says meshd's reason in its
+    // log and its probe, and starts no Envoy.
+    let wrong = token_files("wrong", api.token(NS, "web", "other", Some("web-1")).await?)?;
+    let refused = Sidecar::start_with(
+        &meshd,
+        NS,
+        "web-1",
+        "web",
+        XdsFlavor::Delta,
+        with_token(wrong, false),
+    )
+    .await?;
+    let body = eventually("the probe to give meshd's reason", WAIT, || async {
+        let (status, body) = refused.health("/healthz/ready").await?;
+        ensure!(
+            status == 503 && body.contains("Unauthenticated"),
+            "{status}: {body}"
+        );
+        Ok(body)
+    })
+    .await?;
+    assert!(body.contains("waiting for the first certificate"), "{body}");
+    assert!(body.contains(r#"do not include \"meshd\""#), "{body}");
+    let agent_log = refused.log();
+    assert!(agent_log.contains("no certificate yet"), "{agent_log}");
+    assert!(refused.envoy_pid().is_err(), "an envoy was started");
+    // Neither agent ever logs its token.
+    for (sidecar, file) in [(&web_sidecar, "web"), (&refused, "wrong")] {
+        let token = std::fs::read_to_string(files.path().join(file))?;
+        assert!(
+            !sidecar.log().contains(token.trim()),
+            "{file}'s token logged"
+        );
+    }
     Ok(())
 }
