@@ -34,6 +34,8 @@ pub struct Sidecar {
     pub admin_port: u16,
     /// The agent's `/healthz/ready` port on 127.0.0.1.
     pub health_port: u16,
+    /// When the agent was started (after `meshctl bootstrap`).
+    pub started_at: tokio::time::Instant,
     work: TempDir,
     http: reqwest::Client,
 }
@@ -187,6 +189,7 @@ impl Sidecar {
             .stderr(log)
             .process_group(0)
             .kill_on_drop(true);
+        let started_at = tokio::time::Instant::now();
         let agent = command.spawn().context("cannot start meshd-agent")?;
         // The group is the agent's own pid; never signal a group of 0 or 1.
         let group = agent
@@ -200,6 +203,7 @@ impl Sidecar {
             node_id: format!("{pod}.{namespace}"),
             admin_port,
             health_port,
+            started_at,
             work,
             http: reqwest::Client::builder()
                 .no_proxy()
