@@ -24,4 +24,7 @@ pub use authority::{
     Authority, CaConfig, CaError, IssuedCertificate, OperatorCertificate, PrivateKeyPem,
     SignedCertificate, TrustBundle, generate_root,
 };
-pub use spiffe::{DEFAULT_TRUST_DOMAIN, OperatorId, SpiffeId, SpiffeIdError, leaf_uri};
+pub use spiffe::{
+    DEFAULT_MESHD_NAMESPACE, DEFAULT_TRUST_DOMAIN, MESHD_SERVICE_ACCOUNT, OperatorId, SpiffeId,
+    SpiffeIdError, leaf_uri,
+};

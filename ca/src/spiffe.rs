@@ -15,6 +15,12 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 /// The default trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
+/// The service account meshd's own serving certificate names: every client of meshd
+/// (Envoy, meshctl, meshd-agent) checks for `spiffe://<td>/ns/<meshd's namespace>/sa/meshd`.
+pub const MESHD_SERVICE_ACCOUNT: &str = "meshd";
+/// meshd's own namespace unless told otherwise: part of its serving identity.
+pub const DEFAULT_MESHD_NAMESPACE: &str = "meshd-system";
+
 /// A workload identity in meshd's form.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SpiffeId {

@@ -105,6 +105,4 @@ pub enum OpenError {
     Ca(#[from] CaError),
 }
 
-/// meshd's own namespace: part of its serving identity
-/// (`spiffe://<td>/ns/<namespace>/sa/meshd`).
-pub const DEFAULT_MESHD_NAMESPACE: &str = "meshd-system";
+pub use meshd_ca::DEFAULT_MESHD_NAMESPACE;

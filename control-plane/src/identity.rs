@@ -44,8 +44,7 @@ use meshd_ca::{Authority, CaError, IssuedCertificate, SignedCertificate, SpiffeI
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-/// The service account meshd's own serving certificate names.
-pub const MESHD_SERVICE_ACCOUNT: &str = "meshd";
+pub use meshd_ca::MESHD_SERVICE_ACCOUNT;
 /// DNS names in meshd's serving certificate, for clients that check names.
 pub const MESHD_DNS_NAMES: &[&str] = &["meshd", "localhost"];
 

