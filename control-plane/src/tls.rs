@@ -232,6 +232,11 @@ pub fn incoming(
                     Err(e) => tracing::error!("{e}; keeping the previous TLS config"),
                 }
             }
+            // Unary calls (the CA service) would otherwise wait for the peer's delayed
+            // ACK (40 ms) whenever a response goes out in more than one segment.
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(port = port.name(), "cannot set TCP_NODELAY: {e}");
+            }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {

@@ -240,6 +240,14 @@ impl Traffic {
         }
     }
 
+    /// (requests sent, requests failed) so far.
+    pub fn counts(&self) -> (usize, usize) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+
     /// Stops and returns (requests sent, requests failed).
     pub async fn stop(self) -> (usize, usize) {
         self.stop.notify_one();

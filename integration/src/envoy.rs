@@ -1,8 +1,7 @@
 //! A real sidecar for one pod, as a pod runs it: `meshd-agent run` in local mode
-//! (its `--cert-dir` is what `meshctl bootstrap` wrote) or, with
-//! [`SidecarOptions::token`], in token mode; the agent has meshd sign its own key and
-//! then runs a real Envoy as its child. So every test that starts a sidecar exercises
-//! the agent too.
+//! (its `--cert-dir` is what `meshctl bootstrap` wrote) or in token mode
+//! ([`SidecarIdentity`]), which has meshd sign its own key and then runs a real Envoy
+//! as its child. So every test that starts a sidecar exercises the agent too.
 //!
 //! The agent runs in a process group of its own, and the whole group (agent and
 //! Envoy) is SIGKILLed when the sidecar is stopped or dropped: no test leaves an Envoy
@@ -28,13 +27,15 @@ use crate::tools::{envoy_binary, meshd_binary};
 #[derive(Debug)]
 pub struct Sidecar {
     agent: Child,
+    /// How the agent was started, to start it again ([`Sidecar::restart`]).
+    command: Vec<std::ffi::OsString>,
     /// The agent's process group (its own pid), once known to be one worth signalling.
     group: Option<Pid>,
     pub node_id: String,
     pub admin_port: u16,
     /// The agent's `/healthz/ready` port on 127.0.0.1.
     pub health_port: u16,
-    /// When the agent was started (after `meshctl bootstrap`).
+    /// When the agent was (last) started, after `meshctl bootstrap`.
     pub started_at: tokio::time::Instant,
     work: TempDir,
     http: reqwest::Client,
@@ -50,18 +51,26 @@ pub struct SidecarOptions {
     pub agent_args: Vec<String>,
     /// Wait until Envoy is LIVE before returning.
     pub wait_live: bool,
-    /// Token mode instead of local mode: the pod's token file and the bundle to trust
-    /// meshd by (no `meshctl bootstrap`; the token names the pod).
-    pub token: Option<TokenFiles>,
+    /// What the agent proves the pod's identity with.
+    pub identity: SidecarIdentity,
     /// Where the agent (and so Envoy) reaches meshd, if not at `meshd.xds_addr`.
     pub xds_address: Option<std::net::SocketAddr>,
 }
 
-/// What a pod's agent reads in token mode.
-#[derive(Debug, Clone)]
-pub struct TokenFiles {
-    pub token_file: PathBuf,
-    pub trust_bundle: PathBuf,
+/// The agent's two modes.
+#[derive(Debug, Clone, Default)]
+pub enum SidecarIdentity {
+    /// Local mode: `meshctl bootstrap`'s directory as `--cert-dir`, with these extra
+    /// arguments for `meshctl bootstrap` (e.g. `--cert-ttl`).
+    #[default]
+    Bootstrap,
+    BootstrapWith(Vec<String>),
+    /// Token mode, as in a pod: the projected token's file and the trust bundle
+    /// (the `meshd-trust-bundle` ConfigMap's file).
+    Token {
+        token_file: PathBuf,
+        trust_bundle: PathBuf,
+    },
 }
 
 impl Default for SidecarOptions {
@@ -70,7 +79,7 @@ impl Default for SidecarOptions {
             envoy_args: Vec::new(),
             agent_args: Vec::new(),
             wait_live: true,
-            token: None,
+            identity: SidecarIdentity::Bootstrap,
             xds_address: None,
         }
     }
@@ -135,70 +144,66 @@ impl Sidecar {
             .tempdir()?;
         let admin_port = free_port();
         let health_port = free_port();
-        let agent_dir = work.path().join("agent");
-        let mut command = Command::new(meshd_binary("meshd-agent")?);
-        command.arg("run");
-        match &options.token {
-            Some(token) => {
-                command
-                    .arg("--token-file")
-                    .arg(&token.token_file)
-                    .arg("--trust-bundle")
-                    .arg(&token.trust_bundle);
-            }
-            None => {
+        let mut command: Vec<std::ffi::OsString> = vec!["run".into()];
+        match &options.identity {
+            SidecarIdentity::Bootstrap | SidecarIdentity::BootstrapWith(_) => {
+                let extra = match &options.identity {
+                    SidecarIdentity::BootstrapWith(args) => args.as_slice(),
+                    _ => &[],
+                };
                 // What `meshctl bootstrap -o DIR` writes: the agent starts from its
                 // certificate.
                 let bootstrap = meshd
-                    .bootstrap(
+                    .bootstrap_with(
                         namespace,
                         pod,
                         service_account,
                         flavor,
                         admin_port,
                         work.path(),
+                        extra,
                     )
                     .await?;
                 let cert_dir = bootstrap.parent().context("bootstrap file's directory")?;
-                command.arg("--cert-dir").arg(cert_dir).args(["--pod", pod]);
+                command.extend(["--cert-dir".into(), cert_dir.into()]);
+                command.extend(["--pod".into(), pod.into()]);
+            }
+            SidecarIdentity::Token {
+                token_file,
+                trust_bundle,
+            } => {
+                command.extend(["--token-file".into(), token_file.into()]);
+                command.extend(["--trust-bundle".into(), trust_bundle.into()]);
             }
         }
-        let log = std::fs::File::create(work.path().join("sidecar.log"))?;
-        command
-            .arg("--dir")
-            .arg(&agent_dir)
-            .arg("--xds-address")
-            .arg(options.xds_address.unwrap_or(meshd.xds_addr).to_string())
-            .args(["--meshd-namespace", meshd.meshd_namespace()])
-            .args(["--xds-protocol", flavor_arg(flavor)])
-            .args(["--envoy-admin-port", &admin_port.to_string()])
-            .arg("--envoy-binary")
-            .arg(envoy_binary()?)
-            .args(["--health-address", &format!("127.0.0.1:{health_port}")])
-            .args(["--log", "info,meshd_agent=debug"])
-            .args(&options.agent_args)
-            .arg("--")
-            .args(["--concurrency", "1", "--log-level", "info"])
-            .args(&options.envoy_args)
-            // Nothing of the test's environment decides for the agent.
-            .env_remove("POD_NAME")
-            .env_remove("MESHD_XDS_ADDRESS")
-            .env_remove("MESHD_NAMESPACE")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .kill_on_drop(true);
+        let agent_dir = work.path().join("agent");
+        let (admin, health) = (admin_port.to_string(), format!("127.0.0.1:{health_port}"));
+        let xds = options.xds_address.unwrap_or(meshd.xds_addr).to_string();
+        let envoy = envoy_binary()?;
+        let flags: [(&str, &std::ffi::OsStr); 8] = [
+            ("--dir", agent_dir.as_os_str()),
+            ("--xds-address", xds.as_ref()),
+            ("--meshd-namespace", meshd.meshd_namespace().as_ref()),
+            ("--xds-protocol", flavor_arg(flavor).as_ref()),
+            ("--envoy-admin-port", admin.as_ref()),
+            ("--envoy-binary", envoy.as_os_str()),
+            ("--health-address", health.as_ref()),
+            ("--log", "info,meshd_agent=debug".as_ref()),
+        ];
+        for (flag, value) in flags {
+            command.extend([flag.into(), value.to_owned()]);
+        }
+        command.extend(options.agent_args.iter().map(Into::into));
+        command.push("--".into());
+        command.extend(["--concurrency", "1", "--log-level", "info"].map(Into::into));
+        command.extend(options.envoy_args.iter().map(Into::into));
         let started_at = tokio::time::Instant::now();
-        let agent = command.spawn().context("cannot start meshd-agent")?;
+        let agent = spawn_agent(work.path(), &command)?;
         // The group is the agent's own pid; never signal a group of 0 or 1.
-        let group = agent
-            .id()
-            .and_then(|pid| i32::try_from(pid).ok())
-            .filter(|pid| *pid > 1)
-            .map(Pid::from_raw);
+        let group = agent_group(&agent);
         let mut sidecar = Sidecar {
             agent,
+            command,
             group,
             node_id: format!("{pod}.{namespace}"),
             admin_port,
@@ -214,6 +219,18 @@ impl Sidecar {
             sidecar.wait_live(Duration::from_secs(30)).await?;
         }
         Ok(sidecar)
+    }
+
+    /// Kills the agent and Envoy and starts them again as before, with the same
+    /// directory (as the kubelet restarts a container: its emptyDir stays), and waits
+    /// until Envoy is live.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill_group();
+        let _ = self.agent.kill().await;
+        self.started_at = tokio::time::Instant::now();
+        self.agent = spawn_agent(self.work.path(), &self.command)?;
+        self.group = agent_group(&self.agent);
+        self.wait_live(Duration::from_secs(30)).await
     }
 
     /// Waits until Envoy says LIVE; fails at once if the agent exits.
@@ -269,7 +286,7 @@ impl Sidecar {
         std::fs::read_to_string(self.work.path().join("sidecar.log")).unwrap_or_default()
     }
 
-    /// The directory `meshctl bootstrap` wrote (the agent's `--cert-dir`; local mode).
+    /// The directory `meshctl bootstrap` wrote (the agent's `--cert-dir`).
     pub fn bootstrap_dir(&self) -> PathBuf {
         self.work.path().join(&self.node_id)
     }
@@ -334,6 +351,37 @@ impl Drop for Sidecar {
     fn drop(&mut self) {
         self.kill_group();
     }
+}
+
+/// Starts `meshd-agent` with `args` in a process group of its own, its output (and
+/// Envoy's) appended to `work/sidecar.log`.
+fn spawn_agent(work: &Path, args: &[std::ffi::OsString]) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(work.join("sidecar.log"))?;
+    Command::new(meshd_binary("meshd-agent")?)
+        .args(args)
+        // Nothing of the test's environment decides for the agent.
+        .env_remove("POD_NAME")
+        .env_remove("MESHD_XDS_ADDRESS")
+        .env_remove("MESHD_NAMESPACE")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start meshd-agent")
+}
+
+/// The agent's process group: its own pid, never 0 or 1.
+fn agent_group(agent: &Child) -> Option<Pid> {
+    agent
+        .id()
+        .and_then(|pid| i32::try_from(pid).ok())
+        .filter(|pid| *pid > 1)
+        .map(Pid::from_raw)
 }
 
 /// The processes whose parent is `pid` (from `/proc/*/stat`).

@@ -384,6 +384,23 @@ impl KubeApi {
         self.dir.path().join("sa-signing-key.pem")
     }
 
+    /// The trust bundle meshd keeps in `ns` (ConfigMap `meshd-trust-bundle`), once it
+    /// is there.
+    pub async fn trust_bundle_config_map(&self, ns: &str) -> anyhow::Result<String> {
+        let api = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(self.client.clone(), ns);
+        eventually(
+            "the meshd-trust-bundle ConfigMap",
+            Duration::from_secs(20),
+            || async {
+                let cm = api.get("meshd-trust-bundle").await?;
+                cm.data
+                    .and_then(|d| d.get("trust-bundle.pem").cloned())
+                    .context("no trust-bundle.pem")
+            },
+        )
+        .await
+    }
+
     /// meshd's root as stored in its Secret: (certificate PEM, key PEM).
     pub async fn mesh_root(&self) -> anyhow::Result<(String, String)> {
         let secret = Api::<Secret>::namespaced(self.client.clone(), "meshd-system")

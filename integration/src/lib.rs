@@ -19,6 +19,7 @@ pub mod chart;
 pub mod demo;
 pub mod envoy;
 pub mod kube_api;
+pub mod kube_shop;
 pub mod load;
 pub mod mesh;
 pub mod mesh_gen;

@@ -491,31 +491,60 @@ impl Meshd {
         admin_port: u16,
         dir: &Path,
     ) -> anyhow::Result<PathBuf> {
+        self.bootstrap_with(
+            namespace,
+            pod,
+            service_account,
+            flavor,
+            admin_port,
+            dir,
+            &[],
+        )
+        .await
+    }
+
+    /// [`Meshd::bootstrap`] with more `meshctl bootstrap` arguments.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn bootstrap_with(
+        &self,
+        namespace: &str,
+        pod: &str,
+        service_account: &str,
+        flavor: XdsFlavor,
+        admin_port: u16,
+        dir: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<PathBuf> {
         let path = dir.join(format!("{pod}.{namespace}"));
         let flavor = match flavor {
             XdsFlavor::Sotw => "sotw",
             XdsFlavor::Delta => "delta",
         };
         let out = self
-            .meshctl(&[
-                "bootstrap",
-                "--namespace",
-                namespace,
-                "--pod",
-                pod,
-                "--service-account",
-                service_account,
-                "--ca-dir",
-                self.ca_dir().to_str().context("non-UTF-8 temp path")?,
-                "--xds-address",
-                &self.xds_addr.to_string(),
-                "--admin-port",
-                &admin_port.to_string(),
-                "--xds-protocol",
-                flavor,
-                "-o",
-                path.to_str().context("non-UTF-8 temp path")?,
-            ])
+            .meshctl(
+                &[
+                    "bootstrap",
+                    "--namespace",
+                    namespace,
+                    "--pod",
+                    pod,
+                    "--service-account",
+                    service_account,
+                    "--ca-dir",
+                    self.ca_dir().to_str().context("non-UTF-8 temp path")?,
+                    "--xds-address",
+                    &self.xds_addr.to_string(),
+                    "--admin-port",
+                    &admin_port.to_string(),
+                    "--xds-protocol",
+                    flavor,
+                    "-o",
+                    path.to_str().context("non-UTF-8 temp path")?,
+                ]
+                .into_iter()
+                .chain(extra.iter().map(String::as_str))
+                .collect::<Vec<_>>(),
+            )
             .await?;
         if !out.status.success() {
             bail!(

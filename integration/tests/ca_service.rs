@@ -384,3 +384,45 @@ async fn a_pods_token_gets_exactly_its_identity_and_nothing_else() -> anyhow::Re
     assert!(log.contains("refused a CA call"), "{log}");
     Ok(())
 }
+
+/// A certificate signed for a CSR counts for the root rotation like one served over
+/// SDS: `meshctl ca status` shows it while it is valid under the old root, and the old
+/// root leaves the bundle only once none is.
+#[tokio::test]
+async fn the_rotation_counts_certificates_signed_for_csrs() -> anyhow::Result<()> {
+    init_test_logging();
+    let mesh = MeshDir::new()?;
+    let meshd = Meshd::start_with(
+        mesh.path(),
+        &["--workload-cert-ttl", "6s", "--root-rotation-grace", "1s"],
+    )
+    .await?;
+    let (chain, key) = minted(&meshd, "shop", "web")?;
+    let mut ca = ca_client::client(&meshd, Some((&chain, &key))).await?;
+    let out = meshd.meshctl(&["ca", "rotate-root"]).await?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Signed by the old root while step 1 trusts both.
+    sign(&mut ca, None, &csr_for(WEB).pem).await?;
+    let counted = eventually(
+        "step 2 with the CSR's certificate counted",
+        Duration::from_secs(10),
+        || async {
+            let out = meshd.meshctl(&["ca", "status"]).await?;
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            ensure!(text.contains("signing-with-new-root"), "{text}");
+            Ok(text)
+        },
+    )
+    .await?;
+    assert!(
+        counted.contains("certificates still valid under the old root: 1"),
+        "{counted}"
+    );
+    let (done, _) = meshd.wait_rotation_done(Duration::from_secs(20)).await?;
+    assert_eq!(done.valid_under_old_roots, 0);
+    Ok(())
+}

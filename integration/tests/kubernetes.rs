@@ -11,97 +11,16 @@ use anyhow::{Context, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use meshd::identity::RotationStatus;
 use meshd::sources::crd::AuthorizationPolicy;
-use meshd_integration::apps::{HttpApp, Traffic, http_get};
+use meshd_integration::apps::{Traffic, http_get};
 use meshd_integration::envoy::Sidecar;
-use meshd_integration::kube_api::{KubeApi, PodSpec};
+use meshd_integration::kube_api::KubeApi;
+use meshd_integration::kube_shop::{NS, Shop};
 use meshd_integration::meshd::Meshd;
-use meshd_integration::net::{free_port, pod_ip};
 use meshd_integration::wait::eventually;
 use meshd_integration::{XdsFlavor, init_test_logging};
 use serde_json::json;
 
-const NS: &str = "shop";
 const WAIT: Duration = Duration::from_secs(30);
-
-/// web (one pod, web-1, behind Service web:80) and client-1, which calls web through
-/// its sidecar at 127.0.0.1:`local`.
-struct Shop {
-    web_ip: String,
-    client_ip: String,
-    web_app: HttpApp,
-    local: u16,
-}
-
-impl Shop {
-    async fn new() -> anyhow::Result<Shop> {
-        Ok(Shop {
-            web_ip: pod_ip().to_string(),
-            client_ip: pod_ip().to_string(),
-            web_app: HttpApp::start("web-1").await?,
-            local: free_port(),
-        })
-    }
-
-    fn web(&self) -> PodSpec<'_> {
-        PodSpec {
-            namespace: NS,
-            name: "web-1",
-            app: "web",
-            service_account: "web",
-            ip: &self.web_ip,
-            ports: &[8080],
-            annotations: &[],
-        }
-    }
-
-    /// Creates the namespace, the service, both pods (web-1 `ready` or not) and web's
-    /// EndpointSlice.
-    async fn create(&self, api: &KubeApi, ready: bool) -> anyhow::Result<()> {
-        api.create_namespace(NS, &[("meshd.io/mesh", "enabled")])
-            .await?;
-        api.http_service(NS, "web", 80, 8080).await?;
-        let app_ports = format!("8080={}", self.web_app.port());
-        let web = PodSpec {
-            annotations: &[("meshd.io/app-ports", &app_ports)],
-            ..self.web()
-        };
-        api.pod(&web, ready).await?;
-        let upstreams = format!("web:80={}", self.local);
-        api.pod(
-            &PodSpec {
-                namespace: NS,
-                name: "client-1",
-                app: "client",
-                service_account: "client",
-                ip: &self.client_ip,
-                ports: &[],
-                annotations: &[("meshd.io/upstreams", &upstreams)],
-            },
-            true,
-        )
-        .await?;
-        self.set_ready(api, ready).await
-    }
-
-    /// What the kubelet and the endpoint-slice controller would do when web-1's
-    /// readiness changes.
-    async fn set_ready(&self, api: &KubeApi, ready: bool) -> anyhow::Result<()> {
-        api.pod_status(&self.web(), ready).await?;
-        api.endpoint_slice(NS, "web", 8080, &[("web-1", &self.web_ip, ready)])
-            .await
-    }
-
-    async fn sidecars(&self, meshd: &Meshd) -> anyhow::Result<Vec<Sidecar>> {
-        Ok(vec![
-            Sidecar::start(meshd, NS, "web-1", "web", XdsFlavor::Delta).await?,
-            Sidecar::start(meshd, NS, "client-1", "client", XdsFlavor::Sotw).await?,
-        ])
-    }
-
-    fn outbound(&self) -> std::net::SocketAddr {
-        ([127, 0, 0, 1], self.local).into()
-    }
-}
 
 #[tokio::test]
 async fn pods_and_services_from_the_cluster_reach_envoy() -> anyhow::Result<()> {
