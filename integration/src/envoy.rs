@@ -154,7 +154,7 @@ impl Sidecar {
                 // What `meshctl bootstrap -o DIR` writes: the agent starts from its
                 // certificate.
                 let bootstrap = meshd
-                    .bootstrap_with(
+                    .bootstrap(
                         namespace,
                         pod,
                         service_account,

@@ -289,3 +289,22 @@ impl PodDef {
         s
     }
 }
+
+/// The smallest mesh with traffic: Service `web` (port 80 → 8080) with pod web-1, whose
+/// application listens on `app_port`, and pod client-1 calling `web:80` through its
+/// sidecar at [`PodDef::outbound`]`(0)`; written into a new mesh directory.
+pub fn web_and_client(namespace: &str, app_port: u16) -> anyhow::Result<(MeshDir, PodDef, PodDef)> {
+    let web = PodDef::new(namespace, "web-1", "web").serves(8080, app_port);
+    let client =
+        PodDef::new(namespace, "client-1", "client").calls("web", 80, crate::net::free_port());
+    let mesh = MeshDir::new()?;
+    mesh.write(
+        "mesh.yaml",
+        &[
+            ServiceDef::new(namespace, "web").http_port(80, 8080).yaml(),
+            web.yaml(),
+            client.yaml(),
+        ],
+    )?;
+    Ok((mesh, web, client))
+}

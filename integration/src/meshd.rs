@@ -482,30 +482,8 @@ impl Meshd {
     }
 
     /// Writes a sidecar bootstrap with `meshctl bootstrap`; returns its path.
-    pub async fn bootstrap(
-        &self,
-        namespace: &str,
-        pod: &str,
-        service_account: &str,
-        flavor: XdsFlavor,
-        admin_port: u16,
-        dir: &Path,
-    ) -> anyhow::Result<PathBuf> {
-        self.bootstrap_with(
-            namespace,
-            pod,
-            service_account,
-            flavor,
-            admin_port,
-            dir,
-            &[],
-        )
-        .await
-    }
-
-    /// [`Meshd::bootstrap`] with more `meshctl bootstrap` arguments.
     #[allow(clippy::too_many_arguments)]
-    pub async fn bootstrap_with(
+    pub async fn bootstrap(
         &self,
         namespace: &str,
         pod: &str,

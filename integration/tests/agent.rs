@@ -13,9 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use meshd_integration::apps::{HttpApp, Traffic, http_get};
 use meshd_integration::envoy::{Sidecar, SidecarOptions, process_alive};
-use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};
+use meshd_integration::mesh::{PodDef, web_and_client};
 use meshd_integration::meshd::Meshd;
-use meshd_integration::net::free_port;
 use meshd_integration::wait::eventually;
 use meshd_integration::{XdsFlavor, init_test_logging};
 use nix::sys::signal::Signal;
@@ -24,22 +23,6 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 const NS: &str = "shop";
 const WAIT: Duration = Duration::from_secs(15);
 const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
-
-/// web (serving `app_port`) and a client calling it, written into a mesh directory.
-fn web_and_client(app_port: u16) -> anyhow::Result<(MeshDir, PodDef, PodDef)> {
-    let web = PodDef::new(NS, "web-1", "web").serves(8080, app_port);
-    let client = PodDef::new(NS, "client-1", "client").calls("web", 80, free_port());
-    let mesh = MeshDir::new()?;
-    mesh.write(
-        "mesh.yaml",
-        &[
-            ServiceDef::new(NS, "web").http_port(80, 8080).yaml(),
-            web.yaml(),
-            client.yaml(),
-        ],
-    )?;
-    Ok((mesh, web, client))
-}
 
 async fn wait_http_ok(client: &PodDef) -> anyhow::Result<()> {
     eventually("HTTP through both sidecars", WAIT, || async {
@@ -105,7 +88,7 @@ fn pem_der(text: &str, tag: &str) -> anyhow::Result<Vec<u8>> {
 async fn agents_carry_mtls_traffic_and_envoy_presents_the_agents_own_key() -> anyhow::Result<()> {
     init_test_logging();
     let app = HttpApp::start("web-1").await?;
-    let (mesh, web, client) = web_and_client(app.port())?;
+    let (mesh, web, client) = web_and_client(NS, app.port())?;
     let meshd = Meshd::start(mesh.path()).await?;
     let web_sidecar = Sidecar::for_pod(&meshd, &web, XdsFlavor::Delta).await?;
     let _client_sidecar = Sidecar::for_pod(&meshd, &client, XdsFlavor::Sotw).await?;
@@ -158,7 +141,7 @@ async fn certificates_of_four_seconds_are_renewed_under_traffic_without_a_failed
 -> anyhow::Result<()> {
     init_test_logging();
     let app = HttpApp::start("web-1").await?;
-    let (mesh, web, client) = web_and_client(app.port())?;
+    let (mesh, web, client) = web_and_client(NS, app.port())?;
     let meshd = Meshd::start_with(
         mesh.path(),
         &["--debounce", "50ms", "--workload-cert-ttl", "4s"],
@@ -222,7 +205,7 @@ async fn sigterm_lets_the_request_in_flight_finish_then_envoy_and_the_agent_exit
 -> anyhow::Result<()> {
     init_test_logging();
     let (port, begun) = slow_app(Duration::from_secs(2)).await?;
-    let (mesh, _web, client) = web_and_client(port)?;
+    let (mesh, _web, client) = web_and_client(NS, port)?;
     let meshd = Meshd::start(mesh.path()).await?;
     let options = SidecarOptions {
         // Long enough that exiting early shows the agent waited for the connection,
@@ -270,7 +253,7 @@ async fn sigterm_lets_the_request_in_flight_finish_then_envoy_and_the_agent_exit
 async fn when_envoy_dies_the_agent_exits_non_zero_saying_so() -> anyhow::Result<()> {
     init_test_logging();
     let app = HttpApp::start("web-1").await?;
-    let (mesh, web, _client) = web_and_client(app.port())?;
+    let (mesh, web, _client) = web_and_client(NS, app.port())?;
     let meshd = Meshd::start(mesh.path()).await?;
     let mut sidecar = Sidecar::for_pod(&meshd, &web, XdsFlavor::Delta).await?;
     let envoy = sidecar.envoy_pid()?;
@@ -321,7 +304,7 @@ async fn held_relay(
 async fn ready_only_once_envoy_has_its_config() -> anyhow::Result<()> {
     init_test_logging();
     let app = HttpApp::start("web-1").await?;
-    let (mesh, _web, _client) = web_and_client(app.port())?;
+    let (mesh, _web, _client) = web_and_client(NS, app.port())?;
     let meshd = Meshd::start(mesh.path()).await?;
     let (release, held) = tokio::sync::watch::channel(false);
     let relay = held_relay(meshd.xds_addr, held).await?;

@@ -18,7 +18,7 @@ use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as Netw
 use envoy_types::pb::google::protobuf::Any;
 use meshd_integration::apps::HttpApp;
 use meshd_integration::envoy::Sidecar;
-use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};
+use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef, web_and_client};
 use meshd_integration::meshd::Meshd;
 use meshd_integration::net::free_port;
 use meshd_integration::wait::eventually;
@@ -330,17 +330,7 @@ async fn delta_a_rejected_route_denies_everything_until_a_changed_policy_is_acce
 async fn a_real_envoy_that_rejects_the_policy_denies_every_request() -> anyhow::Result<()> {
     init_test_logging();
     let app = HttpApp::start("web-1").await?;
-    let web = PodDef::new(NS, "web-1", "web").serves(8080, app.port());
-    let client = PodDef::new(NS, "client-1", "client").calls("web", 80, free_port());
-    let mesh = MeshDir::new()?;
-    mesh.write(
-        "mesh.yaml",
-        &[
-            ServiceDef::new(NS, "web").http_port(80, 8080).yaml(),
-            web.yaml(),
-            client.yaml(),
-        ],
-    )?;
+    let (mesh, web, client) = web_and_client(NS, app.port())?;
     let meshd = Meshd::start(mesh.path()).await?;
     let _web = Sidecar::start_with_args(
         &meshd,

@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use meshd_integration::apps::{HttpApp, http_get};
 use meshd_integration::envoy::Sidecar;
-use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};
+use meshd_integration::mesh::{MeshDir, PodDef, web_and_client};
 use meshd_integration::meshd::Meshd;
-use meshd_integration::net::free_port;
 use meshd_integration::tls::{connect, raw_http_get};
 use meshd_integration::wait::eventually;
 use meshd_integration::xds_client::{ClientCert, SotwClient, node};
@@ -34,17 +33,7 @@ struct Mesh {
 async fn mesh(meshd_args: &[&str]) -> anyhow::Result<Mesh> {
     init_test_logging();
     let app = HttpApp::start("web-1").await?;
-    let web = PodDef::new(NS, "web-1", "web").serves(8080, app.port());
-    let client = PodDef::new(NS, "client-1", "client").calls("web", 80, free_port());
-    let dir = MeshDir::new()?;
-    dir.write(
-        "mesh.yaml",
-        &[
-            ServiceDef::new(NS, "web").http_port(80, 8080).yaml(),
-            web.yaml(),
-            client.yaml(),
-        ],
-    )?;
+    let (dir, web, client) = web_and_client(NS, app.port())?;
     let meshd = Meshd::start_with(dir.path(), meshd_args).await?;
     let web_sidecar = Sidecar::for_pod(&meshd, &web, XdsFlavor::Delta).await?;
     let client_sidecar = Sidecar::for_pod(&meshd, &client, XdsFlavor::Delta).await?;

@@ -17,9 +17,8 @@ use meshd_integration::apps::{HttpApp, Traffic, http_get};
 use meshd_integration::envoy::{Sidecar, SidecarIdentity, SidecarOptions};
 use meshd_integration::kube_api::KubeApi;
 use meshd_integration::kube_shop::Shop;
-use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};
+use meshd_integration::mesh::web_and_client;
 use meshd_integration::meshd::Meshd;
-use meshd_integration::net::free_port;
 use meshd_integration::wait::eventually;
 use meshd_integration::{XdsFlavor, init_test_logging};
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -232,17 +231,7 @@ async fn a_root_rotation_with_restarts_at_every_step_strands_no_sidecar() -> any
 async fn an_expired_bootstrap_certificate_strands_no_agent_run_sidecar() -> anyhow::Result<()> {
     init_test_logging();
     let app = HttpApp::start("web-1").await?;
-    let web = PodDef::new("shop", "web-1", "web").serves(8080, app.port());
-    let client = PodDef::new("shop", "client-1", "client").calls("web", 80, free_port());
-    let mesh = MeshDir::new()?;
-    mesh.write(
-        "mesh.yaml",
-        &[
-            ServiceDef::new("shop", "web").http_port(80, 8080).yaml(),
-            web.yaml(),
-            client.yaml(),
-        ],
-    )?;
+    let (mesh, web, client) = web_and_client("shop", app.port())?;
     let mut meshd = Meshd::start_with(mesh.path(), &["--workload-cert-ttl", "6s"]).await?;
     let short = SidecarOptions {
         identity: SidecarIdentity::BootstrapWith(vec!["--cert-ttl".into(), "4s".into()]),

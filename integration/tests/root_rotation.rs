@@ -6,9 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use meshd_integration::apps::{HttpApp, Traffic, http_get};
 use meshd_integration::envoy::Sidecar;
-use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};
+use meshd_integration::mesh::web_and_client;
 use meshd_integration::meshd::Meshd;
-use meshd_integration::net::free_port;
 use meshd_integration::tls::connect;
 use meshd_integration::wait::eventually;
 use meshd_integration::xds_client::ClientCert;
@@ -20,17 +19,7 @@ const NS: &str = "shop";
 async fn a_root_rotation_under_traffic_fails_no_request() -> anyhow::Result<()> {
     init_test_logging();
     let app = HttpApp::start("web-1").await?;
-    let web = PodDef::new(NS, "web-1", "web").serves(8080, app.port());
-    let client = PodDef::new(NS, "client-1", "client").calls("web", 80, free_port());
-    let dir = MeshDir::new()?;
-    dir.write(
-        "mesh.yaml",
-        &[
-            ServiceDef::new(NS, "web").http_port(80, 8080).yaml(),
-            web.yaml(),
-            client.yaml(),
-        ],
-    )?;
+    let (dir, web, client) = web_and_client(NS, app.port())?;
     let meshd = Meshd::start_with(
         dir.path(),
         &[

@@ -17,9 +17,8 @@ use clap::Parser;
 use meshd_integration::XdsFlavor;
 use meshd_integration::apps::{HttpApp, Traffic, http_get};
 use meshd_integration::envoy::{Sidecar, SidecarOptions};
-use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};
+use meshd_integration::mesh::web_and_client;
 use meshd_integration::meshd::Meshd;
-use meshd_integration::net::free_port;
 use meshd_integration::wait::eventually;
 
 #[derive(Debug, Parser)]
@@ -41,17 +40,7 @@ const NS: &str = "shop";
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let app = HttpApp::start("web-1").await?;
-    let web = PodDef::new(NS, "web-1", "web").serves(8080, app.port());
-    let client = PodDef::new(NS, "client-1", "client").calls("web", 80, free_port());
-    let mesh = MeshDir::new()?;
-    mesh.write(
-        "mesh.yaml",
-        &[
-            ServiceDef::new(NS, "web").http_port(80, 8080).yaml(),
-            web.yaml(),
-            client.yaml(),
-        ],
-    )?;
+    let (mesh, web, client) = web_and_client(NS, app.port())?;
     let meshd = Meshd::start_with(
         mesh.path(),
         &["--debounce", "50ms", "--workload-cert-ttl", &args.cert_ttl],
