@@ -99,22 +99,40 @@ pub struct CertManager {
     generation: watch::Sender<u64>,
 }
 
-/// The certificates issued and not yet expired: expiry → the serial of the root that
-/// signed them. A `BTreeMap` so that the expired ones leave from the front.
+/// The certificates issued and not yet expired, counted by the second they expire
+/// in and the serial of the root that signed them: its size is bounded by the
+/// lifetime in seconds (times the roots, two at most), however many are signed. A
+/// `BTreeMap` so that the expired ones leave from the front.
 #[derive(Debug, Default)]
 struct Ledger {
-    valid: std::collections::BTreeMap<(SystemTime, u64), Arc<str>>,
-    next: u64,
+    valid: std::collections::BTreeMap<(u64, Arc<str>), usize>,
+    /// The roots seen, so that an entry shares its root's name.
+    signers: Vec<Arc<str>>,
 }
 
 impl Ledger {
-    fn record(&mut self, not_after: SystemTime, signer: Arc<str>) {
-        self.prune(SystemTime::now());
-        self.next += 1;
-        self.valid.insert((not_after, self.next), signer);
+    fn record(&mut self, not_after: SystemTime, signer: &str) {
+        let now = SystemTime::now();
+        self.prune(now);
+        // One allocation per root, not per certificate.
+        let signer = match self.signers.iter().find(|s| &***s == signer) {
+            Some(s) => s.clone(),
+            None => {
+                let s: Arc<str> = signer.into();
+                self.signers.truncate(3);
+                self.signers.insert(0, s.clone());
+                s
+            }
+        };
+        // Rounded up: a certificate counts until its last second is over.
+        *self
+            .valid
+            .entry((unix_seconds(not_after) + 1, signer))
+            .or_default() += 1;
     }
 
     fn prune(&mut self, now: SystemTime) {
+        let now = unix_seconds(now);
         while let Some(entry) = self.valid.first_entry() {
             if entry.key().0 > now {
                 break;
@@ -126,8 +144,18 @@ impl Ledger {
     /// Valid certificates signed by any root but `signer`.
     fn valid_not_signed_by(&mut self, signer: &str) -> usize {
         self.prune(SystemTime::now());
-        self.valid.values().filter(|s| &***s != signer).count()
+        self.valid
+            .iter()
+            .filter(|((_, s), _)| &**s != signer)
+            .map(|(_, n)| n)
+            .sum()
     }
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -313,7 +341,7 @@ impl CertManager {
             .first()
             .map(|r| root_serial(r))
             .unwrap_or_default();
-        lock(&self.ledger).record(cert.not_after, signer.into());
+        lock(&self.ledger).record(cert.not_after, &signer);
     }
 
     /// Valid certificates issued here under a root that no longer signs.
@@ -617,4 +645,25 @@ fn root_serial(pem: &str) -> String {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ledger_counts_by_second_and_root_so_signing_more_costs_no_memory() {
+        let mut ledger = Ledger::default();
+        let later = SystemTime::now() + Duration::from_secs(600);
+        for _ in 0..10_000 {
+            ledger.record(later, "old");
+        }
+        ledger.record(later, "new");
+        ledger.record(SystemTime::now() - Duration::from_secs(1), "old");
+        // The expired one is gone at the next look.
+        assert_eq!(ledger.valid_not_signed_by("new"), 10_000);
+        assert_eq!(ledger.valid_not_signed_by("old"), 1);
+        assert_eq!(ledger.valid.len(), 2, "one entry per second and root");
+        assert_eq!(ledger.signers.len(), 2);
+    }
 }

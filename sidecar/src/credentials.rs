@@ -150,10 +150,17 @@ impl CredentialDir {
         self.write_sds_files()
     }
 
-    /// The credentials in force.
+    /// The credentials in force: all three from the one set `..data` names (read
+    /// through the link once, so a swap meanwhile cannot mix two sets).
     pub fn read(&self) -> Result<Credentials, CredentialError> {
+        let link = self.certs_dir().join(DATA_LINK);
+        let set = match fs::read_link(&link) {
+            Ok(target) => self.certs_dir().join(target),
+            // Not written by this module (no swap): the files as they are.
+            Err(_) => self.certs_dir(),
+        };
         let read = |file: &str| {
-            let path = self.file(file);
+            let path = set.join(file);
             fs::read_to_string(&path).map_err(io_err(&path))
         };
         Ok(Credentials {

@@ -5,9 +5,11 @@
 //!   audience `--token-audience`), Kubernetes mode only. [`token::TokenReviewer`] has
 //!   the API server confirm the token, its ServiceAccount and its bound pod; then, at
 //!   every call (a review may come from the cache), meshd's own view of the mesh must
-//!   hold that pod, with that uid, running as that ServiceAccount. A mismatch drops the
-//!   cached review and asks the API server once more, so a deleted pod's token is
-//!   refused with the API server's reason.
+//!   hold that pod, with that uid, running as that ServiceAccount. A mismatch is
+//!   refused; when the review behind it is older than [`token::RECHECK_AFTER`], meshd
+//!   first asks the API server again, so a deleted pod's token is soon refused with
+//!   the API server's reason, and a token whose pod meshd does not see costs at most
+//!   one review per that interval.
 //! - **a certificate of the mesh** (mutual TLS), for renewal: it may ask for exactly the
 //!   identity it already holds.
 //!
@@ -198,12 +200,14 @@ impl CaService {
 
     /// The pod a token speaks for, checked against meshd's view of the mesh.
     async fn pod_caller(&self, tokens: &PodTokens, token: &str) -> Result<Caller, Refusal> {
-        let mut pod = tokens.reviewer.review(token).await?;
+        let (mut pod, reviewed_at) = tokens.reviewer.review(token).await?;
         let mut mismatch = view_mismatch(&tokens.mesh, &pod);
-        if mismatch.is_some() {
-            // The cached review may be stale (the pod deleted since): ask again.
+        let stale = reviewed_at.elapsed().unwrap_or_default() >= token::RECHECK_AFTER;
+        if mismatch.is_some() && stale {
+            // The cached review may be stale (the pod deleted since): ask again, at
+            // most once per RECHECK_AFTER for a token.
             tokens.reviewer.forget(token);
-            pod = tokens.reviewer.review(token).await?;
+            pod = tokens.reviewer.review(token).await?.0;
             mismatch = view_mismatch(&tokens.mesh, &pod);
         }
         if let Some(refusal) = mismatch {

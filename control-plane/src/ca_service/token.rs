@@ -30,6 +30,10 @@ pub const MAX_AGE: Duration = Duration::from_secs(300);
 pub const MAX_CACHED: usize = 16_384;
 /// TokenReviews meshd has open at once; more callers wait.
 pub const MAX_CONCURRENT_REVIEWS: usize = 32;
+/// How old a review must be before a mismatch with meshd's view sends the token to
+/// the API server again: a token whose pod meshd does not see costs at most one
+/// review per this long, however often it is presented.
+pub const RECHECK_AFTER: Duration = Duration::from_secs(5);
 /// Longer is not a ServiceAccount token.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
@@ -98,6 +102,7 @@ impl std::fmt::Debug for TokenReviewer {
 struct Cached {
     caller: PodCaller,
     until: SystemTime,
+    reviewed_at: SystemTime,
 }
 
 impl TokenReviewer {
@@ -110,14 +115,15 @@ impl TokenReviewer {
         }
     }
 
-    /// The pod `token` speaks for: from the cache, or from a TokenReview.
-    pub async fn review(&self, token: &str) -> Result<PodCaller, TokenError> {
+    /// The pod `token` speaks for, and when the API server said so: from the cache, or
+    /// from a TokenReview.
+    pub async fn review(&self, token: &str) -> Result<(PodCaller, SystemTime), TokenError> {
         let claims = Claims::read(token)?;
         let now = SystemTime::now();
         claims.check(&self.audience, now)?;
         let key = digest(token);
         if let Some(hit) = self.cached(&key, now) {
-            return Ok(hit);
+            return Ok((hit.caller, hit.reviewed_at));
         }
         let _permit = self
             .in_flight
@@ -137,7 +143,7 @@ impl TokenReviewer {
         let caller = caller?;
         let until = claims.expires().unwrap_or(now + MAX_AGE).min(now + MAX_AGE);
         self.remember(key, caller.clone(), until, now);
-        Ok(caller)
+        Ok((caller, now))
     }
 
     /// Drops a cached review (the pod it named is not as meshd sees it): the next call
@@ -146,12 +152,9 @@ impl TokenReviewer {
         lock(&self.cache).remove(&digest(token));
     }
 
-    fn cached(&self, key: &[u8; 32], now: SystemTime) -> Option<PodCaller> {
+    fn cached(&self, key: &[u8; 32], now: SystemTime) -> Option<Cached> {
         let cache = lock(&self.cache);
-        cache
-            .get(key)
-            .filter(|c| c.until > now)
-            .map(|c| c.caller.clone())
+        cache.get(key).filter(|c| c.until > now).cloned()
     }
 
     fn remember(&self, key: [u8; 32], caller: PodCaller, until: SystemTime, now: SystemTime) {
@@ -164,7 +167,14 @@ impl TokenReviewer {
         {
             cache.remove(&any);
         }
-        cache.insert(key, Cached { caller, until });
+        cache.insert(
+            key,
+            Cached {
+                caller,
+                until,
+                reviewed_at: now,
+            },
+        );
     }
 
     async fn ask_api_server(&self, token: &str) -> Result<PodCaller, TokenError> {
@@ -201,10 +211,11 @@ impl TokenReviewer {
                 .unwrap_or_else(|| "not authenticated".into());
             return Err(TokenError::Refused(Escaped(&why).to_string()));
         }
+        // No audiences in the answer means the API server's own, not meshd's.
         if !status
             .audiences
             .as_ref()
-            .is_none_or(|a| a.contains(&self.audience))
+            .is_some_and(|a| a.contains(&self.audience))
         {
             return Err(TokenError::WrongAudience {
                 got: status.audiences.unwrap_or_default(),
