@@ -95,6 +95,21 @@ fn agent_certificate(sidecar: &Sidecar) -> anyhow::Result<(String, String, Vec<u
     ))
 }
 
+/// Whether the agent's xDS client certificate was signed by `root_pem`'s key.
+fn signed_by(sidecar: &Sidecar, root_pem: &str) -> anyhow::Result<bool> {
+    let chain = std::fs::read_to_string(sidecar.agent_dir().join("certs/cert-chain.pem"))?;
+    let leaf = pem::parse_many(&chain)?
+        .into_iter()
+        .next()
+        .context("empty chain")?;
+    let root = pem::parse(root_pem)?;
+    let (_, leaf) =
+        X509Certificate::from_der(leaf.contents()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (_, root) =
+        X509Certificate::from_der(root.contents()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(leaf.verify_signature(Some(root.public_key())).is_ok())
+}
+
 #[tokio::test]
 async fn pods_get_their_identity_from_tokens_and_carry_mtls_traffic() -> anyhow::Result<()> {
     init_test_logging();
@@ -190,6 +205,15 @@ async fn a_root_rotation_with_restarts_at_every_step_strands_no_sidecar() -> any
     .await?;
     let (done, _) = meshd.wait_rotation_done(Duration::from_secs(60)).await?;
     assert_eq!(done.trusted_roots.len(), 1);
+    // What the agents hold now chains to the one root left, before anything restarts.
+    let new_root = meshd.trust_bundle_pem().await?;
+    for sidecar in &sidecars {
+        ensure!(
+            signed_by(sidecar, &new_root)?,
+            "{}'s agent holds a certificate the new root did not sign",
+            sidecar.node_id
+        );
+    }
     // After step 3 the old root is trusted nowhere: meshd restarts, both sidecars
     // restart, and all of them find each other again.
     restart_meshd(&mut meshd, &traffic, 2).await?;
