@@ -6,12 +6,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use meshd::authz::{Action, AuthorizationPolicy, Operation, Rule, Source, StringMatch};
+use meshd::model::authorization::{
+    Action, AuthorizationPolicy, Operation, Rule, Source, StringMatch,
+};
 use meshd::model::{
     ContainerPort, MeshDefaults, MeshObject, MeshSnapshot, ObjectKey, Protocol, Service,
     ServicePort, TargetPort, Upstream, Workload,
 };
-use meshd::xds::cache::XdsSnapshot;
+use meshd::xds::translate::cache::XdsSnapshot;
 
 fn mesh() -> MeshSnapshot {
     let mut objects = Vec::new();
@@ -87,7 +89,7 @@ fn translate(c: &mut Criterion) {
     let (_, resources) = snap.proxy_resources(&pod).expect("the pod is in the mesh");
     assert!(
         !resources
-            .get(meshd::xds::resources::ResourceType::Listener)
+            .get(meshd::xds::translate::resources::ResourceType::Listener)
             .is_empty()
     );
     // What a stream does on a snapshot that did not touch its proxy: the workload's

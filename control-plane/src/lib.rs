@@ -2,7 +2,7 @@
 //!
 //! Data flows one way (see ARCHITECTURE.md):
 //! [`sources`] → [`model::Store`] → [`model::MeshSnapshot`] → [`xds::translate`] →
-//! [`xds::server`] → Envoy. [`admin`] shows what is happening; the Envoy side of the
+//! [`xds::serve`] → Envoy. [`admin`] shows what is happening; the Envoy side of the
 //! handshake (bootstrap, credential files) is `meshd_sidecar`'s.
 
 pub mod admin;

@@ -12,7 +12,7 @@
 //! | `meshd_snapshot_build_seconds` | deriving one mesh snapshot |
 //! | `meshd_snapshots_total` | mesh snapshots published |
 //! | `meshd_tls_handshake_failures_total{port}` | TLS handshakes refused or timed out on the `xds` / `admin` port |
-//! | `meshd_xds_fail_closed_resources` | inbound listeners and routes served as deny-all right now, because their proxy rejected the compiled policy ([`crate::xds::fail_closed`]) |
+//! | `meshd_xds_fail_closed_resources` | inbound listeners and routes served as deny-all right now, because their proxy rejected the compiled policy ([`crate::xds::serve::fail_closed`]) |
 //! | `meshd_ca_signed_total{auth}` | certificates signed for a CSR, by how the caller authenticated (`token`, `certificate`) |
 //! | `meshd_ca_refused_total{reason}` | CA calls refused, by the check that failed (`token_expired`, `csr_identity`, `pod_uid`, …) |
 //! | `meshd_token_reviews_total{reason}` | TokenReviews sent to the API server, by outcome (`authenticated`, `token_refused`, …) |

@@ -5,7 +5,7 @@
 //!   ([`crate::ca_service`]) takes a pod's ServiceAccount token instead, so a pod
 //!   with no certificate yet reaches one address. Every ADS stream still needs a
 //!   verified certificate: the ADS server derives the proxy's workload identity from
-//!   it and refuses a stream without one ([`crate::xds::node`]).
+//!   it and refuses a stream without one ([`crate::xds::serve::node`]).
 //! - [`Port::Admin`]: only an operator's certificate
 //!   (`spiffe://<td>/meshd/operator/<name>`, [`meshd_ca::OperatorId`]); a workload's is
 //!   refused in the handshake (the log says why), so no request of a sidecar or a

@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use meshd::admin::SnapshotSummary;
 use meshd::identity::RotationStatus;
-use meshd::xds::status::ProxyStatus;
-pub use meshd::xds::status::XdsFlavor;
+use meshd::xds::serve::status::ProxyStatus;
+pub use meshd::xds::serve::status::XdsFlavor;
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 

@@ -39,7 +39,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CommonTlsContext, DownstreamTlsContext, Secret, UpstreamTlsContext, common_tls_context,
 };
 use envoy_types::pb::google::protobuf::{Any, Duration};
-use meshd::xds::resources::{ProxyResources, ResourceType};
+use meshd::xds::translate::resources::{ProxyResources, ResourceType};
 use prost::{Message, Name};
 
 use crate::tools::envoy_binary;

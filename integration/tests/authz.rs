@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use meshd::xds::authz_check::CheckResponse;
-use meshd::xds::rbac_eval::Verdict;
-use meshd::xds::rbac_stats::RuleCount;
+use meshd::authz::check::CheckResponse;
+use meshd::authz::eval::Verdict;
+use meshd::authz::stats::RuleCount;
 use meshd_integration::apps::{HttpApp, TcpApp, tcp_roundtrip};
 use meshd_integration::envoy::Sidecar;
 use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};

@@ -3,7 +3,7 @@
 //! Envoy (`envoy --mode validate`, [`validate`]) checks every proxy's whole config —
 //! listeners, routes with their RBAC, clusters, endpoints, secrets — and, once per
 //! mesh, the deny-all versions a proxy gets after rejecting its inbound routes or
-//! listeners (`meshd::xds::fail_closed`).
+//! listeners (`meshd::xds::serve::fail_closed`).
 //!
 //! The suite runs [`SUITE_CASES`] meshes; `MESHD_VALIDATE_CASES` runs more, e.g.
 //! `MESHD_VALIDATE_CASES=2000 cargo test -p meshd-integration --test envoy_validate`.
@@ -13,12 +13,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use meshd::authz::{Action, AuthorizationPolicy, StringMatch};
+use meshd::model::authorization::{Action, AuthorizationPolicy, StringMatch};
 use meshd::model::{MeshObject, MeshSnapshot, MtlsMode, ObjectKey};
-use meshd::xds::cache::XdsSnapshot;
-use meshd::xds::fail_closed;
-use meshd::xds::resources::{ProxyResources, Resource, ResourceType};
+use meshd::xds::serve::fail_closed;
 use meshd::xds::translate;
+use meshd::xds::translate::cache::XdsSnapshot;
+use meshd::xds::translate::resources::{ProxyResources, Resource, ResourceType};
 use meshd_integration::mesh_gen::{self, GenMesh};
 use meshd_integration::validate::{bootstrap, envoy_validate};
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
@@ -192,8 +192,8 @@ impl Ca {
             meshd_ca::CaConfig::default(),
         )?;
         let root = Resource::encode(
-            translate::ROOT_SECRET,
-            &translate::root_secret(authority.trust_bundle()),
+            translate::secrets::ROOT_SECRET,
+            &translate::secrets::root_secret(authority.trust_bundle()),
         );
         Ok(Ca {
             authority,
@@ -216,8 +216,8 @@ impl Ca {
                 let id = self.authority.workload_id(namespace, service_account)?;
                 let cert = self.authority.issue(&id)?;
                 let s = Resource::encode(
-                    translate::WORKLOAD_SECRET,
-                    &translate::workload_secret(&cert),
+                    translate::secrets::WORKLOAD_SECRET,
+                    &translate::secrets::workload_secret(&cert),
                 );
                 issued.insert(key, s.clone());
                 s

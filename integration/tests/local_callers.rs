@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use meshd::xds::authz_check::CheckResponse;
+use meshd::authz::check::CheckResponse;
 use meshd_integration::apps::{HttpApp, http_get};
 use meshd_integration::envoy::Sidecar;
 use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};

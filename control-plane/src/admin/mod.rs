@@ -17,7 +17,7 @@
 //! - `GET /debug/proxy-config?workload=<ns>/<pod>`: the resources that workload's
 //!   sidecar should have, by type, with their versions
 //! - `POST /debug/authz/check`: the decision of every workload behind a service port
-//!   for one request ([`authz_check`](crate::xds::authz_check))
+//!   for one request ([`authz_check`](crate::authz::check))
 //! - `GET /ca/status`, `POST /ca/rotate-root`: the staged root rotation (logged with
 //!   the operator who asked)
 //!
@@ -43,13 +43,13 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::authz::check::{self, CheckError, CheckRequest};
 use crate::identity::{CertManager, RotationError};
 use crate::model::ObjectKey;
 use crate::sources::SharedErrors;
-use crate::xds::authz_check::{self, CheckError, CheckRequest};
-use crate::xds::cache::XdsSnapshot;
-use crate::xds::resources::ResourceType;
-use crate::xds::status::{ProxyRegistry, ProxyStatus};
+use crate::xds::serve::status::{ProxyRegistry, ProxyStatus};
+use crate::xds::translate::cache::XdsSnapshot;
+use crate::xds::translate::resources::ResourceType;
 
 #[derive(Clone, Debug)]
 pub struct AdminState {
@@ -205,7 +205,7 @@ async fn authz_check(
     Json(req): Json<CheckRequest>,
 ) -> axum::response::Response {
     let snap = state.snapshots.borrow().clone();
-    match authz_check::check(&snap.mesh, state.certs.trust_domain(), &req) {
+    match check::check(&snap.mesh, state.certs.trust_domain(), &req) {
         Ok(resp) => Json(resp).into_response(),
         Err(e @ CheckError::NoService(_)) => {
             (StatusCode::NOT_FOUND, format!("{e}\n")).into_response()

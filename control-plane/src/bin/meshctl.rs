@@ -8,14 +8,14 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use hyper::Method;
 use meshd::admin::{ProxyConfig, SnapshotSummary};
+use meshd::authz::check::{CheckRequest, CheckResponse};
+use meshd::authz::stats;
 use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
 use meshd::identity::{MESHD_SERVICE_ACCOUNT, RotationStatus};
 use meshd::model::{MeshDefaults, MeshSnapshot};
 use meshd::operator::{self, AdminClient, Credentials};
 use meshd::sources::file::FileSource;
-use meshd::xds::authz_check::{CheckRequest, CheckResponse};
-use meshd::xds::rbac_stats;
-use meshd::xds::status::{ProxyStatus, XdsFlavor};
+use meshd::xds::serve::status::{ProxyStatus, XdsFlavor};
 use meshd_ca::{OperatorId, SpiffeId};
 use meshd_sidecar::bootstrap::{BootstrapOptions, split_host_port, write_bootstrap};
 use meshd_sidecar::credentials::{CredentialDir, Credentials as SidecarCredentials};
@@ -449,7 +449,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot read Envoy stats at {url}"))?
                 .text()
                 .await?;
-            let rows = rbac_stats::parse(&text);
+            let rows = stats::parse(&text);
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(ExitCode::SUCCESS);
@@ -741,7 +741,7 @@ fn print_check(resp: &CheckResponse, req: &CheckRequest, output: Output) -> anyh
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshd::xds::status::TypeStatus;
+    use meshd::xds::serve::status::TypeStatus;
 
     fn proxy(node_id: &str, workload: &str, identity: &str) -> ProxyStatus {
         let mut p = ProxyStatus::new(

@@ -15,9 +15,9 @@ use meshd::identity::{CertManager, SharedRoots};
 use meshd::model::{MeshDefaults, MtlsMode, ScopeEntry, Store, StoreConfig};
 use meshd::sources::file::FileSource;
 use meshd::sources::kubernetes::{self, KubernetesOptions};
-use meshd::xds::cache::spawn_translator;
-use meshd::xds::server::AdsServer;
-use meshd::xds::status::ProxyRegistry;
+use meshd::xds::serve::server::AdsServer;
+use meshd::xds::serve::status::ProxyRegistry;
+use meshd::xds::translate::cache::spawn_translator;
 use meshd_ca::store::CaSource;
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
@@ -315,7 +315,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .max_concurrent_streams(Some(meshd::xds::limits::MAX_STREAMS_PER_CONNECTION))
+        .max_concurrent_streams(Some(meshd::xds::serve::limits::MAX_STREAMS_PER_CONNECTION))
         .add_service(AdsServer::new(snapshots, registry, certs.clone()).into_service())
         .add_service(ca_service.into_service())
         .serve_with_incoming_shutdown(

@@ -42,7 +42,7 @@ use crate::logging::{Escaped, Throttle};
 use crate::metrics::{self, metrics};
 use crate::model::{MeshSnapshot, ObjectKey};
 use crate::throttled_warn;
-use crate::xds::node::peer_identity;
+use crate::xds::serve::node::peer_identity;
 use token::{PodCaller, TokenError, TokenReviewer};
 
 /// Refusals any peer can cause at will: at most 20 lines per 10 s.
@@ -172,7 +172,7 @@ impl CaService {
         let certs = request.peer_certs();
         let id = peer_identity(certs.as_ref().map(|c| c.as_slice())).map_err(|e| {
             let code = match e {
-                crate::xds::node::IdentityError::NoCertificate => Code::Unauthenticated,
+                crate::xds::serve::node::IdentityError::NoCertificate => Code::Unauthenticated,
                 _ => Code::PermissionDenied,
             };
             let hint = if self.tokens.is_some() {

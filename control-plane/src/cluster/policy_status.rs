@@ -82,7 +82,7 @@ async fn write(
         reason: reason.to_string(),
         message,
         observed_generation: verdict.generation,
-        last_transition_time: crate::xds::status::now_rfc3339(),
+        last_transition_time: crate::xds::serve::status::now_rfc3339(),
     };
     let patch = Patch::Merge(json!({ "status": { "conditions": [condition] } }));
     let (ns, name) = (&policy.key.namespace, &policy.key.name);

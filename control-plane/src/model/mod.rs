@@ -5,6 +5,7 @@
 //! versioned [`snapshot::MeshSnapshot`]s; [`proxy_view`] cuts out what one proxy needs.
 //! Nothing in here knows about gRPC, Envoy or the Kubernetes API.
 
+pub mod authorization;
 pub mod proxy_view;
 pub mod snapshot;
 pub mod store;
@@ -272,7 +273,7 @@ pub enum MeshObject {
     EndpointSlice(Arc<EndpointSlice>),
     Workload(Arc<Workload>),
     PeerAuthentication(Arc<PeerAuthentication>),
-    AuthorizationPolicy(Arc<crate::authz::AuthorizationPolicy>),
+    AuthorizationPolicy(Arc<crate::model::authorization::AuthorizationPolicy>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::authz::AuthorizationPolicy;
+use crate::model::authorization::AuthorizationPolicy;
 
 use super::{
     EndpointSlice, MeshDefaults, MeshObject, MtlsMode, Namespace, ObjectKey, ObjectKind,

@@ -12,8 +12,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::convert::{FieldError, object_key};
-use crate::authz::{self, Action, Cidr, Condition, Operation, Rule, Source, StringMatch};
 use crate::model::MtlsMode;
+use crate::model::authorization::{
+    self, Action, Cidr, Condition, Operation, Rule, Source, StringMatch,
+};
 
 /// meshd's API group.
 pub const GROUP: &str = "security.meshd.io";
@@ -270,7 +272,7 @@ pub struct ConditionSpec {
 /// field. `trust_domain` completes principals written without `spiffe://`.
 pub fn authorization_policy(
     r: &AuthorizationPolicy,
-) -> Result<authz::AuthorizationPolicy, FieldError> {
+) -> Result<authorization::AuthorizationPolicy, FieldError> {
     let key = object_key(&r.metadata)?;
     let spec = &r.spec;
     let action = match spec.action.as_deref() {
@@ -340,7 +342,7 @@ pub fn authorization_policy(
         }
         rules.push(Rule { from, to, when });
     }
-    Ok(authz::AuthorizationPolicy {
+    Ok(authorization::AuthorizationPolicy {
         key,
         selector,
         action,
@@ -540,7 +542,7 @@ mod tests {
         }
     }
 
-    fn policy_with_header(key: &str) -> Result<authz::AuthorizationPolicy, FieldError> {
+    fn policy_with_header(key: &str) -> Result<authorization::AuthorizationPolicy, FieldError> {
         let mut spec = AuthorizationPolicySpec::default();
         spec.rules.push(RuleSpec {
             when: vec![ConditionSpec {

@@ -1,25 +1,14 @@
-//! Envoy's side: translation of the model into xDS resources and the ADS server.
+//! Envoy's side, in two rooms that meet only at [`translate::resources`]:
 //!
-//! - [`translate`]: pure functions, model → Envoy protos.
-//! - [`cache`]: one [`cache::XdsSnapshot`] per mesh snapshot; shared resources built once.
-//! - [`server`]: the ADS service and the per-stream driver; `sotw` and `delta` are
-//!   the two protocol state machines it drives, one task per stream.
-//! - [`secrets`]: SDS secrets encoded once per certificate, shared by streams.
-//! - [`status`]: per-proxy sent/ACK/NACK state for the admin API.
-//! - [`limits`]: what one stream may make meshd hold; past it, `RESOURCE_EXHAUSTED`.
+//! - [`translate`]: pure functions, model → Envoy resources, by kind (listeners in both
+//!   capture layouts, clusters, routes, secrets), and the per-snapshot cache that builds
+//!   each shared resource once. No streams, no gRPC.
+//! - [`serve`]: the ADS service, one task per stream with its protocol state (SotW and
+//!   delta), who a stream is, per-proxy status, SDS secrets per identity, per-stream
+//!   limits and the fail-closed replacement of rejected policy. It assembles resources
+//!   that `translate` built and never builds one itself.
+//!
+//! Data flows one way: `translate` never imports `serve`.
 
-pub mod authz_check;
-pub mod cache;
-mod delta;
-pub mod fail_closed;
-pub mod limits;
-pub mod node;
-pub mod rbac;
-pub mod rbac_eval;
-pub mod rbac_stats;
-pub mod resources;
-pub mod secrets;
-pub mod server;
-mod sotw;
-pub mod status;
+pub mod serve;
 pub mod translate;

@@ -1011,12 +1011,14 @@ metadata:
         let MeshObject::AuthorizationPolicy(ap) = &objs[0].object else {
             panic!("{objs:?}")
         };
-        assert_eq!(ap.action, crate::authz::Action::Deny);
+        assert_eq!(ap.action, crate::model::authorization::Action::Deny);
         assert_eq!(ap.rule_id(0), "shop/web#0");
         assert_eq!(ap.rules[0].when[0].header, "x-env");
         assert_eq!(
             ap.rules[0].from[0].principals[0],
-            crate::authz::StringMatch::Exact("spiffe://cluster.local/ns/shop/sa/client".into())
+            crate::model::authorization::StringMatch::Exact(
+                "spiffe://cluster.local/ns/shop/sa/client".into()
+            )
         );
         for (bad, field, says) in [
             (good.replace("action: DENY", "action: BLOCK"), "spec.action", "is not an action"),

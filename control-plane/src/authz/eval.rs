@@ -2,7 +2,7 @@
 //!
 //! `meshctl authz check` answers from this, so its prediction comes from the very
 //! protos the sidecar enforces, not from a second reading of the policies. It covers
-//! exactly the RBAC matchers [`rbac`](super::rbac) emits; anything else never matches
+//! exactly the RBAC matchers [`rbac`](super::compile) emits; anything else never matches
 //! and is reported in [`Verdict::notes`].
 //!
 //! Envoy's rules, mirrored here: a policy matches when any of its permissions and any
@@ -22,7 +22,7 @@ use envoy_types::pb::envoy::config::rbac::v3::{
 use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, path_matcher, string_matcher};
 
-use super::rbac::PortRbac;
+use super::compile::PortRbac;
 
 /// What Envoy knows about a request when its RBAC filters run.
 #[derive(Debug, Clone, Default)]
@@ -254,10 +254,12 @@ fn in_block(ip: IpAddr, net: IpAddr, len: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authz::StringMatch::{Exact, Prefix, Suffix};
-    use crate::authz::{Action, AuthorizationPolicy, Cidr, Condition, Operation, Rule, Source};
+    use crate::authz::compile::compile;
     use crate::model::ObjectKey;
-    use crate::xds::rbac::compile;
+    use crate::model::authorization::StringMatch::{Exact, Prefix, Suffix};
+    use crate::model::authorization::{
+        Action, AuthorizationPolicy, Cidr, Condition, Operation, Rule, Source,
+    };
 
     fn policy(name: &str, action: Action, rule: Rule) -> AuthorizationPolicy {
         AuthorizationPolicy {
@@ -414,11 +416,11 @@ mod tests {
             Action::Allow,
             Rule {
                 from: vec![Source {
-                    principals: vec![crate::authz::StringMatch::Any],
+                    principals: vec![crate::model::authorization::StringMatch::Any],
                     ..Default::default()
                 }],
                 to: vec![Operation {
-                    paths: vec![crate::authz::StringMatch::Any],
+                    paths: vec![crate::model::authorization::StringMatch::Any],
                     ..Default::default()
                 }],
                 ..Default::default()

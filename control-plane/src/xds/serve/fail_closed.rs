@@ -28,12 +28,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::cache::XdsSnapshot;
-use super::resources::{ProxyResources, Resource, ResourceType};
 use super::status::now_rfc3339;
 use crate::logging::Escaped;
 use crate::metrics::metrics;
 use crate::model::ObjectKey;
+use crate::xds::translate::cache::XdsSnapshot;
+use crate::xds::translate::resources::{ProxyResources, Resource, ResourceType};
 
 /// The longest part of Envoy's reason kept in a problem line.
 const REASON_BYTES: usize = 300;

@@ -32,7 +32,7 @@ pub enum NodeError {
     MissingId,
     #[error(
         "node.id must be at most {max} bytes without control characters, not {id:?}",
-        max = crate::xds::limits::MAX_NAME_BYTES
+        max = crate::xds::serve::limits::MAX_NAME_BYTES
     )]
     BadId { id: String },
     #[error("node {node_id:?}: node.metadata.pod {pod:?} is not a pod name")]
@@ -85,7 +85,9 @@ pub fn identify(
     }
     // The node id is logged with every line about this stream: it must not be able to
     // break a line or fill one.
-    if node.id.len() > crate::xds::limits::MAX_NAME_BYTES || node.id.chars().any(char::is_control) {
+    if node.id.len() > crate::xds::serve::limits::MAX_NAME_BYTES
+        || node.id.chars().any(char::is_control)
+    {
         let id = crate::logging::Escaped(&node.id).to_string();
         return Err(NodeError::BadId { id }.into());
     }

@@ -6,7 +6,7 @@
 //! re-encodes what it touches. Outbound listeners are encoded once per service port and
 //! local port, and shared by every proxy that declares that upstream. A service port's
 //! cluster is encoded once per calling pod IP (it binds its connections to it, see
-//! [`translate::bound_to`]), shared by that pod's streams, and dropped with the pod.
+//! [`translate::clusters::bound_to`]), shared by that pod's streams, and dropped with the pod.
 //!
 //! A workload's own resources — the listener, static cluster and (HTTP) route of each
 //! inbound port, the route carrying its RBAC; its egress listener and route — are
@@ -26,9 +26,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use super::resources::{ProxyResources, Resource, ResourceType};
-use super::{rbac, translate};
-use crate::authz::AuthorizationPolicy;
+use crate::authz::compile as rbac;
+use crate::model::authorization::AuthorizationPolicy;
 use crate::model::snapshot::{Endpoint, InboundPort, ServicePortKey};
+use crate::xds::translate;
 use meshd_ca::SpiffeId;
 
 use crate::model::proxy_view::{EgressView, Outbound};
@@ -68,10 +69,11 @@ impl ServicePortResources {
         bound
             .entry(address)
             .or_insert_with(|| {
-                let cluster = translate::service_cluster(&self.service, port, &self.identities);
+                let cluster =
+                    translate::clusters::service_cluster(&self.service, port, &self.identities);
                 Resource::encode(
                     self.cluster.name.clone(),
-                    &translate::bound_to(cluster, address),
+                    &translate::clusters::bound_to(cluster, address),
                 )
             })
             .clone()
@@ -84,8 +86,8 @@ impl ServicePortResources {
             .entry(out.upstream.local_port)
             .or_insert_with(|| {
                 Resource::encode(
-                    translate::outbound_listener_name(out.upstream.local_port),
-                    &translate::outbound_listener(out),
+                    translate::names::outbound_listener_name(out.upstream.local_port),
+                    &translate::listeners::outbound_listener(out),
                 )
             })
             .clone()
@@ -119,39 +121,42 @@ impl WorkloadResources {
                 resources.push((
                     ResourceType::Cluster,
                     Resource::encode(
-                        translate::inbound_cluster_name(port.port),
-                        &translate::inbound_cluster(port, app_port),
+                        translate::names::inbound_cluster_name(port.port),
+                        &translate::clusters::inbound_cluster(port, app_port),
                     ),
                 ));
                 let rbac = rbac::inbound_rbac(mesh, workload, port);
-                let listener = translate::inbound_listener_name(address, port.port);
+                let listener = translate::names::inbound_listener_name(address, port.port);
                 if port.protocol.is_http() {
                     resources.push((
                         ResourceType::Route,
                         Resource::encode(
                             listener.clone(),
-                            &translate::inbound_route(&listener, port, &rbac),
+                            &translate::routes::inbound_route(&listener, port, &rbac),
                         ),
                     ));
                 }
                 resources.push((
                     ResourceType::Listener,
-                    Resource::encode(listener, &translate::inbound_listener(address, port, &rbac)),
+                    Resource::encode(
+                        listener,
+                        &translate::listeners::inbound_listener(address, port, &rbac),
+                    ),
                 ));
             }
         }
         if let Some(egress) = &view.egress {
-            let name = translate::egress_listener_name(egress.port);
+            let name = translate::names::egress_listener_name(egress.port);
             resources.push((
                 ResourceType::Route,
                 Resource::encode(
                     name.clone(),
-                    &translate::egress_route(egress, &workload.key.namespace),
+                    &translate::routes::egress_route(egress, &workload.key.namespace),
                 ),
             ));
             resources.push((
                 ResourceType::Listener,
-                Resource::encode(name, &translate::egress_listener(egress)),
+                Resource::encode(name, &translate::listeners::egress_listener(egress)),
             ));
         }
         WorkloadResources {
@@ -234,18 +239,19 @@ impl XdsSnapshot {
                     }
                     _ => {
                         // One allocation for the three resources' names.
-                        let name: Arc<str> = translate::service_cluster_name(svc, port.port).into();
+                        let name: Arc<str> =
+                            translate::names::service_cluster_name(svc, port.port).into();
                         let (cluster, route) = match old.filter(|_| same_service) {
                             Some(old) => (old.cluster.clone(), old.route.clone()),
                             None => (
                                 Resource::encode(
                                     name.clone(),
-                                    &translate::service_cluster(svc, port, &identities),
+                                    &translate::clusters::service_cluster(svc, port, &identities),
                                 ),
                                 port.protocol.is_http().then(|| {
                                     Resource::encode(
                                         name.clone(),
-                                        &translate::service_route(svc, port),
+                                        &translate::routes::service_route(svc, port),
                                     )
                                 }),
                             ),
@@ -254,7 +260,7 @@ impl XdsSnapshot {
                             Some(old) => old.load_assignment.clone(),
                             None => Resource::encode(
                                 name.clone(),
-                                &translate::service_load_assignment(&name, &endpoints),
+                                &translate::clusters::service_load_assignment(&name, &endpoints),
                             ),
                         };
                         let (listeners, mut bound_clusters) = match old.filter(|_| same_service) {
@@ -344,7 +350,7 @@ impl XdsSnapshot {
 
     /// The version of `workload`'s inbound listener or route `name` that denies every
     /// request on it, served while its proxy rejects the compiled one
-    /// ([`super::fail_closed`]); `None` if it is no such resource.
+    /// ([`crate::xds::serve::fail_closed`]); `None` if it is no such resource.
     pub fn denying(
         &self,
         workload: &ObjectKey,
@@ -357,15 +363,15 @@ impl XdsSnapshot {
             .inbound
             .get(workload)?
             .iter()
-            .find(|p| translate::inbound_listener_name(address, p.port) == name)?;
+            .find(|p| translate::names::inbound_listener_name(address, p.port) == name)?;
         match t {
             ResourceType::Route if port.protocol.is_http() => Some(Resource::encode(
                 name,
-                &translate::inbound_route_denied(name),
+                &translate::routes::inbound_route_denied(name),
             )),
             ResourceType::Listener => Some(Resource::encode(
                 name,
-                &translate::inbound_listener_denied(address, port),
+                &translate::listeners::inbound_listener_denied(address, port),
             )),
             _ => None,
         }
@@ -441,7 +447,9 @@ pub fn spawn_translator(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authz::{Action, AuthorizationPolicy, Operation, Rule, Source, StringMatch};
+    use crate::model::authorization::{
+        Action, AuthorizationPolicy, Operation, Rule, Source, StringMatch,
+    };
     use crate::model::{
         ContainerPort, MeshDefaults, MeshObject, Protocol, ServicePort, TargetPort, Workload,
     };

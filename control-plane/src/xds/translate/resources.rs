@@ -141,3 +141,11 @@ pub fn set_version<'a>(resources: impl Iterator<Item = &'a Resource>) -> String 
     }
     format!("{:016x}", h.finish())
 }
+
+/// `m` as a protobuf `Any` (type URL `type.googleapis.com/<full name>`).
+pub fn any<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}

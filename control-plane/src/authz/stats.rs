@@ -1,6 +1,6 @@
 //! Reads meshd's RBAC counters back from an Envoy's `/stats` text, per rule.
 //!
-//! What [`rbac`](super::rbac) makes Envoy count:
+//! What [`rbac`](super::compile) makes Envoy count:
 //!
 //! | stat | meaning |
 //! |---|---|

@@ -11,19 +11,19 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
-use super::server::Queued;
+use super::stream::Queued;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as DeltaResource,
 };
 use tokio::sync::mpsc;
 
 use super::fail_closed;
-use super::resources::{Resource, ResourceType};
+use crate::xds::translate::resources::{Resource, ResourceType};
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use super::limits::{self, Held, StreamEnd};
-use super::server::{ProxyConn, StreamFlavor};
 use super::status::XdsFlavor;
+use super::stream::{ProxyConn, StreamFlavor};
 
 #[derive(Debug, Default)]
 struct TypeState {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::metrics::{self, metrics};
-use crate::xds::limits::{self, LimitError};
+use crate::xds::serve::limits::{self, LimitError};
 use serde::{Deserialize, Serialize};
 
 pub use meshd_sidecar::XdsFlavor;

@@ -12,16 +12,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use super::server::Queued;
+use super::stream::Queued;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tokio::sync::mpsc;
 
-use super::resources::{Resource, ResourceType, set_version};
+use crate::xds::translate::resources::{Resource, ResourceType, set_version};
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use super::limits::{self, Held, StreamEnd};
-use super::server::{ProxyConn, StreamFlavor};
 use super::status::XdsFlavor;
+use super::stream::{ProxyConn, StreamFlavor};
 
 #[derive(Debug)]
 enum Subscription {

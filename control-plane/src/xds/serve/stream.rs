@@ -1,39 +1,32 @@
-//! The ADS server: `StreamAggregatedResources` (state of the world) and
-//! `DeltaAggregatedResources` (incremental) on one gRPC service.
+//! One ADS stream's life, shared by both flavours: identify the proxy from its first
+//! request, then serve its requests, new snapshots and new certificates until it ends.
 //!
 //! One task per stream. A stream task owns everything about its proxy (subscriptions,
 //! nonces, what was sent and ACKed) and follows the xDS snapshot through its own `watch`
 //! receiver, so there is no shared lock on the push path and a slow proxy only slows its
 //! own task: `watch` hands it the newest snapshot when it is ready, skipping the ones it
-//! was too slow to see. This module is the only place that builds `tonic::Status`.
+//! was too slow to see. This module and [`super::server`] are the only places that build
+//! `tonic::Status`.
 
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
 
 use meshd_ca::SpiffeId;
 
-use super::cache::XdsSnapshot;
 use super::fail_closed::FailClosed;
 use super::limits::{self, LimitError, StreamEnd};
-use super::node::{IdentifyError, IdentityError, ProxyId, identify, peer_identity};
-use super::resources::{ProxyResources, Resource, ResourceType};
+use super::node::{IdentifyError, IdentityError, ProxyId, identify};
 use super::secrets::SecretCache;
 use super::status::{Nack, ProxyHandle, ProxyRegistry, ProxyStatus, XdsFlavor, now_rfc3339};
-use super::{delta, sotw};
 use crate::identity::CertManager;
 use crate::logging::{Escaped, Throttle};
 use crate::metrics::{self, metrics};
 use crate::throttled_warn;
+use crate::xds::translate::cache::XdsSnapshot;
+use crate::xds::translate::resources::{ProxyResources, Resource, ResourceType};
 
 /// Warnings any authenticated peer can trigger at will: each kind at most 20 lines per
 /// 10 s (the metrics count every one).
@@ -42,94 +35,10 @@ static NACKS: Throttle = Throttle::new(20, std::time::Duration::from_secs(10));
 static UNKNOWN_TYPES: Throttle = Throttle::new(20, std::time::Duration::from_secs(10));
 static LIMITS: Throttle = Throttle::new(20, std::time::Duration::from_secs(10));
 
-/// Responses queued per stream before the stream task waits for the proxy to read.
-const STREAM_BUFFER: usize = 8;
-
-#[derive(Clone, Debug)]
-pub struct AdsServer {
-    snapshots: watch::Receiver<Arc<XdsSnapshot>>,
-    registry: ProxyRegistry,
-    certs: Arc<CertManager>,
-    secrets: SecretCache,
-}
-
-impl AdsServer {
-    pub fn new(
-        snapshots: watch::Receiver<Arc<XdsSnapshot>>,
-        registry: ProxyRegistry,
-        certs: Arc<CertManager>,
-    ) -> Self {
-        Self {
-            snapshots,
-            registry,
-            secrets: SecretCache::new(certs.clone()),
-            certs,
-        }
-    }
-
-    fn context<T>(&self, request: &Request<T>) -> StreamContext {
-        let certs = request.peer_certs();
-        StreamContext {
-            snapshots: self.snapshots.clone(),
-            registry: self.registry.clone(),
-            certs: self.certs.clone(),
-            secrets: self.secrets.clone(),
-            peer: peer_identity(certs.as_ref().map(|c| c.as_slice())),
-        }
-    }
-
-    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<AdsServer> {
-        AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
-            .max_encoding_message_size(usize::MAX)
-    }
-}
-
 /// A response on its way to the proxy. Boxed: a tokio channel allocates its slots in
 /// blocks of 32 whatever its bound, and an unboxed slot (a response or a `Status`) is
 /// some 200 bytes — 6 KiB per idle stream, 60 MiB at 10,000 proxies.
 pub(crate) type Queued<T> = Box<Result<T, Status>>;
-
-type ResponseStream<T> =
-    futures::stream::Map<ReceiverStream<Queued<T>>, fn(Queued<T>) -> Result<T, Status>>;
-
-// The box is the point: it is what the channel holds.
-#[allow(clippy::boxed_local)]
-fn unbox<T>(queued: Queued<T>) -> Result<T, Status> {
-    *queued
-}
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsServer {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let ctx = self.context(&request);
-        tokio::spawn(run::<sotw::SotwStream>(ctx, request.into_inner(), tx));
-        Ok(Response::new(futures::StreamExt::map(
-            ReceiverStream::new(rx),
-            unbox as fn(_) -> _,
-        )))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let ctx = self.context(&request);
-        tokio::spawn(run::<delta::DeltaStream>(ctx, request.into_inner(), tx));
-        Ok(Response::new(futures::StreamExt::map(
-            ReceiverStream::new(rx),
-            unbox as fn(_) -> _,
-        )))
-    }
-}
 
 /// What a stream task starts from.
 pub(crate) struct StreamContext {
@@ -416,7 +325,7 @@ pub(crate) trait StreamFlavor: Sized + Send + 'static {
 
 /// A stream's whole life: identify the proxy from its first request, then serve its
 /// requests, new snapshots and new certificates until it ends.
-async fn run<F: StreamFlavor>(
+pub(crate) async fn run<F: StreamFlavor>(
     mut ctx: StreamContext,
     mut requests: Streaming<F::Request>,
     tx: mpsc::Sender<Queued<F::Response>>,

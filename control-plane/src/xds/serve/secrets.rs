@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use meshd_ca::{CaError, IssuedCertificate, SpiffeId};
 
-use super::resources::Resource;
-use super::translate;
 use crate::identity::CertManager;
+use crate::xds::translate;
+use crate::xds::translate::resources::Resource;
 
 #[derive(Debug, Clone)]
 pub struct SecretCache {
@@ -48,8 +48,8 @@ impl SecretCache {
             Some((from, secret)) if Arc::ptr_eq(from, &cert) => secret.clone(),
             _ => {
                 let secret = Resource::encode(
-                    translate::WORKLOAD_SECRET,
-                    &translate::workload_secret(&cert),
+                    translate::secrets::WORKLOAD_SECRET,
+                    &translate::secrets::workload_secret(&cert),
                 );
                 encoded.workloads.insert(id.clone(), (cert, secret.clone()));
                 secret
@@ -58,8 +58,10 @@ impl SecretCache {
         let root = match &encoded.root {
             Some((roots, secret)) if roots.as_slice() == bundle.roots() => secret.clone(),
             _ => {
-                let secret =
-                    Resource::encode(translate::ROOT_SECRET, &translate::root_secret(&bundle));
+                let secret = Resource::encode(
+                    translate::secrets::ROOT_SECRET,
+                    &translate::secrets::root_secret(&bundle),
+                );
                 encoded.root = Some((bundle.roots().to_vec(), secret.clone()));
                 secret
             }

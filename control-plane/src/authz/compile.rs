@@ -14,7 +14,7 @@
 //! was denied, allowed and audited; network RBAC has no per-rule counters, so on TCP
 //! each DENY policy and each AUDIT rule is a network filter of its own. Per port it
 //! counts what no ALLOW rule admitted; `meshctl authz stats` reads it back
-//! ([`rbac_stats`](super::rbac_stats)).
+//! ([`rbac_stats`](super::stats)).
 //!
 //! **Live updates.** On HTTP ports the three stages are HTTP filters in the listener
 //! whose real configs live in the port's inbound route configuration (RDS, named like
@@ -51,8 +51,10 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::protobuf::UInt32Value;
 
-use crate::authz::{Action, AuthorizationPolicy, Cidr, Operation, Rule, Source, StringMatch};
 use crate::model::Workload;
+use crate::model::authorization::{
+    Action, AuthorizationPolicy, Cidr, Operation, Rule, Source, StringMatch,
+};
 use crate::model::snapshot::{InboundPort, MeshSnapshot};
 
 /// The RBAC stages of one inbound port, in the order they run.
@@ -151,7 +153,10 @@ impl PortRbac {
             .into_iter()
             .map(|((name, _), rbac)| {
                 let per_route = RbacPerRoute { rbac: Some(rbac) };
-                (name.to_string(), super::translate::any(&per_route))
+                (
+                    name.to_string(),
+                    crate::xds::translate::resources::any(&per_route),
+                )
             })
             .collect()
     }
@@ -627,12 +632,12 @@ mod tests {
                 ..Default::default()
             }],
             when: vec![
-                crate::authz::Condition {
+                crate::model::authorization::Condition {
                     header: "x-a".into(),
                     values: any.clone(),
                     not_values: any.clone(),
                 },
-                crate::authz::Condition {
+                crate::model::authorization::Condition {
                     header: "x-b".into(),
                     values: vec![],
                     not_values: vec![StringMatch::Prefix("us-".into())],

@@ -2,7 +2,7 @@
 //!
 //! The destination is a service port. It is resolved, like a caller's sidecar does, to
 //! the endpoints' workloads; for each, the RBAC its inbound listener carries is built by
-//! the same function ([`rbac::inbound_rbac`]) and evaluated by [`rbac_eval`]. Workloads
+//! the same function ([`compile::inbound_rbac`](super::compile::inbound_rbac)) and evaluated by [`eval`](super::eval). Workloads
 //! of one service can have different policies (selectors), so there is one verdict per
 //! workload.
 
@@ -11,8 +11,8 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::rbac;
-use super::rbac_eval::{HttpRequest, Request, Verdict};
+use super::compile as rbac;
+use super::eval::{HttpRequest, Request, Verdict};
 use crate::model::ObjectKey;
 use crate::model::snapshot::MeshSnapshot;
 
