@@ -41,6 +41,8 @@ fn service(i: usize) -> MeshObject {
 fn pod(svc: usize, n: usize, ready: bool) -> MeshObject {
     let i = svc * PODS_PER_SERVICE + n;
     MeshObject::Workload(Arc::new(Workload {
+        scope: None,
+        capture: Default::default(),
         key: ObjectKey::new(format!("ns{}", svc % NAMESPACES), format!("svc{svc}-{n}")),
         uid: None,
         labels: [("app".to_string(), format!("svc{svc}"))].into(),

@@ -32,6 +32,8 @@ fn mesh() -> MeshSnapshot {
         for n in 0..10u32 {
             let i = s * 10 + n;
             objects.push(MeshObject::Workload(Arc::new(Workload {
+                scope: None,
+                capture: Default::default(),
                 key: ObjectKey::new("shop", format!("svc{s}-{n}")),
                 uid: None,
                 labels: [("app".to_string(), format!("svc{s}"))].into(),

@@ -43,8 +43,12 @@ pub struct Scenario {
     pub endpoints: usize,
     pub proxies: usize,
     pub upstreams: usize,
-    /// Whether proxies also have an egress port, and what it reaches.
+    /// Whether proxies also have an egress port, and what it reaches; in transparent
+    /// capture, what the virtual outbound listener reaches (`None`: the namespace,
+    /// here the whole mesh).
     pub egress: Option<EgressScope>,
+    /// Proxies are `meshd.io/capture: transparent` (virtual listeners, no egress port).
+    pub transparent: bool,
 }
 
 /// The scope of every proxy's egress port (`meshd.io/scope`).
@@ -79,8 +83,10 @@ impl Scenario {
         for s in 0..self.services {
             let _ = write!(
                 services,
-                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {NAMESPACE}}}\nspec:\n  selector: {{app: {}}}\n  ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]\n",
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {NAMESPACE}}}\nspec:\n  clusterIP: 10.96.{}.{}\n  selector: {{app: {}}}\n  ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]\n",
                 Self::service(s),
+                s / 250,
+                s % 250 + 1,
                 Self::service(s)
             );
         }
@@ -110,21 +116,21 @@ impl Scenario {
                 .enumerate()
                 .map(|(k, s)| format!("{}:80={}", Self::service(*s), 20000 + k))
                 .collect();
+            let port = match self.transparent {
+                true => ", meshd.io/capture: transparent",
+                false => ", meshd.io/egress-port: \"15080\"",
+            };
             let egress = match self.egress {
+                None if self.transparent => port.to_string(),
                 None => String::new(),
-                Some(EgressScope::All) => {
-                    ", meshd.io/egress-port: \"15080\", meshd.io/scope: \"*\"".to_string()
-                }
+                Some(EgressScope::All) => format!("{port}, meshd.io/scope: \"*\""),
                 Some(EgressScope::Upstreams) => {
                     let scope: Vec<String> = self
                         .upstreams_of(p)
                         .iter()
                         .map(|s| format!("{NAMESPACE}/{}", Self::service(*s)))
                         .collect();
-                    format!(
-                        ", meshd.io/egress-port: \"15080\", meshd.io/scope: \"{}\"",
-                        scope.join(", ")
-                    )
+                    format!("{port}, meshd.io/scope: \"{}\"", scope.join(", "))
                 }
             };
             let _ = write!(
@@ -220,7 +226,9 @@ fn rds_names(listener: &[u8]) -> Vec<String> {
         .filter_map(|f| match &f.config_type {
             Some(
                 envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(any),
-            ) => HttpConnectionManager::decode(any.value.as_slice()).ok(),
+            ) if any.type_url.ends_with(".HttpConnectionManager") => {
+                HttpConnectionManager::decode(any.value.as_slice()).ok()
+            }
             _ => None,
         })
         .filter_map(|hcm| match hcm.route_specifier {

@@ -16,7 +16,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use meshd::model::{MeshDefaults, MeshObject, MtlsMode, ScopeEntry};
+use meshd::model::{MeshDefaults, MeshObject, MtlsMode, OutboundPolicy, ScopeEntry};
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
@@ -133,10 +133,12 @@ fn defaults() -> impl Strategy<Value = MeshDefaults> {
             vec![ScopeEntry::All],
             vec![ScopeEntry::Namespace("shop".into())],
         ])),
+        select(vec![OutboundPolicy::AllowAny, OutboundPolicy::RegistryOnly]),
     )
-        .prop_map(|(mtls_mode, scope)| MeshDefaults {
+        .prop_map(|(mtls_mode, scope, outbound_policy)| MeshDefaults {
             mtls_mode,
             scope,
+            outbound_policy,
             ..MeshDefaults::default()
         })
 }
@@ -266,6 +268,7 @@ fn pod(index: usize) -> impl Strategy<Value = Value> {
                 option::of(select(vec!["shop", "*", "shop, edge/web", "edge/db"])),
             ),
         ),
+        option::weighted(0.35, option::of(select(vec!["shop", "*", "edge/db"]))),
     );
     (
         select(&NAMESPACES[..]),
@@ -277,7 +280,7 @@ fn pod(index: usize) -> impl Strategy<Value = Value> {
         annotations,
     )
         .prop_map(
-            move |(ns, app, sa, ip, ready, containers, (ups, app_ports, egress))| {
+            move |(ns, app, sa, ip, ready, containers, (ups, app_ports, egress, transparent))| {
                 let mut annotations = Map::new();
                 if let Some(ups) = ups {
                     annotations.insert("meshd.io/upstreams".into(), ups.join(", ").into());
@@ -285,7 +288,13 @@ fn pod(index: usize) -> impl Strategy<Value = Value> {
                 if let Some(a) = app_ports {
                     annotations.insert("meshd.io/app-ports".into(), a.into());
                 }
-                if let Some((port, scope)) = egress {
+                // A transparent pod has a scope of its own, or none, and no egress port.
+                if let Some(scope) = transparent {
+                    annotations.insert("meshd.io/capture".into(), "transparent".into());
+                    if let Some(s) = scope {
+                        annotations.insert("meshd.io/scope".into(), s.into());
+                    }
+                } else if let Some((port, scope)) = egress {
                     annotations.insert("meshd.io/egress-port".into(), port.to_string().into());
                     if let Some(s) = scope {
                         annotations.insert("meshd.io/scope".into(), s.into());

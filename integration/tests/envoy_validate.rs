@@ -104,7 +104,8 @@ fn check(mesh: &GenMesh, ca: &Ca, coverage: &Mutex<Coverage>) -> anyhow::Result<
     ));
     let xds = XdsSnapshot::build(snapshot.clone(), None, "cluster.local");
     let mut proxies = Vec::new();
-    let mut denied_once = false;
+    // Once per mesh and capture layout: the first proxy that has guarded resources.
+    let mut denied_once = BTreeSet::new();
     for (key, workload) in &snapshot.workloads {
         let (_, mut resources) = xds.proxy_resources(key).context("a workload of the mesh")?;
         for secret in ca.secrets(&key.namespace, &workload.service_account)? {
@@ -115,8 +116,7 @@ fn check(mesh: &GenMesh, ca: &Ca, coverage: &Mutex<Coverage>) -> anyhow::Result<
         // What the proxy gets instead after rejecting its inbound routes, or its
         // inbound listeners: once per mesh, for the first proxy that has them.
         let guarded = |t| resources.get(t).keys().any(|n| fail_closed::guards(t, n));
-        if !denied_once && guarded(ResourceType::Listener) {
-            denied_once = true;
+        if guarded(ResourceType::Listener) && denied_once.insert(workload.capture) {
             for (variant, denied) in [
                 ("routes", ResourceType::Route),
                 ("listeners", ResourceType::Listener),
@@ -280,6 +280,11 @@ impl Coverage {
         "upstream TCP",
         "egress port",
         "endpoint slice",
+        "transparent pod",
+        "transparent VIP chain",
+        "transparent endpoint chain",
+        "transparent PERMISSIVE port",
+        "transparent registry-only",
     ];
 
     fn record(
@@ -343,6 +348,26 @@ impl Coverage {
                 }
                 if view.egress.is_some() {
                     seen.insert("egress port");
+                }
+                if let Some(t) = &view.transparent {
+                    seen.insert("transparent pod");
+                    if t.services.iter().any(|(s, _)| s.cluster_ip.is_some()) {
+                        seen.insert("transparent VIP chain");
+                    }
+                    if t.services.iter().any(|(s, p)| {
+                        snapshot
+                            .endpoints
+                            .get(&(s.key.clone(), p.port))
+                            .is_some_and(|e| !e.is_empty())
+                    }) {
+                        seen.insert("transparent endpoint chain");
+                    }
+                    if view.inbound.iter().any(|p| p.mtls == MtlsMode::Permissive) {
+                        seen.insert("transparent PERMISSIVE port");
+                    }
+                    if t.outbound_policy == meshd::model::OutboundPolicy::RegistryOnly {
+                        seen.insert("transparent registry-only");
+                    }
                 }
             }
         }

@@ -12,7 +12,7 @@ use meshd::admin::{self, AdminListener, AdminState, HealthState};
 use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
 use meshd::cluster::{self, lease::Leadership};
 use meshd::identity::{CertManager, SharedRoots};
-use meshd::model::{MeshDefaults, MtlsMode, ScopeEntry, Store, StoreConfig};
+use meshd::model::{MeshDefaults, MtlsMode, OutboundPolicy, ScopeEntry, Store, StoreConfig};
 use meshd::sources::file::FileSource;
 use meshd::sources::kubernetes::{self, KubernetesOptions};
 use meshd::xds::serve::server::AdsServer;
@@ -92,11 +92,18 @@ struct Args {
     #[arg(long, value_enum, default_value_t = ModeArg::Strict)]
     mtls_mode: ModeArg,
 
-    /// What a pod's egress port (meshd.io/egress-port) reaches when the pod has no
-    /// meshd.io/scope: namespaces, namespace/service entries or `*`, comma-separated
-    /// (default: the pod's own namespace). The sidecar receives only those services.
+    /// What a pod's egress port (explicit capture) or virtual outbound listener
+    /// (transparent capture) reaches when the pod has no meshd.io/scope: namespaces,
+    /// namespace/service entries or `*`, comma-separated (default: the pod's own
+    /// namespace). The sidecar receives only those services.
     #[arg(long, value_parser = parse_scope_arg)]
     default_scope: Option<ScopeArg>,
+
+    /// What a transparent sidecar does with a connection to a destination the mesh does
+    /// not know: `allow-any` passes it through as addressed (without mTLS),
+    /// `registry-only` refuses it. The access log names the destination either way.
+    #[arg(long, value_enum, default_value_t = OutboundPolicyArg::AllowAny)]
+    outbound_policy: OutboundPolicyArg,
 
     /// meshd's own namespace, part of its serving identity
     /// spiffe://<trust-domain>/ns/<namespace>/sa/meshd.
@@ -129,6 +136,12 @@ struct Args {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OutboundPolicyArg {
+    AllowAny,
+    RegistryOnly,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -186,6 +199,10 @@ async fn main() -> anyhow::Result<()> {
                 ModeArg::Disable => MtlsMode::Disable,
             },
             scope: args.default_scope.clone().map(|s| s.0),
+            outbound_policy: match args.outbound_policy {
+                OutboundPolicyArg::AllowAny => OutboundPolicy::AllowAny,
+                OutboundPolicyArg::RegistryOnly => OutboundPolicy::RegistryOnly,
+            },
         },
         debounce: args.debounce,
         debounce_max: args.debounce_max,

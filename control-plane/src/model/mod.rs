@@ -181,8 +181,6 @@ impl ScopeEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Egress {
     pub port: u16,
-    /// `None`: the mesh-wide default ([`MeshDefaults::scope`]).
-    pub scope: Option<Vec<ScopeEntry>>,
 }
 
 /// A pod: one sidecar's worth of application.
@@ -201,6 +199,13 @@ pub struct Workload {
     pub app_ports: BTreeMap<u16, u16>,
     pub upstreams: Vec<Upstream>,
     pub egress: Option<Egress>,
+    /// The services its sidecar receives beyond its declared upstreams: through the
+    /// egress port (explicit capture) or the virtual outbound listener (transparent).
+    /// `None`: the mesh-wide default ([`MeshDefaults::scope`]), else the pod's own
+    /// namespace.
+    pub scope: Option<Vec<ScopeEntry>>,
+    /// How the app's traffic reaches the sidecar (`meshd.io/capture`).
+    pub capture: Capture,
 }
 
 impl Workload {
@@ -215,6 +220,42 @@ impl Workload {
             .find(|p| p.name.as_deref() == Some(name))
             .map(|p| p.port)
     }
+}
+
+/// How a pod's traffic reaches its sidecar (`meshd.io/capture`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Capture {
+    /// The app calls local ports the config names (`meshd.io/upstreams`, the egress
+    /// port); inbound listeners bind the pod IP. No root needed: the local default.
+    #[default]
+    Explicit,
+    /// `meshd-agent init` redirects the pod's TCP with iptables: outbound to the virtual
+    /// listener on 15001, inbound to 15006. The app calls Service VIPs as it would
+    /// without a mesh.
+    Transparent,
+}
+
+impl Capture {
+    pub fn parse(value: &str) -> Option<Capture> {
+        match value {
+            "explicit" => Some(Capture::Explicit),
+            "transparent" => Some(Capture::Transparent),
+            _ => None,
+        }
+    }
+}
+
+/// What a transparent sidecar does with a connection to a destination the mesh does
+/// not know (`--outbound-policy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutboundPolicy {
+    /// Pass it through to its original destination, in plaintext, as without a mesh.
+    #[default]
+    AllowAny,
+    /// Refuse it; the access log says the destination is not in the mesh.
+    RegistryOnly,
 }
 
 /// How an inbound port accepts traffic (`PeerAuthentication` `mtls.mode`).
@@ -252,6 +293,8 @@ pub struct MeshDefaults {
     /// The scope of egress ports whose pod does not say (`--default-scope`); `None`:
     /// the pod's own namespace.
     pub scope: Option<Vec<ScopeEntry>>,
+    /// Transparent sidecars: destinations outside the mesh (`--outbound-policy`).
+    pub outbound_policy: OutboundPolicy,
 }
 
 impl Default for MeshDefaults {
@@ -260,6 +303,7 @@ impl Default for MeshDefaults {
             root_namespace: "meshd-system".to_string(),
             mtls_mode: MtlsMode::Strict,
             scope: None,
+            outbound_policy: OutboundPolicy::AllowAny,
         }
     }
 }

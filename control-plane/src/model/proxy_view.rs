@@ -1,12 +1,16 @@
 //! What one proxy needs from a snapshot: its own inbound ports, the upstream services
-//! it declared, and the HTTP services its egress port's scope covers — never the whole
-//! mesh.
+//! it declared, and the services its scope covers — never the whole mesh. In explicit
+//! capture the scope is what the egress port reaches (HTTP services); in transparent
+//! capture, what the virtual outbound listener matches (every port of every service in
+//! scope, and the declared upstreams' services).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use super::snapshot::{InboundPort, MeshSnapshot};
-use super::{ObjectKey, ScopeEntry, Service, ServicePort, Upstream, Workload};
+use super::{
+    Capture, ObjectKey, OutboundPolicy, ScopeEntry, Service, ServicePort, Upstream, Workload,
+};
 
 #[derive(Debug, Clone)]
 pub struct Outbound {
@@ -24,12 +28,23 @@ pub struct EgressView {
     pub services: Vec<(Arc<Service>, ServicePort)>,
 }
 
+/// Transparent capture: the services the virtual outbound listener matches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransparentView {
+    pub scope: Vec<ScopeEntry>,
+    /// Every port of every service in scope or declared as an upstream, in service order.
+    pub services: Vec<(Arc<Service>, ServicePort)>,
+    pub outbound_policy: OutboundPolicy,
+}
+
 #[derive(Debug, Clone)]
 pub struct ProxyView {
     pub workload: Arc<Workload>,
     pub inbound: Vec<InboundPort>,
     pub outbound: Vec<Outbound>,
     pub egress: Option<EgressView>,
+    /// Transparent capture only; `outbound` and `egress` are then empty.
+    pub transparent: Option<TransparentView>,
     /// Declared upstreams that cannot be served right now, with the reason.
     pub problems: Vec<String>,
 }
@@ -82,6 +97,34 @@ impl ProxyView {
                 port: port.clone(),
             });
         }
+        let scope = workload
+            .scope
+            .clone()
+            .or_else(|| snap.defaults.scope.clone())
+            .unwrap_or_else(|| vec![ScopeEntry::Namespace(workload.key.namespace.clone())]);
+        if workload.capture == Capture::Transparent {
+            let services = snap
+                .services
+                .values()
+                .filter(|s| {
+                    scope.iter().any(|entry| entry.covers(&s.key))
+                        || outbound.iter().any(|o| o.service.key == s.key)
+                })
+                .flat_map(|s| s.ports.iter().map(|p| (s.clone(), p.clone())))
+                .collect();
+            return Some(ProxyView {
+                workload,
+                inbound,
+                outbound: Vec::new(),
+                egress: None,
+                transparent: Some(TransparentView {
+                    scope,
+                    services,
+                    outbound_policy: snap.defaults.outbound_policy,
+                }),
+                problems,
+            });
+        }
         let egress = workload
             .egress
             .as_ref()
@@ -97,11 +140,6 @@ impl ProxyView {
                 None => true,
             });
         let egress = egress.map(|e| {
-            let scope = e
-                .scope
-                .clone()
-                .or_else(|| snap.defaults.scope.clone())
-                .unwrap_or_else(|| vec![ScopeEntry::Namespace(workload.key.namespace.clone())]);
             let services = snap
                 .services
                 .values()
@@ -124,6 +162,7 @@ impl ProxyView {
             inbound,
             outbound,
             egress,
+            transparent: None,
             problems,
         })
     }
@@ -153,6 +192,8 @@ mod tests {
     #[test]
     fn the_scope_falls_back_to_the_own_namespace_and_takes_http_only() {
         let client = Workload {
+            scope: None,
+            capture: Default::default(),
             key: ObjectKey::new("shop", "client-1"),
             uid: None,
             labels: Default::default(),
@@ -162,10 +203,7 @@ mod tests {
             container_ports: vec![],
             app_ports: Default::default(),
             upstreams: vec![],
-            egress: Some(Egress {
-                port: 15080,
-                scope: None,
-            }),
+            egress: Some(Egress { port: 15080 }),
         };
         let snap = MeshSnapshot::build(
             1,
@@ -193,6 +231,8 @@ mod tests {
     #[test]
     fn an_upstream_or_egress_port_on_an_inbound_port_of_a_loopback_pod_is_not_served() {
         let pod = Workload {
+            scope: None,
+            capture: Default::default(),
             key: ObjectKey::new("shop", "web-1"),
             uid: None,
             labels: [("app".to_string(), "web".to_string())].into(),
@@ -213,10 +253,7 @@ mod tests {
                     local_port: 15001,
                 },
             ],
-            egress: Some(Egress {
-                port: 8080,
-                scope: None,
-            }),
+            egress: Some(Egress { port: 8080 }),
         };
         let mut web = service("shop", "web", Protocol::Http);
         if let MeshObject::Service(s) = &mut web {

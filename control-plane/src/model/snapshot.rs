@@ -586,6 +586,8 @@ mod tests {
 
     fn pod(name: &str, ip: &str, app: &str) -> MeshObject {
         MeshObject::Workload(Arc::new(Workload {
+            scope: None,
+            capture: Default::default(),
             key: ObjectKey::new("default", name),
             uid: None,
             labels: [("app".to_string(), app.to_string())].into(),
@@ -857,6 +859,8 @@ mod tests {
         };
         let pod = |i: u64, app: u64, ready: bool, ip: bool| {
             MeshObject::Workload(Arc::new(Workload {
+                scope: None,
+                capture: Default::default(),
                 key: ObjectKey::new("default", format!("p{i}")),
                 uid: None,
                 labels: [("app".to_string(), format!("s{app}"))].into(),

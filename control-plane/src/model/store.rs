@@ -345,6 +345,8 @@ mod tests {
         use crate::model::Workload;
         let pod = |name: &str| {
             MeshObject::Workload(Arc::new(Workload {
+                scope: None,
+                capture: Default::default(),
                 key: ObjectKey::new("a", name),
                 uid: None,
                 labels: Default::default(),

@@ -11,10 +11,13 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{APP_PORTS_ANNOTATION, EGRESS_PORT_ANNOTATION, SCOPE_ANNOTATION, UPSTREAMS_ANNOTATION};
+use super::{
+    APP_PORTS_ANNOTATION, CAPTURE_ANNOTATION, EGRESS_PORT_ANNOTATION, SCOPE_ANNOTATION,
+    UPSTREAMS_ANNOTATION,
+};
 use crate::model::{
-    ContainerPort, Egress, EndpointSlice, EndpointSlicePort, Namespace, ObjectKey, Protocol,
-    ScopeEntry, Service, ServicePort, SliceEndpoint, TargetPort, Upstream, Workload,
+    Capture, ContainerPort, Egress, EndpointSlice, EndpointSlicePort, Namespace, ObjectKey,
+    Protocol, ScopeEntry, Service, ServicePort, SliceEndpoint, TargetPort, Upstream, Workload,
 };
 
 /// A field of an object that is missing or wrong.
@@ -272,8 +275,24 @@ pub fn pod(pod: &core::Pod) -> Result<Workload> {
         }
         None => None,
     };
-    let egress = match (egress_port, scope) {
-        (Some(port), scope) => {
+    let capture = match annotations.and_then(|a| a.get(CAPTURE_ANNOTATION)) {
+        Some(text) => Capture::parse(text.trim()).ok_or_else(|| {
+            FieldError::new(
+                field(CAPTURE_ANNOTATION),
+                format!("{text:?} is not a capture mode (explicit, transparent)"),
+            )
+        })?,
+        None => Capture::Explicit,
+    };
+    let egress = match egress_port {
+        Some(port) => {
+            if capture == Capture::Transparent {
+                return Err(FieldError::new(
+                    field(EGRESS_PORT_ANNOTATION),
+                    "a transparent pod needs no egress port: its app calls services by \
+                     their own address (remove the annotation, or set meshd.io/capture: explicit)",
+                ));
+            }
             if let Some(up) = upstreams.iter().find(|u| u.local_port == port) {
                 return Err(FieldError::new(
                     field(EGRESS_PORT_ANNOTATION),
@@ -283,15 +302,17 @@ pub fn pod(pod: &core::Pod) -> Result<Workload> {
                     ),
                 ));
             }
-            Some(Egress { port, scope })
+            Some(Egress { port })
         }
-        (None, Some(_)) => {
-            return Err(FieldError::new(
-                field(SCOPE_ANNOTATION),
-                format!("a scope needs an egress port: set {EGRESS_PORT_ANNOTATION} too"),
-            ));
+        None => {
+            if scope.is_some() && capture == Capture::Explicit {
+                return Err(FieldError::new(
+                    field(SCOPE_ANNOTATION),
+                    format!("a scope needs an egress port: set {EGRESS_PORT_ANNOTATION} too"),
+                ));
+            }
+            None
         }
-        (None, None) => None,
     };
     Ok(Workload {
         key,
@@ -308,6 +329,8 @@ pub fn pod(pod: &core::Pod) -> Result<Workload> {
         app_ports,
         upstreams,
         egress,
+        scope,
+        capture,
     })
 }
 
@@ -449,13 +472,7 @@ mod tests {
             pod(&p)
         };
         let w = with(&[(EGRESS_PORT_ANNOTATION, "15080")]).unwrap();
-        assert_eq!(
-            w.egress,
-            Some(Egress {
-                port: 15080,
-                scope: None
-            })
-        );
+        assert_eq!(w.egress, Some(Egress { port: 15080 }));
         let e = with(&[(SCOPE_ANNOTATION, "shop")]).unwrap_err();
         assert!(e.to_string().contains("meshd.io/egress-port"), "{e}");
         let e = with(&[

@@ -21,10 +21,14 @@ pub const UPSTREAMS_ANNOTATION: &str = "meshd.io/upstreams";
 /// Annotation on a pod giving its sidecar an HTTP egress port on 127.0.0.1 (`"15080"`),
 /// through which the app reaches every HTTP service in its scope by Host header.
 pub const EGRESS_PORT_ANNOTATION: &str = "meshd.io/egress-port";
-/// Annotation on a pod naming what its egress port reaches, and so which services its
-/// sidecar receives: `"shop, payments/api"` (namespaces, `namespace/service`s, `*`).
-/// Without it, meshd's `--default-scope` applies.
+/// Annotation on a pod naming what its egress port (explicit capture) or its virtual
+/// outbound listener (transparent capture) reaches, and so which services its sidecar
+/// receives: `"shop, payments/api"` (namespaces, `namespace/service`s, `*`). Without it,
+/// meshd's `--default-scope` applies, else the pod's own namespace.
 pub const SCOPE_ANNOTATION: &str = "meshd.io/scope";
 /// Annotation on a pod mapping an inbound port to the port the app really listens on
 /// at 127.0.0.1: `"8080=18080"`. Unlisted ports are served on the same port number.
 pub const APP_PORTS_ANNOTATION: &str = "meshd.io/app-ports";
+/// Annotation on a pod choosing how its traffic reaches the sidecar: `explicit` (the
+/// default: local ports) or `transparent` (iptables capture by `meshd-agent init`).
+pub const CAPTURE_ANNOTATION: &str = "meshd.io/capture";

@@ -59,6 +59,10 @@ struct Args {
     /// (`upstreams`: scoped) or every service of the mesh (`all`: unscoped).
     #[arg(long, value_enum)]
     egress_scope: Option<EgressScopeArg>,
+    /// Proxies use transparent capture: virtual listeners on 15001/15006 whose outbound
+    /// chains cover --egress-scope (`upstreams`: scoped, `all` or unset: every service).
+    #[arg(long)]
+    transparent: bool,
     /// Proxies (the first N) that NACK every update after their initial config.
     #[arg(long, default_value_t = 0)]
     nacking_proxies: usize,
@@ -100,6 +104,8 @@ enum Output {
 #[derive(Debug, serde::Serialize)]
 struct Report {
     flavor: String,
+    /// Capture layout and what each proxy's scope covers.
+    layout: String,
     proxies: usize,
     services: usize,
     endpoints: usize,
@@ -166,6 +172,7 @@ async fn main() -> anyhow::Result<()> {
             EgressScopeArg::Upstreams => load::EgressScope::Upstreams,
             EgressScopeArg::All => load::EgressScope::All,
         }),
+        transparent: args.transparent,
     };
     let dir = tempfile::Builder::new().prefix("xds-load-").tempdir()?;
     scenario.write(dir.path())?;
@@ -286,6 +293,15 @@ async fn main() -> anyhow::Result<()> {
     let rss = peak_rss_kib(pid) as f64;
     let report = Report {
         flavor: format!("{:?}", args.flavor).to_lowercase(),
+        layout: format!(
+            "{} capture, scope {}",
+            if args.transparent { "transparent" } else { "explicit" },
+            match (args.egress_scope, args.transparent) {
+                (Some(EgressScopeArg::Upstreams), _) => "= its upstreams",
+                (Some(EgressScopeArg::All), _) | (None, true) => "= every service",
+                (None, false) => "= its upstreams, no egress port",
+            }
+        ),
         proxies: args.proxies,
         services: args.services,
         endpoints: args.endpoints,
@@ -517,9 +533,10 @@ fn kind_report(
 
 fn print_table(r: &Report) {
     println!(
-        "xds-load: {} proxies ({}), {} services, {} endpoints, {} upstreams per proxy{}{}",
+        "xds-load: {} proxies ({}, {}), {} services, {} endpoints, {} upstreams per proxy{}{}",
         r.proxies,
         r.flavor,
+        r.layout,
         r.services,
         r.endpoints,
         r.upstreams_per_proxy,

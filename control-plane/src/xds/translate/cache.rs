@@ -19,7 +19,7 @@
 //! content can produce other bytes, another version, and a needless push.
 //! [`XdsSnapshot::proxy_resources`] assembles both kinds.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -32,8 +32,11 @@ use crate::model::snapshot::{Endpoint, InboundPort, ServicePortKey};
 use crate::xds::translate;
 use meshd_ca::SpiffeId;
 
-use crate::model::proxy_view::{EgressView, Outbound};
-use crate::model::{MeshSnapshot, ObjectKey, ProxyView, Service, Workload};
+use super::listeners::{OutboundChain, VirtualInbound};
+use crate::model::proxy_view::{EgressView, Outbound, TransparentView};
+use crate::model::{
+    MeshSnapshot, MtlsMode, ObjectKey, OutboundPolicy, ProxyView, Service, Workload,
+};
 
 /// The shared resources of one service port and the inputs they were built from.
 #[derive(Debug)]
@@ -44,6 +47,8 @@ pub struct ServicePortResources {
     /// The SPIFFE ids of the endpoints' pods: whom the cluster's TLS accepts.
     identities: Vec<SpiffeId>,
     pub cluster: Arc<Resource>,
+    /// Transparent capture: the cluster for calls to an endpoint's own address.
+    pub direct: Arc<Resource>,
     pub load_assignment: Arc<Resource>,
     pub route: Option<Arc<Resource>>,
     /// Outbound listeners for this service port by local port, encoded once for every
@@ -102,7 +107,125 @@ struct WorkloadResources {
     ports: Option<Arc<Vec<InboundPort>>>,
     policies: Vec<Arc<AuthorizationPolicy>>,
     egress: Option<EgressView>,
+    transparent: Option<TransparentInputs>,
     resources: Vec<(ResourceType, Arc<Resource>)>,
+}
+
+/// What a transparent workload's virtual listeners are built from beyond its inbound
+/// ports and policies: the outbound chains (service VIPs, endpoint addresses), the
+/// outbound policy, and the mTLS modes of ports no Service names.
+#[derive(Debug, Clone, PartialEq)]
+struct TransparentInputs {
+    chains: Vec<OutboundChain>,
+    /// The service ports whose VIP chain the listener has (their EDS cluster, endpoints
+    /// and route go with it), and those with an endpoint chain over mTLS (their direct
+    /// cluster): nothing the listener does not use is sent.
+    vip_services: Vec<ServicePortKey>,
+    direct_services: Vec<ServicePortKey>,
+    outbound_policy: OutboundPolicy,
+    other_ports: Vec<(Option<u16>, MtlsMode)>,
+}
+
+impl TransparentInputs {
+    fn of(mesh: &MeshSnapshot, view: &ProxyView) -> Option<TransparentInputs> {
+        let t = view.transparent.as_ref()?;
+        let (chains, vip_services, direct_services) = outbound_chains(mesh, t);
+        Some(TransparentInputs {
+            chains,
+            vip_services,
+            direct_services,
+            outbound_policy: t.outbound_policy,
+            other_ports: other_ports(mesh, view),
+        })
+    }
+}
+
+/// The virtual outbound listener's chains: first every service VIP and port, then each
+/// endpoint address and port not already matched (a pod IP dialled directly, a headless
+/// service's pods). An address and port belongs to the first service that has it:
+/// Envoy refuses two chains with the same match.
+/// Returns the chains and the service ports of VIP chains and of mTLS endpoint chains.
+fn outbound_chains(
+    mesh: &MeshSnapshot,
+    t: &TransparentView,
+) -> (Vec<OutboundChain>, Vec<ServicePortKey>, Vec<ServicePortKey>) {
+    let mut chains = Vec::new();
+    let (mut vip_services, mut direct_services) = (Vec::new(), Vec::new());
+    let mut taken: HashSet<(IpAddr, u16)> = HashSet::new();
+    for (svc, port) in &t.services {
+        let Some(vip) = svc.cluster_ip else { continue };
+        if !taken.insert((vip, port.port)) {
+            continue;
+        }
+        let cluster = translate::names::service_cluster_name(svc, port.port);
+        vip_services.push((svc.key.clone(), port.port));
+        chains.push(OutboundChain {
+            name: format!("outbound|{}", std::net::SocketAddr::new(vip, port.port)),
+            port: port.port,
+            addresses: vec![vip],
+            http_route: port.protocol.is_http().then(|| cluster.clone()),
+            cluster,
+        });
+    }
+    for (svc, port) in &t.services {
+        let key = (svc.key.clone(), port.port);
+        let Some(endpoints) = mesh.endpoints.get(&key) else {
+            continue;
+        };
+        // By the endpoint's port (a named targetPort may differ per pod), mTLS or not.
+        let mut groups: BTreeMap<(u16, bool), Vec<IpAddr>> = BTreeMap::new();
+        for e in endpoints.iter() {
+            if taken.insert((e.address, e.port)) {
+                groups
+                    .entry((e.port, e.mtls == MtlsMode::Disable))
+                    .or_default()
+                    .push(e.address);
+            }
+        }
+        for ((endpoint_port, plaintext), mut addresses) in groups {
+            addresses.sort();
+            let cluster = if plaintext {
+                translate::names::PASSTHROUGH_CLUSTER.to_string()
+            } else {
+                if direct_services.last() != Some(&key) {
+                    direct_services.push(key.clone());
+                }
+                translate::names::direct_cluster_name(svc, port.port)
+            };
+            chains.push(OutboundChain {
+                name: format!("direct|{endpoint_port}||{}", svc.hostname()),
+                port: endpoint_port,
+                addresses,
+                cluster,
+                http_route: None,
+            });
+        }
+    }
+    (chains, vip_services, direct_services)
+}
+
+/// The mTLS modes of the ports of `view`'s pod that no Service names: the pod's own
+/// mode for any port, and each port a PeerAuthentication's `portLevelMtls` gives
+/// another mode.
+fn other_ports(mesh: &MeshSnapshot, view: &ProxyView) -> Vec<(Option<u16>, MtlsMode)> {
+    let workload = &view.workload;
+    let any = mesh.mtls_mode(workload, 0);
+    let named: HashSet<u16> = view.inbound.iter().map(|p| p.port).collect();
+    let mut ports: Vec<u16> = mesh
+        .peer_authentications
+        .values()
+        .flat_map(|p| p.port_modes.keys().copied())
+        .filter(|p| !named.contains(p))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let mut out: Vec<(Option<u16>, MtlsMode)> = ports
+        .into_iter()
+        .map(|p| (Some(p), mesh.mtls_mode(workload, p)))
+        .filter(|(_, mode)| *mode != any)
+        .collect();
+    out.push((None, any));
+    out
 }
 
 impl WorkloadResources {
@@ -111,11 +234,65 @@ impl WorkloadResources {
         view: &ProxyView,
         ports: Option<&Arc<Vec<InboundPort>>>,
         policies: Vec<Arc<AuthorizationPolicy>>,
+        transparent: Option<TransparentInputs>,
     ) -> WorkloadResources {
         let workload = &view.workload;
         let mut resources = Vec::new();
         let inbound = ports.map(|p| p.as_slice()).unwrap_or_default();
-        if let Some(address) = workload.address {
+        if let (Some(t), Some(address)) = (&transparent, workload.address) {
+            let mut with_rbac = Vec::new();
+            for port in inbound {
+                let app_port = workload.app_port(port.port);
+                resources.push((
+                    ResourceType::Cluster,
+                    Resource::encode(
+                        translate::names::inbound_cluster_name(port.port),
+                        &translate::clusters::inbound_cluster(port, app_port),
+                    ),
+                ));
+                let rbac = rbac::inbound_rbac(mesh, workload, port);
+                if port.protocol.is_http() {
+                    let name = translate::names::inbound_listener_name(address, port.port);
+                    resources.push((
+                        ResourceType::Route,
+                        Resource::encode(
+                            name.clone(),
+                            &translate::routes::inbound_route(&name, port, &rbac),
+                        ),
+                    ));
+                }
+                with_rbac.push((port.clone(), rbac));
+            }
+            let policies: Vec<&AuthorizationPolicy> = policies.iter().map(|p| &**p).collect();
+            let inbound = VirtualInbound {
+                address,
+                ports: with_rbac,
+                other_ports: t.other_ports.clone(),
+                other_rbac: rbac::compile(&policies, false),
+            };
+            resources.push((
+                ResourceType::Listener,
+                Resource::encode(
+                    translate::names::virtual_inbound_listener_name(),
+                    &translate::listeners::virtual_inbound_listener(&inbound, false),
+                ),
+            ));
+        }
+        if let Some(t) = &transparent {
+            resources.push((
+                ResourceType::Listener,
+                Resource::encode(
+                    translate::names::virtual_outbound_listener_name(),
+                    &translate::listeners::virtual_outbound_listener(&t.chains, t.outbound_policy),
+                ),
+            ));
+            for cluster in translate::clusters::passthrough_clusters() {
+                resources.push((
+                    ResourceType::Cluster,
+                    Resource::encode(cluster.name.clone(), &cluster),
+                ));
+            }
+        } else if let Some(address) = workload.address {
             for port in inbound {
                 let app_port = workload.app_port(port.port);
                 resources.push((
@@ -164,6 +341,7 @@ impl WorkloadResources {
             ports: ports.cloned(),
             policies,
             egress: view.egress.clone(),
+            transparent,
             resources,
         }
     }
@@ -173,11 +351,13 @@ impl WorkloadResources {
         view: &ProxyView,
         ports: Option<&Arc<Vec<InboundPort>>>,
         policies: &[Arc<AuthorizationPolicy>],
+        transparent: &Option<TransparentInputs>,
     ) -> bool {
         self.workload == view.workload
             && self.ports.as_ref() == ports
             && self.policies == policies
             && self.egress == view.egress
+            && self.transparent == *transparent
     }
 }
 
@@ -241,12 +421,22 @@ impl XdsSnapshot {
                         // One allocation for the three resources' names.
                         let name: Arc<str> =
                             translate::names::service_cluster_name(svc, port.port).into();
-                        let (cluster, route) = match old.filter(|_| same_service) {
-                            Some(old) => (old.cluster.clone(), old.route.clone()),
+                        let (cluster, direct, route) = match old.filter(|_| same_service) {
+                            Some(old) => {
+                                (old.cluster.clone(), old.direct.clone(), old.route.clone())
+                            }
                             None => (
                                 Resource::encode(
                                     name.clone(),
                                     &translate::clusters::service_cluster(svc, port, &identities),
+                                ),
+                                Resource::encode(
+                                    translate::names::direct_cluster_name(svc, port.port),
+                                    &translate::clusters::direct_cluster(
+                                        svc,
+                                        port.port,
+                                        &identities,
+                                    ),
                                 ),
                                 port.protocol.is_http().then(|| {
                                     Resource::encode(
@@ -283,6 +473,7 @@ impl XdsSnapshot {
                             endpoints,
                             identities,
                             cluster,
+                            direct,
                             load_assignment,
                             route,
                             listeners: Mutex::new(listeners),
@@ -318,10 +509,11 @@ impl XdsSnapshot {
             .into_iter()
             .cloned()
             .collect();
+        let transparent = TransparentInputs::of(&self.mesh, view);
         let cached = |cache: &HashMap<ObjectKey, Arc<WorkloadResources>>| {
             cache
                 .get(key)
-                .filter(|c| c.built_from(view, ports, &policies))
+                .filter(|c| c.built_from(view, ports, &policies, &transparent))
                 .cloned()
         };
         if let Some(hit) = cached(&self.workloads.lock().unwrap_or_else(|e| e.into_inner())) {
@@ -335,6 +527,7 @@ impl XdsSnapshot {
             view,
             ports,
             policies.clone(),
+            transparent.clone(),
         ));
         let mut cache = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(hit) = cached(&cache) {
@@ -357,7 +550,26 @@ impl XdsSnapshot {
         t: ResourceType,
         name: &str,
     ) -> Option<Arc<Resource>> {
-        let address = self.mesh.workloads.get(workload)?.address?;
+        let w = self.mesh.workloads.get(workload)?;
+        let address = w.address?;
+        if t == ResourceType::Listener && name == translate::names::virtual_inbound_listener_name()
+        {
+            let view = ProxyView::build(&self.mesh, workload)?;
+            let inbound = VirtualInbound {
+                address,
+                ports: view
+                    .inbound
+                    .iter()
+                    .map(|p| (p.clone(), Default::default()))
+                    .collect(),
+                other_ports: other_ports(&self.mesh, &view),
+                other_rbac: Default::default(),
+            };
+            return Some(Resource::encode(
+                name,
+                &translate::listeners::virtual_inbound_listener(&inbound, true),
+            ));
+        }
         let port = self
             .mesh
             .inbound
@@ -386,7 +598,8 @@ impl XdsSnapshot {
             view.problems
                 .push("the pod has no IP (status.podIP): no inbound listeners".to_string());
         }
-        for (t, r) in &self.workload_resources(&view).resources {
+        let own = self.workload_resources(&view);
+        for (t, r) in &own.resources {
             out.insert(*t, r.clone());
         }
         for out_port in &view.outbound {
@@ -403,6 +616,24 @@ impl XdsSnapshot {
                 out.insert(ResourceType::Route, route.clone());
             }
             out.insert(ResourceType::Listener, shared.outbound_listener(out_port));
+        }
+        if let Some(t) = &own.transparent {
+            for key in &t.vip_services {
+                let Some(shared) = self.services.get(key) else {
+                    continue;
+                };
+                // Unbound: in a pod of its own the kernel picks the pod IP anyway.
+                out.insert(ResourceType::Cluster, shared.cluster.clone());
+                out.insert(ResourceType::Endpoint, shared.load_assignment.clone());
+                if let Some(route) = &shared.route {
+                    out.insert(ResourceType::Route, route.clone());
+                }
+            }
+            for key in &t.direct_services {
+                if let Some(shared) = self.services.get(key) {
+                    out.insert(ResourceType::Cluster, shared.direct.clone());
+                }
+            }
         }
         if let Some(egress) = &view.egress {
             for (svc, port) in &egress.services {
@@ -456,6 +687,8 @@ mod tests {
 
     fn mesh(policies: Vec<AuthorizationPolicy>) -> Arc<MeshSnapshot> {
         let web = Workload {
+            scope: None,
+            capture: Default::default(),
             key: ObjectKey::new("shop", "web-1"),
             uid: None,
             labels: [("app".to_string(), "web".to_string())].into(),
@@ -562,6 +795,8 @@ mod tests {
         let web = mesh(vec![]);
         let caller = |name: &str, ip: Option<&str>| {
             MeshObject::Workload(Arc::new(Workload {
+                scope: None,
+                capture: Default::default(),
                 key: ObjectKey::new("shop", name),
                 uid: None,
                 labels: Default::default(),

@@ -21,7 +21,10 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 use envoy_types::pb::google::protobuf::{Duration, Struct, Value, value};
 use meshd_ca::SpiffeId;
 
-use super::names::{inbound_cluster_name, service_cluster_name};
+use super::names::{
+    BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER, INBOUND_PASSTHROUGH_SOURCE,
+    PASSTHROUGH_CLUSTER, direct_cluster_name, inbound_cluster_name, service_cluster_name,
+};
 use super::resources::any;
 use super::transport::{raw_buffer, upstream_mtls};
 use super::{ads, socket};
@@ -175,4 +178,56 @@ pub(super) fn set_http2_upstream(cluster: &mut Cluster) {
     cluster
         .typed_extension_protocol_options
         .insert(HTTP_PROTOCOL_OPTIONS_KEY.to_string(), any(&opts));
+}
+
+/// Transparent capture: a service port's cluster for calls to one of its endpoints' own
+/// addresses (a pod IP dialled directly, a headless service): the address the app
+/// dialled, over mTLS that accepts only `identities`.
+pub fn direct_cluster(svc: &Service, port: u16, identities: &[SpiffeId]) -> Cluster {
+    Cluster {
+        transport_socket: Some(upstream_mtls(identities)),
+        ..original_destination(direct_cluster_name(svc, port))
+    }
+}
+
+/// Transparent capture: what the mesh does not know, to where it was addressed, as it
+/// is ([`PASSTHROUGH_CLUSTER`]); the inbound twin connects from 127.0.0.6, which `meshd-agent
+/// init` exempts from capture, so it reaches the app instead of the sidecar again.
+pub fn passthrough_clusters() -> [Cluster; 3] {
+    let inbound = Cluster {
+        upstream_bind_config: Some(BindConfig {
+            source_address: Some(SocketAddress {
+                address: INBOUND_PASSTHROUGH_SOURCE.to_string(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(0)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..original_destination(INBOUND_PASSTHROUGH_CLUSTER.to_string())
+    };
+    // No endpoints: every connection is closed at once (`registry-only`).
+    let blackhole = Cluster {
+        name: BLACKHOLE_CLUSTER.to_string(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+        connect_timeout: Some(CONNECT_TIMEOUT),
+        ..Default::default()
+    };
+    [
+        original_destination(PASSTHROUGH_CLUSTER.to_string()),
+        inbound,
+        blackhole,
+    ]
+}
+
+fn original_destination(name: String) -> Cluster {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy;
+    Cluster {
+        name,
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(
+            DiscoveryType::OriginalDst as i32,
+        )),
+        lb_policy: LbPolicy::ClusterProvided as i32,
+        connect_timeout: Some(CONNECT_TIMEOUT),
+        ..Default::default()
+    }
 }

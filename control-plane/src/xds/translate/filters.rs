@@ -41,6 +41,13 @@ pub(super) const INBOUND_HTTP_LOG: &str = "[%START_TIME%] inbound \"%REQ(:METHOD
 /// The access log line of every inbound connection, as [`INBOUND_HTTP_LOG`].
 pub(super) const INBOUND_TCP_LOG: &str = "[%START_TIME%] inbound tcp %DOWNSTREAM_REMOTE_ADDRESS% peer=%DOWNSTREAM_PEER_URI_SAN% details=%CONNECTION_TERMINATION_DETAILS% audit=%DYNAMIC_METADATA(envoy.filters.network.rbac:audit_shadow_effective_policy_id)% %BYTES_RECEIVED%B in %BYTES_SENT%B out %DURATION%ms\n";
 
+/// The access log line of a transparent sidecar's connection to a destination outside
+/// the mesh, passed through under `--outbound-policy allow-any`.
+pub(super) const OUTBOUND_PASSTHROUGH_LOG: &str = "[%START_TIME%] outbound tcp %DOWNSTREAM_LOCAL_ADDRESS% not in the mesh: passed through as addressed, without mTLS (outbound policy allow-any) %BYTES_RECEIVED%B out %BYTES_SENT%B in %DURATION%ms\n";
+
+/// The same, refused under `--outbound-policy registry-only`.
+pub(super) const OUTBOUND_REFUSED_LOG: &str = "[%START_TIME%] outbound tcp %DOWNSTREAM_LOCAL_ADDRESS% not in the mesh: refused (outbound policy registry-only)\n";
+
 pub(super) fn http_filter_chain_filter(
     stat_prefix: &str,
     routes: http_connection_manager::RouteSpecifier,

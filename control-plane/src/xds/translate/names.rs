@@ -25,3 +25,34 @@ pub fn outbound_listener_name(local_port: u16) -> String {
 pub fn egress_listener_name(port: u16) -> String {
     format!("egress|127.0.0.1:{port}")
 }
+
+/// Transparent capture: the port `meshd-agent init` redirects outbound TCP to.
+pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
+/// Transparent capture: the port `meshd-agent init` redirects inbound TCP to.
+pub const INBOUND_CAPTURE_PORT: u16 = 15006;
+
+pub fn virtual_outbound_listener_name() -> String {
+    format!("outbound|0.0.0.0:{OUTBOUND_CAPTURE_PORT}")
+}
+
+/// Starts with `inbound|` like every listener that carries policy
+/// ([`crate::xds::serve::fail_closed::guards`]).
+pub fn virtual_inbound_listener_name() -> String {
+    format!("inbound|0.0.0.0:{INBOUND_CAPTURE_PORT}")
+}
+
+/// A service port's cluster for calls to one of its endpoints' own addresses (a pod
+/// IP, a headless service): the original destination, over mTLS to its identities.
+pub fn direct_cluster_name(svc: &Service, port: u16) -> String {
+    format!("direct|{port}||{}", svc.hostname())
+}
+
+/// Where a transparent sidecar sends what the mesh does not know, as it was addressed.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+/// Where it sends it under `--outbound-policy registry-only`: nowhere.
+pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+/// Inbound connections to a port no Service names: on to the app at the original
+/// destination port, from 127.0.0.6 (exempt from capture).
+pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
+/// The source address of [`INBOUND_PASSTHROUGH_CLUSTER`]'s connections.
+pub const INBOUND_PASSTHROUGH_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
