@@ -159,9 +159,10 @@ fn failed_lines(stderr: &str) -> Vec<usize> {
 /// The transaction that makes meshd's chains hold `rules`, with one jump into them.
 pub fn apply(table: &NatTable, rules: &[Rule]) -> Script {
     let mut script = Script::new();
-    let ours = Some(Origin::Builtin("meshd's chains"));
+    let chain_line = Some(Origin::Builtin("meshd's chain"));
+    let ours = Some(Origin::Builtin("meshd's jump into its chains"));
     for chain in CHAINS {
-        script.push(format!(":{chain} - [0:0]"), ours);
+        script.push(format!(":{chain} - [0:0]"), chain_line);
     }
     let mut kept = BTreeSet::new();
     for (chain, spec) in table.jumps() {
@@ -190,17 +191,21 @@ pub fn cleanup(table: &NatTable) -> Option<Script> {
         return None;
     }
     let mut script = Script::new();
-    let ours = Some(Origin::Builtin("meshd's chains"));
+    let jump = Some(Origin::Builtin("meshd's jump into its chains"));
     for (chain, spec) in table.jumps() {
-        script.push(format!("-D {chain} {spec}"), ours);
+        script.push(format!("-D {chain} {spec}"), jump);
     }
     // Flushed first: meshd's chains jump to each other, and a chain still referenced
-    // cannot be deleted.
+    // cannot be deleted (one that a rule outside them still jumps to stays, and so
+    // does everything else: the transaction is refused).
+    let chain_line = Some(Origin::Builtin(
+        "meshd's chain; is a rule outside meshd's chains jumping to it?",
+    ));
     for chain in table.meshd_chains() {
-        script.push(format!("-F {chain}"), ours);
+        script.push(format!("-F {chain}"), chain_line);
     }
     for chain in table.meshd_chains() {
-        script.push(format!("-X {chain}"), ours);
+        script.push(format!("-X {chain}"), chain_line);
     }
     Some(script.commit())
 }
@@ -214,7 +219,7 @@ pub fn roll_back(before: &NatTable, now: &NatTable) -> Option<Script> {
         return None;
     }
     let mut script = Script::new();
-    let ours = Some(Origin::Builtin("meshd's chains, as they were"));
+    let ours = Some(Origin::Builtin("meshd's chains, rolled back"));
     let chains: Vec<&str> = CHAINS
         .into_iter()
         .filter(|c| before.chains.contains(*c) || now.chains.contains(*c))

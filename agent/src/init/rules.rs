@@ -102,7 +102,7 @@ impl fmt::Display for Origin {
                 }
                 Ok(())
             }
-            Origin::Builtin(what) => write!(f, "meshd's own: {what}"),
+            Origin::Builtin(what) => f.write_str(what),
         }
     }
 }
