@@ -7,6 +7,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# meshd-agent's init tests program the real kernel's netfilter in network namespaces
+# they make (as root): they need iptables (both backends) and iproute2's `ip`.
+missing=()
+command -v iptables-restore >/dev/null || missing+=(iptables)
+command -v ip >/dev/null || missing+=(iproute2)
+if ((${#missing[@]})); then
+  apt-get update && apt-get install -y "${missing[@]}"
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked

@@ -295,7 +295,9 @@ mod tests {
             ];
             argv.extend(extra);
             let cli = <crate::cli::Cli as clap::Parser>::try_parse_from(argv).unwrap();
-            let crate::cli::Command::Run(args) = cli.command;
+            let crate::cli::Command::Run(args) = cli.command else {
+                panic!("not run")
+            };
             args
         };
         let (mode, pod, roots) = resolve(&parse(&["--trust-domain", "example.org"])).unwrap();

@@ -21,6 +21,9 @@
 //! - [`health`]: `/healthz/ready` for the container's probes.
 //! - [`run`]: the whole lifecycle.
 //!
+//! `meshd-agent init` ([`init`]) is the other command: the pod's transparent capture,
+//! iptables rules programmed once by the injected init container.
+//!
 //! Small on purpose (a current-thread runtime, hyper for both HTTP sides, no kube, no
 //! control plane): it runs in every pod.
 
@@ -30,6 +33,7 @@ mod cli;
 mod envoy;
 mod health;
 mod identity;
+mod init;
 mod keys;
 mod renewal;
 mod run;
@@ -42,7 +46,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    let cli::Command::Run(args) = cli.command;
+    let args = match cli.command {
+        cli::Command::Run(args) => args,
+        // No runtime and no logging set-up: init runs a few processes and exits.
+        cli::Command::Init(args) => return init::init(&args),
+    };
     if let Err(e) = init_logging(&args.log) {
         eprintln!("meshd-agent: {e:#}");
         return ExitCode::from(2);

@@ -1,6 +1,6 @@
 //! What a sidecar's Envoy starts from, shared by `meshctl bootstrap` (which writes it
 //! once, for local runs) and meshd-agent (which writes it in the pod and keeps the
-//! credentials current):
+//! credentials current), and what the injector and `meshd-agent init` agree on:
 //!
 //! - [`bootstrap`]: the Envoy bootstrap, the one generator: the node names the pod, ADS
 //!   points at meshd over mutual TLS, Envoy's admin interface stays on loopback, and the
@@ -9,11 +9,15 @@
 //!   Kubernetes `..data` swap) so that Envoy picks up a renewed certificate or a new
 //!   trust bundle without a restart, and never sees a key beside another key's
 //!   certificate.
+//! - [`capture`]: transparent capture's ports and proxy uid, the pod annotations that
+//!   tune it, their one parser, and [`capture::init_args`], which turns a pod's
+//!   annotations into `meshd-agent init`'s arguments.
 //!
 //! meshd reads the node metadata keys defined here ([`NAMESPACE_KEY`], ...). No kube,
 //! no gRPC: meshd-agent depends on this crate.
 
 pub mod bootstrap;
+pub mod capture;
 pub mod credentials;
 
 use serde::{Deserialize, Serialize};
