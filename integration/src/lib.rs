@@ -28,6 +28,7 @@ pub mod net;
 pub mod netns;
 pub mod tls;
 pub mod tools;
+pub mod transparent;
 pub mod validate;
 pub mod wait;
 pub mod xds_client;

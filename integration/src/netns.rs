@@ -357,6 +357,61 @@ impl Lab {
         Ipv4Addr::new(10, 96, self.index, n)
     }
 
+    /// Starts recording every TCP packet that crosses the bridge (`tcpdump -A` in the
+    /// bridge's namespace, on all its ports), once tcpdump says it listens.
+    pub async fn capture_packets(&self) -> anyhow::Result<PacketCapture> {
+        require_tools(&[("tcpdump", "apt-get install -y tcpdump")])?;
+        let dir = self.tempdir("tcpdump")?;
+        let (out, err) = (dir.path().join("packets.txt"), dir.path().join("stderr"));
+        let child = self
+            .bridge
+            .command("tcpdump")
+            // Every port of the bridge (each packet twice: in on one veth, out on
+            // another); payload as ASCII, each packet printed as it comes (not in a
+            // block a second later, lost when tcpdump stops). Immediate mode rings
+            // hold buffer / snaplen packets: 32 MiB / 64 KiB (a whole segment) leaves
+            // room for 512; `stop` fails if the kernel dropped any.
+            .args([
+                "-i",
+                "any",
+                "--immediate-mode",
+                "-B",
+                "32768",
+                "-s",
+                "65535",
+            ])
+            .args(["-n", "-l", "-A", "tcp"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&out)?)
+            .stderr(std::fs::File::create(&err)?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start tcpdump")?;
+        let mut capture = PacketCapture {
+            child,
+            out,
+            err: err.clone(),
+            dir,
+        };
+        crate::wait::eventually(
+            "tcpdump to listen on the bridge",
+            std::time::Duration::from_secs(10),
+            || {
+                let (status, text) = (capture.child.try_wait(), std::fs::read_to_string(&err));
+                async move {
+                    let text = text.unwrap_or_default();
+                    if let Ok(Some(status)) = status {
+                        bail!("tcpdump exited ({status}): {text}");
+                    }
+                    anyhow::ensure!(text.contains("listening on"), "tcpdump: {text:?}");
+                    Ok(())
+                }
+            },
+        )
+        .await?;
+        Ok(capture)
+    }
+
     /// A temporary directory named after the lab, readable by everyone (uid
     /// [`PROXY_UID`] reads what is in it).
     pub fn tempdir(&self, what: &str) -> anyhow::Result<tempfile::TempDir> {
@@ -366,6 +421,54 @@ impl Lab {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         Ok(dir)
+    }
+}
+
+/// tcpdump on the lab's bridge ([`Lab::capture_packets`]).
+#[derive(Debug)]
+pub struct PacketCapture {
+    child: tokio::process::Child,
+    out: PathBuf,
+    err: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl PacketCapture {
+    /// Waits until tcpdump has printed `text` (packets are printed in the order they
+    /// crossed, so everything sent before it is printed too).
+    pub async fn wait_for(&self, text: &str) -> anyhow::Result<()> {
+        crate::wait::eventually(
+            &format!("tcpdump to print {text:?}"),
+            std::time::Duration::from_secs(10),
+            || async {
+                let printed = std::fs::read_to_string(&self.out).unwrap_or_default();
+                anyhow::ensure!(printed.contains(text), "not yet");
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    /// Stops tcpdump (SIGTERM: it flushes what it has) and returns what it printed:
+    /// one header line per packet (`IP a.port > b.port: …`), its payload as ASCII.
+    /// Fails if the kernel dropped packets: then the capture does not show everything.
+    pub async fn stop(mut self) -> anyhow::Result<String> {
+        if let Some(pid) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), self.child.wait())
+            .await
+            .context("tcpdump did not stop within 10s of SIGTERM")??;
+        let text = std::fs::read_to_string(&self.out)?;
+        let summary = std::fs::read_to_string(&self.err)?;
+        let dropped = summary
+            .lines()
+            .find_map(|l| l.strip_suffix(" packets dropped by kernel"))
+            .with_context(|| format!("tcpdump printed no summary: {summary}"))?;
+        anyhow::ensure!(dropped.trim() == "0", "tcpdump: {summary}");
+        drop(self.dir);
+        Ok(text)
     }
 }
 
