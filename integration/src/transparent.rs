@@ -44,7 +44,8 @@ pub async fn init(pod: &LabPod, def: &PodDef, extra: &[&str]) -> anyhow::Result<
 }
 
 /// The sidecar of `def` in `pod`: capture first if the pod asks for it
-/// (`meshd.io/capture: transparent`), then the agent and Envoy as the proxy's uid.
+/// (`meshd.io/capture: transparent`), then the agent and Envoy as the proxy's uid
+/// (explicit pods get the sidecar alone).
 pub async fn mesh_pod(meshd: &Meshd, pod: &LabPod, def: &PodDef) -> anyhow::Result<Sidecar> {
     let transparent = def
         .annotation_map()
@@ -56,6 +57,10 @@ pub async fn mesh_pod(meshd: &Meshd, pod: &LabPod, def: &PodDef) -> anyhow::Resu
     }
     let options = SidecarOptions {
         netns: Some(pod.netns.clone()),
+        // Envoy writes its access log every 10 s by default; tests read it.
+        envoy_args: ["--file-flush-interval-msec", "100"]
+            .map(String::from)
+            .to_vec(),
         ..SidecarOptions::default()
     };
     Sidecar::start_with(

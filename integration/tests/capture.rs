@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use meshd_integration::apps::{HttpApp, HttpReply, TcpApp, http_get, tcp_roundtrip};
-use meshd_integration::envoy::{Sidecar, SidecarOptions};
+use meshd_integration::envoy::Sidecar;
 use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};
 use meshd_integration::meshd::Meshd;
 use meshd_integration::netns::{Lab, LabPod, Netns, PROXY_UID};
 use meshd_integration::transparent::{self, mesh_pod};
 use meshd_integration::wait::eventually;
-use meshd_integration::{XdsFlavor, init_test_logging};
+use meshd_integration::init_test_logging;
 
 const NS: &str = "shop";
 const WAIT: Duration = Duration::from_secs(15);
@@ -124,28 +124,8 @@ async fn explicit_sidecars_carry_mutual_tls_between_pod_namespaces() -> anyhow::
         ],
     )?;
     let meshd = Meshd::start_in(&node, mesh.path(), &["--debounce", "50ms"]).await?;
-    let in_pod = |netns: &Netns| SidecarOptions {
-        netns: Some(netns.clone()),
-        ..SidecarOptions::default()
-    };
-    let web_sidecar = Sidecar::start_with(
-        &meshd,
-        NS,
-        "web-1",
-        "web",
-        XdsFlavor::Delta,
-        in_pod(&web_pod.netns),
-    )
-    .await?;
-    let client_sidecar = Sidecar::start_with(
-        &meshd,
-        NS,
-        "client-1",
-        "client",
-        XdsFlavor::Delta,
-        in_pod(&client_pod.netns),
-    )
-    .await?;
+    let web_sidecar = mesh_pod(&meshd, &web_pod, &web).await?;
+    let client_sidecar = mesh_pod(&meshd, &client_pod, &client).await?;
 
     let reply = eventually("client-1 → web:80 through both sidecars", WAIT, || {
         let netns = client_pod.netns.clone();
