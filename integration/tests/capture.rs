@@ -14,12 +14,12 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use meshd_integration::apps::{HttpApp, HttpReply, TcpApp, http_get, tcp_roundtrip};
 use meshd_integration::envoy::Sidecar;
+use meshd_integration::init_test_logging;
 use meshd_integration::mesh::{MeshDir, PodDef, ServiceDef};
 use meshd_integration::meshd::Meshd;
 use meshd_integration::netns::{Lab, LabPod, Netns, PROXY_UID};
 use meshd_integration::transparent::{self, mesh_pod};
 use meshd_integration::wait::eventually;
-use meshd_integration::init_test_logging;
 
 const NS: &str = "shop";
 const WAIT: Duration = Duration::from_secs(15);
