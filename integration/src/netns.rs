@@ -10,9 +10,10 @@
 //!
 //! Every pod namespace has `lo` up, its address and a default route `dev eth0`: a Service
 //! VIP (10.96.x.y) must be routable for `connect()` to reach the OUTPUT nat hook, where
-//! capture redirects it to Envoy. 10.201.0.0/16 is not routed on this host; the host's own
-//! interfaces, routes and firewall are never touched: everything is made with `ip -n`
-//! inside namespaces the lab created.
+//! capture redirects it to Envoy. The lab's addresses exist only inside its namespaces
+//! (10.201.0.0/16 and 10.96.0.0/16 are not routed on the machine this was written on
+//! either); the host's own interfaces, routes and firewall are never touched: everything
+//! is made with `ip -n` inside namespaces the lab created.
 //!
 //! How code reaches into a namespace:
 //! - a process: [`Netns::command`] (`ip netns exec NS program …`, which execs, so the
@@ -43,10 +44,10 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Where `ip netns` keeps its named namespaces.
 const NETNS_DIR: &str = "/run/netns";
-/// The lab's subnet: 10.201.<lab>.<pod>/16.
+/// The lab's subnet: `10.201.<lab>.<pod>/16`.
 const SUBNET_PREFIX: [u8; 2] = [10, 201];
 /// The uid and gid Envoy runs as in a pod (meshd-agent init exempts its traffic).
-pub const PROXY_UID: u32 = 1337;
+pub use meshd_sidecar::capture::PROXY_UID;
 
 /// Tools the lab runs; a missing one fails the test with this advice.
 const TOOLS: [(&str, &str); 3] = [
@@ -78,7 +79,9 @@ impl std::fmt::Debug for Netns {
 impl Netns {
     /// Creates the namespace `name` with `lo` up, and its thread.
     fn create(name: &str) -> anyhow::Result<Netns> {
-        ip(&["netns", "add", name]).context("the lab needs root")?;
+        ip(&["netns", "add", name]).with_context(|| {
+            format!("cannot create network namespace {name} (the lab needs root)")
+        })?;
         // From here on the guard deletes it, whatever fails next.
         let jobs = match spawn_thread(name) {
             Ok(jobs) => jobs,
@@ -350,10 +353,11 @@ impl Lab {
         })
     }
 
-    /// A fresh Service VIP (10.96.<lab>.<n>): routed by every pod's default route, owned
+    /// A fresh Service VIP (`10.96.<lab>.<n>`): routed by every pod's default route, owned
     /// by no interface, so only capture makes a connection to it work.
     pub fn vip(&self) -> Ipv4Addr {
         let n = self.next_vip.fetch_add(1, Ordering::Relaxed);
+        assert!(n < 255, "lab {}: no Service VIP left", self.prefix);
         Ipv4Addr::new(10, 96, self.index, n)
     }
 

@@ -110,10 +110,12 @@ async fn explicit_sidecars_carry_mutual_tls_between_pod_namespaces() -> anyhow::
         "web-1",
         web_pod.netns.listen(([127, 0, 0, 1], 8081).into()).await?,
     )?;
-    let mut web = PodDef::new(NS, "web-1", "web").serves(8080, app.port());
-    web.ip = web_pod.ip;
-    let mut client = PodDef::new(NS, "client-1", "client").calls("web", 80, 9080);
-    client.ip = client_pod.ip;
+    let web = PodDef::new(NS, "web-1", "web")
+        .serves(8080, app.port())
+        .at(web_pod.ip);
+    let client = PodDef::new(NS, "client-1", "client")
+        .calls("web", 80, 9080)
+        .at(client_pod.ip);
     let mesh = MeshDir::new()?;
     mesh.write(
         "mesh.yaml",
@@ -252,40 +254,28 @@ async fn shop(meshd_args: &[&str]) -> anyhow::Result<Shop> {
     let (outside, outside2) = (lab.pod("outside-1")?, lab.pod("outside-2")?);
     let (web_vip, open_vip) = (lab.vip(), lab.vip());
 
-    let at = |mut def: PodDef, pod: &LabPod| {
-        def.ip = pod.ip;
-        def
-    };
-    let web_def = at(
-        PodDef::new(NS, "web-1", "web")
-            .serves(8080, 8080)
-            .serves(9000, 9000)
-            .transparent()
-            .annotate("meshd.io/exclude-inbound-ports", "8090"),
-        &web,
-    );
-    let db_def = at(
-        PodDef::new(NS, "db-1", "db")
-            .serves(5432, 5432)
-            .transparent(),
-        &db,
-    );
-    let open_def = at(
-        PodDef::new(NS, "open-1", "open")
-            .serves(8080, 8080)
-            .transparent(),
-        &open,
-    );
-    let client_def = at(
-        PodDef::new(NS, "client-1", "client")
-            .transparent()
-            .annotate("meshd.io/exclude-outbound-ports", "7777")
-            .annotate(
-                "meshd.io/exclude-outbound-ip-ranges",
-                &format!("{}/32", outside2.ip),
-            ),
-        &client,
-    );
+    let web_def = PodDef::new(NS, "web-1", "web")
+        .serves(8080, 8080)
+        .serves(9000, 9000)
+        .transparent()
+        .annotate("meshd.io/exclude-inbound-ports", "8090")
+        .at(web.ip);
+    let db_def = PodDef::new(NS, "db-1", "db")
+        .serves(5432, 5432)
+        .transparent()
+        .at(db.ip);
+    let open_def = PodDef::new(NS, "open-1", "open")
+        .serves(8080, 8080)
+        .transparent()
+        .at(open.ip);
+    let client_def = PodDef::new(NS, "client-1", "client")
+        .transparent()
+        .annotate("meshd.io/exclude-outbound-ports", "7777")
+        .annotate(
+            "meshd.io/exclude-outbound-ip-ranges",
+            &format!("{}/32", outside2.ip),
+        )
+        .at(client.ip);
     let dir = MeshDir::new()?;
     dir.write(
         "mesh.yaml",

@@ -57,12 +57,13 @@ async fn main() -> anyhow::Result<()> {
     let (plain_web, plain_client) = (lab.pod("plain-web")?, lab.pod("plain-client")?);
     let vip = lab.vip();
 
-    let mut web_def = PodDef::new(NS, "web-1", "web")
+    let web_def = PodDef::new(NS, "web-1", "web")
         .serves(8080, 8080)
-        .transparent();
-    web_def.ip = web.ip;
-    let mut client_def = PodDef::new(NS, "client-1", "client").transparent();
-    client_def.ip = client.ip;
+        .transparent()
+        .at(web.ip);
+    let client_def = PodDef::new(NS, "client-1", "client")
+        .transparent()
+        .at(client.ip);
     let dir = MeshDir::new()?;
     dir.write(
         "mesh.yaml",
@@ -80,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
     let _plain_app = HttpApp::serve("plain-web", plain_web.netns.listen(any(8080)).await?)?;
     let meshd = Meshd::start_in(&node, dir.path(), &["--debounce", "50ms"]).await?;
     let _web_sidecar = mesh_pod(&meshd, &web, &web_def).await?;
-    let _client_sidecar = mesh_pod(&meshd, &client, &client_def).await?;
+    let client_sidecar = mesh_pod(&meshd, &client, &client_def).await?;
     let meshed_addr = SocketAddr::from((vip, 80));
     eventually("client-1 → web VIP", Duration::from_secs(15), || {
         let netns = client.netns.clone();
@@ -136,6 +137,17 @@ async fn main() -> anyhow::Result<()> {
         added(0.50),
         added(0.90),
         added(0.99)
+    );
+    let cluster = "cluster.outbound|80||web.shop.svc.cluster.local";
+    let stat = |name: String| {
+        let sidecar = &client_sidecar;
+        async move { sidecar.stat(&name).await.map(Option::unwrap_or_default) }
+    };
+    println!(
+        "client-1's Envoy: {} requests to web over {} mTLS connections ({} handshakes)",
+        stat(format!("{cluster}.upstream_rq_total")).await?,
+        stat(format!("{cluster}.upstream_cx_total")).await?,
+        stat(format!("{cluster}.ssl.handshake")).await?,
     );
     Ok(())
 }
