@@ -295,7 +295,11 @@ async fn main() -> anyhow::Result<()> {
         flavor: format!("{:?}", args.flavor).to_lowercase(),
         layout: format!(
             "{} capture, scope {}",
-            if args.transparent { "transparent" } else { "explicit" },
+            if args.transparent {
+                "transparent"
+            } else {
+                "explicit"
+            },
             match (args.egress_scope, args.transparent) {
                 (Some(EgressScopeArg::Upstreams), _) => "= its upstreams",
                 (Some(EgressScopeArg::All), _) | (None, true) => "= every service",
