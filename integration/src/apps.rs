@@ -2,15 +2,21 @@
 //!
 //! [`HttpApp`] answers every request with its own name (body and `x-app` header);
 //! [`TcpApp`] answers each line with `<name>: <line>`. Both count what they served, so a
-//! test can tell which backend a request reached.
+//! test can tell which backend a request reached, and remember their peers' addresses, so
+//! a test can tell whether a connection came through a proxy.
+//!
+//! An app serves on a listener it is given ([`HttpApp::serve`], [`TcpApp::serve`]): one
+//! bound inside a lab pod's network namespace ([`crate::netns::Netns::listen`]) makes
+//! the app serve in that pod.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::extract::ConnectInfo;
 use axum::http::HeaderMap;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -22,6 +28,7 @@ pub struct HttpApp {
     pub name: String,
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
+    peers: Peers,
     task: JoinHandle<()>,
 }
 
@@ -34,27 +41,38 @@ impl HttpApp {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("app {name}: cannot listen on {addr}"))?;
+        Self::serve(name, listener)
+    }
+
+    /// The app on `listener`.
+    pub fn serve(name: &str, listener: TcpListener) -> anyhow::Result<HttpApp> {
         let addr = listener.local_addr()?;
         let hits = Arc::new(AtomicUsize::new(0));
-        let (n, h) = (name.to_string(), hits.clone());
-        let app = axum::Router::new().fallback(move |headers: HeaderMap| {
-            let (n, h) = (n.clone(), h.clone());
-            async move {
-                h.fetch_add(1, Ordering::Relaxed);
-                let via = headers
-                    .get("x-forwarded-proto")
-                    .map(|_| " (via proxy)")
-                    .unwrap_or("");
-                ([("x-app", n.clone())], format!("{n}{via}\n"))
-            }
-        });
+        let peers = Peers::default();
+        let (n, h, p) = (name.to_string(), hits.clone(), peers.clone());
+        let app = axum::Router::new().fallback(
+            move |ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap| {
+                let (n, h) = (n.clone(), h.clone());
+                p.push(peer);
+                async move {
+                    h.fetch_add(1, Ordering::Relaxed);
+                    let via = headers
+                        .get("x-forwarded-proto")
+                        .map(|_| " (via proxy)")
+                        .unwrap_or("");
+                    ([("x-app", n.clone())], format!("{n}{via}\n"))
+                }
+            },
+        );
         let task = tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let _ = axum::serve(listener, app).await;
         });
         Ok(HttpApp {
             name: name.to_string(),
             addr,
             hits,
+            peers,
             task,
         })
     }
@@ -65,6 +83,11 @@ impl HttpApp {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::Relaxed)
+    }
+
+    /// The peer address of every request served, in order.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.get()
     }
 }
 
@@ -80,6 +103,7 @@ pub struct TcpApp {
     pub name: String,
     pub addr: SocketAddr,
     connections: Arc<AtomicUsize>,
+    peers: Peers,
     task: JoinHandle<()>,
 }
 
@@ -92,12 +116,19 @@ impl TcpApp {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("app {name}: cannot listen on {addr}"))?;
+        Self::serve(name, listener)
+    }
+
+    /// The app on `listener`.
+    pub fn serve(name: &str, listener: TcpListener) -> anyhow::Result<TcpApp> {
         let addr = listener.local_addr()?;
         let connections = Arc::new(AtomicUsize::new(0));
-        let (n, c) = (name.to_string(), connections.clone());
+        let peers = Peers::default();
+        let (n, c, p) = (name.to_string(), connections.clone(), peers.clone());
         let task = tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
+            while let Ok((sock, peer)) = listener.accept().await {
                 c.fetch_add(1, Ordering::Relaxed);
+                p.push(peer);
                 let n = n.clone();
                 tokio::spawn(async move {
                     let (r, mut w) = sock.into_split();
@@ -117,6 +148,7 @@ impl TcpApp {
             name: name.to_string(),
             addr,
             connections,
+            peers,
             task,
         })
     }
@@ -127,6 +159,25 @@ impl TcpApp {
 
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
+    }
+
+    /// The peer address of every connection accepted, in order.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.get()
+    }
+}
+
+/// Peer addresses an app saw.
+#[derive(Debug, Clone, Default)]
+struct Peers(Arc<Mutex<Vec<SocketAddr>>>);
+
+impl Peers {
+    fn push(&self, peer: SocketAddr) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(peer);
+    }
+
+    fn get(&self) -> Vec<SocketAddr> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

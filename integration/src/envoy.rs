@@ -8,6 +8,14 @@
 //! behind, whatever happened to the agent. The group is signalled with nix's
 //! `killpg`, never with the `kill` command and a negative pid (which once signalled
 //! every process on this machine).
+//!
+//! In a lab pod ([`SidecarOptions::netns`]) the agent runs as a pod's sidecar does under
+//! transparent capture: inside the pod's network namespace, as uid/gid
+//! [`PROXY_UID`] (`setpriv`), whose traffic `meshd-agent init` exempts. Its directory
+//! (bootstrap, its own `--dir`) and a hard link to the Envoy binary (the cache under
+//! /root is closed to that uid) are then the proxy's own. The harness reaches Envoy's
+//! admin port and the agent's health port on the pod's loopback from inside the
+//! namespace.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -22,6 +30,7 @@ use tokio::process::{Child, Command};
 use crate::mesh::PodDef;
 use crate::meshd::{Meshd, XdsFlavor};
 use crate::net::free_port;
+use crate::netns::{Netns, PROXY_UID};
 use crate::tools::{envoy_binary, meshd_binary};
 
 #[derive(Debug)]
@@ -39,6 +48,8 @@ pub struct Sidecar {
     pub started_at: tokio::time::Instant,
     work: TempDir,
     http: reqwest::Client,
+    /// The lab namespace the sidecar runs in, if not this machine's.
+    netns: Option<Netns>,
 }
 
 /// How the harness starts a sidecar; [`SidecarOptions::default`] is what
@@ -55,6 +66,8 @@ pub struct SidecarOptions {
     pub identity: SidecarIdentity,
     /// Where the agent (and so Envoy) reaches meshd, if not at `meshd.xds_addr`.
     pub xds_address: Option<std::net::SocketAddr>,
+    /// Run in this lab pod's network namespace as uid [`PROXY_UID`].
+    pub netns: Option<Netns>,
 }
 
 /// The agent's two modes.
@@ -81,6 +94,7 @@ impl Default for SidecarOptions {
             wait_live: true,
             identity: SidecarIdentity::Bootstrap,
             xds_address: None,
+            netns: None,
         }
     }
 }
@@ -179,7 +193,15 @@ impl Sidecar {
         let agent_dir = work.path().join("agent");
         let (admin, health) = (admin_port.to_string(), format!("127.0.0.1:{health_port}"));
         let xds = options.xds_address.unwrap_or(meshd.xds_addr).to_string();
-        let envoy = envoy_binary()?;
+        let envoy = match &options.netns {
+            Some(_) => {
+                // Everything so far (the bootstrap directory) becomes the proxy's; the
+                // link comes after: it shares the cached binary's owner.
+                chown_tree(work.path(), PROXY_UID)?;
+                link_envoy(work.path())?
+            }
+            None => envoy_binary()?,
+        };
         let flags: [(&str, &std::ffi::OsStr); 8] = [
             ("--dir", agent_dir.as_os_str()),
             ("--xds-address", xds.as_ref()),
@@ -198,7 +220,7 @@ impl Sidecar {
         command.extend(["--concurrency", "1", "--log-level", "info"].map(Into::into));
         command.extend(options.envoy_args.iter().map(Into::into));
         let started_at = tokio::time::Instant::now();
-        let agent = spawn_agent(work.path(), &command)?;
+        let agent = spawn_agent(work.path(), &command, options.netns.as_ref())?;
         // The group is the agent's own pid; never signal a group of 0 or 1.
         let group = agent_group(&agent);
         let mut sidecar = Sidecar {
@@ -214,6 +236,7 @@ impl Sidecar {
                 .no_proxy()
                 .timeout(Duration::from_secs(5))
                 .build()?,
+            netns: options.netns,
         };
         if options.wait_live {
             sidecar.wait_live(Duration::from_secs(30)).await?;
@@ -228,7 +251,7 @@ impl Sidecar {
         self.kill_group();
         let _ = self.agent.kill().await;
         self.started_at = tokio::time::Instant::now();
-        self.agent = spawn_agent(self.work.path(), &self.command)?;
+        self.agent = spawn_agent(self.work.path(), &self.command, self.netns.as_ref())?;
         self.group = agent_group(&self.agent);
         self.wait_live(Duration::from_secs(30)).await
     }
@@ -258,16 +281,26 @@ impl Sidecar {
 
     /// GET on Envoy's admin interface.
     pub async fn admin(&self, path: &str) -> anyhow::Result<String> {
-        let url = format!("http://127.0.0.1:{}{path}", self.admin_port);
-        let resp = self.http.get(&url).send().await?;
-        Ok(resp.text().await?)
+        let (_, body) = self.get(self.admin_port, path).await?;
+        Ok(body)
     }
 
     /// GET `path` on the agent's health port: (status, body).
     pub async fn health(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let url = format!("http://127.0.0.1:{}{path}", self.health_port);
-        let resp = self.http.get(&url).send().await?;
-        Ok((resp.status().as_u16(), resp.text().await?))
+        self.get(self.health_port, path).await
+    }
+
+    /// GET `path` on the pod's loopback at `port` (in its namespace, if it has one).
+    async fn get(&self, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+        let (http, url) = (self.http.clone(), format!("http://127.0.0.1:{port}{path}"));
+        let get = async move {
+            let resp = http.get(&url).send().await?;
+            Ok((resp.status().as_u16(), resp.text().await?))
+        };
+        match &self.netns {
+            Some(netns) => netns.run(get).await,
+            None => get.await,
+        }
     }
 
     /// One counter or gauge from `/stats`, if Envoy has it.
@@ -354,13 +387,28 @@ impl Drop for Sidecar {
 }
 
 /// Starts `meshd-agent` with `args` in a process group of its own, its output (and
-/// Envoy's) appended to `work/sidecar.log`.
-fn spawn_agent(work: &Path, args: &[std::ffi::OsString]) -> anyhow::Result<Child> {
+/// Envoy's) appended to `work/sidecar.log`; in `netns` as uid [`PROXY_UID`].
+fn spawn_agent(
+    work: &Path,
+    args: &[std::ffi::OsString],
+    netns: Option<&Netns>,
+) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(work.join("sidecar.log"))?;
-    Command::new(meshd_binary("meshd-agent")?)
+    let agent = meshd_binary("meshd-agent")?;
+    let mut command = match netns {
+        Some(netns) => {
+            let mut c = netns.command("setpriv");
+            let id = PROXY_UID.to_string();
+            c.args(["--reuid", &id, "--regid", &id, "--clear-groups"])
+                .arg(agent);
+            c
+        }
+        None => Command::new(agent),
+    };
+    command
         .args(args)
         // Nothing of the test's environment decides for the agent.
         .env_remove("POD_NAME")
@@ -373,6 +421,29 @@ fn spawn_agent(work: &Path, args: &[std::ffi::OsString]) -> anyhow::Result<Child
         .kill_on_drop(true)
         .spawn()
         .context("cannot start meshd-agent")
+}
+
+/// A hard link to the Envoy binary in `dir` (a copy across file systems): the install
+/// under /root is closed to [`PROXY_UID`], the link shares the binary's mode.
+fn link_envoy(dir: &Path) -> anyhow::Result<PathBuf> {
+    let (envoy, link) = (envoy_binary()?, dir.join("envoy"));
+    if std::fs::hard_link(&envoy, &link).is_err() {
+        std::fs::copy(&envoy, &link)
+            .with_context(|| format!("cannot copy {} to {}", envoy.display(), link.display()))?;
+    }
+    Ok(link)
+}
+
+/// Makes `root` and everything below it owned by `uid` (and gid `uid`).
+fn chown_tree(root: &Path, uid: u32) -> anyhow::Result<()> {
+    std::os::unix::fs::lchown(root, Some(uid), Some(uid))
+        .with_context(|| format!("cannot chown {}", root.display()))?;
+    if root.is_dir() && !root.is_symlink() {
+        for entry in std::fs::read_dir(root)? {
+            chown_tree(&entry?.path(), uid)?;
+        }
+    }
+    Ok(())
 }
 
 /// The agent's process group: its own pid, never 0 or 1.

@@ -25,6 +25,7 @@ pub mod mesh;
 pub mod mesh_gen;
 pub mod meshd;
 pub mod net;
+pub mod netns;
 pub mod tls;
 pub mod tools;
 pub mod validate;

@@ -118,6 +118,8 @@ pub struct ServiceDef {
     pub name: String,
     pub selector_app: String,
     pub ports: Vec<ServicePortDef>,
+    /// `spec.clusterIP`: a VIP, `None` (headless), or unset.
+    pub cluster_ip: Option<String>,
 }
 
 impl ServiceDef {
@@ -128,7 +130,21 @@ impl ServiceDef {
             name: name.into(),
             selector_app: name.into(),
             ports: Vec::new(),
+            cluster_ip: None,
         }
+    }
+
+    /// The service's virtual IP (`spec.clusterIP`).
+    pub fn vip(mut self, ip: std::net::Ipv4Addr) -> Self {
+        self.cluster_ip = Some(ip.to_string());
+        self
+    }
+
+    /// A headless service (`clusterIP: None`): clients reach its pods by their
+    /// addresses.
+    pub fn headless(mut self) -> Self {
+        self.cluster_ip = Some("None".into());
+        self
     }
 
     /// An HTTP port (named `http-…`).
@@ -155,9 +171,13 @@ impl ServiceDef {
 
     pub fn yaml(&self) -> String {
         let mut s = format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  selector:\n    app: {}\n  ports:\n",
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  selector:\n    app: {}\n",
             self.name, self.namespace, self.selector_app
         );
+        if let Some(ip) = &self.cluster_ip {
+            let _ = writeln!(s, "  clusterIP: {ip}");
+        }
+        s.push_str("  ports:\n");
         for p in &self.ports {
             let _ = writeln!(
                 s,
@@ -186,6 +206,8 @@ pub struct PodDef {
     pub upstreams: Vec<(String, u16, u16)>,
     /// The egress port and its scope (`None`: meshd's default).
     pub egress: Option<(u16, Option<String>)>,
+    /// More annotations, as written (e.g. `meshd.io/capture`).
+    pub annotations: Vec<(String, String)>,
 }
 
 impl PodDef {
@@ -201,7 +223,49 @@ impl PodDef {
             app_ports: Vec::new(),
             upstreams: Vec::new(),
             egress: None,
+            annotations: Vec::new(),
         }
+    }
+
+    /// Adds the annotation `key: value`.
+    pub fn annotate(mut self, key: &str, value: &str) -> Self {
+        self.annotations.push((key.into(), value.into()));
+        self
+    }
+
+    /// Transparent capture (`meshd.io/capture: transparent`): the app calls Service VIPs
+    /// and serves `port` itself; its sidecar's virtual listeners take both.
+    pub fn transparent(self) -> Self {
+        self.annotate("meshd.io/capture", "transparent")
+    }
+
+    /// Every annotation the pod's YAML carries, by key.
+    pub fn annotation_map(&self) -> std::collections::BTreeMap<String, String> {
+        let mut all = std::collections::BTreeMap::new();
+        if !self.upstreams.is_empty() {
+            let ups: Vec<String> = self
+                .upstreams
+                .iter()
+                .map(|(svc, port, local)| format!("{svc}:{port}={local}"))
+                .collect();
+            all.insert("meshd.io/upstreams".to_string(), ups.join(", "));
+        }
+        if !self.app_ports.is_empty() {
+            let ports: Vec<String> = self
+                .app_ports
+                .iter()
+                .map(|(p, a)| format!("{p}={a}"))
+                .collect();
+            all.insert("meshd.io/app-ports".to_string(), ports.join(", "));
+        }
+        if let Some((port, scope)) = &self.egress {
+            all.insert("meshd.io/egress-port".to_string(), port.to_string());
+            if let Some(scope) = scope {
+                all.insert("meshd.io/scope".to_string(), scope.clone());
+            }
+        }
+        all.extend(self.annotations.iter().cloned());
+        all
     }
 
     /// Receives mesh traffic on `<pod IP>:port` and hands it to the app at
@@ -244,34 +308,12 @@ impl PodDef {
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:\n    app: {}\n",
             self.name, self.namespace, self.app
         );
-        let mut annotations = Vec::new();
-        if !self.upstreams.is_empty() {
-            let ups: Vec<String> = self
-                .upstreams
-                .iter()
-                .map(|(svc, port, local)| format!("{svc}:{port}={local}"))
-                .collect();
-            annotations.push(format!("    meshd.io/upstreams: \"{}\"", ups.join(", ")));
-        }
-        if !self.app_ports.is_empty() {
-            let ports: Vec<String> = self
-                .app_ports
-                .iter()
-                .map(|(p, a)| format!("{p}={a}"))
-                .collect();
-            annotations.push(format!("    meshd.io/app-ports: \"{}\"", ports.join(", ")));
-        }
-        if let Some((port, scope)) = &self.egress {
-            annotations.push(format!("    meshd.io/egress-port: \"{port}\""));
-            if let Some(scope) = scope {
-                annotations.push(format!("    meshd.io/scope: \"{scope}\""));
-            }
-        }
+        let annotations = self.annotation_map();
         if !annotations.is_empty() {
             s.push_str("  annotations:\n");
-            for a in annotations {
-                s.push_str(&a);
-                s.push('\n');
+            for (key, value) in annotations {
+                // JSON strings are YAML double-quoted scalars.
+                let _ = writeln!(s, "    {key}: {}", serde_json::Value::from(value));
             }
         }
         let _ = writeln!(

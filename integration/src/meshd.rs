@@ -1,4 +1,9 @@
 //! A real `meshd` process on free ports, and `meshctl` to talk to it.
+//!
+//! meshd runs on this machine's loopback, or inside a lab pod's network namespace
+//! ([`Meshd::start_in`]): then its xDS port is on the pod's address for the other pods,
+//! its admin and health ports on that namespace's loopback, and everything the harness
+//! does with it (HTTP to those ports, `meshctl`) runs in the namespace too.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +19,7 @@ use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
 use crate::net::free_port;
+use crate::netns::{LabPod, Netns};
 use crate::tools::meshd_binary;
 use crate::wait::eventually;
 
@@ -31,6 +37,8 @@ pub struct Meshd {
     /// How it was started, to start it again the same way ([`Meshd::kill_and_restart`]).
     command: Vec<std::ffi::OsString>,
     env: Vec<(String, String)>,
+    /// The lab namespace meshd runs in, if not this machine's.
+    netns: Option<Netns>,
 }
 
 impl std::fmt::Debug for Meshd {
@@ -65,7 +73,21 @@ impl Meshd {
         env: &[(&str, &str)],
     ) -> anyhow::Result<Meshd> {
         let source = ["--config-dir".into(), config_dir.as_os_str().to_owned()];
-        Self::spawn(&source, extra, env, None).await
+        Self::spawn(&source, extra, env, None, None).await
+    }
+
+    /// Starts meshd on `config_dir` inside the lab pod `pod` (as the control-plane pod
+    /// of a cluster), with extra arguments, and waits until it is ready. Its xDS port is
+    /// `<pod IP>:15012`, where the other pods' agents reach it.
+    pub async fn start_in(
+        pod: &LabPod,
+        config_dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Meshd> {
+        let source = ["--config-dir".into(), config_dir.as_os_str().to_owned()];
+        let meshd = Self::spawn(&source, extra, &[], None, Some(pod)).await?;
+        meshd.wait_ready().await?;
+        Ok(meshd)
     }
 
     /// Starts meshd on the Kubernetes API of `kubeconfig` and waits until it is ready
@@ -92,7 +114,7 @@ impl Meshd {
             "--kubeconfig".into(),
             api.kubeconfig().as_os_str().to_owned(),
         ];
-        Self::spawn(&source, extra, &[], Some(api.client.clone())).await
+        Self::spawn(&source, extra, &[], Some(api.client.clone()), None).await
     }
 
     async fn spawn(
@@ -100,9 +122,13 @@ impl Meshd {
         extra: &[&str],
         env: &[(&str, &str)],
         kube: Option<kube::Client>,
+        pod: Option<&LabPod>,
     ) -> anyhow::Result<Meshd> {
         let work = tempfile::Builder::new().prefix("meshd-run-").tempdir()?;
-        let xds_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let xds_addr: SocketAddr = match pod {
+            Some(pod) => pod.addr(15012),
+            None => ([127, 0, 0, 1], free_port()).into(),
+        };
         let admin_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let health_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let meshd_namespace = extra
@@ -130,7 +156,8 @@ impl Meshd {
         let env: Vec<(String, String)> = (env.iter())
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let child = start_process(work.path(), &command, &env)?;
+        let netns = pod.map(|p| p.netns.clone());
+        let child = start_process(work.path(), &command, &env, netns.as_ref())?;
         let mut meshd = Meshd {
             child,
             xds_addr,
@@ -145,6 +172,7 @@ impl Meshd {
             meshd_namespace,
             command,
             env,
+            netns,
         };
         meshd.wait_serving().await?;
         Ok(meshd)
@@ -156,7 +184,12 @@ impl Meshd {
     pub async fn kill_and_restart(&mut self) -> anyhow::Result<()> {
         self.child.start_kill()?;
         self.child.wait().await?;
-        self.child = start_process(self.work.path(), &self.command, &self.env)?;
+        self.child = start_process(
+            self.work.path(),
+            &self.command,
+            &self.env,
+            self.netns.as_ref(),
+        )?;
         self.wait_serving().await?;
         self.wait_ready().await
     }
@@ -182,29 +215,39 @@ impl Meshd {
         Ok(())
     }
 
+    /// GET `path` on the health port: (status, body).
+    async fn health_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let (http, url) = (self.http.clone(), format!("{}{path}", self.health_url()));
+        self.within(async move {
+            let resp = http.get(&url).send().await?;
+            Ok((resp.status().as_u16(), resp.text().await?))
+        })
+        .await
+    }
+
+    /// Polls `fut` where meshd's loopback is: in its lab namespace, if it has one.
+    async fn within<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        match &self.netns {
+            Some(netns) => netns.run(fut).await,
+            None => fut.await,
+        }
+    }
+
     /// `/healthz` on the health port.
     pub async fn healthz(&self) -> anyhow::Result<String> {
-        Ok(self
-            .http
-            .get(format!("{}/healthz", self.health_url()))
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?)
+        let (status, body) = self.health_get("/healthz").await?;
+        anyhow::ensure!(status == 200, "/healthz: {status}: {body}");
+        Ok(body)
     }
 
     /// Waits until `/readyz` says ready.
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
         eventually("meshd to be ready", Duration::from_secs(30), || async {
-            let resp = self
-                .http
-                .get(format!("{}/readyz", self.health_url()))
-                .send()
-                .await?;
-            let status = resp.status();
-            let body = resp.text().await?;
-            anyhow::ensure!(status.is_success(), "{status}: {body}");
+            let (status, body) = self.readyz().await?;
+            anyhow::ensure!(status == 200, "{status}: {body}");
             Ok(())
         })
         .await
@@ -212,22 +255,13 @@ impl Meshd {
 
     /// `/readyz`: (HTTP status, body).
     pub async fn readyz(&self) -> anyhow::Result<(u16, String)> {
-        let resp = self
-            .http
-            .get(format!("{}/readyz", self.health_url()))
-            .send()
-            .await?;
-        Ok((resp.status().as_u16(), resp.text().await?))
+        self.health_get("/readyz").await
     }
 
     /// How long one `/healthz` takes to answer 200.
     pub async fn healthz_latency(&self) -> anyhow::Result<Duration> {
         let asked = tokio::time::Instant::now();
-        self.http
-            .get(format!("{}/healthz", self.health_url()))
-            .send()
-            .await?
-            .error_for_status()?;
+        self.healthz().await?;
         Ok(asked.elapsed())
     }
 
@@ -366,18 +400,18 @@ impl Meshd {
 
     /// GET `path` on the admin API, as an operator; the body.
     pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        let resp = self
-            .admin_client()
-            .await?
-            .request(hyper::Method::GET, path, None)
-            .await?;
-        anyhow::ensure!(
-            resp.status.is_success(),
-            "{path}: {}: {}",
-            resp.status,
-            resp.text()
-        );
-        Ok(resp.text())
+        let (client, path) = (self.admin_client().await?, path.to_string());
+        self.within(async move {
+            let resp = client.request(hyper::Method::GET, &path, None).await?;
+            anyhow::ensure!(
+                resp.status.is_success(),
+                "{path}: {}: {}",
+                resp.status,
+                resp.text()
+            );
+            Ok(resp.text())
+        })
+        .await
     }
 
     pub async fn snapshot(&self) -> anyhow::Result<SnapshotSummary> {
@@ -386,15 +420,9 @@ impl Meshd {
 
     /// `/metrics` (Prometheus text).
     pub async fn metrics(&self) -> anyhow::Result<String> {
-        let url = format!("{}/metrics", self.health_url());
-        Ok(self
-            .http
-            .get(url)
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?)
+        let (status, body) = self.health_get("/metrics").await?;
+        anyhow::ensure!(status == 200, "/metrics: {status}: {body}");
+        Ok(body)
     }
 
     pub async fn proxies(&self) -> anyhow::Result<Vec<ProxyStatus>> {
@@ -471,7 +499,12 @@ impl Meshd {
     /// (from which it mints its operator certificate).
     pub async fn meshctl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
         self.sync_ca_dir().await?;
-        Command::new(meshd_binary("meshctl")?)
+        let meshctl = meshd_binary("meshctl")?;
+        let mut command = match &self.netns {
+            Some(netns) => netns.command(meshctl),
+            None => Command::new(meshctl),
+        };
+        command
             .args(args)
             .env("MESHD_ADMIN", self.admin_url())
             .env("MESHD_CA_DIR", self.ca_dir())
@@ -540,18 +573,23 @@ fn start_process(
     work: &Path,
     command: &[std::ffi::OsString],
     env: &[(String, String)],
+    netns: Option<&Netns>,
 ) -> anyhow::Result<Child> {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(work.join("meshd.log"))?;
-    Command::new(meshd_binary("meshd")?)
-        .args(command)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file)
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start meshd")
+    let meshd = meshd_binary("meshd")?;
+    match netns {
+        Some(netns) => netns.command(meshd),
+        None => Command::new(meshd),
+    }
+    .args(command)
+    .envs(env.iter().map(|(k, v)| (k, v)))
+    .stdin(Stdio::null())
+    .stdout(log_file.try_clone()?)
+    .stderr(log_file)
+    .kill_on_drop(true)
+    .spawn()
+    .context("cannot start meshd")
 }
