@@ -73,59 +73,71 @@ fn run(args: &InitArgs) -> anyhow::Result<()> {
 
     let mut applied: Vec<Applied> = Vec::new();
     for family in families {
-        let (backend, saved) =
-            backend::detect(family, args.iptables_backend).map_err(anyhow::Error::msg)?;
-        let before = match saved {
-            Ok(save) => NatTable::parse(&save),
-            Err(e) if args.dry_run => {
-                out(&format!(
-                    "# {family}: cannot read the current rules ({e}); as for a fresh namespace\n"
-                ));
-                NatTable::default()
+        match program(family, args, &capture) {
+            Ok(Some(done)) => applied.push(done),
+            Ok(None) => {}
+            Err(e) => {
+                let mut message = format!("{e:#}");
+                for done in applied.iter().rev() {
+                    message.push_str(&format!("; {}", roll_back(done)));
+                }
+                bail!(message);
             }
-            Err(e) => bail!("{family}: cannot read the current rules: {e}"),
-        };
-        let script = if args.cleanup {
-            nat::cleanup(&before)
-        } else {
-            Some(nat::apply(&before, &capture.rules(family)))
-        };
-        let Some(script) = script else {
-            status(family, &format!("nothing of meshd's to remove; {backend}"));
-            continue;
-        };
-        let restore = backend.restore_program();
-        out(&format!(
-            "# {family}: {restore} --noflush\n{}",
-            script.text()
-        ));
-        if args.dry_run {
-            status(family, &format!("dry run, nothing applied; {backend}"));
-            continue;
         }
-        if let Err(stderr) = backend.restore(&script.text()) {
-            let mut message = format!(
-                "{family}: the transaction was refused and nothing was changed ({restore}): {}",
-                script.explain(&stderr)
-            );
-            for done in applied.iter().rev() {
-                message.push_str(&format!("; {}", roll_back(done)));
-            }
-            bail!(message);
-        }
-        let what = if args.cleanup {
-            "removed meshd's jumps and chains".to_string()
-        } else {
-            format!("applied {} rules in one transaction", script.appended())
-        };
-        status(family, &format!("{what}; {backend}"));
-        applied.push(Applied {
-            family,
-            backend,
-            before,
-        });
     }
     Ok(())
+}
+
+/// One family's transaction: read, build, print, apply (unless a dry run). `Some` if
+/// it changed the namespace.
+fn program(family: Family, args: &InitArgs, capture: &Capture) -> anyhow::Result<Option<Applied>> {
+    let (backend, saved) =
+        backend::detect(family, args.iptables_backend).map_err(anyhow::Error::msg)?;
+    let before = match saved {
+        Ok(save) => NatTable::parse(&save),
+        Err(e) if args.dry_run => {
+            out(&format!(
+                "# {family}: cannot read the current rules ({e}); as for a fresh namespace\n"
+            ));
+            NatTable::default()
+        }
+        Err(e) => bail!("{family}: cannot read the current rules: {e}"),
+    };
+    let script = if args.cleanup {
+        nat::cleanup(&before)
+    } else {
+        Some(nat::apply(&before, &capture.rules(family)))
+    };
+    let Some(script) = script else {
+        status(family, &format!("nothing of meshd's to remove; {backend}"));
+        return Ok(None);
+    };
+    let restore = backend.restore_program();
+    out(&format!(
+        "# {family}: {restore} --noflush\n{}",
+        script.text()
+    ));
+    if args.dry_run {
+        status(family, &format!("dry run, nothing applied; {backend}"));
+        return Ok(None);
+    }
+    if let Err(stderr) = backend.restore(&script.text()) {
+        bail!(
+            "{family}: the transaction was refused and nothing was changed ({restore}): {}",
+            script.explain(&stderr)
+        );
+    }
+    let what = if args.cleanup {
+        "removed meshd's jumps and chains".to_string()
+    } else {
+        format!("applied {} rules in one transaction", script.appended())
+    };
+    status(family, &format!("{what}; {backend}"));
+    Ok(Some(Applied {
+        family,
+        backend,
+        before,
+    }))
 }
 
 /// Takes an earlier family back to what it was; says how that went.

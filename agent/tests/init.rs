@@ -261,7 +261,7 @@ fn init_twice_changes_nothing_and_cleanup_restores_what_was_there_in_both_backen
         succeeded(&first);
         assert!(
             stderr(&first).contains(&format!(
-                "IPv4: applied 15 rules in one transaction; {kind} backend"
+                "IPv4: applied 16 rules in one transaction; {kind} backend"
             )),
             "{}",
             stderr(&first)

@@ -30,6 +30,10 @@ pub const INBOUND_PORT: u16 = 15006;
 pub const AGENT_HEALTH_PORT: u16 = 15020;
 /// The uid (and by default gid) Envoy runs as; its connections are never captured.
 pub const PROXY_UID: u32 = 1337;
+/// The source address from which Envoy hands an inbound connection for a port no
+/// Service names on to the app at its original destination; init exempts it from
+/// capture, so the connection reaches the app instead of Envoy's inbound port again.
+pub const INBOUND_PASSTHROUGH_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
 
 /// `meshd.io/exclude-outbound-ports`: outbound TCP to these ports bypasses Envoy.
 pub const EXCLUDE_OUTBOUND_PORTS_ANNOTATION: &str = "meshd.io/exclude-outbound-ports";

@@ -160,7 +160,7 @@ fn failed_lines(stderr: &str) -> Vec<usize> {
 pub fn apply(table: &NatTable, rules: &[Rule]) -> Script {
     let mut script = Script::new();
     let chain_line = Some(Origin::Builtin("meshd's chain"));
-    let ours = Some(Origin::Builtin("meshd's jump into its chains"));
+    let jump_line = Some(Origin::Builtin("meshd's jump into its chains"));
     for chain in CHAINS {
         script.push(format!(":{chain} - [0:0]"), chain_line);
     }
@@ -168,12 +168,12 @@ pub fn apply(table: &NatTable, rules: &[Rule]) -> Script {
     for (chain, spec) in table.jumps() {
         let jump = (chain.as_str(), spec.as_str());
         if !JUMPS.contains(&jump) || !kept.insert(jump) {
-            script.push(format!("-D {chain} {spec}"), ours);
+            script.push(format!("-D {chain} {spec}"), jump_line);
         }
     }
     for (chain, spec) in JUMPS {
         if !kept.contains(&(chain, spec)) {
-            script.push(format!("-A {chain} {spec}"), ours);
+            script.push(format!("-A {chain} {spec}"), jump_line);
         }
     }
     for rule in rules {

@@ -174,6 +174,16 @@ impl Capture {
             Origin::Flag("inbound-port"),
         );
 
+        if family == Family::V4 {
+            add(
+                OUTPUT_CHAIN,
+                format!(
+                    "-o lo -s {}/32 -j RETURN",
+                    capture::INBOUND_PASSTHROUGH_SOURCE
+                ),
+                Origin::Builtin("Envoy handing a port no Service names on to the app"),
+            );
+        }
         let lo = family.loopback();
         for (owner, id, flag) in [
             ("uid", self.proxy_uid, "proxy-uid"),
@@ -263,6 +273,7 @@ mod tests {
                 "-A MESHD_INBOUND -p tcp --dport 15020 -j RETURN",
                 "-A MESHD_INBOUND -p tcp -j MESHD_IN_REDIRECT",
                 "-A MESHD_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
+                "-A MESHD_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN",
                 "-A MESHD_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1337 -j MESHD_IN_REDIRECT",
                 "-A MESHD_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN",
                 "-A MESHD_OUTPUT -m owner --uid-owner 1337 -j RETURN",
@@ -304,6 +315,7 @@ mod tests {
                 "-A MESHD_INBOUND -p tcp --dport 8080 -j MESHD_IN_REDIRECT",
                 "-A MESHD_INBOUND -p tcp --dport 9090 -j MESHD_IN_REDIRECT",
                 "-A MESHD_IN_REDIRECT -p tcp -j REDIRECT --to-ports 16006",
+                "-A MESHD_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN",
                 "-A MESHD_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1500 -j MESHD_IN_REDIRECT",
                 "-A MESHD_OUTPUT -o lo -m owner ! --uid-owner 1500 -j RETURN",
                 "-A MESHD_OUTPUT -m owner --uid-owner 1500 -j RETURN",

@@ -103,6 +103,25 @@ impl ProxyView {
             .or_else(|| snap.defaults.scope.clone())
             .unwrap_or_else(|| vec![ScopeEntry::Namespace(workload.key.namespace.clone())]);
         if workload.capture == Capture::Transparent {
+            // The sidecar's own ports: Envoy listens on the capture ports and init
+            // passes the agent's port by, so an app cannot be reached there.
+            let own = [
+                meshd_sidecar::capture::OUTBOUND_PORT,
+                meshd_sidecar::capture::INBOUND_PORT,
+                meshd_sidecar::capture::AGENT_HEALTH_PORT,
+            ];
+            let mut inbound = inbound;
+            inbound.retain(|p| {
+                let clash = own.contains(&p.port);
+                if clash {
+                    problems.push(format!(
+                        "inbound port {}: in transparent capture it is the sidecar's own port \
+                         ({} outbound, {} inbound, {} the agent's); not served",
+                        p.port, own[0], own[1], own[2]
+                    ));
+                }
+                !clash
+            });
             let services = snap
                 .services
                 .values()

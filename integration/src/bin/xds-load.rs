@@ -366,7 +366,9 @@ impl<'a> ChangeWriter<'a> {
         let address = sc.endpoints + k;
         let eds_of = |svc: usize| -> (Vec<usize>, Box<dyn Fn(&load::Arrival) -> bool>) {
             let cluster = format!("||{}.{NAMESPACE}.", Scenario::service(svc));
-            let everyone = sc.egress == Some(load::EgressScope::All);
+            // A transparent proxy without a scope of its own covers its namespace: all.
+            let everyone = sc.egress == Some(load::EgressScope::All)
+                || (sc.transparent && sc.egress.is_none());
             let callers = (0..sc.proxies)
                 .filter(|p| everyone || sc.upstreams_of(*p).contains(&svc))
                 .collect();

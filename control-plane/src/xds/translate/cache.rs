@@ -17,9 +17,11 @@
 //! version until its content really changes. That matters beyond speed: protobuf map
 //! fields (the route's per-filter configs) encode in hash order, so re-encoding equal
 //! content can produce other bytes, another version, and a needless push.
-//! [`XdsSnapshot::proxy_resources`] assembles both kinds.
+//! A transparent proxy's virtual outbound listener depends only on its scope and is
+//! shared by scope ([`super::virtual_outbound`]). [`XdsSnapshot::proxy_resources`]
+//! assembles all of them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -32,11 +34,11 @@ use crate::model::snapshot::{Endpoint, InboundPort, ServicePortKey};
 use crate::xds::translate;
 use meshd_ca::SpiffeId;
 
-use super::listeners::{OutboundChain, VirtualInbound};
-use crate::model::proxy_view::{EgressView, Outbound, TransparentView};
-use crate::model::{
-    MeshSnapshot, MtlsMode, ObjectKey, OutboundPolicy, ProxyView, Service, Workload,
-};
+use super::listeners::VirtualInbound;
+use super::names::{INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT};
+use super::virtual_outbound::SharedOutbound;
+use crate::model::proxy_view::{EgressView, Outbound};
+use crate::model::{MeshSnapshot, MtlsMode, ObjectKey, ProxyView, Service, Workload};
 
 /// The shared resources of one service port and the inputs they were built from.
 #[derive(Debug)]
@@ -111,97 +113,21 @@ struct WorkloadResources {
     resources: Vec<(ResourceType, Arc<Resource>)>,
 }
 
-/// What a transparent workload's virtual listeners are built from beyond its inbound
-/// ports and policies: the outbound chains (service VIPs, endpoint addresses), the
-/// outbound policy, and the mTLS modes of ports no Service names.
+/// What a transparent workload's virtual inbound listener is built from beyond its
+/// inbound ports and policies: the mTLS modes of ports no Service names. (Its virtual
+/// outbound listener depends only on its scope, and is shared: [`SharedOutbound`].)
 #[derive(Debug, Clone, PartialEq)]
 struct TransparentInputs {
-    chains: Vec<OutboundChain>,
-    /// The service ports whose VIP chain the listener has (their EDS cluster, endpoints
-    /// and route go with it), and those with an endpoint chain over mTLS (their direct
-    /// cluster): nothing the listener does not use is sent.
-    vip_services: Vec<ServicePortKey>,
-    direct_services: Vec<ServicePortKey>,
-    outbound_policy: OutboundPolicy,
     other_ports: Vec<(Option<u16>, MtlsMode)>,
 }
 
 impl TransparentInputs {
     fn of(mesh: &MeshSnapshot, view: &ProxyView) -> Option<TransparentInputs> {
-        let t = view.transparent.as_ref()?;
-        let (chains, vip_services, direct_services) = outbound_chains(mesh, t);
+        view.transparent.as_ref()?;
         Some(TransparentInputs {
-            chains,
-            vip_services,
-            direct_services,
-            outbound_policy: t.outbound_policy,
             other_ports: other_ports(mesh, view),
         })
     }
-}
-
-/// The virtual outbound listener's chains: first every service VIP and port, then each
-/// endpoint address and port not already matched (a pod IP dialled directly, a headless
-/// service's pods). An address and port belongs to the first service that has it:
-/// Envoy refuses two chains with the same match.
-/// Returns the chains and the service ports of VIP chains and of mTLS endpoint chains.
-fn outbound_chains(
-    mesh: &MeshSnapshot,
-    t: &TransparentView,
-) -> (Vec<OutboundChain>, Vec<ServicePortKey>, Vec<ServicePortKey>) {
-    let mut chains = Vec::new();
-    let (mut vip_services, mut direct_services) = (Vec::new(), Vec::new());
-    let mut taken: HashSet<(IpAddr, u16)> = HashSet::new();
-    for (svc, port) in &t.services {
-        let Some(vip) = svc.cluster_ip else { continue };
-        if !taken.insert((vip, port.port)) {
-            continue;
-        }
-        let cluster = translate::names::service_cluster_name(svc, port.port);
-        vip_services.push((svc.key.clone(), port.port));
-        chains.push(OutboundChain {
-            name: format!("outbound|{}", std::net::SocketAddr::new(vip, port.port)),
-            port: port.port,
-            addresses: vec![vip],
-            http_route: port.protocol.is_http().then(|| cluster.clone()),
-            cluster,
-        });
-    }
-    for (svc, port) in &t.services {
-        let key = (svc.key.clone(), port.port);
-        let Some(endpoints) = mesh.endpoints.get(&key) else {
-            continue;
-        };
-        // By the endpoint's port (a named targetPort may differ per pod), mTLS or not.
-        let mut groups: BTreeMap<(u16, bool), Vec<IpAddr>> = BTreeMap::new();
-        for e in endpoints.iter() {
-            if taken.insert((e.address, e.port)) {
-                groups
-                    .entry((e.port, e.mtls == MtlsMode::Disable))
-                    .or_default()
-                    .push(e.address);
-            }
-        }
-        for ((endpoint_port, plaintext), mut addresses) in groups {
-            addresses.sort();
-            let cluster = if plaintext {
-                translate::names::PASSTHROUGH_CLUSTER.to_string()
-            } else {
-                if direct_services.last() != Some(&key) {
-                    direct_services.push(key.clone());
-                }
-                translate::names::direct_cluster_name(svc, port.port)
-            };
-            chains.push(OutboundChain {
-                name: format!("direct|{endpoint_port}||{}", svc.hostname()),
-                port: endpoint_port,
-                addresses,
-                cluster,
-                http_route: None,
-            });
-        }
-    }
-    (chains, vip_services, direct_services)
 }
 
 /// The mTLS modes of the ports of `view`'s pod that no Service names: the pod's own
@@ -216,6 +142,7 @@ fn other_ports(mesh: &MeshSnapshot, view: &ProxyView) -> Vec<(Option<u16>, MtlsM
         .values()
         .flat_map(|p| p.port_modes.keys().copied())
         .filter(|p| !named.contains(p))
+        .filter(|p| ![OUTBOUND_CAPTURE_PORT, INBOUND_CAPTURE_PORT].contains(p))
         .collect();
     ports.sort_unstable();
     ports.dedup();
@@ -241,7 +168,8 @@ impl WorkloadResources {
         let inbound = ports.map(|p| p.as_slice()).unwrap_or_default();
         if let (Some(t), Some(address)) = (&transparent, workload.address) {
             let mut with_rbac = Vec::new();
-            for port in inbound {
+            // The view's: without the ports transparent capture keeps for the sidecar.
+            for port in &view.inbound {
                 let app_port = workload.app_port(port.port);
                 resources.push((
                     ResourceType::Cluster,
@@ -278,19 +206,9 @@ impl WorkloadResources {
                 ),
             ));
         }
-        if let Some(t) = &transparent {
-            resources.push((
-                ResourceType::Listener,
-                Resource::encode(
-                    translate::names::virtual_outbound_listener_name(),
-                    &translate::listeners::virtual_outbound_listener(&t.chains, t.outbound_policy),
-                ),
-            ));
-            for cluster in translate::clusters::passthrough_clusters() {
-                resources.push((
-                    ResourceType::Cluster,
-                    Resource::encode(cluster.name.clone(), &cluster),
-                ));
+        if transparent.is_some() {
+            for cluster in PASSTHROUGH_CLUSTERS.iter() {
+                resources.push((ResourceType::Cluster, cluster.clone()));
             }
         } else if let Some(address) = workload.address {
             for port in inbound {
@@ -372,7 +290,19 @@ pub struct XdsSnapshot {
     /// Workloads' own resources: filled on first use, shared with the previous and
     /// next snapshots, reused while their inputs are equal.
     workloads: WorkloadCache,
+    /// Transparent proxies' virtual outbound listeners, one per scope.
+    outbound: SharedOutbound,
 }
+
+/// The passthrough, black-hole and inbound passthrough clusters: the same for every
+/// transparent proxy, encoded once per process.
+static PASSTHROUGH_CLUSTERS: std::sync::LazyLock<Vec<Arc<Resource>>> =
+    std::sync::LazyLock::new(|| {
+        translate::clusters::passthrough_clusters()
+            .iter()
+            .map(|c| Resource::encode(c.name.clone(), c))
+            .collect()
+    });
 
 /// The SPIFFE ids of the pods behind `endpoints`, sorted and unique. Endpoints whose pod
 /// is unknown contribute nothing: no identity can be verified for them.
@@ -491,10 +421,12 @@ impl XdsSnapshot {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|key, _| mesh.workloads.contains_key(key));
+        let outbound = SharedOutbound::after(previous.map(|p| &p.outbound));
         XdsSnapshot {
             mesh,
             services,
             workloads,
+            outbound,
         }
     }
 
@@ -617,7 +549,9 @@ impl XdsSnapshot {
             }
             out.insert(ResourceType::Listener, shared.outbound_listener(out_port));
         }
-        if let Some(t) = &own.transparent {
+        if let Some(t) = &view.transparent {
+            let t = self.outbound.get(&self.mesh, t);
+            out.insert(ResourceType::Listener, t.listener.clone());
             for key in &t.vip_services {
                 let Some(shared) = self.services.get(key) else {
                     continue;
@@ -899,5 +833,110 @@ mod tests {
         let deny = policy("no-x", Action::Deny, Rule::default());
         let changed = XdsSnapshot::build(mesh(vec![deny]), Some(&same), "cluster.local");
         assert_ne!(served.version, route(&changed).version);
+    }
+
+    /// A transparent pod gets the two virtual listeners and no explicit ones; pods of
+    /// one scope share one encoded outbound listener, which an endpoint change in scope
+    /// re-encodes once and a change elsewhere leaves alone.
+    #[test]
+    fn transparent_pods_share_the_outbound_listener_of_their_scope() {
+        let workload = |name: &str, ns: &str, app: &str, ip: &str| {
+            MeshObject::Workload(Arc::new(Workload {
+                scope: None,
+                capture: crate::model::Capture::Transparent,
+                key: ObjectKey::new(ns, name),
+                uid: None,
+                labels: [("app".to_string(), app.to_string())].into(),
+                service_account: app.into(),
+                address: Some(ip.parse().unwrap()),
+                ready: true,
+                container_ports: vec![ContainerPort {
+                    name: None,
+                    port: 8080,
+                }],
+                app_ports: Default::default(),
+                upstreams: vec![],
+                egress: None,
+            }))
+        };
+        let service = |ns: &str, app: &str, vip: &str| {
+            MeshObject::Service(Arc::new(Service {
+                key: ObjectKey::new(ns, app),
+                cluster_ip: Some(vip.parse().unwrap()),
+                ports: vec![ServicePort {
+                    name: None,
+                    port: 80,
+                    target_port: TargetPort::Number(8080),
+                    protocol: Protocol::Http,
+                }],
+                selector: Some([("app".to_string(), app.to_string())].into()),
+            }))
+        };
+        let objects = |extra: Vec<MeshObject>| {
+            let mut o = vec![
+                workload("web-1", "shop", "web", "10.0.0.1"),
+                workload("client-1", "shop", "client", "10.0.0.2"),
+                workload("client-2", "shop", "client", "10.0.0.3"),
+                service("shop", "web", "10.96.0.10"),
+                workload("api-1", "edge", "api", "10.0.1.1"),
+                service("edge", "api", "10.96.1.10"),
+            ];
+            o.extend(extra);
+            Arc::new(MeshSnapshot::build(1, MeshDefaults::default(), o))
+        };
+        let first = XdsSnapshot::build(objects(vec![]), None, "cluster.local");
+        let listeners = |x: &XdsSnapshot, pod: &str| {
+            let (_, r) = x.proxy_resources(&ObjectKey::new("shop", pod)).unwrap();
+            r.get(ResourceType::Listener).clone()
+        };
+        let client = listeners(&first, "client-1");
+        let names: Vec<&str> = client.keys().map(|k| &**k).collect();
+        assert_eq!(names, ["inbound|0.0.0.0:15006", "outbound|0.0.0.0:15001"]);
+        let outbound =
+            |l: &crate::xds::translate::resources::ResourceSet| l["outbound|0.0.0.0:15001"].clone();
+        assert!(Arc::ptr_eq(
+            &outbound(&client),
+            &outbound(&listeners(&first, "client-2"))
+        ));
+        // Scope = own namespace: shop/web's VIP and endpoint, not edge/api.
+        let (_, r) = first
+            .proxy_resources(&ObjectKey::new("shop", "client-1"))
+            .unwrap();
+        let clusters: Vec<&str> = r.get(ResourceType::Cluster).keys().map(|k| &**k).collect();
+        assert!(
+            clusters.contains(&"outbound|80||web.shop.svc.cluster.local"),
+            "{clusters:?}"
+        );
+        assert!(
+            clusters.contains(&"direct|80||web.shop.svc.cluster.local"),
+            "{clusters:?}"
+        );
+        assert!(
+            !clusters.iter().any(|c| c.contains("api.edge")),
+            "{clusters:?}"
+        );
+
+        // Another api pod (out of scope): the same listener, not even re-encoded.
+        let second = XdsSnapshot::build(
+            objects(vec![workload("api-2", "edge", "api", "10.0.1.2")]),
+            Some(&first),
+            "cluster.local",
+        );
+        assert!(Arc::ptr_eq(
+            &outbound(&client),
+            &outbound(&listeners(&second, "client-1"))
+        ));
+        // Another web pod (in scope): a new endpoint chain address.
+        let third = XdsSnapshot::build(
+            objects(vec![workload("web-2", "shop", "web", "10.0.0.4")]),
+            Some(&second),
+            "cluster.local",
+        );
+        let changed = outbound(&listeners(&third, "client-1"));
+        assert_ne!(changed.version, outbound(&client).version);
+        assert!(Arc::ptr_eq(
+            &changed,
+            &outbound(&listeners(&third, "client-2"))
+        ));
     }
 }

@@ -260,6 +260,17 @@ pub fn virtual_inbound_listener(v: &VirtualInbound, denied: bool) -> Listener {
         };
         chains.extend(mtls_chains(&name, *mode, *port, filters));
     }
+    // The capture ports themselves, dialled from outside: refused. Handed on to the
+    // original destination they would reach this listener again, over and over.
+    for port in [OUTBOUND_CAPTURE_PORT, INBOUND_CAPTURE_PORT] {
+        let name = format!("{BLACKHOLE_CLUSTER}|{port}");
+        chains.extend(mtls_chains(
+            &name,
+            MtlsMode::Disable,
+            Some(port),
+            tcp_filters_denied(&name, BLACKHOLE_CLUSTER),
+        ));
+    }
     let permissive = v
         .ports
         .iter()

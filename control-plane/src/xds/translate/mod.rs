@@ -27,6 +27,7 @@ pub mod resources;
 pub mod routes;
 pub mod secrets;
 mod transport;
+pub mod virtual_outbound;
 
 use std::net::IpAddr;
 

@@ -26,10 +26,11 @@ pub fn egress_listener_name(port: u16) -> String {
     format!("egress|127.0.0.1:{port}")
 }
 
-/// Transparent capture: the port `meshd-agent init` redirects outbound TCP to.
-pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
-/// Transparent capture: the port `meshd-agent init` redirects inbound TCP to.
-pub const INBOUND_CAPTURE_PORT: u16 = 15006;
+/// Transparent capture: the ports `meshd-agent init` redirects outbound and inbound
+/// TCP to (one definition, shared with the agent).
+pub use meshd_sidecar::capture::{
+    INBOUND_PORT as INBOUND_CAPTURE_PORT, OUTBOUND_PORT as OUTBOUND_CAPTURE_PORT,
+};
 
 pub fn virtual_outbound_listener_name() -> String {
     format!("outbound|0.0.0.0:{OUTBOUND_CAPTURE_PORT}")
@@ -55,4 +56,4 @@ pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
 /// destination port, from 127.0.0.6 (exempt from capture).
 pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
 /// The source address of [`INBOUND_PASSTHROUGH_CLUSTER`]'s connections.
-pub const INBOUND_PASSTHROUGH_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+pub use meshd_sidecar::capture::INBOUND_PASSTHROUGH_SOURCE;
