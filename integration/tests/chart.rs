@@ -91,11 +91,13 @@ fn default_values_render_valid_manifests() -> anyhow::Result<()> {
             })),
         "meshd may not create TokenReviews: {role}"
     );
-    ensure!(
-        args(&r)?.contains(&Value::from("--token-audience=meshd")),
-        "no --token-audience: {:?}",
-        args(&r)?
-    );
+    for want in ["--token-audience=meshd", "--outbound-policy=allow-any"] {
+        ensure!(
+            args(&r)?.contains(&Value::from(want)),
+            "no {want}: {:?}",
+            args(&r)?
+        );
+    }
     Ok(())
 }
 
@@ -117,6 +119,8 @@ fn custom_values_render_valid_manifests() -> anyhow::Result<()> {
             "replicaCount=3",
             "--set",
             "mtlsMode=PERMISSIVE",
+            "--set",
+            "outboundPolicy=registry-only",
             "--set-string",
             "namespaceSelector=meshd.io/mesh=enabled",
             "-f",
@@ -151,6 +155,7 @@ fn custom_values_render_valid_manifests() -> anyhow::Result<()> {
     let arguments = args(&three)?;
     for want in [
         "--mtls-mode=PERMISSIVE",
+        "--outbound-policy=registry-only",
         "--namespace=mesh",
         "--namespace-selector=meshd.io/mesh=enabled",
     ] {
@@ -268,6 +273,11 @@ fn the_schema_refuses_values_meshd_would_crash_on() -> anyhow::Result<()> {
             "mtlsMode=BOGUS",
             "'/mtlsMode'",
             "'STRICT', 'PERMISSIVE', 'DISABLE'",
+        ),
+        (
+            "outboundPolicy=allow-all",
+            "'/outboundPolicy'",
+            "'allow-any', 'registry-only'",
         ),
         ("workloadCertTTL=abc", "'/workloadCertTTL'", "'abc'"),
         ("replicaCount=0", "'/replicaCount'", "got 0, want 1"),
