@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use meshd_ca::{DEFAULT_MESHD_NAMESPACE, DEFAULT_TRUST_DOMAIN};
 use meshd_sidecar::capture::{self, CidrList, PortList, Selection};
 
-use crate::init::BackendChoice;
+use crate::init::backend::Choice as BackendChoice;
 
 /// meshd-agent — the per-pod helper that gives Envoy its identity and runs it.
 #[derive(Debug, Parser)]

@@ -18,12 +18,10 @@
 //! namespace). The transactions go to stdout (applied or not), one line per family
 //! saying what was done and with which backend to stderr.
 
-mod backend;
+pub mod backend;
 mod inet6;
 mod nat;
 mod rules;
-
-pub use backend::Choice as BackendChoice;
 
 use std::process::ExitCode;
 
@@ -62,11 +60,11 @@ fn run(args: &InitArgs) -> anyhow::Result<()> {
     if ipv6 {
         families.push(Family::V6);
     } else if args.cleanup {
-        status(Family::V6, "skipped: IPv6 is disabled here");
+        status(Family::V6, "left alone: IPv6 is disabled here");
     } else {
         status(
             Family::V6,
-            "skipped: no IPv6 address beyond loopback and link-local",
+            "left alone: no IPv6 address beyond loopback and link-local",
         );
     }
     families.push(Family::V4);

@@ -59,7 +59,11 @@ fn outbound_tcp_goes_to_envoy_except_the_proxys_loopback_and_what_is_excluded() 
     // The veth has only a link-local IPv6 address: no ip6tables rules.
     let v6 = t.pod.save("ip6tables-save");
     assert!(!v6.contains("MESHD"), "{v6}");
-    assert!(stderr(&out).contains("IPv6: skipped"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("IPv6: left alone: no IPv6 address"),
+        "{}",
+        stderr(&out)
+    );
 
     let l = Listeners {
         pod: vec![

@@ -481,17 +481,6 @@ pub fn children_of(pid: u32) -> anyhow::Result<Vec<u32>> {
     Ok(children)
 }
 
-/// Whether process `pid` is still there (and not a zombie).
-pub fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.split_whitespace().next() != Some("Z"))
-        })
-        .unwrap_or(false)
-}
-
 fn flavor_arg(flavor: XdsFlavor) -> &'static str {
     match flavor {
         XdsFlavor::Sotw => "sotw",

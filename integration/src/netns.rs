@@ -493,7 +493,7 @@ fn remove_leftovers() {
         let Some(pid) = leftover_pid(&name) else {
             continue;
         };
-        if pid != std::process::id() && !crate::envoy::process_alive(pid) {
+        if pid != std::process::id() && !process_alive(pid) {
             eprintln!("lab: removing network namespace {name} left by process {pid}");
             delete_netns(&name);
         }
@@ -507,6 +507,18 @@ fn leftover_pid(name: &str) -> Option<u32> {
     parts.next()?.parse::<u32>().ok()?;
     parts.next().filter(|rest| !rest.is_empty())?;
     Some(pid)
+}
+
+/// Whether process `pid` is still there (and not a zombie): a process the lab or a
+/// sidecar started, or the owner of a leftover namespace.
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.split_whitespace().next() != Some("Z"))
+        })
+        .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use meshd_integration::apps::{HttpApp, Traffic, http_get};
-use meshd_integration::envoy::{Sidecar, SidecarOptions, process_alive};
+use meshd_integration::envoy::{Sidecar, SidecarOptions};
 use meshd_integration::mesh::{PodDef, web_and_client};
 use meshd_integration::meshd::Meshd;
+use meshd_integration::netns::process_alive;
 use meshd_integration::wait::eventually;
 use meshd_integration::{XdsFlavor, init_test_logging};
 use nix::sys::signal::Signal;

@@ -351,10 +351,11 @@ impl Coverage {
                 }
                 if let Some(t) = &view.transparent {
                     seen.insert("transparent pod");
-                    if t.services.iter().any(|(s, _)| s.cluster_ip.is_some()) {
+                    let services = t.services(snapshot);
+                    if services.iter().any(|(s, _)| s.cluster_ip.is_some()) {
                         seen.insert("transparent VIP chain");
                     }
-                    if t.services.iter().any(|(s, p)| {
+                    if services.iter().any(|(s, p)| {
                         snapshot
                             .endpoints
                             .get(&(s.key.clone(), p.port))

@@ -240,22 +240,28 @@ impl Capture {
     }
 }
 
+/// The capture `init` programs without flags, for the init modules' tests.
+#[cfg(test)]
+pub(super) fn default_capture() -> Capture {
+    Capture {
+        outbound_port: 15001,
+        inbound_port: 15006,
+        proxy_uid: 1337,
+        proxy_gid: 1337,
+        exclude_outbound_ports: PortList::default(),
+        exclude_outbound_ip_ranges: CidrList::default(),
+        include_outbound_ip_ranges: Selection::All,
+        exclude_inbound_ports: PortList::default(),
+        include_inbound_ports: Selection::All,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn capture() -> Capture {
-        Capture {
-            outbound_port: 15001,
-            inbound_port: 15006,
-            proxy_uid: 1337,
-            proxy_gid: 1337,
-            exclude_outbound_ports: PortList::default(),
-            exclude_outbound_ip_ranges: CidrList::default(),
-            include_outbound_ip_ranges: Selection::All,
-            exclude_inbound_ports: PortList::default(),
-            include_inbound_ports: Selection::All,
-        }
+        default_capture()
     }
 
     fn lines(rules: &[Rule]) -> Vec<String> {

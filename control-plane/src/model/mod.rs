@@ -154,7 +154,7 @@ pub struct Upstream {
 }
 
 /// What a workload may reach through its egress port.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum ScopeEntry {
     /// Every service of the mesh (`*`).
     All,

@@ -28,13 +28,30 @@ pub struct EgressView {
     pub services: Vec<(Arc<Service>, ServicePort)>,
 }
 
-/// Transparent capture: the services the virtual outbound listener matches.
-#[derive(Debug, Clone, PartialEq)]
+/// Transparent capture: what the virtual outbound listener covers. Only the scope's
+/// definition: the services it resolves to are the same for every proxy with an equal
+/// one, and are resolved once per scope ([`TransparentView::services`], called by the
+/// shared listener's builder), not per proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TransparentView {
     pub scope: Vec<ScopeEntry>,
-    /// Every port of every service in scope or declared as an upstream, in service order.
-    pub services: Vec<(Arc<Service>, ServicePort)>,
+    /// The services of the declared upstreams that exist, sorted.
+    pub upstreams: Vec<ObjectKey>,
     pub outbound_policy: OutboundPolicy,
+}
+
+impl TransparentView {
+    /// Every port of every service in scope or declared as an upstream, in service order.
+    pub fn services(&self, snap: &MeshSnapshot) -> Vec<(Arc<Service>, ServicePort)> {
+        snap.services
+            .values()
+            .filter(|s| {
+                self.scope.iter().any(|entry| entry.covers(&s.key))
+                    || self.upstreams.binary_search(&s.key).is_ok()
+            })
+            .flat_map(|s| s.ports.iter().map(|p| (s.clone(), p.clone())))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -122,15 +139,10 @@ impl ProxyView {
                 }
                 !clash
             });
-            let services = snap
-                .services
-                .values()
-                .filter(|s| {
-                    scope.iter().any(|entry| entry.covers(&s.key))
-                        || outbound.iter().any(|o| o.service.key == s.key)
-                })
-                .flat_map(|s| s.ports.iter().map(|p| (s.clone(), p.clone())))
-                .collect();
+            let mut upstreams: Vec<ObjectKey> =
+                outbound.iter().map(|o| o.service.key.clone()).collect();
+            upstreams.sort();
+            upstreams.dedup();
             return Some(ProxyView {
                 workload,
                 inbound,
@@ -138,7 +150,7 @@ impl ProxyView {
                 egress: None,
                 transparent: Some(TransparentView {
                     scope,
-                    services,
+                    upstreams,
                     outbound_policy: snap.defaults.outbound_policy,
                 }),
                 problems,

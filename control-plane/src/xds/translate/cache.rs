@@ -165,53 +165,12 @@ impl WorkloadResources {
     ) -> WorkloadResources {
         let workload = &view.workload;
         let mut resources = Vec::new();
-        let inbound = ports.map(|p| p.as_slice()).unwrap_or_default();
-        if let (Some(t), Some(address)) = (&transparent, workload.address) {
-            let mut with_rbac = Vec::new();
-            // The view's: without the ports transparent capture keeps for the sidecar.
+        if let Some(address) = workload.address {
+            // The explicit layout has a listener per port; the transparent one gathers
+            // the ports' chains in one virtual listener. Clusters and routes are the same.
+            let mut virtual_ports = Vec::new();
+            // The view's ports: in transparent capture, without the sidecar's own.
             for port in &view.inbound {
-                let app_port = workload.app_port(port.port);
-                resources.push((
-                    ResourceType::Cluster,
-                    Resource::encode(
-                        translate::names::inbound_cluster_name(port.port),
-                        &translate::clusters::inbound_cluster(port, app_port),
-                    ),
-                ));
-                let rbac = rbac::inbound_rbac(mesh, workload, port);
-                if port.protocol.is_http() {
-                    let name = translate::names::inbound_listener_name(address, port.port);
-                    resources.push((
-                        ResourceType::Route,
-                        Resource::encode(
-                            name.clone(),
-                            &translate::routes::inbound_route(&name, port, &rbac),
-                        ),
-                    ));
-                }
-                with_rbac.push((port.clone(), rbac));
-            }
-            let policies: Vec<&AuthorizationPolicy> = policies.iter().map(|p| &**p).collect();
-            let inbound = VirtualInbound {
-                address,
-                ports: with_rbac,
-                other_ports: t.other_ports.clone(),
-                other_rbac: rbac::compile(&policies, false),
-            };
-            resources.push((
-                ResourceType::Listener,
-                Resource::encode(
-                    translate::names::virtual_inbound_listener_name(),
-                    &translate::listeners::virtual_inbound_listener(&inbound, false),
-                ),
-            ));
-        }
-        if transparent.is_some() {
-            for cluster in PASSTHROUGH_CLUSTERS.iter() {
-                resources.push((ResourceType::Cluster, cluster.clone()));
-            }
-        } else if let Some(address) = workload.address {
-            for port in inbound {
                 let app_port = workload.app_port(port.port);
                 resources.push((
                     ResourceType::Cluster,
@@ -231,13 +190,37 @@ impl WorkloadResources {
                         ),
                     ));
                 }
+                match transparent {
+                    Some(_) => virtual_ports.push((port.clone(), rbac)),
+                    None => resources.push((
+                        ResourceType::Listener,
+                        Resource::encode(
+                            listener,
+                            &translate::listeners::inbound_listener(address, port, &rbac),
+                        ),
+                    )),
+                }
+            }
+            if let Some(t) = &transparent {
+                let policies: Vec<&AuthorizationPolicy> = policies.iter().map(|p| &**p).collect();
+                let inbound = VirtualInbound {
+                    address,
+                    ports: virtual_ports,
+                    other_ports: t.other_ports.clone(),
+                    other_rbac: rbac::compile(&policies, false),
+                };
                 resources.push((
                     ResourceType::Listener,
                     Resource::encode(
-                        listener,
-                        &translate::listeners::inbound_listener(address, port, &rbac),
+                        translate::names::virtual_inbound_listener_name(),
+                        &translate::listeners::virtual_inbound_listener(&inbound, false),
                     ),
                 ));
+            }
+        }
+        if transparent.is_some() {
+            for cluster in PASSTHROUGH_CLUSTERS.iter() {
+                resources.push((ResourceType::Cluster, cluster.clone()));
             }
         }
         if let Some(egress) = &view.egress {

@@ -37,16 +37,7 @@ pub fn service_route(svc: &Service, port: &ServicePort) -> RouteConfiguration {
 pub fn inbound_route(listener: &str, inbound: &InboundPort, rbac: &PortRbac) -> RouteConfiguration {
     let mut route = route_to(&inbound_cluster_name(inbound.port));
     route.typed_per_filter_config = rbac.per_route_configs();
-    RouteConfiguration {
-        name: listener.to_string(),
-        virtual_hosts: vec![VirtualHost {
-            name: "inbound".to_string(),
-            domains: vec!["*".to_string()],
-            routes: vec![route],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    inbound_route_config(listener, route)
 }
 
 /// What an inbound HTTP port's route becomes when the sidecar rejected the compiled one
@@ -91,16 +82,7 @@ pub fn inbound_route_denied(listener: &str) -> RouteConfiguration {
         }],
         ..Default::default()
     };
-    RouteConfiguration {
-        name: listener.to_string(),
-        virtual_hosts: vec![VirtualHost {
-            name: "inbound".to_string(),
-            domains: vec!["*".to_string()],
-            routes: vec![route],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    inbound_route_config(listener, route)
 }
 
 /// One virtual host per HTTP service port in scope, answering to the names a client
@@ -155,6 +137,21 @@ pub(super) fn route_to(cluster: &str) -> Route {
             }),
             ..Default::default()
         })),
+        ..Default::default()
+    }
+}
+
+/// An inbound port's route configuration, named like its listener: one virtual host
+/// answering every name with `route`.
+fn inbound_route_config(listener: &str, route: Route) -> RouteConfiguration {
+    RouteConfiguration {
+        name: listener.to_string(),
+        virtual_hosts: vec![VirtualHost {
+            name: "inbound".to_string(),
+            domains: vec!["*".to_string()],
+            routes: vec![route],
+            ..Default::default()
+        }],
         ..Default::default()
     }
 }

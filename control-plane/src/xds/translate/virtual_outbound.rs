@@ -1,11 +1,12 @@
 //! Transparent proxies' virtual outbound listeners, shared by scope.
 //!
-//! The listener on 15001 depends only on what a proxy's scope covers (its service ports,
-//! their VIPs and endpoint addresses) and the outbound policy, not on the proxy: every
-//! proxy whose scope covers the same service ports gets the same listener. So it is
-//! built once per scope and snapshot ([`SharedOutbound::get`]), and its encoding is
-//! kept from the previous snapshot while its chains are equal — an endpoint change
-//! re-encodes one listener per scope it touches, not one per proxy.
+//! The listener on 15001 depends only on a proxy's scope (its scope entries, its
+//! declared upstreams, the outbound policy: [`TransparentView`]), not on the proxy:
+//! every proxy with an equal scope gets the same listener. So the scope is resolved to
+//! service ports and chains once per scope and snapshot ([`SharedOutbound::get`]; a
+//! stream only hashes its small scope), and the encoding is kept from the previous
+//! snapshot while the chains are equal — an endpoint change re-encodes one listener per
+//! scope it touches, not one per proxy.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -15,7 +16,7 @@ use super::listeners::OutboundChain;
 use super::resources::Resource;
 use crate::model::proxy_view::TransparentView;
 use crate::model::snapshot::ServicePortKey;
-use crate::model::{MeshSnapshot, MtlsMode, OutboundPolicy};
+use crate::model::{MeshSnapshot, MtlsMode};
 use crate::xds::translate;
 
 /// One scope's virtual outbound listener and what it needs sent with it.
@@ -30,15 +31,12 @@ pub struct VirtualOutbound {
     pub listener: Arc<Resource>,
 }
 
-/// A scope: the service ports it covers, in order, and the outbound policy.
-type ScopeKey = (Vec<ServicePortKey>, OutboundPolicy);
-
 /// One snapshot's listeners by scope, filled on first use; the previous snapshot's, to
 /// keep encodings whose chains did not change.
 #[derive(Debug, Default)]
 pub struct SharedOutbound {
-    current: Mutex<HashMap<ScopeKey, Arc<VirtualOutbound>>>,
-    previous: HashMap<ScopeKey, Arc<VirtualOutbound>>,
+    current: Mutex<HashMap<TransparentView, Arc<VirtualOutbound>>>,
+    previous: HashMap<TransparentView, Arc<VirtualOutbound>>,
 }
 
 impl SharedOutbound {
@@ -55,21 +53,14 @@ impl SharedOutbound {
 
     /// The virtual outbound listener of scope `t` in `mesh`.
     pub fn get(&self, mesh: &MeshSnapshot, t: &TransparentView) -> Arc<VirtualOutbound> {
-        let key: ScopeKey = (
-            t.services
-                .iter()
-                .map(|(s, p)| (s.key.clone(), p.port))
-                .collect(),
-            t.outbound_policy,
-        );
         let current = || self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(hit) = current().get(&key) {
+        if let Some(hit) = current().get(t) {
             return hit.clone();
         }
         // Built outside the lock; if two streams of one scope build at once, the first
         // to store wins and both use it, so they agree on versions.
         let (chains, vip_services, direct_services) = outbound_chains(mesh, t);
-        let built = match self.previous.get(&key) {
+        let built = match self.previous.get(t) {
             Some(old) if old.chains == chains => old.clone(),
             _ => Arc::new(VirtualOutbound {
                 listener: Resource::encode(
@@ -81,7 +72,7 @@ impl SharedOutbound {
                 direct_services,
             }),
         };
-        current().entry(key).or_insert(built).clone()
+        current().entry(t.clone()).or_insert(built).clone()
     }
 }
 
@@ -94,10 +85,11 @@ fn outbound_chains(
     mesh: &MeshSnapshot,
     t: &TransparentView,
 ) -> (Vec<OutboundChain>, Vec<ServicePortKey>, Vec<ServicePortKey>) {
+    let services = t.services(mesh);
     let mut chains = Vec::new();
     let (mut vip_services, mut direct_services) = (Vec::new(), Vec::new());
     let mut taken: HashSet<(IpAddr, u16)> = HashSet::new();
-    for (svc, port) in &t.services {
+    for (svc, port) in &services {
         let Some(vip) = svc.cluster_ip else { continue };
         if !taken.insert((vip, port.port)) {
             continue;
@@ -112,7 +104,7 @@ fn outbound_chains(
             cluster,
         });
     }
-    for (svc, port) in &t.services {
+    for (svc, port) in &services {
         let key = (svc.key.clone(), port.port);
         let Some(endpoints) = mesh.endpoints.get(&key) else {
             continue;
