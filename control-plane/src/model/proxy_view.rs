@@ -35,7 +35,8 @@ pub struct EgressView {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TransparentView {
     pub scope: Vec<ScopeEntry>,
-    /// The services of the declared upstreams that exist, sorted.
+    /// The services of the declared upstreams that exist and `scope` does not cover,
+    /// sorted.
     pub upstreams: Vec<ObjectKey>,
     pub outbound_policy: OutboundPolicy,
 }
@@ -141,6 +142,9 @@ impl ProxyView {
             });
             let mut upstreams: Vec<ObjectKey> =
                 outbound.iter().map(|o| o.service.key.clone()).collect();
+            // Only those the scope does not cover already: proxies whose scopes cover
+            // the same services then have equal views, and share one listener.
+            upstreams.retain(|u| !scope.iter().any(|entry| entry.covers(u)));
             upstreams.sort();
             upstreams.dedup();
             return Some(ProxyView {

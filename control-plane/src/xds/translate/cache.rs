@@ -855,11 +855,24 @@ mod tests {
                 selector: Some([("app".to_string(), app.to_string())].into()),
             }))
         };
+        // client-2 also declares shop/web, which its scope (its namespace) covers
+        // anyway: the same view, the same listener.
+        let client_2 = match workload("client-2", "shop", "client", "10.0.0.3") {
+            MeshObject::Workload(mut w) => {
+                Arc::make_mut(&mut w).upstreams = vec![crate::model::Upstream {
+                    service: ObjectKey::new("shop", "web"),
+                    port: 80,
+                    local_port: 15001,
+                }];
+                MeshObject::Workload(w)
+            }
+            _ => unreachable!(),
+        };
         let objects = |extra: Vec<MeshObject>| {
             let mut o = vec![
                 workload("web-1", "shop", "web", "10.0.0.1"),
                 workload("client-1", "shop", "client", "10.0.0.2"),
-                workload("client-2", "shop", "client", "10.0.0.3"),
+                client_2.clone(),
                 service("shop", "web", "10.96.0.10"),
                 workload("api-1", "edge", "api", "10.0.1.1"),
                 service("edge", "api", "10.96.1.10"),
