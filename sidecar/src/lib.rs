@@ -12,6 +12,8 @@
 //! - [`capture`]: transparent capture's ports and proxy uid, the pod annotations that
 //!   tune it, their one parser, and [`capture::init_args`], which turns a pod's
 //!   annotations into `meshd-agent init`'s arguments.
+//! - [`probes`]: the app's probes through the agent: the path the injector rewrites a
+//!   probe to, and the original probes the agent performs, as JSON in its environment.
 //!
 //! meshd reads the node metadata keys defined here ([`NAMESPACE_KEY`], ...). No kube,
 //! no gRPC: meshd-agent depends on this crate.
@@ -19,6 +21,7 @@
 pub mod bootstrap;
 pub mod capture;
 pub mod credentials;
+pub mod probes;
 
 use serde::{Deserialize, Serialize};
 
