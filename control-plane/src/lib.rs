@@ -11,6 +11,7 @@ pub mod ca_service;
 pub mod cli;
 pub mod cluster;
 pub mod identity;
+pub mod inject;
 pub mod logging;
 pub mod metrics;
 pub mod model;
