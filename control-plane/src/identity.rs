@@ -94,6 +94,8 @@ pub struct CertManager {
     /// Identity of meshd's xDS server.
     server_id: SpiffeId,
     server: Mutex<Option<Arc<IssuedCertificate>>>,
+    /// DNS names of the serving certificate beside [`MESHD_DNS_NAMES`].
+    server_dns_names: Mutex<Vec<String>>,
     workloads: Mutex<HashMap<SpiffeId, Arc<IssuedCertificate>>>,
     ledger: Mutex<Ledger>,
     generation: watch::Sender<u64>,
@@ -252,6 +254,7 @@ impl CertManager {
             }),
             server_id,
             server: Mutex::new(None),
+            server_dns_names: Mutex::new(Vec::new()),
             workloads: Mutex::new(HashMap::new()),
             ledger: Mutex::new(Ledger::default()),
             generation: watch::Sender::new(0),
@@ -356,7 +359,15 @@ impl CertManager {
         lock(&self.ledger).valid_not_signed_by(&signer)
     }
 
-    /// meshd's own serving certificate for the xDS port.
+    /// Adds DNS names to meshd's serving certificate (the webhook Service's
+    /// `<service>.<namespace>.svc`, which the API server checks); the next one has them.
+    pub fn add_server_dns_names(&self, names: impl IntoIterator<Item = String>) {
+        lock(&self.server_dns_names).extend(names);
+        *lock(&self.server) = None;
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// meshd's own serving certificate, for all its TLS ports.
     pub fn server_certificate(&self) -> Result<Arc<IssuedCertificate>, CaError> {
         let mut server = lock(&self.server);
         if let Some(c) = server
@@ -365,10 +376,16 @@ impl CertManager {
         {
             return Ok(c.clone());
         }
+        let extra = lock(&self.server_dns_names).clone();
+        let names: Vec<&str> = MESHD_DNS_NAMES
+            .iter()
+            .copied()
+            .chain(extra.iter().map(String::as_str))
+            .collect();
         let issued = Arc::new(self.authority().issue_with_dns(
             &self.server_id,
             self.config.workload_ttl,
-            MESHD_DNS_NAMES,
+            &names,
         )?);
         *server = Some(issued.clone());
         Ok(issued)

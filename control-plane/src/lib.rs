@@ -18,4 +18,5 @@ pub mod model;
 pub mod operator;
 pub mod sources;
 pub mod tls;
+pub mod webhook;
 pub mod xds;

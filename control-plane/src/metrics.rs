@@ -68,6 +68,16 @@ pub struct Metrics {
     pub ca_signed: Family<AuthLabel, Counter>,
     pub ca_refused: Family<ReasonLabel, Counter>,
     pub token_reviews: Family<ReasonLabel, Counter>,
+    pub admission_reviews: Family<AdmissionLabel, Counter>,
+    pub admission_duration: Histogram,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabel {
+    /// The webhook's path, e.g. `/inject`.
+    pub webhook: &'static str,
+    /// What it answered: `injected`, `unchanged`, `denied`, `invalid`.
+    pub result: &'static str,
 }
 
 /// 0.5 ms … ~65 s.
@@ -93,6 +103,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ca_signed: Family::default(),
         ca_refused: Family::default(),
         token_reviews: Family::default(),
+        admission_reviews: Family::default(),
+        admission_duration: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
         registry: Registry::default(),
     };
     registry.register(
@@ -165,6 +177,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "token_reviews",
         "TokenReviews sent to the API server, by outcome",
         m.token_reviews.clone(),
+    );
+    registry.register(
+        "admission_reviews",
+        "AdmissionReviews answered, by webhook and answer",
+        m.admission_reviews.clone(),
+    );
+    registry.register(
+        "admission_review_duration_seconds",
+        "Time to answer one AdmissionReview, from its body to the answer",
+        m.admission_duration.clone(),
     );
     Metrics { registry, ..m }
 });

@@ -11,6 +11,12 @@
 //!   refused in the handshake (the log says why), so no request of a sidecar or a
 //!   web page ever reaches the admin API.
 //!
+//! - [`Port::Webhook`]: no client certificate (the API server calling meshd's
+//!   admission webhooks presents none); it serves only answers to AdmissionReviews,
+//!   which change nothing in meshd. The API server checks meshd's certificate against
+//!   the `caBundle` meshd keeps in its webhook configuration
+//!   ([`crate::cluster::webhook_ca`]) and by DNS name (`<service>.<namespace>.svc`).
+//!
 //! Clients of mesh servers (meshctl towards the admin API, agents towards the xDS port,
 //! tests towards sidecars) verify them with [`meshd_proto::client::SpiffeServerVerifier`]:
 //! the chain, and the SPIFFE id rather than a DNS name.
@@ -48,6 +54,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Port {
     Xds,
     Admin,
+    Webhook,
 }
 
 impl Port {
@@ -55,6 +62,7 @@ impl Port {
         match self {
             Port::Xds => "xds",
             Port::Admin => "admin",
+            Port::Webhook => "webhook",
         }
     }
 
@@ -62,15 +70,18 @@ impl Port {
         match self {
             Port::Xds => vec![b"h2".to_vec()],
             Port::Admin => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            Port::Webhook => vec![b"http/1.1".to_vec()],
         }
     }
 
     fn throttle(self) -> &'static Throttle {
         static XDS: Throttle = Throttle::new(10, Duration::from_secs(10));
         static ADMIN: Throttle = Throttle::new(10, Duration::from_secs(10));
+        static WEBHOOK: Throttle = Throttle::new(10, Duration::from_secs(10));
         match self {
             Port::Xds => &XDS,
             Port::Admin => &ADMIN,
+            Port::Webhook => &WEBHOOK,
         }
     }
 }
@@ -109,6 +120,8 @@ pub fn server_config(
             chain: chain_verifier.build().map_err(|e| err(&e))?,
             trust_domain: manager.trust_domain().to_string(),
         }),
+        // No certificate is asked for.
+        Port::Webhook => Arc::new(rustls::server::NoClientAuth),
     };
     let cert = manager.server_certificate().map_err(|e| err(&e))?;
     let chain = CertificateDer::pem_slice_iter(cert.chain_pem.as_bytes())

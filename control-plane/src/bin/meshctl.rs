@@ -66,6 +66,26 @@ enum Command {
     /// Authorization: predict decisions, read denials from proxies.
     #[command(subcommand)]
     Authz(AuthzCommand),
+    /// Inject meshd's sidecar into manifests offline, as the webhook does in a cluster.
+    ///
+    /// Reads YAML (one or more documents, `v1` Lists too) and prints it with meshd's
+    /// init container, native sidecar and volumes added to every Pod and to the pod
+    /// templates of Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs and
+    /// CronJobs; everything else is printed unchanged. Pods that opt out
+    /// (`meshd.io/inject: "false"`), use hostNetwork or are injected already are left
+    /// alone (stderr says why). A pod meshd would refuse fails the run, nothing printed.
+    ///
+    ///   meshctl inject -f deploy.yaml | kubectl apply -f -
+    #[command(verbatim_doc_comment)]
+    Inject {
+        /// The manifests (`-`: stdin).
+        #[arg(long, short = 'f', value_name = "FILE")]
+        filename: PathBuf,
+        /// The injection settings meshd's webhook uses (the chart's
+        /// `<release>-inject` ConfigMap, key config.yaml); default: every default.
+        #[arg(long, value_name = "FILE")]
+        inject_config: Option<PathBuf>,
+    },
     /// Show the resources meshd serves to one workload's sidecar.
     ProxyConfig {
         /// The workload, as <namespace>/<pod>.
@@ -290,6 +310,28 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Inject {
+            filename,
+            inject_config,
+        } => {
+            let config = match &inject_config {
+                Some(path) => meshd::inject::InjectConfig::load(path)?,
+                None => meshd::inject::InjectConfig::default(),
+            };
+            let text = if filename.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
+            } else {
+                std::fs::read_to_string(&filename)
+                    .with_context(|| format!("cannot read {}", filename.display()))?
+            };
+            let (yaml, report) = meshd::inject::manifests::inject_yaml(&text, &config)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", filename.display()))?;
+            print!("{yaml}");
+            for skipped in &report.skipped {
+                eprintln!("not injected: {skipped}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bootstrap(args) => {
             let BootstrapArgs {
                 pod,

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,6 +13,7 @@ use meshd::admin::{self, AdminListener, AdminState, HealthState};
 use meshd::cli::{CaArgs, DEFAULT_MESHD_NAMESPACE};
 use meshd::cluster::{self, lease::Leadership};
 use meshd::identity::{CertManager, SharedRoots};
+use meshd::inject::InjectConfig;
 use meshd::model::{MeshDefaults, MtlsMode, OutboundPolicy, ScopeEntry, Store, StoreConfig};
 use meshd::sources::file::FileSource;
 use meshd::sources::kubernetes::{self, KubernetesOptions};
@@ -121,6 +123,33 @@ struct Args {
     #[arg(long, env = "MESHD_HEALTH_ADDRESS", default_value = "127.0.0.1:15021")]
     health_address: SocketAddr,
 
+    /// Address of the admission webhooks (`/inject`): HTTPS with meshd's serving
+    /// certificate, no client certificate. Off unless given; in a pod, the pod IP or
+    /// 0.0.0.0 behind the webhook Service.
+    #[arg(long, env = "MESHD_WEBHOOK_ADDRESS")]
+    webhook_address: Option<SocketAddr>,
+
+    /// The Service in front of the webhook port: `<name>.<namespace>.svc` joins meshd's
+    /// serving certificate, as the API server checks that name.
+    #[arg(long, value_name = "NAME", requires = "webhook_address")]
+    webhook_service: Option<String>,
+
+    /// The MutatingWebhookConfiguration whose `caBundle` the Lease holder keeps equal
+    /// to the mesh's trust bundle (--source kubernetes).
+    #[arg(long, value_name = "NAME", requires = "webhook_address")]
+    webhook_configuration: Option<String>,
+
+    /// The injection template's settings (YAML: proxyImage, resources, logLevel,
+    /// xdsAddress, ...); the chart renders them from its `injection` values. Default:
+    /// every setting's default.
+    #[arg(
+        long,
+        env = "MESHD_INJECT_CONFIG",
+        value_name = "FILE",
+        requires = "webhook_address"
+    )]
+    inject_config: Option<PathBuf>,
+
     /// Quiet time after a change before a new snapshot is built.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     debounce: Duration,
@@ -222,6 +251,9 @@ async fn main() -> anyhow::Result<()> {
         trust_domain = %args.ca.trust_domain,
         "mesh CA ready"
     );
+    if let Some(service) = &args.webhook_service {
+        certs.add_server_dns_names([format!("{service}.{}.svc", args.namespace)]);
+    }
     certs.spawn_rotation();
     let shared_rotation = match (&started.shared_roots, &started.leadership) {
         (Some(shared), Some(leadership)) => {
@@ -255,6 +287,37 @@ async fn main() -> anyhow::Result<()> {
             leadership.is_leader(),
             started.replica.clone(),
         );
+    }
+    if let Some(name) = &args.webhook_configuration {
+        match (&started.kube_client, &started.leadership) {
+            (Some(client), Some(leadership)) => cluster::webhook_ca::spawn(
+                client.clone(),
+                certs.clone(),
+                leadership.is_leader(),
+                name.clone(),
+            ),
+            _ => anyhow::bail!("--webhook-configuration needs --source kubernetes"),
+        }
+    }
+    if let Some(address) = args.webhook_address {
+        let mut inject = match &args.inject_config {
+            Some(path) => InjectConfig::load(path)?,
+            None => InjectConfig::default(),
+        };
+        inject.fill(&args.namespace, &args.ca.trust_domain, &args.token_audience);
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on --webhook-address {address}"))?;
+        let state = meshd::webhook::WebhookState {
+            inject: Arc::new(inject),
+        };
+        let certs = certs.clone();
+        tokio::spawn(async move {
+            if let Err(e) = meshd::webhook::serve(listener, certs, state).await {
+                tracing::error!("webhook server failed: {e}");
+            }
+        });
+        tracing::info!(webhook = %address, "admission webhooks serving");
     }
     let store = started.store;
     let (config_errors, config_notes) = (started.errors, started.notes);

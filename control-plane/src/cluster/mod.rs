@@ -13,12 +13,15 @@
 //!   every replica follows it.
 //! - [`trust_bundle`]: the Lease holder keeps the trust bundle in a ConfigMap in every
 //!   mesh namespace, for pods' agents to trust meshd by before their first certificate.
+//! - [`webhook_ca`]: the Lease holder keeps the `caBundle` of meshd's webhook
+//!   configuration equal to the trust bundle.
 
 pub mod ca_secret;
 pub mod lease;
 pub mod policy_status;
 pub mod root_rotation;
 pub mod trust_bundle;
+pub mod webhook_ca;
 
 /// The Kubernetes client: `kubeconfig` if given, else `KUBECONFIG`/`~/.kube/config`,
 /// else the in-cluster service account.

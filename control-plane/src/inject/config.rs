@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use meshd_ca::{DEFAULT_MESHD_NAMESPACE, DEFAULT_TRUST_DOMAIN};
 
+/// meshd's `--token-audience` default.
+pub const DEFAULT_TOKEN_AUDIENCE: &str = "meshd";
+
 /// How injected pods reach meshd and what their sidecar runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -28,10 +31,11 @@ pub struct InjectConfig {
     /// `meshd.<meshdNamespace>.svc:15012`.
     pub xds_address: Option<String>,
     /// meshd's namespace: part of the identity the agent requires meshd to present.
-    pub meshd_namespace: String,
-    pub trust_domain: String,
+    /// meshd fills this and the next two from its own flags when the file has none.
+    pub meshd_namespace: Option<String>,
+    pub trust_domain: Option<String>,
     /// The audience of the projected token the agent presents (meshd's `--token-audience`).
-    pub token_audience: String,
+    pub token_audience: Option<String>,
     /// The projected token's lifetime; the kubelet renews it at 80 %.
     pub token_expiration_seconds: i64,
     /// Capture for pods without `meshd.io/capture`: `transparent` (the init container
@@ -44,13 +48,16 @@ impl Default for InjectConfig {
         InjectConfig {
             proxy_image: format!("meshd-proxy:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: "IfNotPresent".into(),
-            resources: resources(&[("cpu", "50m"), ("memory", "64Mi")], &[("memory", "256Mi")]),
+            resources: resources(
+                &[("cpu", "50m"), ("memory", "64Mi")],
+                &[("memory", "256Mi")],
+            ),
             init_resources: resources(&[("cpu", "10m"), ("memory", "16Mi")], &[("memory", "64Mi")]),
             log_level: "info".into(),
             xds_address: None,
-            meshd_namespace: DEFAULT_MESHD_NAMESPACE.into(),
-            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
-            token_audience: "meshd".into(),
+            meshd_namespace: None,
+            trust_domain: None,
+            token_audience: None,
             token_expiration_seconds: 3600,
             default_capture: "transparent".into(),
         }
@@ -102,7 +109,8 @@ impl InjectConfig {
         let config: InjectConfig = if text.trim().is_empty() {
             InjectConfig::default()
         } else {
-            let de = serde_saphyr::from_str::<serde_json::Value>(text).map_err(|e| e.to_string())?;
+            let de =
+                serde_saphyr::from_str::<serde_json::Value>(text).map_err(|e| e.to_string())?;
             serde_path_to_error::deserialize(de).map_err(|e| {
                 let path = e.path().to_string();
                 format!("{path}: {}", e.into_inner())
@@ -135,23 +143,51 @@ impl InjectConfig {
             ));
         }
         if let Some(addr) = &self.xds_address
-            && addr.rsplit_once(':').is_none_or(|(host, port)| {
-                host.is_empty() || port.parse::<u16>().is_err()
-            })
+            && addr
+                .rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
         {
             return Err(format!("xdsAddress: {addr:?} is not host:port"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
-            return Err(format!("logLevel: {:?} is not a log filter", self.log_level));
+            return Err(format!(
+                "logLevel: {:?} is not a log filter",
+                self.log_level
+            ));
         }
         Ok(())
+    }
+
+    /// Takes meshd's own settings for what the file leaves unset.
+    pub fn fill(&mut self, meshd_namespace: &str, trust_domain: &str, token_audience: &str) {
+        self.meshd_namespace
+            .get_or_insert_with(|| meshd_namespace.into());
+        self.trust_domain.get_or_insert_with(|| trust_domain.into());
+        self.token_audience
+            .get_or_insert_with(|| token_audience.into());
+    }
+
+    pub fn meshd_namespace(&self) -> &str {
+        self.meshd_namespace
+            .as_deref()
+            .unwrap_or(DEFAULT_MESHD_NAMESPACE)
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        self.trust_domain.as_deref().unwrap_or(DEFAULT_TRUST_DOMAIN)
+    }
+
+    pub fn token_audience(&self) -> &str {
+        self.token_audience
+            .as_deref()
+            .unwrap_or(DEFAULT_TOKEN_AUDIENCE)
     }
 
     /// meshd's address as pods reach it.
     pub fn xds_address(&self) -> String {
         self.xds_address
             .clone()
-            .unwrap_or_else(|| format!("meshd.{}.svc:15012", self.meshd_namespace))
+            .unwrap_or_else(|| format!("meshd.{}.svc:15012", self.meshd_namespace()))
     }
 }
 

@@ -51,7 +51,11 @@ pub fn inject_yaml(text: &str, config: &InjectConfig) -> Result<(String, Report)
     Ok((yaml, report))
 }
 
-fn inject_object(doc: &mut Value, config: &InjectConfig, report: &mut Report) -> Result<(), String> {
+fn inject_object(
+    doc: &mut Value,
+    config: &InjectConfig,
+    report: &mut Report,
+) -> Result<(), String> {
     let text = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).unwrap_or("").to_string();
     let (api_version, kind) = (text(doc, "apiVersion"), text(doc, "kind"));
     let meta = doc.get("metadata").cloned().unwrap_or_default();
@@ -79,7 +83,10 @@ fn inject_object(doc: &mut Value, config: &InjectConfig, report: &mut Report) ->
         .ok_or_else(|| format!("{label}: no pod template at {pointer}"))?;
     let at = |field: String| match pointer {
         "" => field,
-        _ => format!("{}.{field}", pointer.trim_start_matches('/').replace('/', ".")),
+        _ => format!(
+            "{}.{field}",
+            pointer.trim_start_matches('/').replace('/', ".")
+        ),
     };
     let (outcome, patch) = super::patch(template, &namespace, config)
         .map_err(|e| format!("{label}: {}: {}", at(e.field), e.message))?;

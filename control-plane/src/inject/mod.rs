@@ -105,8 +105,12 @@ pub fn inject(
             ));
         }
     };
-    let init_args = capture::init_args(annotations)
-        .map_err(|e| FieldError::new(annotation_field(e.annotation), format!("{:?}: {}", e.value, e.error)))?;
+    let init_args = capture::init_args(annotations).map_err(|e| {
+        FieldError::new(
+            annotation_field(e.annotation),
+            format!("{:?}: {}", e.value, e.error),
+        )
+    })?;
     check_names(&injected)?;
 
     let mut app_probes = AppProbes::default();
@@ -148,7 +152,11 @@ pub fn inject(
     if as_stored.metadata.name.as_deref().is_none_or(str::is_empty) {
         as_stored.metadata.name = Some(format!(
             "{}new",
-            as_stored.metadata.generate_name.as_deref().unwrap_or("pod-")
+            as_stored
+                .metadata
+                .generate_name
+                .as_deref()
+                .unwrap_or("pod-")
         ));
     }
     convert::pod(&as_stored)?;
@@ -195,7 +203,10 @@ fn annotation_field(name: &str) -> String {
 /// Container and volume names meshd adds must be free.
 fn check_names(spec: &PodSpec) -> Result<(), FieldError> {
     for (list, containers) in [
-        ("initContainers", spec.init_containers.as_deref().unwrap_or_default()),
+        (
+            "initContainers",
+            spec.init_containers.as_deref().unwrap_or_default(),
+        ),
         ("containers", &spec.containers[..]),
     ] {
         for (i, c) in containers.iter().enumerate() {
@@ -223,7 +234,10 @@ fn check_ports(
     field: &str,
 ) -> Result<(), FieldError> {
     for (i, p) in container.ports.iter().flatten().enumerate() {
-        if RESERVED_PORTS.iter().any(|r| i32::from(*r) == p.container_port) {
+        if RESERVED_PORTS
+            .iter()
+            .any(|r| i32::from(*r) == p.container_port)
+        {
             return Err(FieldError::new(
                 format!("{field}.ports[{i}].containerPort"),
                 format!(
@@ -258,7 +272,11 @@ pub fn patch(
     let outcome = inject(&mut meta, &mut spec, namespace, config)?;
     let mut patch = json_patch::diff(&before, &typed_json(&meta, &spec));
     // A template without metadata reads as empty metadata: make it so first.
-    if !patch.0.is_empty() && !object.get("metadata").is_some_and(serde_json::Value::is_object) {
+    if !patch.0.is_empty()
+        && !object
+            .get("metadata")
+            .is_some_and(serde_json::Value::is_object)
+    {
         patch.0.insert(
             0,
             json_patch::PatchOperation::Add(json_patch::AddOperation {

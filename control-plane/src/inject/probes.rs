@@ -84,7 +84,11 @@ fn original(
         };
         return Ok(Some(Check::HttpGet {
             port: port(&get.port, &format!("{field}.httpGet.port"), ports)?,
-            path: get.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into()),
+            path: get
+                .path
+                .clone()
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "/".into()),
             host: get.host.clone().filter(|h| !h.is_empty()),
             scheme,
             headers: get

@@ -19,9 +19,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, Probe, ProjectedVolumeSource,
-    SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
-    VolumeProjection,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, Probe, ProjectedVolumeSource, SeccompProfile,
+    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -52,7 +51,11 @@ pub fn init_container(config: &InjectConfig, init_args: Vec<String>) -> Containe
         image: Some(config.proxy_image.clone()),
         image_pull_policy: Some(config.image_pull_policy.clone()),
         command: Some(vec!["meshd-agent".into()]),
-        args: Some(std::iter::once("init".to_string()).chain(init_args).collect()),
+        args: Some(
+            std::iter::once("init".to_string())
+                .chain(init_args)
+                .collect(),
+        ),
         resources: Some(config.init_resources.clone()),
         security_context: Some(SecurityContext {
             run_as_user: Some(0),
@@ -96,9 +99,12 @@ pub fn sidecar(config: &InjectConfig, probes: &AppProbes) -> Container {
         field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         field("POD_IP", "status.podIP"),
         value("MESHD_XDS_ADDRESS", config.xds_address()),
-        value("MESHD_NAMESPACE", config.meshd_namespace.clone()),
-        value("MESHD_TRUST_DOMAIN", config.trust_domain.clone()),
-        value("MESHD_AGENT_TOKEN_FILE", format!("{TOKEN_DIR}/{TOKEN_FILE}")),
+        value("MESHD_NAMESPACE", config.meshd_namespace().into()),
+        value("MESHD_TRUST_DOMAIN", config.trust_domain().into()),
+        value(
+            "MESHD_AGENT_TOKEN_FILE",
+            format!("{TOKEN_DIR}/{TOKEN_FILE}"),
+        ),
         value(
             "MESHD_AGENT_TRUST_BUNDLE",
             format!("{TRUST_BUNDLE_DIR}/{}", trust_bundle::KEY),
@@ -179,7 +185,7 @@ pub fn volumes(config: &InjectConfig) -> Vec<Volume> {
             projected: Some(ProjectedVolumeSource {
                 sources: Some(vec![VolumeProjection {
                     service_account_token: Some(ServiceAccountTokenProjection {
-                        audience: Some(config.token_audience.clone()),
+                        audience: Some(config.token_audience().into()),
                         expiration_seconds: Some(config.token_expiration_seconds),
                         path: TOKEN_FILE.into(),
                     }),
@@ -219,7 +225,13 @@ fn runtime_default() -> SeccompProfile {
 /// The annotations injection adds (beside the probes), for `capture`.
 pub fn annotations(capture: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (super::INJECTED_ANNOTATION.to_string(), env!("CARGO_PKG_VERSION").to_string()),
-        (crate::sources::CAPTURE_ANNOTATION.to_string(), capture.to_string()),
+        (
+            super::INJECTED_ANNOTATION.to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
+        (
+            crate::sources::CAPTURE_ANNOTATION.to_string(),
+            capture.to_string(),
+        ),
     ])
 }

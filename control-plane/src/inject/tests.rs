@@ -26,7 +26,9 @@ fn injected(object: &Value) -> (ObjectMeta, PodSpec) {
 }
 
 fn container<'a>(list: &'a [Container], name: &str) -> &'a Container {
-    list.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no container {name}"))
+    list.iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
 }
 
 #[test]
@@ -36,11 +38,21 @@ fn a_pod_gets_the_init_container_the_native_sidecar_and_their_volumes() {
     let (meta, spec) = injected(&pod(json!({}), spec));
     let inits = spec.init_containers.as_deref().unwrap();
     let names: Vec<&str> = inits.iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(names, ["meshd-init", "meshd-proxy", "migrate"], "ours first, the app's after");
+    assert_eq!(
+        names,
+        ["meshd-init", "meshd-proxy", "migrate"],
+        "ours first, the app's after"
+    );
 
     let init = &inits[0];
     assert_eq!(init.args.as_deref().unwrap(), ["init"]);
-    let caps = init.security_context.as_ref().unwrap().capabilities.as_ref().unwrap();
+    let caps = init
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
     assert_eq!(caps.add.as_deref().unwrap(), ["NET_ADMIN", "NET_RAW"]);
     assert_eq!(caps.drop.as_deref().unwrap(), ["ALL"]);
 
@@ -50,7 +62,13 @@ fn a_pod_gets_the_init_container_the_native_sidecar_and_their_volumes() {
     let security = sidecar.security_context.as_ref().unwrap();
     assert_eq!(security.run_as_user, Some(1337));
     assert_eq!(security.read_only_root_filesystem, Some(true));
-    let ready = sidecar.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+    let ready = sidecar
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
     assert_eq!(ready.path.as_deref(), Some("/healthz/ready"));
     assert_eq!(ready.port, IntOrStringInt(15020));
     let env = |name: &str| {
@@ -62,15 +80,37 @@ fn a_pod_gets_the_init_container_the_native_sidecar_and_their_volumes() {
             .unwrap_or_else(|| panic!("no env {name}"))
             .clone()
     };
-    assert_eq!(env("MESHD_XDS_ADDRESS").value.as_deref(), Some("meshd.meshd-system.svc:15012"));
     assert_eq!(
-        env("POD_IP").value_from.unwrap().field_ref.unwrap().field_path,
+        env("MESHD_XDS_ADDRESS").value.as_deref(),
+        Some("meshd.meshd-system.svc:15012")
+    );
+    assert_eq!(
+        env("POD_IP")
+            .value_from
+            .unwrap()
+            .field_ref
+            .unwrap()
+            .field_path,
         "status.podIP"
     );
 
-    let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
-    assert_eq!(volumes, ["meshd-agent", "meshd-token", "meshd-trust-bundle"]);
-    let token = spec.volumes.as_ref().unwrap()[1].projected.as_ref().unwrap().sources.as_ref().unwrap()[0]
+    let volumes: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(
+        volumes,
+        ["meshd-agent", "meshd-token", "meshd-trust-bundle"]
+    );
+    let token = spec.volumes.as_ref().unwrap()[1]
+        .projected
+        .as_ref()
+        .unwrap()
+        .sources
+        .as_ref()
+        .unwrap()[0]
         .service_account_token
         .clone()
         .unwrap();
@@ -100,14 +140,26 @@ fn capture_annotations_become_the_init_containers_arguments() {
     let init = container(spec.init_containers.as_deref().unwrap(), "meshd-init");
     assert_eq!(
         init.args.as_deref().unwrap(),
-        ["init", "--exclude-outbound-ports=5432,6379", "--exclude-inbound-ports=9090"]
+        [
+            "init",
+            "--exclude-outbound-ports=5432,6379",
+            "--exclude-inbound-ports=9090"
+        ]
     );
 }
 
 #[test]
 fn explicit_capture_needs_no_init_container() {
-    let (meta, spec) = injected(&pod(json!({"annotations": {"meshd.io/capture": "explicit"}}), app()));
-    let names: Vec<&str> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+    let (meta, spec) = injected(&pod(
+        json!({"annotations": {"meshd.io/capture": "explicit"}}),
+        app(),
+    ));
+    let names: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
     assert_eq!(names, ["meshd-proxy"]);
     assert_eq!(meta.annotations.unwrap()["meshd.io/capture"], "explicit");
 }
@@ -131,10 +183,17 @@ fn probes_go_through_the_agent_and_the_originals_are_kept() {
     let get = ready.http_get.as_ref().unwrap();
     assert_eq!(get.path.as_deref(), Some("/app-health/app/readyz"));
     assert_eq!(get.port, IntOrStringInt(15020));
-    assert_eq!((ready.period_seconds, ready.timeout_seconds), (Some(7), Some(2)), "timings stay");
+    assert_eq!(
+        (ready.period_seconds, ready.timeout_seconds),
+        (Some(7), Some(2)),
+        "timings stay"
+    );
     let live = app.liveness_probe.as_ref().unwrap();
     assert!(live.tcp_socket.is_none());
-    assert_eq!(live.http_get.as_ref().unwrap().path.as_deref(), Some("/app-health/app/livez"));
+    assert_eq!(
+        live.http_get.as_ref().unwrap().path.as_deref(),
+        Some("/app-health/app/livez")
+    );
     let startup = app.startup_probe.as_ref().unwrap();
     assert!(startup.grpc.is_none());
     assert_eq!(
@@ -142,33 +201,66 @@ fn probes_go_through_the_agent_and_the_originals_are_kept() {
         Some("/app-health/app/startupz")
     );
     let worker = container(&spec.containers, "worker");
-    assert!(worker.liveness_probe.as_ref().unwrap().exec.is_some(), "exec stays");
+    assert!(
+        worker.liveness_probe.as_ref().unwrap().exec.is_some(),
+        "exec stays"
+    );
 
-    let originals = AppProbes::from_json(&meta.annotations.unwrap()[ORIGINAL_PROBES_ANNOTATION]).unwrap();
+    let originals =
+        AppProbes::from_json(&meta.annotations.unwrap()[ORIGINAL_PROBES_ANNOTATION]).unwrap();
     use meshd_sidecar::probes::{Check, HttpScheme};
     let readiness = originals.get("/app-health/app/readyz").unwrap();
     assert_eq!(readiness.timeout_seconds, 2);
     match &readiness.check {
-        Check::HttpGet { port, path, scheme, headers, .. } => {
-            assert_eq!((*port, path.as_str(), *scheme), (8080, "/ready", HttpScheme::Http), "named port resolved");
+        Check::HttpGet {
+            port,
+            path,
+            scheme,
+            headers,
+            ..
+        } => {
+            assert_eq!(
+                (*port, path.as_str(), *scheme),
+                (8080, "/ready", HttpScheme::Http),
+                "named port resolved"
+            );
             assert_eq!(headers[0].name, "X-Probe");
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(originals.get("/app-health/app/livez").unwrap().check, Check::TcpSocket { port: 8080, .. }));
-    assert!(matches!(&originals.get("/app-health/app/startupz").unwrap().check, Check::Grpc { port: 9090, service } if service == "shop"));
+    assert!(matches!(
+        originals.get("/app-health/app/livez").unwrap().check,
+        Check::TcpSocket { port: 8080, .. }
+    ));
+    assert!(
+        matches!(&originals.get("/app-health/app/startupz").unwrap().check, Check::Grpc { port: 9090, service } if service == "shop")
+    );
     let sidecar = container(spec.init_containers.as_deref().unwrap(), "meshd-proxy");
-    let env = sidecar.env.iter().flatten().find(|e| e.name == meshd_sidecar::probes::ENV).unwrap();
-    assert_eq!(AppProbes::from_json(env.value.as_deref().unwrap()).unwrap(), originals);
+    let env = sidecar
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == meshd_sidecar::probes::ENV)
+        .unwrap();
+    assert_eq!(
+        AppProbes::from_json(env.value.as_deref().unwrap()).unwrap(),
+        originals
+    );
 }
 
 #[test]
 fn pods_that_are_not_injected_get_no_patch() {
     let config = InjectConfig::default();
     let cases = [
-        (pod(json!({"labels": {"meshd.io/inject": "false"}}), app()), Skip::OptedOut),
         (
-            pod(json!({}), json!({"hostNetwork": true, "containers": [{"name": "a", "image": "a"}]})),
+            pod(json!({"labels": {"meshd.io/inject": "false"}}), app()),
+            Skip::OptedOut,
+        ),
+        (
+            pod(
+                json!({}),
+                json!({"hostNetwork": true, "containers": [{"name": "a", "image": "a"}]}),
+            ),
             Skip::HostNetwork,
         ),
         (
@@ -208,13 +300,40 @@ fn invalid_pods_are_refused_with_the_field_named() {
     let mut named = app();
     named["containers"][0]["readinessProbe"] = json!({"httpGet": {"port": "metrics"}});
     for (object, field) in [
-        (pod(json!({"annotations": {"meshd.io/exclude-outbound-ports": "http"}}), app()), "meshd.io/exclude-outbound-ports"),
-        (pod(json!({"annotations": {"meshd.io/capture": "magic"}}), app()), "meshd.io/capture"),
-        (pod(json!({"annotations": {"meshd.io/upstreams": "nope"}}), app()), "meshd.io/upstreams"),
-        (pod(json!({"annotations": {"meshd.io/egress-port": "15300"}}), app()), "meshd.io/egress-port"),
-        (pod(json!({}), reserved), "spec.containers[0].ports[0].containerPort"),
+        (
+            pod(
+                json!({"annotations": {"meshd.io/exclude-outbound-ports": "http"}}),
+                app(),
+            ),
+            "meshd.io/exclude-outbound-ports",
+        ),
+        (
+            pod(json!({"annotations": {"meshd.io/capture": "magic"}}), app()),
+            "meshd.io/capture",
+        ),
+        (
+            pod(
+                json!({"annotations": {"meshd.io/upstreams": "nope"}}),
+                app(),
+            ),
+            "meshd.io/upstreams",
+        ),
+        (
+            pod(
+                json!({"annotations": {"meshd.io/egress-port": "15300"}}),
+                app(),
+            ),
+            "meshd.io/egress-port",
+        ),
+        (
+            pod(json!({}), reserved),
+            "spec.containers[0].ports[0].containerPort",
+        ),
         (pod(json!({}), clash), "spec.volumes[0].name"),
-        (pod(json!({}), named), "spec.containers[0].readinessProbe.httpGet.port"),
+        (
+            pod(json!({}), named),
+            "spec.containers[0].readinessProbe.httpGet.port",
+        ),
         (pod(json!({}), json!({"containers": "app"})), "containers"),
     ] {
         let err = super::patch(&object, "shop", &config).unwrap_err();
@@ -270,23 +389,39 @@ items:
     let (yaml, report) = manifests::inject_yaml(text, &InjectConfig::default()).unwrap();
     assert_eq!(report.injected, ["Deployment/web", "CronJob/nightly"]);
     assert_eq!(report.skipped.len(), 1, "{report:?}");
-    assert!(report.skipped[0].starts_with("DaemonSet/agent"), "{report:?}");
+    assert!(
+        report.skipped[0].starts_with("DaemonSet/agent"),
+        "{report:?}"
+    );
     let docs: Vec<Value> = serde_saphyr::from_multiple(&yaml).unwrap();
     assert_eq!(docs.len(), 4);
     assert_eq!(docs[0]["data"]["a"], "b");
     let web = &docs[1]["spec"]["template"];
     assert_eq!(web["spec"]["initContainers"][1]["name"], "meshd-proxy");
-    assert_eq!(web["spec"]["someFutureField"], "kept", "fields meshd does not know stay");
-    assert_eq!(web["metadata"]["annotations"]["meshd.io/capture"], "transparent");
+    assert_eq!(
+        web["spec"]["someFutureField"], "kept",
+        "fields meshd does not know stay"
+    );
+    assert_eq!(
+        web["metadata"]["annotations"]["meshd.io/capture"],
+        "transparent"
+    );
     let job = &docs[2]["spec"]["jobTemplate"]["spec"]["template"]["spec"];
     assert_eq!(job["initContainers"][1]["restartPolicy"], "Always");
-    assert!(docs[3]["items"][0]["spec"]["template"]["spec"].get("initContainers").is_none());
+    assert!(
+        docs[3]["items"][0]["spec"]["template"]["spec"]
+            .get("initContainers")
+            .is_none()
+    );
 }
 
 #[test]
 fn a_refused_template_fails_the_run_with_document_and_field() {
     let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    metadata:\n      annotations: {meshd.io/exclude-inbound-ports: \"x\"}\n    spec:\n      containers: [{name: app, image: a}]\n";
     let err = manifests::inject_yaml(text, &InjectConfig::default()).unwrap_err();
-    assert!(err.starts_with("document 1: Deployment/web: spec.template.metadata.annotations"), "{err}");
+    assert!(
+        err.starts_with("document 1: Deployment/web: spec.template.metadata.annotations"),
+        "{err}"
+    );
     assert!(err.contains("meshd.io/exclude-inbound-ports"), "{err}");
 }

@@ -1,0 +1,75 @@
+//! `POST /inject`: Pods being created get meshd's sidecar.
+
+use axum::response::Response;
+use kube::core::admission::{AdmissionResponse, Operation};
+
+use super::review;
+use crate::inject::{self, InjectConfig, Outcome};
+use crate::logging::Escaped;
+
+pub const PATH: &str = "/inject";
+
+pub fn handle(config: &InjectConfig, body: &[u8]) -> Response {
+    let request = match review::request(PATH, body) {
+        Ok(r) => r,
+        Err(bad) => return bad,
+    };
+    let allowed = AdmissionResponse::from(&request);
+    let is_pod = request.kind.group.is_empty()
+        && request.kind.version == "v1"
+        && request.kind.kind == "Pod"
+        && request.sub_resource.as_deref().unwrap_or("").is_empty();
+    let (true, Operation::Create, Some(object)) = (is_pod, &request.operation, &request.object)
+    else {
+        return review::answer(PATH, "unchanged", allowed);
+    };
+    let namespace = request
+        .namespace
+        .clone()
+        .or_else(|| object.metadata.namespace.clone())
+        .unwrap_or_else(|| "default".into());
+    let name = object
+        .metadata
+        .name
+        .clone()
+        .or_else(|| {
+            object
+                .metadata
+                .generate_name
+                .as_ref()
+                .map(|g| format!("{g}*"))
+        })
+        .unwrap_or_default();
+    let value = match serde_json::to_value(object) {
+        Ok(v) => v,
+        Err(e) => {
+            return review::answer(
+                PATH,
+                "denied",
+                allowed.deny(format!("cannot read the pod: {e}")),
+            );
+        }
+    };
+    match inject::patch(&value, &namespace, config) {
+        Ok((Outcome::Injected, patch)) => match allowed.clone().with_patch(patch) {
+            Ok(response) => {
+                tracing::debug!(pod = %Escaped(&format!("{namespace}/{name}")), "injected");
+                review::answer(PATH, "injected", response)
+            }
+            Err(e) => review::answer(
+                PATH,
+                "denied",
+                allowed.deny(format!("cannot encode the patch: {e}")),
+            ),
+        },
+        Ok((Outcome::Skipped(skip), _)) => {
+            tracing::debug!(pod = %Escaped(&format!("{namespace}/{name}")), "not injected: {}", skip.reason());
+            review::answer(PATH, "unchanged", allowed)
+        }
+        Err(e) => {
+            let message = format!("meshd cannot inject pod {namespace}/{name}: {e}");
+            tracing::info!("{}", Escaped(&message));
+            review::answer(PATH, "denied", allowed.deny(message))
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! Reading an AdmissionReview and writing the answer.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+
+use crate::metrics::{AdmissionLabel, metrics};
+
+/// The request of the review in `body`, or the `400` that says why there is none.
+pub fn request(
+    webhook: &'static str,
+    body: &[u8],
+) -> Result<AdmissionRequest<DynamicObject>, Response> {
+    let invalid = |reason: String| {
+        count(webhook, "invalid");
+        (StatusCode::BAD_REQUEST, format!("{reason}\n")).into_response()
+    };
+    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)
+        .map_err(|e| invalid(format!("not an AdmissionReview: {e}")))?;
+    if review.types.api_version != "admission.k8s.io/v1" || review.types.kind != "AdmissionReview" {
+        return Err(invalid(format!(
+            "apiVersion {:?}, kind {:?}: only admission.k8s.io/v1 AdmissionReview is served",
+            review.types.api_version, review.types.kind
+        )));
+    }
+    review
+        .try_into()
+        .map_err(|_| invalid("the AdmissionReview has no request".to_string()))
+}
+
+/// The review answering with `response`, counted as `result`.
+pub fn answer(
+    webhook: &'static str,
+    result: &'static str,
+    response: AdmissionResponse,
+) -> Response {
+    count(webhook, result);
+    axum::Json(response.into_review()).into_response()
+}
+
+fn count(webhook: &'static str, result: &'static str) {
+    metrics()
+        .admission_reviews
+        .get_or_create(&AdmissionLabel { webhook, result })
+        .inc();
+}
