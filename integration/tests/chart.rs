@@ -63,6 +63,8 @@ fn default_values_render_valid_manifests() -> anyhow::Result<()> {
         "Deployment",
         "PodDisruptionBudget",
         "NetworkPolicy",
+        "ConfigMap",
+        "MutatingWebhookConfiguration",
     ] {
         ensure!(kinds.contains(kind), "no {kind} rendered: {kinds:?}");
     }
@@ -185,6 +187,114 @@ fn custom_values_render_valid_manifests() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `injection` values reach meshd's injection template (the ConfigMap meshd reads
+/// with --inject-config parses as meshd parses it) and the webhook configuration.
+#[test]
+fn injection_values_reach_the_template_and_the_webhook() -> anyhow::Result<()> {
+    let config_of = |r: &Rendered| -> anyhow::Result<meshd::inject::InjectConfig> {
+        let map = r
+            .objects
+            .iter()
+            .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "meshd-inject")
+            .context("no meshd-inject ConfigMap")?;
+        let text = map["data"]["config.yaml"]
+            .as_str()
+            .context("no config.yaml")?;
+        meshd::inject::InjectConfig::parse(text).map_err(anyhow::Error::msg)
+    };
+    let default = render("meshd", NS, &[])?;
+    let config = config_of(&default)?;
+    ensure!(config.proxy_image == "meshd-proxy:0.1.0", "{config:?}");
+    ensure!(config.xds_address() == "meshd.meshd-system.svc:15012");
+    ensure!(config.meshd_namespace() == NS && config.default_capture == "transparent");
+    let webhooks = default.one("MutatingWebhookConfiguration")?;
+    ensure!(webhooks["metadata"]["name"] == "meshd-meshd-system");
+    for webhook in webhooks["webhooks"].as_array().context("webhooks")? {
+        ensure!(webhook["failurePolicy"] == "Fail", "{webhook}");
+        ensure!(
+            webhook["clientConfig"]["service"]
+                == json!({"name": "meshd", "namespace": NS, "path": "/inject", "port": 443}),
+            "{webhook}"
+        );
+        // meshd's own namespace never waits on meshd.
+        ensure!(
+            webhook["namespaceSelector"]["matchExpressions"][0]
+                == json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [NS]}),
+            "{webhook}"
+        );
+    }
+    let arguments = args(&default)?;
+    for want in [
+        "--webhook-address=0.0.0.0:15017",
+        "--webhook-service=meshd",
+        "--webhook-configuration=meshd-meshd-system",
+        "--inject-config=/etc/meshd/inject/config.yaml",
+    ] {
+        ensure!(
+            arguments.contains(&json!(want)),
+            "no {want} in {arguments:?}"
+        );
+    }
+
+    let custom = render(
+        "meshd",
+        "mesh",
+        &[
+            "--set",
+            "injection.proxy.image.repository=registry.example/meshd-proxy",
+            "--set",
+            "injection.proxy.image.tag=1.2.3",
+            "--set",
+            "injection.proxy.resources.limits.memory=512Mi",
+            "--set",
+            "injection.proxy.logLevel=debug",
+            "--set",
+            "injection.failurePolicy=Ignore",
+            "--set",
+            "injection.url=https://meshd.example:15017/inject",
+            "--set",
+            "trustDomain=prod.example",
+        ],
+    )?;
+    for version in KUBERNETES {
+        custom.validate(version)?;
+    }
+    let config = config_of(&custom)?;
+    ensure!(
+        config.proxy_image == "registry.example/meshd-proxy:1.2.3",
+        "{config:?}"
+    );
+    ensure!(config.log_level == "debug" && config.trust_domain() == "prod.example");
+    ensure!(config.xds_address() == "meshd.mesh.svc:15012");
+    ensure!(
+        config
+            .resources
+            .limits
+            .as_ref()
+            .map(|l| l["memory"].0.as_str())
+            == Some("512Mi"),
+        "{config:?}"
+    );
+    let webhook = &custom.one("MutatingWebhookConfiguration")?["webhooks"][0];
+    ensure!(webhook["failurePolicy"] == "Ignore");
+    ensure!(
+        webhook["clientConfig"] == json!({"url": "https://meshd.example:15017/inject"}),
+        "{webhook}"
+    );
+
+    let off = render("meshd", NS, &["--set", "injection.enabled=false"])?;
+    let kinds: BTreeSet<_> = off.names().into_iter().map(|(kind, _, _)| kind).collect();
+    ensure!(!kinds.contains("MutatingWebhookConfiguration") && !kinds.contains("ConfigMap"));
+    ensure!(
+        !args(&off)?
+            .iter()
+            .any(|a| a.as_str().is_some_and(|a| a.starts_with("--webhook"))),
+        "{:?}",
+        args(&off)?
+    );
+    Ok(())
+}
+
 #[test]
 fn two_releases_share_no_object_or_pod() -> anyhow::Result<()> {
     let first = render("meshd", NS, &[])?;
@@ -297,6 +407,26 @@ fn the_schema_refuses_values_meshd_would_crash_on() -> anyhow::Result<()> {
             "networkPolicy.enabled=yes",
             "'/networkPolicy/enabled'",
             "want boolean",
+        ),
+        (
+            "injection.failurePolicy=Sometimes",
+            "'/injection/failurePolicy'",
+            "'Fail', 'Ignore'",
+        ),
+        (
+            "injection.url=http://meshd.example:15017/inject",
+            "'/injection/url'",
+            "does not match pattern",
+        ),
+        (
+            "injection.defaultCapture=magic",
+            "'/injection/defaultCapture'",
+            "'transparent', 'explicit'",
+        ),
+        (
+            "injection.proxy.image.tag=a:b",
+            "'/injection/proxy/image/tag'",
+            "does not match pattern",
         ),
     ] {
         let message = refused("meshd", NS, &["--set", set])?;
@@ -524,7 +654,7 @@ fn probes_and_metrics_use_the_health_port_and_the_admin_api_stays_private() -> a
         .map(|p| p["containerPort"].clone())
         .collect();
     ensure!(
-        declared == [json!(15012), json!(15021)],
+        declared == [json!(15012), json!(15021), json!(15017)],
         "container ports {declared:?}"
     );
     let annotations = &deployment(&r)?["spec"]["template"]["metadata"]["annotations"];
@@ -540,10 +670,14 @@ fn probes_and_metrics_use_the_health_port_and_the_admin_api_stays_private() -> a
         .iter()
         .map(|p| p["port"].clone())
         .collect();
-    ensure!(ports == [json!(15012)], "the Service exposes {ports:?}");
+    ensure!(
+        ports == [json!(15012), json!(443)],
+        "the Service exposes {ports:?}"
+    );
 
-    // Default NetworkPolicy: xDS from every namespace, the health port from nobody
-    // (the node's kubelet is never blocked), nothing else.
+    // Default NetworkPolicy: xDS from every namespace, the webhook port from anywhere
+    // (the API server), the health port from nobody (the node's kubelet is never
+    // blocked), nothing else.
     let policy = r.one("NetworkPolicy")?;
     ensure!(policy["spec"]["policyTypes"] == json!(["Ingress"]));
     ensure!(
@@ -555,6 +689,8 @@ fn probes_and_metrics_use_the_health_port_and_the_admin_api_stays_private() -> a
             == json!([{
                 "from": [{"namespaceSelector": {}}],
                 "ports": [{"port": 15012, "protocol": "TCP"}],
+            }, {
+                "ports": [{"port": 15017, "protocol": "TCP"}],
             }]),
         "the NetworkPolicy admits {}",
         policy["spec"]["ingress"]
@@ -639,6 +775,31 @@ async fn helm_install_upgrade_and_uninstall_keep_the_crds_current() -> anyhow::R
         .collect();
     names.sort();
     ensure!(names == ["meshd", "meshd-canary"], "deployments {names:?}");
+
+    // Every object of both releases was created.
+    for release in ["meshd", "meshd-canary"] {
+        let manifest = helm(&["get", "manifest", release, "-n", NS])?;
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), &manifest)?;
+        let out = std::process::Command::new(meshd_integration::tools::kubectl_binary()?)
+            .args(["get", "-f"])
+            .arg(file.path())
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{release}: not every object was created: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listed = String::from_utf8_lossy(&out.stdout);
+        for kind in ["mutatingwebhookconfiguration", "configmap/", "deployment"] {
+            ensure!(
+                listed.to_lowercase().contains(kind),
+                "{release}: no {kind} in {listed}"
+            );
+        }
+    }
 
     helm(&["uninstall", "meshd", "-n", NS])?;
     helm(&["uninstall", "meshd-canary", "-n", NS])?;

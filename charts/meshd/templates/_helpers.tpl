@@ -60,3 +60,22 @@ holds (": ", "#", quotes, newlines): JSON strings are YAML strings.
 {{- define "meshd.arg" -}}
 {{- printf "--%s=%s" (index . 0) (index . 1) | toJson }}
 {{- end }}
+
+{{/*
+The injection settings (meshd's InjectConfig, YAML), from the `injection` values.
+*/}}
+{{- define "meshd.injectConfig" -}}
+{{- $proxy := .Values.injection.proxy -}}
+proxyImage: {{ printf "%s:%s" $proxy.image.repository $proxy.image.tag | quote }}
+imagePullPolicy: {{ $proxy.image.pullPolicy | quote }}
+resources:
+  {{- toYaml $proxy.resources | nindent 2 }}
+initResources:
+  {{- toYaml .Values.injection.init.resources | nindent 2 }}
+logLevel: {{ $proxy.logLevel | quote }}
+xdsAddress: {{ printf "%s.%s.svc:15012" (include "meshd.fullname" .) .Release.Namespace | quote }}
+meshdNamespace: {{ .Release.Namespace | quote }}
+trustDomain: {{ .Values.trustDomain | quote }}
+tokenAudience: {{ .Values.tokenAudience | quote }}
+defaultCapture: {{ .Values.injection.defaultCapture | quote }}
+{{- end }}
