@@ -17,4 +17,5 @@ mod inject;
 mod review;
 mod server;
 
+pub use inject::handle as inject_review;
 pub use server::{WebhookState, serve};
