@@ -275,7 +275,7 @@ async fn a_projected_token_is_bound_to_the_pod_and_readable_by_its_non_root_user
     assert_eq!(extra["authentication.kubernetes.io/pod-name"], ["token"]);
     assert_eq!(
         extra["authentication.kubernetes.io/pod-uid"],
-        [pod.uid.clone()]
+        std::slice::from_ref(&pod.uid)
     );
     // The source's expirationSeconds, not the API server's default.
     use base64::Engine;

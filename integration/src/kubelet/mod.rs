@@ -110,7 +110,7 @@ impl std::fmt::Debug for RunningPod {
 
 /// The role a container has in the pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+enum Role {
     /// An init container that must run to completion.
     Init,
     /// An init container with `restartPolicy: Always`.
@@ -606,40 +606,17 @@ impl RunningPod {
             state.init[slot].state = State::Running {
                 started_at: status::now(),
             };
+            state.write(&self.client).await?;
         }
-        if let Some(probe) = self.runs[i].spec.startup_probe.clone() {
-            let timing = Timing::of(&probe);
-            tokio::time::sleep(timing.initial_delay).await;
-            let mut failures = 0;
-            loop {
-                let run = &mut self.runs[i];
-                if let Some(exit) = run.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                    bail!(
-                        "sidecar {} exited ({exit}) before its startupProbe passed; its output:\n{}",
-                        run.spec.name,
-                        read_log(&run.log)
-                    );
-                }
-                let outcome = self
-                    .prober
-                    .probe(&self.runs[i].spec, &probe)
-                    .await
-                    .with_context(|| {
-                        format!("container {}: startupProbe", self.runs[i].spec.name)
-                    })?;
-                if outcome.success {
-                    break;
-                }
-                failures += 1;
-                if failures >= timing.failure_threshold {
-                    bail!(
-                        "sidecar {}: startupProbe failed {failures} times (the kubelet would \
-                         restart it): {outcome:?}",
-                        self.runs[i].spec.name
-                    );
-                }
-                tokio::time::sleep(timing.period).await;
-            }
+        let (prober, run) = (&self.prober, &mut self.runs[i]);
+        if let Some(probe) = &run.spec.startup_probe
+            && let Err(why) = until_started(prober, &run.spec, probe, run.child.as_mut()).await
+        {
+            bail!(
+                "sidecar {}: {why}; its output:\n{}",
+                run.spec.name,
+                read_log(&run.log)
+            );
         }
         let mut state = self.state.lock().await;
         state.init[slot].started = true;
@@ -678,8 +655,9 @@ impl RunningPod {
             let name = &container.name;
             if role == Role::App
                 && let Some(probe) = &container.startup_probe
-                && !until_passes(&prober, &container, probe, "startupProbe").await
+                && let Err(why) = until_started(&prober, &container, probe, None).await
             {
+                eprintln!("kubelet: container {name}: {why}");
                 return;
             }
             set(None, Some(true)).await;
@@ -983,31 +961,34 @@ impl Drop for RunningPod {
     }
 }
 
-/// Probes until `probe` passes (true) or fails its failureThreshold in a row (false).
-async fn until_passes(
+/// Sends the startup probe until it passes, as the kubelet does; why not, if it fails
+/// `failureThreshold` times in a row (the kubelet would restart the container), cannot
+/// be sent, or `child` exits first.
+async fn until_started(
     prober: &Prober,
     container: &Container,
     probe: &k8s_openapi::api::core::v1::Probe,
-    what: &str,
-) -> bool {
+    mut child: Option<&mut Child>,
+) -> Result<(), String> {
     let timing = Timing::of(probe);
     tokio::time::sleep(timing.initial_delay).await;
     let mut failures = 0;
     loop {
-        match prober.probe(container, probe).await {
-            Ok(o) if o.success => return true,
-            Ok(_) => failures += 1,
-            Err(e) => {
-                eprintln!("kubelet: container {}: {what}: {e:#}", container.name);
-                return false;
-            }
+        if let Some(exit) = child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            return Err(format!("exited ({exit}) before its startupProbe passed"));
         }
-        if failures >= timing.failure_threshold {
-            eprintln!(
-                "kubelet: container {}: {what} failed {failures} times (the kubelet would restart it)",
-                container.name
-            );
-            return false;
+        match prober.probe(container, probe).await {
+            Ok(outcome) if outcome.success => return Ok(()),
+            Ok(outcome) => {
+                failures += 1;
+                if failures >= timing.failure_threshold {
+                    return Err(format!(
+                        "startupProbe failed {failures} times (the kubelet would restart it): \
+                         {outcome:?}"
+                    ));
+                }
+            }
+            Err(e) => return Err(format!("startupProbe: {e:#}")),
         }
         tokio::time::sleep(timing.period).await;
     }
