@@ -272,10 +272,14 @@ async fn a_projected_token_is_bound_to_the_pod_and_readable_by_its_non_root_user
         Some("system:serviceaccount:kt:app")
     );
     let extra = user.extra.unwrap_or_default();
-    assert_eq!(extra["authentication.kubernetes.io/pod-name"], ["token"]);
     assert_eq!(
-        extra["authentication.kubernetes.io/pod-uid"],
-        std::slice::from_ref(&pod.uid)
+        extra.get("authentication.kubernetes.io/pod-name"),
+        Some(&vec!["token".to_string()]),
+        "{extra:?}"
+    );
+    assert_eq!(
+        extra.get("authentication.kubernetes.io/pod-uid"),
+        Some(&vec![pod.uid.clone()])
     );
     // The source's expirationSeconds, not the API server's default.
     use base64::Engine;
@@ -520,10 +524,26 @@ async fn probes_are_sent_from_the_node_as_the_kubelet_sends_them() -> anyhow::Re
         seen.peer.map(|p| p.ip()),
         Some(node.kubelet.node_ip().into())
     );
-    assert_eq!(seen.headers["user-agent"], "kube-probe/1.33");
-    assert_eq!(seen.headers["accept"], "*/*");
-    assert_eq!(seen.headers["x-probe"], "yes");
-    assert_eq!(seen.headers["host"], "probe.example");
+    assert_eq!(
+        seen.headers.get("user-agent").map(String::as_str),
+        Some("kube-probe/1.33"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.headers.get("accept").map(String::as_str),
+        Some("*/*"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.headers.get("x-probe").map(String::as_str),
+        Some("yes"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.headers.get("host").map(String::as_str),
+        Some("probe.example"),
+        "{seen:?}"
+    );
 
     let tcp = pod.probe("app", ProbeKind::Liveness).await?;
     assert!(!tcp.success, "nothing listens on 8081: {tcp:?}");
