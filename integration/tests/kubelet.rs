@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use meshd_integration::init_test_logging;
 use meshd_integration::kube_api::KubeApi;
-use meshd_integration::kubelet::{ImageDef, Images, Kubelet, ProbeKind};
+use meshd_integration::kubelet::{BinDir, ImageDef, Images, Kubelet, ProbeKind};
 use meshd_integration::netns::{Lab, LabPod};
 use meshd_integration::wait::eventually;
 use serde_json::{Value, json};
@@ -160,7 +160,10 @@ async fn env_comes_from_field_refs_and_command_lines_are_expanded() -> anyhow::R
                      "labels": {"app": "envtest"}, "annotations": {"note": "hello"}},
         "spec": {
             "serviceAccountName": "app",
-            "volumes": [{"name": "out", "emptyDir": {}}],
+            "volumes": [{"name": "out", "emptyDir": {}},
+                        {"name": "info", "downwardAPI": {"items": [
+                            {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                            {"path": "meta/uid", "fieldRef": {"fieldPath": "metadata.uid"}}]}}],
             "initContainers": [{
                 "name": "dump", "image": "python", "env": env,
                 "command": ["python3", "-c", dump],
@@ -211,6 +214,12 @@ async fn env_comes_from_field_refs_and_command_lines_are_expanded() -> anyhow::R
             "$(POD_IP"
         ])
     );
+    let info = pod.volume_path("info")?;
+    assert_eq!(
+        std::fs::read_to_string(info.join("labels"))?,
+        "app=\"envtest\""
+    );
+    assert_eq!(std::fs::read_to_string(info.join("meta/uid"))?, uid);
     // An app the test serves gets its env resolved all the same (and no PATH: no image).
     assert_eq!(pod.env("app")?, want);
     Ok(())
@@ -626,6 +635,10 @@ async fn pods_the_harness_cannot_run_are_refused_naming_the_field() -> anyhow::R
             "container web: env CPU: valueFrom.resourceFieldRef is not supported",
         ),
         (
+            json!({"hostNetwork": true, "containers": [{"name": "web", "image": "served-by-test"}]}),
+            "spec.hostNetwork is not supported",
+        ),
+        (
             json!({"containers": [{"name": "web", "image": "served-by-test",
                    "readinessProbe": {"exec": {"command": ["true"]}}}]}),
             "exec probes are not supported",
@@ -650,14 +663,18 @@ async fn pods_the_harness_cannot_run_are_refused_naming_the_field() -> anyhow::R
         assert!(err.contains(want), "{name}: {err}");
     }
     // A ConfigMap volume waits for its ConfigMap and honours items.
-    let config = mount_point("refused", "config");
+    let (config, file) = (
+        mount_point("refused", "config"),
+        mount_point("refused", "b.txt"),
+    );
     node.store(json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "config", "namespace": NS},
         "spec": {"volumes": [{"name": "cm", "configMap": {"name": "late",
                      "items": [{"key": "b", "path": "dir/b.txt"}]}}],
                  "initContainers": [{"name": "read", "image": "sh",
-                     "volumeMounts": [{"name": "cm", "mountPath": config}],
-                     "command": ["sh", "-c", "ls $0; cat $0/dir/b.txt", config]}],
+                     "volumeMounts": [{"name": "cm", "mountPath": config},
+                                      {"name": "cm", "mountPath": file, "subPath": "dir/b.txt"}],
+                     "command": ["sh", "-c", "ls $0; cat $0/dir/b.txt; echo; cat $1", config, file]}],
                  "containers": [{"name": "web", "image": "served-by-test"}]}}))
         .await?;
     let later = async {
@@ -674,6 +691,43 @@ async fn pods_the_harness_cannot_run_are_refused_naming_the_field() -> anyhow::R
     let (pod, created) = tokio::join!(node.kubelet.run(&node.pod, NS, "config"), later);
     created?;
     let logs = pod?.logs("read")?;
-    assert_eq!(logs, "dir\nasked for");
+    assert_eq!(logs, "dir\nasked for\nasked for");
+    assert!(!Path::new(&file).exists(), "the file mount point is left");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_image_of_linked_binaries_runs_as_a_non_root_user() -> anyhow::Result<()> {
+    init_test_logging();
+    // Envoy's install under /root is closed to other users; the image's copy is not.
+    let bin = BinDir::new()?.add("envoy", &meshd_integration::tools::envoy_binary()?)?;
+    let api = KubeApi::start_bare().await?;
+    api.create_namespace(NS, &[]).await?;
+    let lab = Lab::new()?;
+    let lab_pod = lab.pod("proxy")?;
+    let images = Images::new()
+        .with(
+            "proxy",
+            ImageDef::process([bin.path()]).with_entrypoint(&["envoy"]),
+        )
+        .with("served-by-test", ImageDef::RunByTest);
+    let kubelet = Kubelet::new(&lab, &api, images)?;
+    api.apply::<Pod>(
+        NS,
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "proxy", "namespace": NS},
+               "spec": {
+                   "initContainers": [{"name": "version", "image": "proxy", "args": ["--version"],
+                       "securityContext": {"runAsUser": 1337, "runAsGroup": 1337}}],
+                   "containers": [{"name": "app", "image": "served-by-test"}]}}),
+    )
+    .await?;
+    let pod = kubelet.run(&lab_pod, NS, "proxy").await?;
+    assert_eq!(pod.argv("version")?, ["envoy", "--version"]);
+    let version = pod.logs("version")?;
+    assert!(
+        version.contains(meshd_integration::tools::ENVOY_VERSION),
+        "{version}"
+    );
     Ok(())
 }

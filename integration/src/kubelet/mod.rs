@@ -29,8 +29,10 @@
 //!
 //! Not reproduced: image file systems (a container sees this machine's, its command
 //! found in its image's PATH), `readOnlyRootFilesystem`, seccomp, AppArmor, SELinux,
-//! cgroups and resources, `privileged`, `procMount`, sysctls, the Service environment
-//! variables (`enableServiceLinks`), DNS (`/etc/resolv.conf`, `/etc/hosts`), restarts
+//! cgroups and resources, `privileged`, `procMount`, sysctls, the pod's own UTS and PID
+//! namespaces (hostname), what a runtime adds to the environment (`HOME`, `HOSTNAME`)
+//! and the Service variables (`enableServiceLinks`): a process gets its image's PATH and
+//! its spec's env, nothing else; DNS (`/etc/resolv.conf`, `/etc/hosts`), restarts
 //! (a container that exits stays exited; liveness probes are not run, though
 //! [`RunningPod::probe`] sends one), lifecycle hooks (an error), ephemeral containers,
 //! `workingDir` from the image (`/` unless the spec sets one), volume updates and token
@@ -204,6 +206,23 @@ impl Kubelet {
             .spec
             .clone()
             .with_context(|| format!("{what} has no spec"))?;
+        for (field, set) in [
+            ("hostNetwork", spec.host_network),
+            ("hostPID", spec.host_pid),
+            ("hostIPC", spec.host_ipc),
+            ("shareProcessNamespace", spec.share_process_namespace),
+        ] {
+            if set == Some(true) {
+                bail!("{what}: spec.{field} is not supported by the harness");
+            }
+        }
+        if spec
+            .ephemeral_containers
+            .as_ref()
+            .is_some_and(|e| !e.is_empty())
+        {
+            bail!("{what}: spec.ephemeralContainers are not supported by the harness");
+        }
         let facts = PodFacts {
             name: name.clone(),
             namespace: namespace.clone(),
