@@ -697,9 +697,10 @@ async fn pods_the_harness_cannot_run_are_refused_naming_the_field() -> anyhow::R
 }
 
 #[tokio::test]
-async fn an_image_of_linked_binaries_runs_as_a_non_root_user() -> anyhow::Result<()> {
+async fn an_images_entrypoint_runs_with_the_containers_args_as_a_non_root_user()
+-> anyhow::Result<()> {
     init_test_logging();
-    // Envoy's install under /root is closed to other users; the image's copy is not.
+    // An image as the injection test builds one: a BinDir holding Envoy.
     let bin = BinDir::new()?.add("envoy", &meshd_integration::tools::envoy_binary()?)?;
     let api = KubeApi::start_bare().await?;
     api.create_namespace(NS, &[]).await?;
