@@ -94,7 +94,7 @@ async fn an_init_container_writes_an_empty_dir_the_app_serves() -> anyhow::Resul
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "web", "namespace": NS},
         "spec": {
-            "volumes": [{"name": "data", "emptyDir": {}}],
+            "volumes": [{"name": "data", "emptyDir": {}}, {"name": "inner", "emptyDir": {}}],
             "initContainers": [{
                 "name": "write", "image": "sh",
                 "command": ["sh", "-c", "echo written-by-init > $(DATA)/index.html; stat -c %a $(DATA) > $(DATA)/mode"],
@@ -106,7 +106,11 @@ async fn an_init_container_writes_an_empty_dir_the_app_serves() -> anyhow::Resul
                 "ports": [{"name": "http", "containerPort": 8080}],
                 "readinessProbe": {"httpGet": {"path": "/index.html", "port": "http"},
                                    "periodSeconds": 1},
-                "volumeMounts": [{"name": "data", "mountPath": data, "readOnly": true}]}]}
+                // A mount inside another: its mount point is made in the volume (which
+                // must then be writable, as with runc).
+                "volumeMounts": [{"name": "inner", "mountPath": format!("{data}/inner"),
+                                  "readOnly": true},
+                                 {"name": "data", "mountPath": data}]}]}
     }))
     .await?;
     let pod = node.kubelet.run(&node.pod, NS, "web").await?;
@@ -119,6 +123,10 @@ async fn an_init_container_writes_an_empty_dir_the_app_serves() -> anyhow::Resul
     // container's own: the host's mount point stays empty.
     let volume = pod.volume_path("data")?;
     assert_eq!(std::fs::read_to_string(volume.join("mode"))?.trim(), "777");
+    assert!(
+        volume.join("inner").is_dir(),
+        "the nested mount point is not in the volume"
+    );
     let on_host: Vec<_> = std::fs::read_dir(&data)?.collect();
     assert!(
         on_host.is_empty(),

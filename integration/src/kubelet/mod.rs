@@ -532,6 +532,14 @@ impl RunningPod {
             return Ok(());
         }
         for m in &run.mounts {
+            let nested = run
+                .mounts
+                .iter()
+                .any(|p| p.target != m.target && m.target.starts_with(&p.target));
+            if nested {
+                // Made inside the outer mount ([`process::command`]).
+                continue;
+            }
             let file = std::fs::metadata(&m.source).is_ok_and(|meta| !meta.is_dir());
             self.mount_points.ensure(&m.target, file).with_context(|| {
                 format!(

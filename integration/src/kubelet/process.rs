@@ -20,7 +20,8 @@
 //! bounding set, inheritable and ambient are empty. So root gets exactly that set, a
 //! non-root user none (runc gives no ambient capabilities, and exec clears the rest).
 //!
-//! Mount points: a `mountPath` that does not exist on this machine is created (empty
+//! Mount points: a `mountPath` inside another of the container's mounts is made inside
+//! that volume by the setup script, after the outer mount. Any other `mountPath` that does not exist on this machine is created (empty
 //! directories, or an empty file for a file's subPath) before the container starts, and
 //! removed when the last pod of this test process using it stops (a process-wide
 //! count: removing a mount point detaches it in every namespace, so a pod still using
@@ -270,7 +271,22 @@ pub fn command(tools: &Tools, launch: &Launch<'_>) -> anyhow::Result<tokio::proc
         // The shell exports the PWD it starts in; the container gets only its env.
         script.push_str("unset PWD\n");
     }
-    for m in *mounts {
+    // Parents before what is mounted inside them, as containerd sorts mounts; a mount
+    // point inside an earlier mount is made there (in the volume), not on this machine.
+    let mut mounts = mounts.to_vec();
+    mounts.sort_by_key(|m| m.target.components().count());
+    for (i, m) in mounts.iter().enumerate() {
+        if mounts[..i].iter().any(|p| m.target.starts_with(&p.target)) {
+            let make = if m.source.is_dir() {
+                "mkdir -p --"
+            } else {
+                "touch --"
+            };
+            script.push_str(&format!(
+                "test -e {0} || {make} {0}\n",
+                quote(m.target.as_os_str())
+            ));
+        }
         script.push_str(&format!(
             "{} --bind {}-- {} {}\n",
             quote(tools.mount.as_os_str()),
