@@ -462,6 +462,24 @@ async fn a_passing_readiness_probe_makes_the_pod_ready_in_the_api_server() -> an
     )
     .await?;
     assert!(pod.ready());
+    // Each condition keeps the time it last changed: Ready changed seconds after the
+    // pod was scheduled (the app listens after 3 s).
+    let stored = api.get("ready").await?;
+    let since = |kind: &str| {
+        stored
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == kind))
+            .and_then(|c| c.last_transition_time.clone())
+            .map(|t| t.0)
+            .with_context(|| format!("no {kind} transition time"))
+    };
+    assert!(
+        since("Ready")? > since("PodScheduled")?,
+        "{:?}",
+        stored.status
+    );
     Ok(())
 }
 
@@ -541,26 +559,16 @@ async fn probes_are_sent_from_the_node_as_the_kubelet_sends_them() -> anyhow::Re
         seen.peer.map(|p| p.ip()),
         Some(node.kubelet.node_ip().into())
     );
-    assert_eq!(
-        seen.headers.get("user-agent").map(String::as_str),
-        Some("kube-probe/1.33"),
-        "{seen:?}"
-    );
-    assert_eq!(
-        seen.headers.get("accept").map(String::as_str),
-        Some("*/*"),
-        "{seen:?}"
-    );
-    assert_eq!(
-        seen.headers.get("x-probe").map(String::as_str),
-        Some("yes"),
-        "{seen:?}"
-    );
-    assert_eq!(
-        seen.headers.get("host").map(String::as_str),
-        Some("probe.example"),
-        "{seen:?}"
-    );
+    for (header, want) in [
+        ("user-agent", "kube-probe/1.33"),
+        ("accept", "*/*"),
+        ("x-probe", "yes"),
+        ("host", "probe.example"),
+        ("connection", "close"),
+    ] {
+        let got = seen.headers.get(header).map(String::as_str);
+        assert_eq!(got, Some(want), "{header}: {seen:?}");
+    }
 
     let tcp = pod.probe("app", ProbeKind::Liveness).await?;
     assert!(!tcp.success, "nothing listens on 8081: {tcp:?}");

@@ -437,7 +437,7 @@ impl Kubelet {
                 .map(|c| c.restart_policy.as_deref() == Some("Always"))
                 .collect(),
             apps: spec.containers.iter().map(waiting).collect(),
-            failed_init: false,
+            transitions: BTreeMap::new(),
         };
         let (ready_tx, ready_rx) = watch::channel(false);
         Ok(RunningPod {
@@ -614,7 +614,6 @@ impl RunningPod {
             finished_at: status::now(),
         };
         state.init[slot].started = false;
-        state.failed_init = code != 0;
         state.write(&self.client).await?;
         if code != 0 {
             bail!(

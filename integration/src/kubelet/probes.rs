@@ -2,7 +2,7 @@
 //! the node's address on the bridge) to the pod's IP.
 //!
 //! - `httpGet`: `GET scheme://host:port/path` with `User-Agent: kube-probe/1.33` and
-//!   `Accept: */*` unless `httpHeaders` set them, `httpHeaders` added (a `Host` header
+//!   `Accept: */*` unless `httpHeaders` set them, `Connection: close`, `httpHeaders` added (a `Host` header
 //!   sets the request's host), `host` defaulting to the pod's IP, the port by number or
 //!   by the container's named port. Success is a status in 200..400; redirects are
 //!   followed (at most 10) only to the same host, any other redirect counts as its 3xx.
@@ -244,6 +244,8 @@ async fn http_get(url: &str, headers: &[(String, String)], timeout: Duration) ->
     for (name, value) in headers {
         request = request.header(name.as_str(), value.as_str());
     }
+    // The kubelet's probe transport keeps no connection alive (Go then says so).
+    request = request.header("connection", "close");
     let response = match request.send().await {
         Ok(r) => r,
         Err(e) => return failed(format!("GET {url}: {e:#}")),

@@ -48,8 +48,8 @@ pub struct PodState {
     /// Which init containers are sidecars (`restartPolicy: Always`).
     pub sidecar: Vec<bool>,
     pub apps: Vec<ContainerState>,
-    /// The init containers failed: the pod cannot start.
-    pub failed_init: bool,
+    /// Each condition's status and when it last changed.
+    pub transitions: std::collections::BTreeMap<&'static str, (bool, String)>,
 }
 
 impl PodState {
@@ -89,14 +89,29 @@ impl PodState {
         }
     }
 
-    pub fn to_json(&self) -> Value {
+    /// The status, with each condition's last transition time kept from the write
+    /// where it last changed.
+    pub fn to_json(&mut self) -> Value {
         let now = now();
-        let condition = |kind: &str, ok: bool| {
+        let (initialized, ready) = (self.initialized(), self.ready());
+        let mut condition = |kind: &'static str, ok: bool| {
+            let (was, since) = self
+                .transitions
+                .entry(kind)
+                .or_insert_with(|| (ok, now.clone()));
+            if *was != ok {
+                (*was, *since) = (ok, now.clone());
+            }
             json!({"type": kind, "status": if ok { "True" } else { "False" },
-                   "lastTransitionTime": now})
+                   "lastTransitionTime": since})
         };
-        let initialized = self.initialized();
-        let ready = self.ready();
+        let conditions = [
+            condition("PodReadyToStartContainers", true),
+            condition("Initialized", initialized),
+            condition("ContainersReady", ready),
+            condition("Ready", ready),
+            condition("PodScheduled", true),
+        ];
         json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": self.name, "namespace": self.namespace},
@@ -105,13 +120,7 @@ impl PodState {
                 "podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}],
                 "hostIP": self.host_ip, "hostIPs": [{"ip": self.host_ip}],
                 "startTime": self.start_time,
-                "conditions": [
-                    condition("PodReadyToStartContainers", true),
-                    condition("Initialized", initialized),
-                    condition("ContainersReady", ready),
-                    condition("Ready", ready),
-                    condition("PodScheduled", true),
-                ],
+                "conditions": conditions,
                 "initContainerStatuses": self.init.iter().map(container_json).collect::<Vec<_>>(),
                 "containerStatuses": self.apps.iter().map(container_json).collect::<Vec<_>>(),
             }
@@ -119,13 +128,14 @@ impl PodState {
     }
 
     /// Writes the status to the API server.
-    pub async fn write(&self, client: &kube::Client) -> anyhow::Result<()> {
+    pub async fn write(&mut self, client: &kube::Client) -> anyhow::Result<()> {
         use anyhow::Context;
+        let status = self.to_json();
         Api::<Pod>::namespaced(client.clone(), &self.namespace)
             .patch_status(
                 &self.name,
                 &PatchParams::apply("kubelet").force(),
-                &Patch::Apply(self.to_json()),
+                &Patch::Apply(status),
             )
             .await
             .with_context(|| format!("status of pod {}/{}", self.namespace, self.name))?;
