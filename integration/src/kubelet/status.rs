@@ -91,7 +91,7 @@ impl PodState {
 
     /// The status, with each condition's last transition time kept from the write
     /// where it last changed.
-    pub fn to_json(&mut self) -> Value {
+    pub fn next_status(&mut self) -> Value {
         let now = now();
         let (initialized, ready) = (self.initialized(), self.ready());
         let mut condition = |kind: &'static str, ok: bool| {
@@ -130,7 +130,7 @@ impl PodState {
     /// Writes the status to the API server.
     pub async fn write(&mut self, client: &kube::Client) -> anyhow::Result<()> {
         use anyhow::Context;
-        let status = self.to_json();
+        let status = self.next_status();
         Api::<Pod>::namespaced(client.clone(), &self.namespace)
             .patch_status(
                 &self.name,
