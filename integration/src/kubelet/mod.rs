@@ -5,25 +5,27 @@
 //!
 //! [`Kubelet::run`] does, in the kubelet's order:
 //! 1. resolves every container first (its image in the test's [`Images`], its
-//!    environment and `$(VAR)`-expanded command line: [`env`], its user and
-//!    capabilities: [`process`]), so a pod the harness cannot run fails before anything
+//!    environment and `$(VAR)`-expanded command line: `env`, its user and
+//!    capabilities: `process`), so a pod the harness cannot run fails before anything
 //!    starts, naming the container and the field;
-//! 2. makes every volume ([`volumes`]) in a temp dir of the pod's;
+//! 2. makes every volume (`volumes`) in a temp dir of the pod's;
 //! 3. runs the init containers in order: a regular one must exit 0 (else the start fails
 //!    with its output), a native sidecar (`restartPolicy: Always`) is started and the
 //!    next container waits until it has started (its startupProbe passed, if it has
 //!    one);
 //! 4. starts the app containers;
-//! 5. writes the pod's status at each step ([`status`]), and from then on polls the
+//! 5. writes the pod's status at each step (`status`), and from then on polls the
 //!    readiness probes as the kubelet does (startup probe first, then readiness at its
-//!    period with its thresholds) from the node ([`probes`]), turning the Ready condition
+//!    period with its thresholds) from the node (`probes`), turning the Ready condition
 //!    True once every app container and sidecar is ready.
 //!
 //! Each container process runs in the pod's network namespace, in a mount namespace of
 //! its own with its `volumeMounts` bind-mounted, as its user with its capabilities
-//! ([`process`]); its output goes to a log file the test can read
+//! (`process`); its output goes to a log file the test can read
 //! ([`RunningPod::logs`]), and every log is printed when the start fails or a test
-//! panics with the pod running. [`RunningPod::stop`] stops it as the kubelet does: app
+//! panics with the pod running. A `mountPath` missing on this machine is created for the
+//! pod and removed when the last pod of the test process using it is gone (`process`
+//! says why and how; a killed test process leaves those empty entries behind). [`RunningPod::stop`] stops it as the kubelet does: app
 //! containers first (SIGTERM, SIGKILL after `terminationGracePeriodSeconds`), then the
 //! sidecars in reverse order; dropping it kills everything at once.
 //!
@@ -33,7 +35,8 @@
 //! namespaces (hostname), what a runtime adds to the environment (`HOME`, `HOSTNAME`)
 //! and the Service variables (`enableServiceLinks`): a process gets its image's PATH and
 //! its spec's env, nothing else; DNS (`/etc/resolv.conf`, `/etc/hosts`), restarts
-//! (a container that exits stays exited; liveness probes are not run, though
+//! (a container that exits stays exited and its status still says running; liveness
+//! probes are not run, though
 //! [`RunningPod::probe`] sends one), lifecycle hooks (an error), ephemeral containers,
 //! `workingDir` from the image (`/` unless the spec sets one), volume updates and token
 //! refreshes, `envFrom` and env from ConfigMaps, Secrets or resources (errors).
