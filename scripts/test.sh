@@ -10,11 +10,12 @@ cd "$(dirname "$0")/.."
 # meshd-agent's init tests and the capture tests program the real kernel's netfilter
 # in network namespaces they make (as root): they need iptables (both backends),
 # iproute2's `ip`, util-linux's `setpriv` (Envoy as uid 1337) and tcpdump (what
-# crosses the lab's bridge).
+# crosses the lab's bridge); the kubelet harness bind-mounts volumes with `mount`.
 missing=()
 command -v iptables-restore >/dev/null || missing+=(iptables)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v setpriv >/dev/null || missing+=(util-linux)
+command -v mount >/dev/null || missing+=(mount)
 command -v tcpdump >/dev/null || missing+=(tcpdump)
 if ((${#missing[@]})); then
   apt-get update && apt-get install -y "${missing[@]}"

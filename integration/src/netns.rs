@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!   meshd-<pid>-<n>-bridge        one namespace holding the Linux bridge `br0`
+//!                                 (10.201.<n>.254 on it once `Lab::node` is asked: the node)
 //!     br0 ── v1 ─ eth0  meshd-<pid>-<n>-meshd     10.201.<n>.1/16   (meshd itself)
 //!         ── v2 ─ eth0  meshd-<pid>-<n>-web-1     10.201.<n>.2/16
 //!         ── v3 ─ eth0  meshd-<pid>-<n>-client-1  10.201.<n>.3/16
@@ -277,6 +278,8 @@ pub struct Lab {
     bridge: Netns,
     next_host: AtomicU8,
     next_vip: AtomicU8,
+    /// The node's address on `br0`, once [`Lab::node`] gave it one.
+    node_ip: std::sync::Mutex<Option<Ipv4Addr>>,
 }
 
 /// A pod: its namespace and its address on the lab's bridge.
@@ -305,6 +308,7 @@ impl Lab {
             bridge,
             next_host: AtomicU8::new(1),
             next_vip: AtomicU8::new(1),
+            node_ip: std::sync::Mutex::new(None),
         })
     }
 
@@ -317,6 +321,24 @@ impl Lab {
     /// between pods).
     pub fn bridge(&self) -> &Netns {
         &self.bridge
+    }
+
+    /// The node the pods run on: the bridge's namespace, with the address
+    /// `10.201.<lab>.254` on `br0` (given on first call), from where the kubelet
+    /// ([`crate::kubelet`]) probes pods as a node does.
+    pub fn node(&self) -> anyhow::Result<(Netns, Ipv4Addr)> {
+        let mut node_ip = self.node_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let ip = match *node_ip {
+            Some(ip) => ip,
+            None => {
+                let ip = Ipv4Addr::new(SUBNET_PREFIX[0], SUBNET_PREFIX[1], self.index, 254);
+                self.bridge
+                    .ip(&["addr", "add", &format!("{ip}/16"), "dev", "br0"])?;
+                *node_ip = Some(ip);
+                ip
+            }
+        };
+        Ok((self.bridge.clone(), ip))
     }
 
     /// A new pod `name` on the bridge: namespace `<prefix>-<name>`, `eth0` with the
