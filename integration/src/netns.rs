@@ -163,6 +163,29 @@ impl Netns {
         Ok(tokio::net::TcpListener::from_std(listener)?)
     }
 
+    /// Relays every TCP connection made to `listen` inside this namespace to `to` in the
+    /// test process's own network (e.g. a meshd on this machine's loopback, which pods
+    /// cannot reach otherwise), bytes unchanged both ways (TLS passes through). Stops
+    /// when the returned task is aborted or dropped with the runtime.
+    pub async fn forward(
+        &self,
+        listen: SocketAddr,
+        to: SocketAddr,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let listener = self.listen(listen).await?;
+        Ok(tokio::spawn(async move {
+            while let Ok((mut inside, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(mut outside) = tokio::net::TcpStream::connect(to).await {
+                        let _ = inside.set_nodelay(true);
+                        let _ = outside.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut inside, &mut outside).await;
+                    }
+                });
+            }
+        }))
+    }
+
     /// The pids of the processes in the namespace.
     pub fn pids(&self) -> anyhow::Result<Vec<i32>> {
         netns_pids(self.name())
