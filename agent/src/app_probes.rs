@@ -8,9 +8,16 @@
 //! not depend on its sidecar being ready.
 //!
 //! Where the probe goes: the pod's loopback, 127.0.0.1 (or the probe's `host`). The agent
-//! runs as the proxy's uid (1337), whose connections the capture never redirects, and
-//! loopback is never captured either, so the probe reaches the app directly, past Envoy
-//! and its mTLS, as the kubelet's probe reached it before the pod was meshed.
+//! runs as the proxy's uid (1337), whose connections the capture does not redirect, and
+//! connections to the loopback address are never captured either, so the probe reaches
+//! the app directly, past Envoy and its mTLS, as the kubelet's probe reached it before the
+//! pod was meshed. One exception in the capture needs care: the proxy uid's connections
+//! over `lo` to one of the pod's own addresses go to Envoy's inbound listener (so that
+//! Envoy's self-calls meet the inbound checks), where a plaintext probe would meet STRICT
+//! mTLS. So a `host` that is a local IPv4 address is reached from
+//! [`INBOUND_PASSTHROUGH_SOURCE`] (127.0.0.6), the source the capture exempts, as Envoy's
+//! own passthrough to the app does. (There is no such source for IPv6: a probe `host`
+//! that is the pod's own IPv6 address is captured.)
 //!
 //! What it does, as the kubelet does it:
 //!
@@ -35,6 +42,7 @@
 //! (header values are never echoed: they may hold a token).
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,13 +53,14 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::uri::PathAndQuery;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use meshd_sidecar::capture::INBOUND_PASSTHROUGH_SOURCE;
 use meshd_sidecar::probes::{self, AppProbe, AppProbes, Check, HttpScheme};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout_at};
 use tokio_rustls::TlsConnector;
@@ -143,11 +152,42 @@ impl Target {
         }
     }
 
+    /// A connection to the first of the host's addresses that accepts one.
     async fn connect(&self) -> Result<TcpStream, String> {
-        TcpStream::connect((self.host.as_str(), self.port))
+        let fail = |e: std::io::Error| format!("cannot connect to {}: {e}", self.authority());
+        let mut last = None;
+        for addr in tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
-            .map_err(|e| format!("cannot connect to {}: {e}", self.authority()))
+            .map_err(fail)?
+        {
+            match connect_uncaptured(addr).await {
+                Ok(tcp) => return Ok(tcp),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(fail(last.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "the host has no address")
+        })))
     }
+}
+
+/// Connects to `addr` past the capture (see the module doc): from 127.0.0.6 if `addr` is
+/// one of this pod's own IPv4 addresses other than 127.0.0.1 (the capture exempts
+/// exactly that one, not all of 127/8).
+async fn connect_uncaptured(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip != Ipv4Addr::LOCALHOST && is_local(addr.ip()) => {
+            let socket = TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::from((INBOUND_PASSTHROUGH_SOURCE, 0)))?;
+            socket.connect(addr).await
+        }
+        _ => TcpStream::connect(addr).await,
+    }
+}
+
+/// Whether `ip` is an address of this network namespace: only those can be bound.
+fn is_local(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 impl AppProber {

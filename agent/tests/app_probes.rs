@@ -3,72 +3,21 @@
 //! never starts Envoy), with probes for apps this test serves on loopback; the test
 //! asks the agent's health port as the kubelet would.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use support::{AGENT, Agent, parse_response};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_meshd-agent");
-
-/// The agent process, killed when the test ends.
-struct Agent {
-    child: Child,
-    health: String,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the agent with `probes` as MESHD_AGENT_APP_PROBES; its health port is the one
-/// its start line names.
+/// Starts the agent with `probes`, meshd being a port nothing listens on.
 fn start_agent(dir: &tempfile::TempDir, probes: &str) -> Agent {
-    let claims = r#"{"kubernetes.io":{"namespace":"shop","pod":{"name":"web-1"},"serviceaccount":{"name":"web"}}}"#;
-    let token = format!("e30.{}.c2ln", URL_SAFE_NO_PAD.encode(claims));
-    std::fs::write(dir.path().join("token"), token).unwrap();
-    let root = rcgen::generate_simple_self_signed(vec!["meshd.invalid".into()]).unwrap();
-    std::fs::write(dir.path().join("bundle.pem"), root.cert.pem()).unwrap();
     let nothing = TcpListener::bind("127.0.0.1:0").unwrap();
     let meshd = nothing.local_addr().unwrap().to_string();
     drop(nothing);
-    let mut child = Command::new(AGENT)
-        .arg("run")
-        .arg("--token-file")
-        .arg(dir.path().join("token"))
-        .arg("--trust-bundle")
-        .arg(dir.path().join("bundle.pem"))
-        .arg("--dir")
-        .arg(dir.path().join("agent"))
-        .args(["--xds-address", &meshd, "--health-address", "127.0.0.1:0"])
-        .env("MESHD_AGENT_APP_PROBES", probes)
-        .env("MESHD_AGENT_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("agent: {line}");
-            if let Some(at) = line.find(" health=") {
-                let addr = line[at + 8..].split_whitespace().next().unwrap();
-                let _ = tx.send(addr.to_string());
-            }
-        }
-    });
-    let health = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the agent did not say where its health port is");
-    Agent { child, health }
+    support::start(Command::new(AGENT), dir.path(), &meshd, probes)
 }
 
 /// GET `path` on the health port, as the kubelet does: (status, body).
@@ -83,9 +32,7 @@ fn get(agent: &Agent, path: &str) -> (u16, String) {
     .unwrap();
     let mut response = String::new();
     tcp.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").unwrap().1.to_string();
-    (status, body)
+    parse_response(&response)
 }
 
 /// A plain HTTP app on loopback: `/fail` is 500, anything else 200.
