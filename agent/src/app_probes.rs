@@ -37,13 +37,16 @@
 //! anyone could ask): a request that gets no slot within its probe's timeout is 503
 //! too, and the app never sees more than that many probes of the agent at a time.
 //!
+//! The log says when a probe starts failing (with the reason) and when it passes again,
+//! not at every ask of the kubelet; the app's body is never logged.
+//!
 //! The probes are checked once, at start: a path outside `/app-health/`, an HTTP path or
 //! header that is not valid HTTP refuses the start, naming the probe and the field
 //! (header values are never echoed: they may hold a token).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -67,6 +70,7 @@ use tokio_rustls::TlsConnector;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use tracing::info;
 
 /// How much of an app's HTTP body is read (the kubelet's limit); the rest is left unread.
 pub const MAX_BODY: usize = 10 * 1024;
@@ -99,6 +103,11 @@ impl Answer {
             reason,
         }
     }
+
+    /// What the kubelet counts as success.
+    pub fn passes(&self) -> bool {
+        (200..400).contains(&self.status.as_u16())
+    }
 }
 
 /// The configured probes, ready to run.
@@ -112,6 +121,9 @@ pub struct AppProber {
 struct Probe {
     check: Prepared,
     timeout: Duration,
+    /// Whether the last answer passed: the log says when that changes, not at every ask
+    /// of the kubelet.
+    passed: Mutex<Option<bool>>,
 }
 
 /// A [`Check`] with everything that can be checked at start checked and parsed.
@@ -230,25 +242,41 @@ impl AppProber {
 
     /// Performs the probe configured for `path`; `None` if there is none.
     pub async fn answer(&self, path: &str) -> Option<Answer> {
-        let probe = self.probes.get(path)?;
+        let (path, probe) = self.probes.get_key_value(path)?;
+        let answer = self.perform(probe).await;
+        let passes = answer.passes();
+        let before = probe.passed.lock().unwrap().replace(passes);
+        match (before, passes) {
+            (None | Some(true), false) => info!(
+                path = ?path,
+                status = %answer.status,
+                "app probe fails: {}",
+                answer.reason
+            ),
+            (Some(false), true) => info!(path = ?path, "app probe passes again"),
+            _ => {}
+        }
+        Some(answer)
+    }
+
+    async fn perform(&self, probe: &Probe) -> Answer {
         let deadline = Instant::now() + probe.timeout;
         let Ok(Ok(_slot)) = timeout_at(deadline, self.in_flight.acquire()).await else {
-            return Some(Answer::unavailable(format!(
+            return Answer::unavailable(format!(
                 "{} app probes already in flight: this one did not start within its timeout \
                  ({}s)",
                 self.max_in_flight,
                 probe.timeout.as_secs()
-            )));
+            ));
         };
-        let answer = match timeout_at(deadline, probe.check.run(&self.tls)).await {
+        match timeout_at(deadline, probe.check.run(&self.tls)).await {
             Ok(answer) => answer,
             Err(_) => Answer::unavailable(format!(
                 "{}: no answer within the probe's timeout ({}s)",
                 probe.check.what(),
                 probe.timeout.as_secs()
             )),
-        };
-        Some(answer)
+        }
     }
 }
 
@@ -331,7 +359,11 @@ fn prepare(path: &str, probe: &AppProbe) -> anyhow::Result<Probe> {
             service: service.clone(),
         },
     };
-    Ok(Probe { check, timeout })
+    Ok(Probe {
+        check,
+        timeout,
+        passed: Mutex::new(None),
+    })
 }
 
 impl Prepared {

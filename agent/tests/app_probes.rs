@@ -92,6 +92,25 @@ fn app_probes_are_answered_while_the_agent_still_waits_for_its_certificate() {
         body.contains(&format!("TCP 127.0.0.1:{closed}: cannot connect")),
         "{body}"
     );
+    // Asked again: still failing, logged once; with the reason, not the app's body.
+    assert_eq!(get(&agent, "/app-health/web/readyz").0, 503);
+    assert_eq!(get(&agent, "/app-health/web/livez").0, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let fails = agent.log_lines("app probe fails");
+    assert_eq!(fails.len(), 2, "{fails:#?}");
+    assert!(
+        fails.iter().any(|l| l
+            .contains(r#"path="/app-health/web/startupz" status=500 Internal Server Error"#)
+            && l.contains("the app answered 500")),
+        "{fails:#?}"
+    );
+    assert!(
+        fails.iter().any(|l| l.contains(r#"path="/app-health/web/readyz""#)
+            && l.contains("cannot connect")),
+        "{fails:#?}"
+    );
+    assert!(agent.log_lines("app body").is_empty());
+
     let (status, body) = get(&agent, "/app-health/db/livez");
     assert_eq!(status, 404, "{body}");
     assert!(

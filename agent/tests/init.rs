@@ -82,6 +82,7 @@ fn the_agents_app_probes_reach_the_app_past_the_capture() {
             "{kind}"
         );
     }
+    assert!(agent.log_lines("app probe fails").is_empty());
 }
 
 // ---------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use base64::Engine;
@@ -18,6 +18,15 @@ pub struct Agent {
     child: Child,
     /// Where its health port is, as its start line names it.
     pub health: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// The lines of its log so far that contain `text`.
+    pub fn log_lines(&self, text: &str) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(text)).cloned().collect()
+    }
 }
 
 impl Drop for Agent {
@@ -55,9 +64,12 @@ pub fn start(mut command: Command, dir: &Path, meshd: &str, probes: &str) -> Age
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let lines = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("agent: {line}");
+            lines.lock().unwrap().push(line.clone());
             if let Some(at) = line.find(" health=") {
                 let addr = line[at + 8..].split_whitespace().next().unwrap();
                 let _ = tx.send(addr.to_string());
@@ -67,7 +79,7 @@ pub fn start(mut command: Command, dir: &Path, meshd: &str, probes: &str) -> Age
     let health = rx
         .recv_timeout(Duration::from_secs(10))
         .expect("the agent did not say where its health port is");
-    Agent { child, health }
+    Agent { child, health, log }
 }
 
 /// (status, body) of an HTTP/1.1 response as read off the wire.
