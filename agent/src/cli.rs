@@ -23,7 +23,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Get the pod's certificate from meshd, write Envoy's bootstrap, run Envoy, keep
-    /// the certificate and trust bundle current, answer the readiness probe.
+    /// the certificate and trust bundle current, answer the readiness probe and perform
+    /// the app's probes (--app-probes) for the kubelet.
     ///
     /// The key is made here (ECDSA P-256, a new one at every renewal) and reaches disk
     /// only as DIR/certs/key.pem (0600) in the agent's own directory (--dir).
@@ -191,13 +192,20 @@ pub struct RunArgs {
         value_name = "PATH"
     )]
     pub envoy_binary: PathBuf,
-    /// Where `/healthz/ready` is served (plain HTTP, for the kubelet's probes).
+    /// Where `/healthz/ready` and the app probes are served (plain HTTP, for the
+    /// kubelet's probes).
     #[arg(
         long,
         env = "MESHD_AGENT_HEALTH_ADDRESS",
         default_value_t = SocketAddr::from(([0, 0, 0, 0], capture::AGENT_HEALTH_PORT))
     )]
     pub health_address: SocketAddr,
+    /// The app's original probes as the injector writes them (the JSON of
+    /// meshd_sidecar::probes::AppProbes, by path): each is performed on the pod's
+    /// loopback when the kubelet asks for its /app-health/<container>/<livez|readyz|startupz>
+    /// on the health port. Invalid JSON refuses the start. Default: none.
+    #[arg(long, env = meshd_sidecar::probes::ENV, value_name = "JSON", hide_env_values = true)]
+    pub app_probes: Option<String>,
     /// On SIGTERM, how long Envoy may drain its connections before it is stopped
     /// (less if no connection is left). Also Envoy's --drain-time-s.
     #[arg(

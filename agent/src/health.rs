@@ -1,5 +1,9 @@
 //! The pod's probe endpoint (`--health-address`, plain HTTP/1 with hyper).
 //!
+//! `GET /app-health/<container>/<kind>` is the app's own probe, performed by
+//! [`app_probes`](crate::app_probes) whatever Envoy's stage; a path under `/app-health/`
+//! that is not configured is 404, naming it.
+//!
 //! `GET /healthz/ready` answers 200 only when Envoy is LIVE and has accepted listeners
 //! and clusters from meshd (`listener_manager.lds.update_success` and
 //! `cluster_manager.cds.update_success` at least 1): Envoy turns LIVE after its
@@ -19,6 +23,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use meshd_sidecar::probes::PATH_PREFIX;
+
+use crate::app_probes::AppProber;
 use crate::envoy::admin::{EnvoyAdmin, Readiness};
 
 /// How far the agent has got, for the probe.
@@ -31,9 +38,20 @@ pub enum Stage {
 
 pub const READY_PATH: &str = "/healthz/ready";
 
+struct State {
+    admin: EnvoyAdmin,
+    stage: watch::Receiver<Stage>,
+    apps: AppProber,
+}
+
 /// Serves probes on `listener` until the runtime ends.
-pub async fn serve(listener: TcpListener, admin: EnvoyAdmin, stage: watch::Receiver<Stage>) {
-    let state = Arc::new((admin, stage));
+pub async fn serve(
+    listener: TcpListener,
+    admin: EnvoyAdmin,
+    stage: watch::Receiver<Stage>,
+    apps: AppProber,
+) {
+    let state = Arc::new(State { admin, stage, apps });
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             // Out of file descriptors and the like: try again shortly.
@@ -44,7 +62,7 @@ pub async fn serve(listener: TcpListener, admin: EnvoyAdmin, stage: watch::Recei
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(&state.0, &state.1, req).await) }
+                async move { Ok::<_, Infallible>(answer(&state, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)
@@ -53,21 +71,28 @@ pub async fn serve(listener: TcpListener, admin: EnvoyAdmin, stage: watch::Recei
     }
 }
 
-async fn answer(
-    admin: &EnvoyAdmin,
-    stage: &watch::Receiver<Stage>,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    if req.uri().path() != READY_PATH {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("only {READY_PATH} is served here"),
-        );
-    }
+async fn answer(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only".into());
     }
-    let current = stage.borrow().clone();
+    let path = req.uri().path();
+    if path.starts_with(PATH_PREFIX) {
+        return match state.apps.answer(path).await {
+            Some(answer) => text(answer.status, answer.reason),
+            None => text(
+                StatusCode::NOT_FOUND,
+                // Debug-quoted: the path is the caller's.
+                format!("no app probe is configured for {path:?}"),
+            ),
+        };
+    }
+    if path != READY_PATH {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("only {READY_PATH} and {PATH_PREFIX}<container>/<kind> are served here"),
+        );
+    }
+    let current = state.stage.borrow().clone();
     match current {
         Stage::WaitingForCertificate(last_error) => text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -78,7 +103,7 @@ async fn answer(
                 ),
             },
         ),
-        Stage::EnvoyStarted => match admin.readiness().await {
+        Stage::EnvoyStarted => match state.admin.readiness().await {
             Readiness::Ready => text(StatusCode::OK, "ready".into()),
             Readiness::NotReady(reason) => text(StatusCode::SERVICE_UNAVAILABLE, reason),
         },

@@ -4,7 +4,8 @@
 //! SPIFFE id, writes key, chain and trust bundle into its own sidecar directory
 //! (`meshd_sidecar::credentials::CredentialDir`, which Envoy watches through file-based
 //! SDS) together with Envoy's bootstrap, starts Envoy, keeps the credentials current
-//! and answers the pod's readiness probe. Its modules, in the order a run meets them:
+//! and answers the pod's probes: its own readiness and the app's probes, which the
+//! injector routes through it. Its modules, in the order a run meets them:
 //!
 //! - [`cli`]: the flags (each with its environment variable).
 //! - [`identity`]: who the pod is and what proves it to meshd: its projected
@@ -18,7 +19,8 @@
 //!   jitter or at once when the signing root changes, the trust bundle kept current,
 //!   retries with backoff ([`schedule`] holds the arithmetic).
 //! - [`envoy`]: Envoy as a child process (signals, drain, exit) and its admin API.
-//! - [`health`]: `/healthz/ready` for the container's probes.
+//! - [`health`]: `/healthz/ready` for the container's probes, and the app's probes at
+//!   `/app-health/<container>/<kind>`, performed by [`app_probes`] on the pod's loopback.
 //! - [`run`]: the whole lifecycle.
 //!
 //! `meshd-agent init` ([`init`]) is the other command: the pod's transparent capture,
@@ -27,6 +29,7 @@
 //! Small on purpose (a current-thread runtime, hyper for both HTTP sides, no kube, no
 //! control plane): it runs in every pod.
 
+mod app_probes;
 mod ca_client;
 mod certs;
 mod cli;

@@ -1,7 +1,9 @@
 //! `meshd-agent run`: the lifecycle.
 //!
-//! 1. Resolve the pod and its proof ([`identity`](crate::identity)); bind the health
-//!    port at once, so probes are answered (503 with the reason) while meshd is asked.
+//! 1. Check the app's probes ([`app_probes`](crate::app_probes)), resolve the pod and
+//!    its proof ([`identity`](crate::identity)); bind the health port at once, so probes
+//!    are answered (the app's at once, the sidecar's 503 with the reason) while meshd is
+//!    asked.
 //! 2. The credential task ([`renewal`](crate::renewal)) gets the first certificate,
 //!    retrying with backoff; SIGTERM or SIGINT meanwhile ends the agent (exit 0).
 //! 3. Envoy's bootstrap is written beside the credentials and Envoy started; from then
@@ -25,6 +27,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+use crate::app_probes::AppProber;
 use crate::ca_client::CaClient;
 use crate::cli::RunArgs;
 use crate::envoy::admin::EnvoyAdmin;
@@ -37,6 +40,7 @@ use crate::renewal::Renewer;
 const ENVOY_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let apps = AppProber::from_flag(args.app_probes.as_deref())?;
     let (mode, pod, roots) = identity::resolve(&args)?;
     let (xds_host, xds_port) = split_host_port(&args.xds_address).with_context(|| {
         format!(
@@ -54,15 +58,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let listener = TcpListener::bind(args.health_address)
         .await
         .with_context(|| format!("--health-address {}", args.health_address))?;
+    let health_address = listener.local_addr().context("--health-address")?;
+    let app_probes = apps.len();
     let admin = EnvoyAdmin::new(args.envoy_admin_port);
     let stage = Arc::new(watch::channel(Stage::WaitingForCertificate(None)).0);
-    tokio::spawn(health::serve(listener, admin, stage.subscribe()));
+    tokio::spawn(health::serve(listener, admin, stage.subscribe(), apps));
     let mut signals = Signals::new()?;
     info!(
         identity = %pod.id,
         pod = %pod.name,
         mode = match mode { Mode::Token { .. } => "token", Mode::Local { .. } => "local" },
         meshd = %args.xds_address,
+        health = %health_address,
+        app_probes,
         "meshd-agent starting"
     );
 

@@ -12,6 +12,8 @@
 //! recorded for it (`SO_ORIGINAL_DST`, what Envoy's listeners read), is what is
 //! asserted, besides the rules `iptables-save` shows.
 
+mod support;
+
 use std::fs::File;
 use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream};
@@ -22,13 +24,66 @@ use std::time::{Duration, Instant};
 use nix::sched::{CloneFlags, setns};
 use nix::sys::socket::{SockaddrIn, SockaddrIn6, getsockopt, sockopt};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_meshd-agent");
+use support::AGENT;
+
 const POD: &str = "10.0.0.2";
 const SERVICE: &str = "10.96.0.10";
 const ELSEWHERE: &str = "10.97.0.10";
 /// A uid and gid that are neither root's nor the proxy's.
 const APP_USER: As = As::User(1000, 1000);
 const PROXY_USER: As = As::User(1337, 1337);
+
+// ---------------------------------------------------------------------------------
+// The agent's app probes under the capture
+
+#[test]
+fn the_agents_app_probes_reach_the_app_past_the_capture() {
+    let t = Topology::new(false);
+    succeeded(&t.pod.init(&[]));
+    // The app, and a server in the world; no Envoy: a probe the capture sent to 15006
+    // would be refused.
+    let _app = t.pod.listen("0.0.0.0:8080");
+    let _world = t.world.listen("0.0.0.0:8080");
+    let dir = tempfile::tempdir().unwrap();
+    run(Command::new("chown")
+        .args(["-R", "1337:1337"])
+        .arg(dir.path()));
+    let probe = |host: &str| {
+        format!(r#"{{"check":{{"tcpSocket":{{"port":8080,"host":"{host}"}}}},"timeoutSeconds":2}}"#)
+    };
+    let probes = format!(
+        r#"{{"/app-health/app/livez":{},"/app-health/app/readyz":{},"/app-health/app/startupz":{}}}"#,
+        probe("127.0.0.1"),
+        probe(POD),
+        probe("10.0.0.1"),
+    );
+    // The agent runs as the proxy's uid, as in a pod.
+    let mut agent = t.pod.command("setpriv");
+    agent.args([
+        "--reuid",
+        "1337",
+        "--regid",
+        "1337",
+        "--clear-groups",
+        AGENT,
+    ]);
+    let agent = support::start(agent, dir.path(), "127.0.0.1:1", &probes);
+    for (kind, reached) in [
+        ("livez", "127.0.0.1:8080"),
+        // The pod's own address: over lo the proxy's connections are captured, unless
+        // they come from 127.0.0.6.
+        ("readyz", "10.0.0.2:8080"),
+        ("startupz", "10.0.0.1:8080"),
+    ] {
+        let (status, body) = t.pod.get(&agent.health, &format!("/app-health/app/{kind}"));
+        assert_eq!(
+            (status, body.as_str()),
+            (200, format!("connected to {reached}\n").as_str()),
+            "{kind}"
+        );
+    }
+    assert!(agent.log_lines("app probe fails").is_empty());
+}
 
 // ---------------------------------------------------------------------------------
 // Outbound
@@ -503,6 +558,17 @@ impl Netns {
 
     fn init(&self, args: &[&str]) -> Output {
         self.command(AGENT).arg("init").args(args).output().unwrap()
+    }
+
+    /// GET `path` from `addr` inside this namespace, as root: (status, body).
+    fn get(&self, addr: &str, path: &str) -> (u16, String) {
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let response = self.sh(&format!(
+            "exec 3<>/dev/tcp/{host}/{port}
+             printf 'GET {path} HTTP/1.1\\r\\nHost: {addr}\\r\\nConnection: close\\r\\n\\r\\n' >&3
+             timeout 10 cat <&3"
+        ));
+        support::parse_response(&response)
     }
 
     /// What `program` (an `iptables-save`) shows, without its dated comments and counters.

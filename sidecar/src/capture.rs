@@ -26,7 +26,9 @@ use std::str::FromStr;
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Envoy's inbound virtual listener: every captured inbound connection.
 pub const INBOUND_PORT: u16 = 15006;
-/// The agent's `/healthz/ready`; never captured, so the kubelet's plaintext probes reach it.
+/// The agent's health port (`/healthz/ready`, the app's probes under
+/// [`crate::probes::PATH_PREFIX`]); never captured, so the kubelet's plaintext probes
+/// reach it.
 pub const AGENT_HEALTH_PORT: u16 = 15020;
 /// The uid (and by default gid) Envoy runs as; its connections are never captured.
 pub const PROXY_UID: u32 = 1337;
