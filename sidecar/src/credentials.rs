@@ -2,7 +2,8 @@
 //! trust bundle, as Envoy's file-based SDS reads them.
 //!
 //! ```text
-//! DIR/                         0700: only the sidecar's user reads it
+//! DIR/                         0700 if the sidecar's user owns it (a pod's emptyDir is
+//!                              the kubelet's, 0777: left as it is; certs/ is 0700)
 //!   sds/xds-client-cert.json   SDS: the TlsCertificate, by file name, watching certs/
 //!   sds/xds-trust-bundle.json  SDS: the validation context, by file name, watching certs/
 //!   certs/
@@ -117,8 +118,14 @@ impl CredentialDir {
                 .create(dir)
                 .map_err(io_err(dir))?;
         }
-        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
-            .map_err(io_err(&self.root))?;
+        // A directory of the agent's own is closed to everyone else. A pod's emptyDir
+        // belongs to the kubelet (root, 0777) and cannot be changed by the proxy's uid:
+        // it is mounted into the sidecar alone, and certs/ (which holds the key) is ours
+        // and 0700 either way.
+        if owner(&self.root)? == owner(&certs)? {
+            fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
+                .map_err(io_err(&self.root))?;
+        }
         let generation = self.next_generation()?;
         let data = certs.join(&generation);
         fs::DirBuilder::new()
@@ -259,6 +266,11 @@ fn generation_number(name: &str) -> Option<u64> {
 
 /// Creates `path` (which must not exist) with `mode` from the start, so a key is never
 /// readable by others even for an instant.
+fn owner(path: &Path) -> Result<u32, CredentialError> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(fs::metadata(path).map_err(io_err(path))?.uid())
+}
+
 fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), CredentialError> {
     let mut file = fs::OpenOptions::new()
         .write(true)
@@ -286,6 +298,26 @@ mod tests {
             key_pem: format!("key {n}\n").into(),
             trust_bundle_pem: format!("bundle {n}\n"),
         }
+    }
+
+    #[test]
+    fn a_directory_of_someone_elses_is_left_open_and_the_keys_is_closed() {
+        // A pod's emptyDir: the kubelet's (here another uid), 0777.
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("emptydir");
+        fs::create_dir(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
+        let mine = owner(tmp.path()).unwrap();
+        std::os::unix::fs::chown(&root, Some(mine + 4242), None).unwrap();
+        let dir = CredentialDir::new(&root).unwrap();
+        dir.write(&creds(1)).unwrap();
+        assert_eq!(dir.read().unwrap(), creds(1));
+        assert_eq!(
+            fs::metadata(&root).unwrap().permissions().mode() & 0o777,
+            0o777
+        );
+        let certs = fs::metadata(dir.certs_dir()).unwrap();
+        assert_eq!(certs.permissions().mode() & 0o777, 0o700);
     }
 
     #[test]
