@@ -5,8 +5,8 @@
 //! `meshd-init` container's command as root with only NET_ADMIN and NET_RAW, the
 //! sidecar's command line and environment from the spec as uid 1337 with a token the
 //! API server minted for that pod, the volumes at their mount paths. Their traffic is
-//! mTLS under AuthorizationPolicy, and the app's probes, sent to :15020 as the kubelet
-//! sends them, reach the app under STRICT.
+//! mTLS under AuthorizationPolicy, and the app's HTTP, TCP and gRPC probes, sent to
+//! :15020 as the kubelet sends them, reach the app under STRICT.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +42,7 @@ fn pod(name: &str, image: &str, readiness: bool) -> anyhow::Result<Pod> {
         container["readinessProbe"] =
             json!({"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1});
         container["livenessProbe"] = json!({"tcpSocket": {"port": 8080}, "periodSeconds": 5});
+        container["startupProbe"] = json!({"grpc": {"port": 9090}, "periodSeconds": 1});
     }
     Ok(serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -148,6 +149,17 @@ async fn a_pod_created_in_a_labelled_namespace_is_meshed_from_its_stored_spec() 
                 .with_context(|| format!("pod {name} did not start in 2 minutes"))?
         }
     };
+    // Its gRPC health service, for the startup probe.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let grpc_listener = web_lab.netns.listen(([0, 0, 0, 0], 9090).into()).await?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(grpc_listener)),
+    );
     let web = start(&web_lab, "web").await?;
     api.endpoint_slice(NS, "web", 8080, &[("web", &web_lab.ip.to_string(), true)])
         .await?;
@@ -233,7 +245,11 @@ async fn a_pod_created_in_a_labelled_namespace_is_meshed_from_its_stored_spec() 
     // the app through the agent; the same probe straight to the app's port (what the
     // spec held before injection) cannot pass STRICT.
     let hits = web_app.hits();
-    for kind in [ProbeKind::Readiness, ProbeKind::Liveness] {
+    for kind in [
+        ProbeKind::Readiness,
+        ProbeKind::Liveness,
+        ProbeKind::Startup,
+    ] {
         let outcome = web.probe("app", kind).await?;
         ensure!(outcome.success, "{kind:?}: {outcome:?}");
     }
