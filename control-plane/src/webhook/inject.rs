@@ -10,9 +10,9 @@ use crate::logging::Escaped;
 pub const PATH: &str = "/inject";
 
 pub fn handle(config: &InjectConfig, body: &[u8]) -> Response {
-    let request = match review::request(PATH, body) {
+    let request = match review::request(body) {
         Ok(r) => r,
-        Err(bad) => return bad,
+        Err(reason) => return review::invalid(PATH, &reason),
     };
     let allowed = AdmissionResponse::from(&request);
     let is_pod = request.kind.group.is_empty()

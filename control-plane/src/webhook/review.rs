@@ -7,26 +7,25 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 
 use crate::metrics::{AdmissionLabel, metrics};
 
-/// The request of the review in `body`, or the `400` that says why there is none.
-pub fn request(
-    webhook: &'static str,
-    body: &[u8],
-) -> Result<AdmissionRequest<DynamicObject>, Response> {
-    let invalid = |reason: String| {
-        count(webhook, "invalid");
-        (StatusCode::BAD_REQUEST, format!("{reason}\n")).into_response()
-    };
-    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)
-        .map_err(|e| invalid(format!("not an AdmissionReview: {e}")))?;
+/// The request of the review in `body`, or why there is none (for [`invalid`]).
+pub fn request(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
     if review.types.api_version != "admission.k8s.io/v1" || review.types.kind != "AdmissionReview" {
-        return Err(invalid(format!(
+        return Err(format!(
             "apiVersion {:?}, kind {:?}: only admission.k8s.io/v1 AdmissionReview is served",
             review.types.api_version, review.types.kind
-        )));
+        ));
     }
     review
         .try_into()
-        .map_err(|_| invalid("the AdmissionReview has no request".to_string()))
+        .map_err(|_| "the AdmissionReview has no request".to_string())
+}
+
+/// The `400` for a body that is not a review, with the reason.
+pub fn invalid(webhook: &'static str, reason: &str) -> Response {
+    count(webhook, "invalid");
+    (StatusCode::BAD_REQUEST, format!("{reason}\n")).into_response()
 }
 
 /// The review answering with `response`, counted as `result`.
