@@ -26,6 +26,7 @@
 //! (`meshd_tls_handshake_failures_total{port}`) and logged through a
 //! [`Throttle`](crate::logging::Throttle), so a flood of them cannot flood the log.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -214,6 +215,26 @@ pub fn peer_operator(tls: &TlsStream<TcpStream>) -> Option<OperatorId> {
     leaf_uri(leaf).ok()?.parse().ok()
 }
 
+/// The stream [`incoming`] returns.
+pub type Incoming = ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>;
+
+/// The next connection of `incoming` and its peer's address, for an axum listener;
+/// once the acceptor has stopped, never (a server serves nothing more).
+pub async fn next_connection(incoming: &mut Incoming) -> (TlsStream<TcpStream>, SocketAddr) {
+    use futures::StreamExt;
+    loop {
+        match incoming.next().await {
+            Some(Ok(tls)) => {
+                if let Ok(peer) = tls.get_ref().0.peer_addr() {
+                    return (tls, peer);
+                }
+            }
+            Some(Err(_)) => continue,
+            None => std::future::pending::<()>().await,
+        }
+    }
+}
+
 /// Accepts connections on `listener` and yields those whose TLS handshake (with a
 /// client certificate `port` admits) succeeded. The config follows the manager's
 /// certificate changes. Failed handshakes are counted, logged (throttled) and dropped.
@@ -221,7 +242,7 @@ pub fn incoming(
     listener: TcpListener,
     manager: Arc<CertManager>,
     port: Port,
-) -> Result<ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>, TlsSetupError> {
+) -> Result<Incoming, TlsSetupError> {
     let mut changes = manager.changes();
     let mut acceptor = TlsAcceptor::from(server_config(&manager, port)?);
     let (tx, rx) = mpsc::channel(64);

@@ -280,6 +280,18 @@ impl Meshd {
     }
 
     /// meshd's process id.
+    /// Pins every thread of meshd to one CPU core (`taskset`), for benchmarks that
+    /// measure what one core does.
+    pub fn pin_to_core(&self, core: usize) -> anyhow::Result<()> {
+        let pid = self.pid().context("meshd's pid")?;
+        let pinned = std::process::Command::new("taskset")
+            .args(["-a", "-cp", &core.to_string(), &pid.to_string()])
+            .output()
+            .context("taskset (util-linux)")?;
+        anyhow::ensure!(pinned.status.success(), "taskset: {pinned:?}");
+        Ok(())
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }

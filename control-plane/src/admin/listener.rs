@@ -7,11 +7,9 @@ use std::sync::Arc;
 
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
-use futures::StreamExt;
 use meshd_ca::OperatorId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::identity::CertManager;
 use crate::tls::{self, Port, TlsSetupError};
@@ -24,7 +22,7 @@ pub struct OperatorConn {
 }
 
 pub struct AdminListener {
-    connections: ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>,
+    connections: tls::Incoming,
 }
 
 impl AdminListener {
@@ -41,20 +39,10 @@ impl axum::serve::Listener for AdminListener {
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
-            match self.connections.next().await {
-                Some(Ok(tls)) => {
-                    let Ok(peer) = tls.get_ref().0.peer_addr() else {
-                        continue;
-                    };
-                    // The handshake admitted only operators; this cannot fail.
-                    let Some(operator) = tls::peer_operator(&tls) else {
-                        continue;
-                    };
-                    return (tls, OperatorConn { peer, operator });
-                }
-                Some(Err(_)) => continue,
-                // The acceptor stopped: serve nothing more.
-                None => std::future::pending::<()>().await,
+            let (tls, peer) = tls::next_connection(&mut self.connections).await;
+            // The handshake admitted only operators; this cannot fail.
+            if let Some(operator) = tls::peer_operator(&tls) {
+                return (tls, OperatorConn { peer, operator });
             }
         }
     }

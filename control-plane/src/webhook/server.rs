@@ -9,10 +9,8 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::response::Response;
 use axum::routing::post;
-use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::inject;
 use crate::identity::CertManager;
@@ -56,7 +54,7 @@ async fn inject_review(State(state): State<WebhookState>, body: Bytes) -> Respon
 }
 
 struct WebhookListener {
-    connections: ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>,
+    connections: tls::Incoming,
 }
 
 impl axum::serve::Listener for WebhookListener {
@@ -64,18 +62,7 @@ impl axum::serve::Listener for WebhookListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.connections.next().await {
-                Some(Ok(tls)) => {
-                    let Ok(peer) = tls.get_ref().0.peer_addr() else {
-                        continue;
-                    };
-                    return (tls, peer);
-                }
-                Some(Err(_)) => continue,
-                None => std::future::pending::<()>().await,
-            }
-        }
+        tls::next_connection(&mut self.connections).await
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {

@@ -75,12 +75,7 @@ async fn main() -> anyhow::Result<()> {
         &["--log", "warn", "--webhook-address", &address],
     )
     .await?;
-    let pid = meshd.pid().context("meshd's pid")?;
-    let pinned = std::process::Command::new("taskset")
-        .args(["-a", "-cp", &args.core.to_string(), &pid.to_string()])
-        .output()
-        .context("taskset (util-linux)")?;
-    ensure!(pinned.status.success(), "taskset: {pinned:?}");
+    meshd.pin_to_core(args.core)?;
     let bundle = meshd.trust_bundle_pem().await?;
     let body = serde_json::to_vec(&review("shop", "CREATE", &pod()))?;
 

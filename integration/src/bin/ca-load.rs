@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
 use clap::Parser;
 use meshd_integration::ca_client::{self, csr_for, sign};
 use meshd_integration::kube_api::{KubeApi, PodSpec};
@@ -69,12 +68,7 @@ async fn main() -> anyhow::Result<()> {
     };
     api.pod(&pod, true).await?;
     let meshd = Meshd::start_kubernetes(&api, &["--log", "warn"]).await?;
-    let pid = meshd.pid().context("meshd's pid")?;
-    let pinned = std::process::Command::new("taskset")
-        .args(["-a", "-cp", &args.core.to_string(), &pid.to_string()])
-        .output()
-        .context("taskset (util-linux)")?;
-    ensure!(pinned.status.success(), "taskset: {pinned:?}");
+    meshd.pin_to_core(args.core)?;
 
     let mut channels = Vec::new();
     for _ in 0..args.connections {
