@@ -9,6 +9,7 @@ pub mod authorization;
 pub mod proxy_view;
 pub mod snapshot;
 pub mod store;
+pub mod workload_policy;
 
 use std::collections::BTreeMap;
 use std::fmt;
