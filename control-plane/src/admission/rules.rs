@@ -1,0 +1,196 @@
+//! The rules of a `WorkloadPolicy` beyond the Pod Security Standards
+//! ([`crate::model::workload_policy::Rules`]), for every container of a pod: regular,
+//! init and ephemeral. Violations have the standards' shape ([`Violation`]), so one
+//! message and one report carry both.
+
+use k8s_openapi::api::core::v1::{PodSpec, ResourceRequirements, SecurityContext};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::image::ImageRef;
+use super::pss::Violation;
+use crate::model::workload_policy::Rules;
+
+/// What a rule needs of one container, whichever list it is in.
+pub struct ContainerView<'a> {
+    /// `spec.containers[0]`.
+    pub field: String,
+    pub name: &'a str,
+    pub image: Option<&'a str>,
+    pub security_context: Option<&'a SecurityContext>,
+    /// `None` for ephemeral containers, which may not set resources.
+    pub resources: Option<Option<&'a ResourceRequirements>>,
+}
+
+/// Every container of `spec`, init containers first, then the app's, then ephemeral.
+pub fn containers(spec: &PodSpec) -> Vec<ContainerView<'_>> {
+    let mut out = Vec::new();
+    for (list, containers) in [
+        ("initContainers", spec.init_containers.as_deref().unwrap_or_default()),
+        ("containers", &spec.containers[..]),
+    ] {
+        for (i, c) in containers.iter().enumerate() {
+            out.push(ContainerView {
+                field: format!("spec.{list}[{i}]"),
+                name: &c.name,
+                image: c.image.as_deref(),
+                security_context: c.security_context.as_ref(),
+                resources: Some(c.resources.as_ref()),
+            });
+        }
+    }
+    for (i, c) in spec.ephemeral_containers.iter().flatten().enumerate() {
+        out.push(ContainerView {
+            field: format!("spec.ephemeralContainers[{i}]"),
+            name: &c.name,
+            image: c.image.as_deref(),
+            security_context: c.security_context.as_ref(),
+            resources: None,
+        });
+    }
+    out
+}
+
+/// Whether the pod's namespace requires mTLS (STRICT), for `requireMesh`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeshFacts {
+    pub namespace_strict: bool,
+}
+
+/// Every violation of `rules` by the pod `meta` + `spec`.
+pub fn check(rules: &Rules, meta: &ObjectMeta, spec: &PodSpec, mesh: MeshFacts) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let pod = |control, field: &str, message: String| Violation {
+        control,
+        container: None,
+        field: field.to_string(),
+        message,
+    };
+    if rules.forbid_default_service_account
+        && spec
+            .service_account_name
+            .as_deref()
+            .is_none_or(|sa| sa.is_empty() || sa == "default")
+    {
+        out.push(pod(
+            "forbidDefaultServiceAccount",
+            "spec.serviceAccountName",
+            "spec.serviceAccountName must name a ServiceAccount of the pod's own, not default \
+             (identity-based policy needs real identities)"
+                .into(),
+        ));
+    }
+    if rules.require_mesh && mesh.namespace_strict {
+        let label = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(crate::inject::INJECT_LABEL))
+            .map(String::as_str);
+        if spec.host_network == Some(true) {
+            out.push(pod(
+                "requireMesh",
+                "spec.hostNetwork",
+                "spec.hostNetwork must be false: the namespace's mTLS is STRICT and a pod on \
+                 the host's network cannot be meshed"
+                    .into(),
+            ));
+        } else if label == Some("false") {
+            out.push(pod(
+                "requireMesh",
+                "metadata.labels[\"meshd.io/inject\"]",
+                "metadata.labels[\"meshd.io/inject\"] must not be \"false\": the namespace's \
+                 mTLS is STRICT"
+                    .into(),
+            ));
+        } else if !spec
+            .init_containers
+            .iter()
+            .flatten()
+            .any(|c| c.name == crate::inject::template::SIDECAR)
+        {
+            out.push(pod(
+                "requireMesh",
+                "spec.initContainers",
+                "the pod has no meshd sidecar and the namespace's mTLS is STRICT (label the \
+                 namespace meshd.io/inject=enabled)"
+                    .into(),
+            ));
+        }
+    }
+    for c in containers(spec) {
+        let at = |control, field: &str, message: String| Violation {
+            control,
+            container: Some(c.name.to_string()),
+            field: format!("{}.{field}", c.field),
+            message,
+        };
+        if rules.read_only_root_filesystem
+            && c.security_context
+                .and_then(|s| s.read_only_root_filesystem)
+                != Some(true)
+        {
+            out.push(at(
+                "readOnlyRootFilesystem",
+                "securityContext.readOnlyRootFilesystem",
+                "securityContext.readOnlyRootFilesystem must be true".into(),
+            ));
+        }
+        if rules.require_resource_limits
+            && let Some(resources) = c.resources
+        {
+            let limits = resources.and_then(|r| r.limits.as_ref());
+            let missing: Vec<&str> = ["cpu", "memory"]
+                .into_iter()
+                .filter(|k| !limits.is_some_and(|l| l.contains_key(*k)))
+                .collect();
+            if !missing.is_empty() {
+                out.push(at(
+                    "requireResourceLimits",
+                    "resources.limits",
+                    format!("resources.limits must set {}", missing.join(" and ")),
+                ));
+            }
+        }
+        let image_rules = !rules.allowed_registries.is_empty()
+            || rules.require_image_digest
+            || rules.forbid_latest_tag;
+        if !image_rules {
+            continue;
+        }
+        let written = c.image.unwrap_or("");
+        let Some(image) = ImageRef::parse(written) else {
+            out.push(at("image", "image", format!("image {written:?} is not an image reference")));
+            continue;
+        };
+        if !rules.allowed_registries.is_empty()
+            && !rules.allowed_registries.iter().any(|p| image.under(p))
+        {
+            out.push(at(
+                "allowedRegistries",
+                "image",
+                format!(
+                    "image {written:?}: registry {} is not allowed ({image} is under none of {})",
+                    image.registry,
+                    rules.allowed_registries.join(", ")
+                ),
+            ));
+        }
+        if rules.require_image_digest && image.digest.is_none() {
+            out.push(at(
+                "requireImageDigest",
+                "image",
+                format!("image {written:?} must be pinned by digest (@sha256:...)"),
+            ));
+        }
+        if rules.forbid_latest_tag && image.is_latest() {
+            out.push(at(
+                "forbidLatestTag",
+                "image",
+                match image.tag {
+                    Some(_) => format!("image {written:?} uses the tag latest"),
+                    None => format!("image {written:?} has no tag, which means latest"),
+                },
+            ));
+        }
+    }
+    out
+}
