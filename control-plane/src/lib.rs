@@ -6,6 +6,7 @@
 //! handshake (bootstrap, credential files) is `meshd_sidecar`'s.
 
 pub mod admin;
+pub mod admission;
 pub mod authz;
 pub mod ca_service;
 pub mod cli;
