@@ -55,9 +55,18 @@ fn bench(c: &mut Criterion) {
         let (meta, spec) = (&pod.metadata, pod.spec.as_ref().unwrap());
         for level in [Level::Baseline, Level::Restricted] {
             let violations = pss::check(level, meta, spec).len();
-            c.bench_function(&format!("pss::check {level:?}, {name} pod ({violations} violations)"), |b| {
-                b.iter(|| pss::check(level, std::hint::black_box(meta), std::hint::black_box(spec)))
-            });
+            c.bench_function(
+                &format!("pss::check {level:?}, {name} pod ({violations} violations)"),
+                |b| {
+                    b.iter(|| {
+                        pss::check(
+                            level,
+                            std::hint::black_box(meta),
+                            std::hint::black_box(spec),
+                        )
+                    })
+                },
+            );
         }
     }
 }

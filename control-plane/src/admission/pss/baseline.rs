@@ -68,7 +68,9 @@ pub(super) fn app_armor_profile(pod: &Pod<'_>, out: &mut Vec<Violation>) {
         ));
     }
     for c in containers::all(pod.spec) {
-        if let Some(profile) = c.security_context.and_then(|sc| sc.app_armor_profile.as_ref())
+        if let Some(profile) = c
+            .security_context
+            .and_then(|sc| sc.app_armor_profile.as_ref())
             && !allowed(&profile.type_)
         {
             out.push(c.violation(
@@ -101,7 +103,10 @@ pub(super) fn app_armor_profile(pod: &Pod<'_>, out: &mut Vec<Violation>) {
 pub(super) fn capabilities(pod: &Pod<'_>, out: &mut Vec<Violation>) {
     for c in containers::all(pod.spec) {
         let added = added_capabilities(&c);
-        if added.iter().any(|cap| !DEFAULT_CAPABILITIES.contains(&cap.as_str())) {
+        if added
+            .iter()
+            .any(|cap| !DEFAULT_CAPABILITIES.contains(&cap.as_str()))
+        {
             let bad = added
                 .iter()
                 .map(String::as_str)
@@ -238,7 +243,10 @@ pub(super) fn se_linux_options(pod: &Pod<'_>, out: &mut Vec<Violation>) {
         }
     }
     for c in containers::all(pod.spec) {
-        if let Some(opts) = c.security_context.and_then(|sc| sc.se_linux_options.as_ref()) {
+        if let Some(opts) = c
+            .security_context
+            .and_then(|sc| sc.se_linux_options.as_ref())
+        {
             for (part, tail) in problems(opts) {
                 let field = format!("securityContext.seLinuxOptions.{part}");
                 let message = format!("{field} {tail}");
@@ -271,7 +279,9 @@ pub(super) fn seccomp_profile(pod: &Pod<'_>, out: &mut Vec<Violation>) {
         ));
     }
     for c in containers::all(pod.spec) {
-        if let Some(profile) = c.security_context.and_then(|sc| sc.seccomp_profile.as_ref())
+        if let Some(profile) = c
+            .security_context
+            .and_then(|sc| sc.seccomp_profile.as_ref())
             && !valid_seccomp(&profile.type_)
         {
             out.push(c.violation(
@@ -289,12 +299,20 @@ pub(super) fn seccomp_profile(pod: &Pod<'_>, out: &mut Vec<Violation>) {
 /// `sysctls`: only the safe, namespaced ones.
 pub(super) fn sysctls(pod: &Pod<'_>, out: &mut Vec<Violation>) {
     let pod_sc = pod.spec.security_context.as_ref();
-    for (i, sysctl) in pod_sc.and_then(|sc| sc.sysctls.as_deref()).unwrap_or_default().iter().enumerate() {
+    for (i, sysctl) in pod_sc
+        .and_then(|sc| sc.sysctls.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         if !SAFE_SYSCTLS.contains(&sysctl.name.as_str()) {
             out.push(pod_violation(
                 "sysctls",
                 format!("spec.securityContext.sysctls[{i}].name"),
-                format!("spec.securityContext.sysctls[{i}]: sysctl {:?} is not allowed", sysctl.name),
+                format!(
+                    "spec.securityContext.sysctls[{i}]: sysctl {:?} is not allowed",
+                    sysctl.name
+                ),
             ));
         }
     }
@@ -313,7 +331,9 @@ pub(super) fn windows_host_process(pod: &Pod<'_>, out: &mut Vec<Violation>) {
         ));
     }
     for c in containers::all(pod.spec) {
-        let options = c.security_context.and_then(|sc| sc.windows_options.as_ref());
+        let options = c
+            .security_context
+            .and_then(|sc| sc.windows_options.as_ref());
         if options.and_then(|w| w.host_process) == Some(true) {
             out.push(c.violation(
                 CONTROL,

@@ -38,13 +38,17 @@ pub(super) fn all(spec: &PodSpec) -> impl Iterator<Item = ContainerRef<'_>> {
         security_context: c.security_context.as_ref(),
         ports: c.ports.as_deref().unwrap_or_default(),
     });
-    let main = spec.containers.iter().enumerate().map(|(index, c)| ContainerRef {
-        list: "containers",
-        index,
-        name: &c.name,
-        security_context: c.security_context.as_ref(),
-        ports: c.ports.as_deref().unwrap_or_default(),
-    });
+    let main = spec
+        .containers
+        .iter()
+        .enumerate()
+        .map(|(index, c)| ContainerRef {
+            list: "containers",
+            index,
+            name: &c.name,
+            security_context: c.security_context.as_ref(),
+            ports: c.ports.as_deref().unwrap_or_default(),
+        });
     let ephemeral = spec.ephemeral_containers.iter().flatten().enumerate();
     let ephemeral = ephemeral.map(|(index, c)| ContainerRef {
         list: "ephemeralContainers",

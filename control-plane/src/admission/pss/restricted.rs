@@ -16,7 +16,10 @@ pub(super) fn allow_privilege_escalation(pod: &Pod<'_>, out: &mut Vec<Violation>
         return;
     }
     for c in containers::all(pod.spec) {
-        if c.security_context.and_then(|sc| sc.allow_privilege_escalation) != Some(false) {
+        if c.security_context
+            .and_then(|sc| sc.allow_privilege_escalation)
+            != Some(false)
+        {
             out.push(c.violation(
                 "allowPrivilegeEscalation",
                 "securityContext.allowPrivilegeEscalation",
@@ -36,7 +39,9 @@ pub(super) fn capabilities(pod: &Pod<'_>, out: &mut Vec<Violation>) {
     }
     for c in containers::all(pod.spec) {
         let caps = c.security_context.and_then(|sc| sc.capabilities.as_ref());
-        let dropped = caps.and_then(|caps| caps.drop.as_deref()).unwrap_or_default();
+        let dropped = caps
+            .and_then(|caps| caps.drop.as_deref())
+            .unwrap_or_default();
         // Exactly "ALL": upstream compares case-sensitively.
         if !dropped.iter().any(|cap| cap == "ALL") {
             out.push(c.violation(
@@ -74,7 +79,10 @@ pub(super) fn volumes(pod: &Pod<'_>, out: &mut Vec<Violation>) {
         let (field, message) = match restricted_volume_type(volume) {
             Some(type_) => (
                 format!("spec.volumes[{i}].{type_}"),
-                format!("volume {:?} must not use the restricted volume type {type_}", volume.name),
+                format!(
+                    "volume {:?} must not use the restricted volume type {type_}",
+                    volume.name
+                ),
             ),
             None => (
                 format!("spec.volumes[{i}]"),
@@ -122,7 +130,9 @@ fn restricted_volume_type(v: &Volume) -> Option<&'static str> {
         (v.scale_io.is_some(), "scaleIO"),
         (v.storageos.is_some(), "storageos"),
     ];
-    types.into_iter().find_map(|(set, name)| set.then_some(name))
+    types
+        .into_iter()
+        .find_map(|(set, name)| set.then_some(name))
 }
 
 /// `runAsNonRoot`: true at pod level (containers may leave it unset) or in every
@@ -130,7 +140,11 @@ fn restricted_volume_type(v: &Volume) -> Option<&'static str> {
 /// behind an alpha gate, off by default, at 1.33: not here.
 pub(super) fn run_as_non_root(pod: &Pod<'_>, out: &mut Vec<Violation>) {
     const CONTROL: &str = "runAsNonRoot";
-    let pod_value = pod.spec.security_context.as_ref().and_then(|sc| sc.run_as_non_root);
+    let pod_value = pod
+        .spec
+        .security_context
+        .as_ref()
+        .and_then(|sc| sc.run_as_non_root);
     if pod_value == Some(false) {
         out.push(pod_violation(
             CONTROL,
@@ -160,7 +174,13 @@ pub(super) fn run_as_non_root(pod: &Pod<'_>, out: &mut Vec<Violation>) {
 /// `runAsUser`: never 0, pod or container (unset is fine).
 pub(super) fn run_as_user(pod: &Pod<'_>, out: &mut Vec<Violation>) {
     const CONTROL: &str = "runAsUser";
-    if pod.spec.security_context.as_ref().and_then(|sc| sc.run_as_user) == Some(0) {
+    if pod
+        .spec
+        .security_context
+        .as_ref()
+        .and_then(|sc| sc.run_as_user)
+        == Some(0)
+    {
         out.push(pod_violation(
             CONTROL,
             "spec.securityContext.runAsUser".into(),
@@ -187,7 +207,9 @@ pub(super) fn seccomp_profile(pod: &Pod<'_>, out: &mut Vec<Violation>) {
         return;
     }
     let pod_sc = pod.spec.security_context.as_ref();
-    let pod_type = pod_sc.and_then(|sc| sc.seccomp_profile.as_ref()).map(|p| p.type_.as_str());
+    let pod_type = pod_sc
+        .and_then(|sc| sc.seccomp_profile.as_ref())
+        .map(|p| p.type_.as_str());
     if let Some(type_) = pod_type.filter(|t| !valid_seccomp(t)) {
         out.push(pod_violation(
             CONTROL,
@@ -198,7 +220,9 @@ pub(super) fn seccomp_profile(pod: &Pod<'_>, out: &mut Vec<Violation>) {
         ));
     }
     for c in containers::all(pod.spec) {
-        let profile = c.security_context.and_then(|sc| sc.seccomp_profile.as_ref());
+        let profile = c
+            .security_context
+            .and_then(|sc| sc.seccomp_profile.as_ref());
         match profile.map(|p| p.type_.as_str()) {
             Some(type_) if valid_seccomp(type_) => {}
             Some(type_) => out.push(c.violation(

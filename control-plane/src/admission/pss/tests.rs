@@ -69,11 +69,14 @@ fn the_base_pod_passes_both_levels() {
 
 /// A change to one container's field: (level, pointer under the container, JSON value
 /// — `null` unsets it —, expected (control, field under the container) violations).
+#[rustfmt::skip]
 type ContainerCase = (Level, &'static str, &'static str, &'static [(&'static str, &'static str)]);
 
 const B: Level = Level::Baseline;
 const R: Level = Level::Restricted;
 
+// One case a line: the table reads better than rustfmt's layout of it.
+#[rustfmt::skip]
 const CONTAINER_CASES: &[ContainerCase] = &[
     // privileged
     (B, "securityContext/privileged", "true", &[("privileged", "securityContext.privileged")]),
@@ -180,16 +183,33 @@ fn container_controls_for_every_kind_of_container() {
         for (list, name) in CONTAINERS {
             let mut pod = base_pod();
             let value: Value = serde_json::from_str(value).unwrap();
-            set(&mut pod, &format!("/spec/{list}/0/{pointer}"), value.clone());
+            set(
+                &mut pod,
+                &format!("/spec/{list}/0/{pointer}"),
+                value.clone(),
+            );
             let got = evaluate(*level, &pod);
             let want: Vec<_> = want
                 .iter()
-                .map(|(control, rest)| (*control, Some(name.to_string()), format!("spec.{list}[0].{rest}")))
+                .map(|(control, rest)| {
+                    (
+                        *control,
+                        Some(name.to_string()),
+                        format!("spec.{list}[0].{rest}"),
+                    )
+                })
                 .collect();
-            assert_eq!(summary(&got), want, "{level:?} {list}/0/{pointer} = {value}: {got:#?}");
+            assert_eq!(
+                summary(&got),
+                want,
+                "{level:?} {list}/0/{pointer} = {value}: {got:#?}"
+            );
             // The message is relative to the container and the Display names it.
             for v in &got {
-                assert!(v.to_string().starts_with(&format!("container {name:?}: ")), "{v}");
+                assert!(
+                    v.to_string().starts_with(&format!("container {name:?}: ")),
+                    "{v}"
+                );
                 let rest = v.field.split_once("].").unwrap().1;
                 assert!(v.message.starts_with(rest), "{v:?}");
             }
@@ -205,6 +225,7 @@ type PodCase = (
     &'static [(&'static str, Option<&'static str>, &'static str)],
 );
 
+#[rustfmt::skip]
 const POD_CASES: &[PodCase] = &[
     // hostNamespaces
     (B, "/spec/hostNetwork", "true", &[("hostNamespaces", None, "spec.hostNetwork")]),
@@ -322,9 +343,15 @@ fn pod_controls() {
         let got = evaluate(*level, &pod);
         let want: Vec<_> = want
             .iter()
-            .map(|(control, container, field)| (*control, container.map(String::from), field.to_string()))
+            .map(|(control, container, field)| {
+                (*control, container.map(String::from), field.to_string())
+            })
             .collect();
-        assert_eq!(summary(&got), want, "{level:?} {pointer} = {value}: {got:#?}");
+        assert_eq!(
+            summary(&got),
+            want,
+            "{level:?} {pointer} = {value}: {got:#?}"
+        );
     }
 }
 
@@ -334,10 +361,21 @@ fn pod_level_settings_are_inherited_and_containers_may_set_their_own() {
     // others are named.
     let mut pod = base_pod();
     set(&mut pod, "/spec/securityContext", json!(null));
-    set(&mut pod, "/spec/containers/0/securityContext/runAsNonRoot", json!(true));
-    set(&mut pod, "/spec/containers/0/securityContext/seccompProfile", json!({"type": "RuntimeDefault"}));
+    set(
+        &mut pod,
+        "/spec/containers/0/securityContext/runAsNonRoot",
+        json!(true),
+    );
+    set(
+        &mut pod,
+        "/spec/containers/0/securityContext/seccompProfile",
+        json!({"type": "RuntimeDefault"}),
+    );
     let got = evaluate(Level::Restricted, &pod);
-    let names: Vec<_> = got.iter().map(|v| (v.control, v.container.as_deref().unwrap())).collect();
+    let names: Vec<_> = got
+        .iter()
+        .map(|v| (v.control, v.container.as_deref().unwrap()))
+        .collect();
     assert_eq!(
         names,
         [
@@ -349,15 +387,34 @@ fn pod_level_settings_are_inherited_and_containers_may_set_their_own() {
     );
     // Every container setting its own: the pod needs nothing.
     for (list, _) in CONTAINERS {
-        set(&mut pod, &format!("/spec/{list}/0/securityContext/runAsNonRoot"), json!(true));
-        set(&mut pod, &format!("/spec/{list}/0/securityContext/seccompProfile"), json!({"type": "Localhost", "localhostProfile": "p"}));
+        set(
+            &mut pod,
+            &format!("/spec/{list}/0/securityContext/runAsNonRoot"),
+            json!(true),
+        );
+        set(
+            &mut pod,
+            &format!("/spec/{list}/0/securityContext/seccompProfile"),
+            json!({"type": "Localhost", "localhostProfile": "p"}),
+        );
     }
     assert_eq!(evaluate(Level::Restricted, &pod), vec![]);
     // A pod-level Unconfined fails even when every container sets its own valid
     // profile (upstream's fixture "unconfined, pod-level").
-    set(&mut pod, "/spec/securityContext/seccompProfile", json!({"type": "Unconfined"}));
+    set(
+        &mut pod,
+        "/spec/securityContext/seccompProfile",
+        json!({"type": "Unconfined"}),
+    );
     let got = evaluate(Level::Restricted, &pod);
-    assert_eq!(summary(&got), [("seccompProfile_restricted", None, "spec.securityContext.seccompProfile.type".to_string())]);
+    assert_eq!(
+        summary(&got),
+        [(
+            "seccompProfile_restricted",
+            None,
+            "spec.securityContext.seccompProfile.type".to_string()
+        )]
+    );
 }
 
 #[test]
@@ -365,9 +422,17 @@ fn windows_pods_skip_what_upstream_skips_and_nothing_else() {
     let mut pod = base_pod();
     set(&mut pod, "/spec/os", json!({"name": "windows"}));
     for (list, _) in CONTAINERS {
-        set(&mut pod, &format!("/spec/{list}/0/securityContext"), json!({"capabilities": {"add": ["NET_ADMIN"]}}));
+        set(
+            &mut pod,
+            &format!("/spec/{list}/0/securityContext"),
+            json!({"capabilities": {"add": ["NET_ADMIN"]}}),
+        );
     }
-    set(&mut pod, "/spec/securityContext/seccompProfile", json!({"type": "Unconfined"}));
+    set(
+        &mut pod,
+        "/spec/securityContext/seccompProfile",
+        json!({"type": "Unconfined"}),
+    );
     // restricted: capabilities, seccomp and allowPrivilegeEscalation are not checked
     // for Windows pods — neither are the baseline controls they override.
     assert_eq!(evaluate(Level::Restricted, &pod), vec![]);
@@ -376,10 +441,19 @@ fn windows_pods_skip_what_upstream_skips_and_nothing_else() {
     let controls: Vec<_> = got.iter().map(|v| v.control).collect();
     assert_eq!(
         controls,
-        ["capabilities_baseline", "capabilities_baseline", "capabilities_baseline", "seccompProfile_baseline"]
+        [
+            "capabilities_baseline",
+            "capabilities_baseline",
+            "capabilities_baseline",
+            "seccompProfile_baseline"
+        ]
     );
     // hostProcess and runAsNonRoot still apply to Windows pods at restricted.
-    set(&mut pod, "/spec/securityContext/windowsOptions", json!({"hostProcess": true}));
+    set(
+        &mut pod,
+        "/spec/securityContext/windowsOptions",
+        json!({"hostProcess": true}),
+    );
     set(&mut pod, "/spec/securityContext/runAsNonRoot", json!(false));
     let got = evaluate(Level::Restricted, &pod);
     let controls: Vec<_> = got.iter().map(|v| v.control).collect();
@@ -393,7 +467,11 @@ fn user_namespaces_relax_nothing_at_1_33() {
     let mut pod = base_pod();
     set(&mut pod, "/spec/hostUsers", json!(false));
     set(&mut pod, "/spec/securityContext/runAsUser", json!(0));
-    set(&mut pod, "/spec/containers/0/securityContext/procMount", json!("Unmasked"));
+    set(
+        &mut pod,
+        "/spec/containers/0/securityContext/procMount",
+        json!("Unmasked"),
+    );
     let got = evaluate(Level::Restricted, &pod);
     let controls: Vec<_> = got.iter().map(|v| v.control).collect();
     assert_eq!(controls, ["procMount", "runAsUser"]);
@@ -422,7 +500,10 @@ fn every_violation_in_upstream_order_with_messages_naming_the_values() {
             }],
         },
     });
-    let baseline: Vec<String> = evaluate(Level::Baseline, &pod).iter().map(ToString::to_string).collect();
+    let baseline: Vec<String> = evaluate(Level::Baseline, &pod)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(
         baseline,
         [
@@ -439,7 +520,10 @@ fn every_violation_in_upstream_order_with_messages_naming_the_values() {
             r#"spec.securityContext.sysctls[0]: sysctl "kernel.msgmax" is not allowed"#,
         ]
     );
-    let restricted: Vec<String> = evaluate(Level::Restricted, &pod).iter().map(ToString::to_string).collect();
+    let restricted: Vec<String> = evaluate(Level::Restricted, &pod)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(
         restricted,
         [
@@ -465,9 +549,17 @@ fn every_violation_in_upstream_order_with_messages_naming_the_values() {
 #[test]
 fn peer_supplied_strings_are_escaped_in_messages() {
     let mut pod = base_pod();
-    set(&mut pod, "/spec/containers/0/securityContext/procMount", json!("Unmasked\n[INFO] forged"));
+    set(
+        &mut pod,
+        "/spec/containers/0/securityContext/procMount",
+        json!("Unmasked\n[INFO] forged"),
+    );
     let got = evaluate(Level::Baseline, &pod);
     assert_eq!(got.len(), 1);
     assert!(!got[0].to_string().contains('\n'), "{}", got[0]);
-    assert!(got[0].message.contains(r#""Unmasked\n[INFO] forged""#), "{}", got[0]);
+    assert!(
+        got[0].message.contains(r#""Unmasked\n[INFO] forged""#),
+        "{}",
+        got[0]
+    );
 }
