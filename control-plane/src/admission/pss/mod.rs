@@ -28,7 +28,7 @@
 //! | `windowsHostProcess` | baseline | pod or container `windowsOptions.hostProcess: true` | unchanged |
 //! | `allowPrivilegeEscalation` | restricted | container `allowPrivilegeEscalation` not explicitly false | 1.25: not checked for `spec.os.name: windows` |
 //! | `capabilities_restricted` | restricted | `capabilities.drop` without `ALL` (exactly, case-sensitive); `add` other than `NET_BIND_SERVICE`; replaces `capabilities_baseline` | from 1.22; 1.25: not checked for Windows pods (nor is `capabilities_baseline`, which it overrides) |
-//! | `restrictedVolumes` | restricted | a volume of none of `configMap csi downwardAPI emptyDir ephemeral image persistentVolumeClaim projected secret`; replaces `hostPathVolumes` | `image` allowed since its introduction (1.31) |
+//! | `restrictedVolumes` | restricted | a volume of none of `configMap csi downwardAPI emptyDir ephemeral image persistentVolumeClaim projected secret`; replaces `hostPathVolumes` | one version (1.0); `image` volumes (API 1.31) are in its allowed list at every version |
 //! | `runAsNonRoot` | restricted | pod `runAsNonRoot: false`; container `false`; container unset while the pod does not say true | the `hostUsers: false` relaxation is behind the same alpha gate at 1.33 (not followed); unconditional from 1.35 |
 //! | `runAsUser` | restricted | pod or container `runAsUser: 0` | from 1.23; same user-namespace note |
 //! | `seccompProfile_restricted` | restricted | pod or container type other than `RuntimeDefault`/`Localhost`; a container without a profile while the pod has no valid one; replaces `seccompProfile_baseline` | from 1.19; 1.25: not checked for Windows pods (nor is the baseline control) |
