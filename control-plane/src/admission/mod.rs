@@ -1,4 +1,8 @@
-//! Pod security admission that knows the mesh (issue #16, being built): image
-//! references as the runtime reads them (`image`).
+//! Admission of what runs in the mesh (issue #16, being built; nothing calls it yet):
+//! [`pss`] decides the Kubernetes Pod Security Standards for one pod spec, [`rules`]
+//! the `WorkloadPolicy` rules beyond them, on image references read as the runtime
+//! reads them ([`image`]).
 
 pub mod image;
+pub mod pss;
+pub mod rules;

@@ -25,7 +25,10 @@ pub struct ContainerView<'a> {
 pub fn containers(spec: &PodSpec) -> Vec<ContainerView<'_>> {
     let mut out = Vec::new();
     for (list, containers) in [
-        ("initContainers", spec.init_containers.as_deref().unwrap_or_default()),
+        (
+            "initContainers",
+            spec.init_containers.as_deref().unwrap_or_default(),
+        ),
         ("containers", &spec.containers[..]),
     ] {
         for (i, c) in containers.iter().enumerate() {
@@ -124,9 +127,7 @@ pub fn check(rules: &Rules, meta: &ObjectMeta, spec: &PodSpec, mesh: MeshFacts) 
             message,
         };
         if rules.read_only_root_filesystem
-            && c.security_context
-                .and_then(|s| s.read_only_root_filesystem)
-                != Some(true)
+            && c.security_context.and_then(|s| s.read_only_root_filesystem) != Some(true)
         {
             out.push(at(
                 "readOnlyRootFilesystem",
@@ -158,7 +159,11 @@ pub fn check(rules: &Rules, meta: &ObjectMeta, spec: &PodSpec, mesh: MeshFacts) 
         }
         let written = c.image.unwrap_or("");
         let Some(image) = ImageRef::parse(written) else {
-            out.push(at("image", "image", format!("image {written:?} is not an image reference")));
+            out.push(at(
+                "image",
+                "image",
+                format!("image {written:?} is not an image reference"),
+            ));
             continue;
         };
         if !rules.allowed_registries.is_empty()
@@ -193,4 +198,141 @@ pub fn check(rules: &Rules, meta: &ObjectMeta, spec: &PodSpec, mesh: MeshFacts) 
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Pod;
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod(spec: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": spec})).unwrap()
+    }
+
+    fn all_rules() -> Rules {
+        Rules {
+            read_only_root_filesystem: true,
+            allowed_registries: vec!["registry.example.com/".into()],
+            require_image_digest: true,
+            forbid_latest_tag: true,
+            require_resource_limits: true,
+            forbid_default_service_account: true,
+            require_mesh: true,
+        }
+    }
+
+    fn controls(rules: &Rules, p: &Pod, strict: bool) -> Vec<String> {
+        check(
+            rules,
+            &p.metadata,
+            p.spec.as_ref().unwrap(),
+            MeshFacts {
+                namespace_strict: strict,
+            },
+        )
+        .iter()
+        .map(|v| v.to_string())
+        .collect()
+    }
+
+    #[test]
+    fn a_pod_that_keeps_every_rule_passes() {
+        let p = pod(json!({
+            "serviceAccountName": "web",
+            "initContainers": [{"name": "meshd-proxy", "image": "registry.example.com/meshd-proxy@sha256:ab",
+                "securityContext": {"readOnlyRootFilesystem": true},
+                "resources": {"limits": {"cpu": "1", "memory": "64Mi"}}}],
+            "containers": [{"name": "app", "image": "registry.example.com/shop/web:1.4@sha256:cd",
+                "securityContext": {"readOnlyRootFilesystem": true},
+                "resources": {"limits": {"cpu": "1", "memory": "128Mi"}}}],
+        }));
+        assert_eq!(controls(&all_rules(), &p, true), Vec::<String>::new());
+    }
+
+    #[test]
+    fn every_broken_rule_is_reported_with_its_container_and_field() {
+        let p = pod(json!({
+            "hostNetwork": true,
+            "containers": [{"name": "app", "image": "nginx"}],
+            "ephemeralContainers": [{"name": "debug", "image": "busybox:latest"}],
+        }));
+        let found = check(
+            &all_rules(),
+            &p.metadata,
+            p.spec.as_ref().unwrap(),
+            MeshFacts {
+                namespace_strict: true,
+            },
+        );
+        let got: Vec<(&str, &str)> = found
+            .iter()
+            .map(|v| (v.control, v.field.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("forbidDefaultServiceAccount", "spec.serviceAccountName"),
+                ("requireMesh", "spec.hostNetwork"),
+                (
+                    "readOnlyRootFilesystem",
+                    "spec.containers[0].securityContext.readOnlyRootFilesystem"
+                ),
+                (
+                    "requireResourceLimits",
+                    "spec.containers[0].resources.limits"
+                ),
+                ("allowedRegistries", "spec.containers[0].image"),
+                ("requireImageDigest", "spec.containers[0].image"),
+                ("forbidLatestTag", "spec.containers[0].image"),
+                (
+                    "readOnlyRootFilesystem",
+                    "spec.ephemeralContainers[0].securityContext.readOnlyRootFilesystem"
+                ),
+                ("allowedRegistries", "spec.ephemeralContainers[0].image"),
+                ("requireImageDigest", "spec.ephemeralContainers[0].image"),
+                ("forbidLatestTag", "spec.ephemeralContainers[0].image"),
+            ]
+        );
+        let text: Vec<String> = found.iter().map(|v| v.to_string()).collect();
+        assert!(
+            text.contains(&r#"container "app": image "nginx": registry docker.io is not allowed (docker.io/library/nginx is under none of registry.example.com/)"#.to_string()),
+            "{text:#?}"
+        );
+        assert!(
+            text.contains(
+                &r#"container "app": image "nginx" has no tag, which means latest"#.to_string()
+            ),
+            "{text:#?}"
+        );
+        assert!(
+            text.contains(
+                &r#"container "app": resources.limits must set cpu and memory"#.to_string()
+            ),
+            "{text:#?}"
+        );
+    }
+
+    #[test]
+    fn require_mesh_applies_to_strict_namespaces_only() {
+        let rules = Rules {
+            require_mesh: true,
+            ..Rules::default()
+        };
+        let opted_out: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "labels": {"meshd.io/inject": "false"}},
+            "spec": {"containers": [{"name": "app", "image": "a"}]},
+        }))
+        .unwrap();
+        assert_eq!(
+            controls(&rules, &opted_out, true),
+            [
+                r#"metadata.labels["meshd.io/inject"] must not be "false": the namespace's mTLS is STRICT"#
+            ]
+        );
+        assert!(controls(&rules, &opted_out, false).is_empty());
+        let plain = pod(json!({"containers": [{"name": "app", "image": "a"}]}));
+        assert!(controls(&rules, &plain, true)[0].contains("no meshd sidecar"));
+    }
 }
