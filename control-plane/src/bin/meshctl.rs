@@ -327,8 +327,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (yaml, report) = meshd::inject::manifests::inject_yaml(&text, &config)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", filename.display()))?;
             print!("{yaml}");
-            for skipped in &report.skipped {
-                eprintln!("not injected: {skipped}");
+            for left in &report.left_alone {
+                eprintln!("not injected: {left}");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -26,7 +26,7 @@ pub struct Report {
     /// `Kind/name` of each injected object.
     pub injected: Vec<String>,
     /// `Kind/name: reason` of each pod template left alone.
-    pub skipped: Vec<String>,
+    pub left_alone: Vec<String>,
 }
 
 /// Injects every pod template in the YAML `text` (one or more documents) and returns
@@ -96,7 +96,9 @@ fn inject_object(
                 .map_err(|e| format!("{label}: cannot apply the injection: {e}"))?;
             report.injected.push(label);
         }
-        Outcome::Skipped(skip) => report.skipped.push(format!("{label}: {}", skip.reason())),
+        Outcome::LeftAlone(reason) => report
+            .left_alone
+            .push(format!("{label}: {}", reason.reason())),
     }
     Ok(())
 }

@@ -55,25 +55,25 @@ const RESERVED_PORTS: [u16; 4] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Injected,
-    Skipped(Skip),
+    LeftAlone(Reason),
 }
 
 /// Why a pod was left as it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Skip {
+pub enum Reason {
     OptedOut,
     HostNetwork,
     Meshd,
     AlreadyInjected,
 }
 
-impl Skip {
+impl Reason {
     pub fn reason(self) -> &'static str {
         match self {
-            Skip::OptedOut => "the pod opts out (meshd.io/inject: \"false\")",
-            Skip::HostNetwork => "the pod uses the host's network, which cannot be meshed",
-            Skip::Meshd => "the pod is meshd's own",
-            Skip::AlreadyInjected => "the pod is injected already",
+            Reason::OptedOut => "the pod opts out (meshd.io/inject: \"false\")",
+            Reason::HostNetwork => "the pod uses the host's network, which cannot be meshed",
+            Reason::Meshd => "the pod is meshd's own",
+            Reason::AlreadyInjected => "the pod is injected already",
         }
     }
 }
@@ -86,8 +86,8 @@ pub fn inject(
     namespace: &str,
     config: &InjectConfig,
 ) -> Result<Outcome, FieldError> {
-    if let Some(skip) = skip(meta, spec) {
-        return Ok(Outcome::Skipped(skip));
+    if let Some(reason) = left_alone(meta, spec) {
+        return Ok(Outcome::LeftAlone(reason));
     }
     let mut injected_meta = meta.clone();
     let mut injected = spec.clone();
@@ -166,19 +166,19 @@ pub fn inject(
     Ok(Outcome::Injected)
 }
 
-fn skip(meta: &ObjectMeta, spec: &PodSpec) -> Option<Skip> {
+fn left_alone(meta: &ObjectMeta, spec: &PodSpec) -> Option<Reason> {
     let labels = meta.labels.as_ref();
     let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
     if label(INJECT_LABEL) == Some("false") {
-        return Some(Skip::OptedOut);
+        return Some(Reason::OptedOut);
     }
     if spec.host_network == Some(true) {
-        return Some(Skip::HostNetwork);
+        return Some(Reason::HostNetwork);
     }
     if label("app.kubernetes.io/part-of") == Some("meshd")
         && label("app.kubernetes.io/component") == Some("control-plane")
     {
-        return Some(Skip::Meshd);
+        return Some(Reason::Meshd);
     }
     let annotated = meta
         .annotations
@@ -191,7 +191,7 @@ fn skip(meta: &ObjectMeta, spec: &PodSpec) -> Option<Skip> {
         .chain(&spec.containers)
         .any(|c| c.name == template::SIDECAR);
     if annotated || has_sidecar {
-        return Some(Skip::AlreadyInjected);
+        return Some(Reason::AlreadyInjected);
     }
     None
 }

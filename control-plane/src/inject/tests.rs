@@ -254,27 +254,27 @@ fn pods_that_are_not_injected_get_no_patch() {
     let cases = [
         (
             pod(json!({"labels": {"meshd.io/inject": "false"}}), app()),
-            Skip::OptedOut,
+            Reason::OptedOut,
         ),
         (
             pod(
                 json!({}),
                 json!({"hostNetwork": true, "containers": [{"name": "a", "image": "a"}]}),
             ),
-            Skip::HostNetwork,
+            Reason::HostNetwork,
         ),
         (
             pod(
                 json!({"labels": {"app.kubernetes.io/part-of": "meshd", "app.kubernetes.io/component": "control-plane"}}),
                 app(),
             ),
-            Skip::Meshd,
+            Reason::Meshd,
         ),
     ];
-    for (object, skip) in cases {
+    for (object, reason) in cases {
         let (outcome, patch) = super::patch(&object, "shop", &config).unwrap();
-        assert_eq!(outcome, Outcome::Skipped(skip));
-        assert!(patch.0.is_empty(), "{skip:?}: {patch:?}");
+        assert_eq!(outcome, Outcome::LeftAlone(reason));
+        assert!(patch.0.is_empty(), "{reason:?}: {patch:?}");
     }
 }
 
@@ -286,7 +286,7 @@ fn a_second_pass_changes_nothing() {
     let mut once = object.clone();
     json_patch::patch(&mut once, &patch).unwrap();
     let (outcome, again) = super::patch(&once, "shop", &config).unwrap();
-    assert_eq!(outcome, Outcome::Skipped(Skip::AlreadyInjected));
+    assert_eq!(outcome, Outcome::LeftAlone(Reason::AlreadyInjected));
     assert!(again.0.is_empty(), "{again:?}");
 }
 
@@ -388,9 +388,9 @@ items:
 "#;
     let (yaml, report) = manifests::inject_yaml(text, &InjectConfig::default()).unwrap();
     assert_eq!(report.injected, ["Deployment/web", "CronJob/nightly"]);
-    assert_eq!(report.skipped.len(), 1, "{report:?}");
+    assert_eq!(report.left_alone.len(), 1, "{report:?}");
     assert!(
-        report.skipped[0].starts_with("DaemonSet/agent"),
+        report.left_alone[0].starts_with("DaemonSet/agent"),
         "{report:?}"
     );
     let docs: Vec<Value> = serde_saphyr::from_multiple(&yaml).unwrap();

@@ -62,8 +62,8 @@ pub fn handle(config: &InjectConfig, body: &[u8]) -> Response {
                 allowed.deny(format!("cannot encode the patch: {e}")),
             ),
         },
-        Ok((Outcome::Skipped(skip), _)) => {
-            tracing::debug!(pod = %Escaped(&format!("{namespace}/{name}")), "not injected: {}", skip.reason());
+        Ok((Outcome::LeftAlone(reason), _)) => {
+            tracing::debug!(pod = %Escaped(&format!("{namespace}/{name}")), "not injected: {}", reason.reason());
             review::answer(PATH, "unchanged", allowed)
         }
         Err(e) => {
