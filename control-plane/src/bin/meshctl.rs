@@ -58,8 +58,8 @@ enum Command {
     /// The mesh CA: status and staged root rotation.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Print meshd's CustomResourceDefinitions (AuthorizationPolicy, PeerAuthentication)
-    /// as YAML, generated from the same Rust types meshd reads them with.
+    /// Print meshd's CustomResourceDefinitions (AuthorizationPolicy, PeerAuthentication,
+    /// WorkloadPolicy) as YAML, generated from the same Rust types meshd reads them with.
     ///
     /// `meshctl crds | kubectl apply -f -`; the chart renders the same file (`files/crds.yaml`).
     Crds,

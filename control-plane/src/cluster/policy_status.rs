@@ -1,5 +1,5 @@
-//! The `Accepted` condition of every AuthorizationPolicy and PeerAuthentication,
-//! written by the replica that holds the Lease.
+//! The `Accepted` condition of every AuthorizationPolicy, PeerAuthentication and
+//! WorkloadPolicy, written by the replica that holds the Lease.
 //!
 //! The source publishes a verdict per policy and generation; this task writes the ones
 //! it has not written yet (a merge patch of `status` on the status subresource, field
@@ -93,6 +93,10 @@ async fn write(
                 .await
                 .map(drop)
         }
+        ObjectKind::WorkloadPolicy => Api::<crd::WorkloadPolicy>::namespaced(client.clone(), ns)
+            .patch_status(name, params, &patch)
+            .await
+            .map(drop),
         _ => Api::<crd::PeerAuthentication>::namespaced(client.clone(), ns)
             .patch_status(name, params, &patch)
             .await

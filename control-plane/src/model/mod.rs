@@ -319,6 +319,7 @@ pub enum MeshObject {
     Workload(Arc<Workload>),
     PeerAuthentication(Arc<PeerAuthentication>),
     AuthorizationPolicy(Arc<crate::model::authorization::AuthorizationPolicy>),
+    WorkloadPolicy(Arc<crate::model::workload_policy::WorkloadPolicy>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -329,6 +330,7 @@ pub enum ObjectKind {
     Workload,
     PeerAuthentication,
     AuthorizationPolicy,
+    WorkloadPolicy,
 }
 
 impl fmt::Display for ObjectKind {
@@ -340,6 +342,7 @@ impl fmt::Display for ObjectKind {
             ObjectKind::Workload => "Pod",
             ObjectKind::PeerAuthentication => "PeerAuthentication",
             ObjectKind::AuthorizationPolicy => "AuthorizationPolicy",
+            ObjectKind::WorkloadPolicy => "WorkloadPolicy",
         })
     }
 }
@@ -353,6 +356,7 @@ impl MeshObject {
             MeshObject::Workload(_) => ObjectKind::Workload,
             MeshObject::PeerAuthentication(_) => ObjectKind::PeerAuthentication,
             MeshObject::AuthorizationPolicy(_) => ObjectKind::AuthorizationPolicy,
+            MeshObject::WorkloadPolicy(_) => ObjectKind::WorkloadPolicy,
         }
     }
 
@@ -365,6 +369,7 @@ impl MeshObject {
             MeshObject::Workload(w) => w.key.clone(),
             MeshObject::PeerAuthentication(p) => p.key.clone(),
             MeshObject::AuthorizationPolicy(p) => p.key.clone(),
+            MeshObject::WorkloadPolicy(p) => p.key.clone(),
         }
     }
 }

@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::model::authorization::AuthorizationPolicy;
+use crate::model::workload_policy::WorkloadPolicy;
 
 use super::{
     EndpointSlice, MeshDefaults, MeshObject, MtlsMode, Namespace, ObjectKey, ObjectKind,
@@ -49,6 +50,8 @@ pub struct MeshSnapshot {
     pub defaults: MeshDefaults,
     pub peer_authentications: BTreeMap<ObjectKey, Arc<PeerAuthentication>>,
     pub authorization_policies: BTreeMap<ObjectKey, Arc<AuthorizationPolicy>>,
+    /// What may run in the mesh: read by admission ([`crate::admission`]), never by xDS.
+    pub workload_policies: BTreeMap<ObjectKey, Arc<WorkloadPolicy>>,
     pub namespaces: BTreeMap<String, Arc<Namespace>>,
     pub services: BTreeMap<ObjectKey, Arc<Service>>,
     pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
@@ -136,6 +139,9 @@ impl MeshSnapshot {
                 }
                 MeshObject::AuthorizationPolicy(p) => {
                     snap.authorization_policies.insert(p.key.clone(), p);
+                }
+                MeshObject::WorkloadPolicy(p) => {
+                    snap.workload_policies.insert(p.key.clone(), p);
                 }
             }
         }
@@ -367,6 +373,7 @@ impl MeshSnapshot {
                 }
                 ObjectKind::Namespace
                 | ObjectKind::AuthorizationPolicy
+                | ObjectKind::WorkloadPolicy
                 | ObjectKind::PeerAuthentication => {}
             }
         }

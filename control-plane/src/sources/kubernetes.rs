@@ -2,8 +2,8 @@
 //! source.
 //!
 //! One kube-runtime `watcher` per kind — `v1` Namespaces, Services and Pods,
-//! `discovery.k8s.io/v1` EndpointSlices, and meshd's AuthorizationPolicies and
-//! PeerAuthentications — each converting with the same functions as the file source
+//! `discovery.k8s.io/v1` EndpointSlices, and meshd's AuthorizationPolicies,
+//! PeerAuthentications and WorkloadPolicies — each converting with the same functions as the file source
 //! ([`convert`], [`crd`]). Their updates meet in one task that owns the source's state:
 //!
 //! - **Re-lists never empty the mesh.** A watcher's (re-)list — at start, and after a
@@ -117,6 +117,13 @@ pub fn spawn(client: Client, store: Store, options: KubernetesOptions) -> Runnin
         tx.clone(),
     );
     watch_kind(
+        Api::<crd::WorkloadPolicy>::all(client.clone()),
+        all.clone(),
+        ObjectKind::WorkloadPolicy,
+        |p| crd::workload_policy(p).map(|p| MeshObject::WorkloadPolicy(Arc::new(p))),
+        tx.clone(),
+    );
+    watch_kind(
         Api::<crd::PeerAuthentication>::all(client),
         all,
         ObjectKind::PeerAuthentication,
@@ -147,13 +154,14 @@ pub fn spawn(client: Client, store: Store, options: KubernetesOptions) -> Runnin
     }
 }
 
-const ALL_KINDS: [ObjectKind; 6] = [
+const ALL_KINDS: [ObjectKind; 7] = [
     ObjectKind::Namespace,
     ObjectKind::Service,
     ObjectKind::EndpointSlice,
     ObjectKind::Workload,
     ObjectKind::AuthorizationPolicy,
     ObjectKind::PeerAuthentication,
+    ObjectKind::WorkloadPolicy,
 ];
 
 type Id = (ObjectKind, ObjectKey);
@@ -191,7 +199,9 @@ fn watch_kind<K>(
         let result = convert(obj).map_err(|e| format!("{kind} {}: {e}", id.1));
         let generation = matches!(
             kind,
-            ObjectKind::AuthorizationPolicy | ObjectKind::PeerAuthentication
+            ObjectKind::AuthorizationPolicy
+                | ObjectKind::PeerAuthentication
+                | ObjectKind::WorkloadPolicy
         )
         .then(|| obj.meta().generation.unwrap_or(0));
         Item {

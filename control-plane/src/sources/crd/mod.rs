@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 mod workload_policy;
 
 pub use self::workload_policy::{
-    ExemptionSpec, RulesSpec, WorkloadPolicy, WorkloadPolicySpec, workload_policy,
+    ExemptionSpec, PolicyOffender, PolicyReport, RulesSpec, WorkloadPolicy, WorkloadPolicySpec,
+    WorkloadPolicyStatus, workload_policy,
 };
 use super::convert::{FieldError, object_key};
 use crate::model::MtlsMode;
@@ -103,9 +104,11 @@ pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
-    // WorkloadPolicy joins once the validating webhook enforces it (issue #16): a CRD
-    // nobody enforces would accept policies that change nothing.
-    vec![AuthorizationPolicy::crd(), PeerAuthentication::crd()]
+    vec![
+        AuthorizationPolicy::crd(),
+        PeerAuthentication::crd(),
+        WorkloadPolicy::crd(),
+    ]
 }
 
 /// [`crds`] as one multi-document YAML file.

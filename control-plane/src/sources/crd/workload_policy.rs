@@ -5,7 +5,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{PolicyStatus, WorkloadSelector};
+use std::collections::BTreeMap;
+
+use super::{PolicyCondition, WorkloadSelector};
 use crate::model::workload_policy::{
     self as model, Exemption, ExemptionTarget, Mode, Profile, Rules,
 };
@@ -22,7 +24,7 @@ use crate::sources::convert::{FieldError, object_key};
     kind = "WorkloadPolicy",
     namespaced,
     shortname = "wp",
-    status = "PolicyStatus",
+    status = "WorkloadPolicyStatus",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Profile","type":"string","jsonPath":".spec.profile"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
@@ -44,6 +46,46 @@ pub struct WorkloadPolicySpec {
     pub rules: Option<RulesSpec>,
     #[serde(default)]
     pub exemptions: Vec<ExemptionSpec>,
+}
+
+/// What meshd made of the policy (`Accepted`) and what it finds among the running
+/// pods (`report`), both written by the replica that holds the Lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadPolicyStatus {
+    #[serde(default)]
+    pub conditions: Vec<PolicyCondition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<PolicyReport>,
+}
+
+/// The running pods against the policy: counts, and the first few offenders. Bounded:
+/// it does not grow with the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyReport {
+    /// RFC 3339: when the pods were last evaluated.
+    pub evaluated_at: String,
+    /// Running pods the policy applies to.
+    pub pods: u64,
+    /// Of those, the pods that break it.
+    pub violating_pods: u64,
+    /// Per rule (a Pod Security Standards control id or a rule name): the pods that
+    /// break it.
+    #[serde(default)]
+    pub rules: BTreeMap<String, u64>,
+    /// The first offenders by namespace and name (at most 10).
+    #[serde(default)]
+    pub offenders: Vec<PolicyOffender>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyOffender {
+    /// `namespace/name`
+    pub pod: String,
+    /// The pod's violations of this policy (at most 5, then how many more).
+    pub violations: Vec<String>,
 }
 
 /// Rules beyond the Pod Security Standards.

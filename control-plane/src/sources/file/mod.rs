@@ -3,7 +3,8 @@
 //! Every `*.yaml`/`*.yml` file under the directory (recursively, through symlinks; see
 //! [`walk`] for what is read and how loops are cut) may hold several documents of kind
 //! `v1` Namespace, Service and Pod, `discovery.k8s.io/v1` EndpointSlice, and
-//! `security.meshd.io/v1alpha1` PeerAuthentication and AuthorizationPolicy. A Kubernetes
+//! `security.meshd.io/v1alpha1` PeerAuthentication, AuthorizationPolicy and
+//! WorkloadPolicy. A Kubernetes
 //! ConfigMap volume works as it is: its files are read through the visible links, and
 //! an update (an atomic swap of `..data`) is one change.
 //!
@@ -538,7 +539,7 @@ status: {podIP: 10.0.0.1}
             errs[1].to_string(),
             "mesh/web.yaml: document 2 (AuthorisationPolicy default/x): kind: \
              security.meshd.io/v1alpha1 AuthorisationPolicy is not a kind meshd knows; its \
-             group holds security.meshd.io/v1alpha1 PeerAuthentication and AuthorizationPolicy"
+             group holds security.meshd.io/v1alpha1 PeerAuthentication, AuthorizationPolicy and WorkloadPolicy"
         );
         assert_eq!(errs[2].document, Some(3));
     }

@@ -214,13 +214,14 @@ enum Read {
 }
 
 /// The kinds meshd reads, by `apiVersion` and `kind`.
-const READ: [(&str, &str); 6] = [
+const READ: [(&str, &str); 7] = [
     ("v1", "Namespace"),
     ("v1", "Service"),
     ("v1", "Pod"),
     ("discovery.k8s.io/v1", "EndpointSlice"),
     (crd::GROUP_VERSION, "AuthorizationPolicy"),
     (crd::GROUP_VERSION, "PeerAuthentication"),
+    (crd::GROUP_VERSION, "WorkloadPolicy"),
 ];
 
 fn parse_document(value: Value) -> Result<Read, (Option<String>, FieldError)> {
@@ -256,13 +257,16 @@ fn parse_document(value: Value) -> Result<Read, (Option<String>, FieldError)> {
         (crd::GROUP_VERSION, "PeerAuthentication") => typed::<crd::PeerAuthentication>(value)
             .and_then(|p| crd::peer_authentication(&p))
             .map(|p| MeshObject::PeerAuthentication(Arc::new(p))),
+        (crd::GROUP_VERSION, "WorkloadPolicy") => typed::<crd::WorkloadPolicy>(value)
+            .and_then(|p| crd::workload_policy(&p))
+            .map(|p| MeshObject::WorkloadPolicy(Arc::new(p))),
         // meshd's own group: anything else there is a mistake, not someone else's object.
         (group_version, _) if group_version.split('/').next() == Some(crd::GROUP) => {
             Err(FieldError::new(
                 "kind",
                 format!(
                     "{api_version} {kind} is not a kind meshd knows; its group holds {} \
-                     PeerAuthentication and AuthorizationPolicy",
+                     PeerAuthentication, AuthorizationPolicy and WorkloadPolicy",
                     crd::GROUP_VERSION
                 ),
             ))
