@@ -40,8 +40,9 @@ impl Verdict {
         self.findings.iter().map(|f| f.mode).max()
     }
 
-    /// One line per broken policy, every violation in it:
-    /// `denied by meshd-system/restricted (Enforce): container "app": …; …`.
+    /// One line per broken policy, every violation in it with its rule:
+    /// `denied by meshd-system/restricted (Enforce): container "app":
+    /// securityContext.runAsNonRoot must be true [runAsNonRoot]; …`.
     pub fn messages(&self) -> Vec<String> {
         self.findings
             .iter()
@@ -51,7 +52,11 @@ impl Verdict {
                     Mode::Warn => "warning",
                     Mode::Audit => "audit",
                 };
-                let all: Vec<String> = f.violations.iter().map(|v| v.to_string()).collect();
+                let all: Vec<String> = f
+                    .violations
+                    .iter()
+                    .map(|v| format!("{v} [{}]", v.control))
+                    .collect();
                 format!(
                     "{verb} by {}/{} ({}): {}",
                     f.policy.namespace,
@@ -73,12 +78,15 @@ pub struct NamespaceFacts<'a> {
     pub mesh: MeshFacts,
 }
 
-/// The pod `meta` + `spec` of namespace `ns` against `policies`.
+/// The pod `meta` + `spec` of namespace `ns` against `policies`. The containers named
+/// in `meshd_containers` (meshd's own, [`super::injected::recognise`]) are exempt
+/// from every policy.
 pub fn evaluate<'p>(
     policies: impl IntoIterator<Item = &'p WorkloadPolicy>,
     ns: NamespaceFacts<'_>,
     meta: &ObjectMeta,
     spec: &PodSpec,
+    meshd_containers: &[String],
 ) -> Verdict {
     let labels = meta.labels.clone().unwrap_or_default();
     let service_account = spec
@@ -102,7 +110,12 @@ pub fn evaluate<'p>(
             None => Vec::new(),
         };
         violations.extend(rules::check(&policy.rules, meta, spec, ns.mesh));
-        violations.retain(|v| !exempt(policy, v, spec));
+        violations.retain(|v| {
+            !exempt(policy, v, spec)
+                && v.container
+                    .as_ref()
+                    .is_none_or(|c| !meshd_containers.contains(c))
+        });
         if !violations.is_empty() {
             findings.push(PolicyFindings {
                 policy: policy.key.clone(),
@@ -196,9 +209,10 @@ mod tests {
             root: "meshd-system",
             mesh: MeshFacts {
                 namespace_strict: true,
+                ..MeshFacts::default()
             },
         };
-        evaluate(policies, ns, &pod.metadata, pod.spec.as_ref().unwrap())
+        evaluate(policies, ns, &pod.metadata, pod.spec.as_ref().unwrap(), &[])
     }
 
     #[test]
@@ -246,7 +260,7 @@ mod tests {
         );
         assert_eq!(
             messages[1],
-            r#"warning by shop/registries (Warn): container "app": image "nginx:latest": registry docker.io is not allowed (docker.io/library/nginx:latest is under none of registry.example.com/)"#
+            r#"warning by shop/registries (Warn): container "app": image "nginx:latest": registry docker.io is not allowed (docker.io/library/nginx:latest is under none of registry.example.com/) [allowedRegistries]"#
         );
     }
 

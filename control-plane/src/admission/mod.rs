@@ -1,10 +1,66 @@
-//! Admission of what runs in the mesh (issue #16, being built; nothing calls it yet):
-//! [`pss`] decides the Kubernetes Pod Security Standards for one pod spec, [`rules`]
-//! the `WorkloadPolicy` rules beyond them, on image references read as the runtime
-//! reads them ([`image`]); [`evaluate`] puts one pod against every policy that applies
-//! to it, with exemptions, and says which mode decides.
+//! Admission of what runs in the mesh: the one evaluator behind the validating webhook
+//! (`/validate`, [`crate::webhook`]), `meshctl admission check` and the Lease
+//! holder's report.
+//!
+//! [`workload`] finds the pod of an object (a Pod, or the pod template of a
+//! Deployment, StatefulSet, DaemonSet, ReplicaSet, Job or CronJob); [`pss`] decides
+//! the Kubernetes Pod Security Standards for it, [`rules`] the `WorkloadPolicy` rules
+//! beyond them, on image references read as the runtime reads them ([`image`]);
+//! [`injected`] recognises meshd's own injected containers exactly, which are exempt;
+//! [`evaluate`] puts the pod against every policy that applies to it and says which
+//! mode decides. [`check`] ties them to the mesh snapshot: its policies, its
+//! namespaces' labels, their mTLS mode.
 
 pub mod evaluate;
 pub mod image;
+pub mod injected;
 pub mod pss;
 pub mod rules;
+pub mod workload;
+
+use std::collections::BTreeMap;
+
+use self::evaluate::NamespaceFacts;
+pub use self::evaluate::{PolicyFindings, Verdict};
+use self::rules::MeshFacts;
+use self::workload::PodOf;
+use crate::inject::{INJECT_LABEL, InjectConfig};
+use crate::model::{MeshSnapshot, MtlsMode};
+
+/// The pod `pod` of namespace `namespace` against every `WorkloadPolicy` of `mesh`;
+/// `inject` is the injection template meshd's own containers are recognised by. Field
+/// paths in the verdict are the object's (`spec.template.spec.containers[0]...` for a
+/// Deployment).
+pub fn check(mesh: &MeshSnapshot, inject: &InjectConfig, namespace: &str, pod: &PodOf) -> Verdict {
+    let empty = BTreeMap::new();
+    let labels = mesh.namespaces.get(namespace).map_or(&empty, |n| &n.labels);
+    let facts = NamespaceFacts {
+        name: namespace,
+        labels,
+        root: &mesh.defaults.root_namespace,
+        mesh: MeshFacts {
+            namespace_strict: mesh.namespace_mtls(namespace) == MtlsMode::Strict,
+            namespace_injected: labels.get(INJECT_LABEL).map(String::as_str) == Some("enabled"),
+            template: pod.template,
+        },
+    };
+    // A template's pods are injected later: it holds none of meshd's containers yet.
+    let meshd_containers = if pod.template {
+        Vec::new()
+    } else {
+        injected::recognise(&pod.meta, &pod.spec, inject)
+    };
+    let mut verdict = evaluate::evaluate(
+        mesh.workload_policies.values().map(|p| &**p),
+        facts,
+        &pod.meta,
+        &pod.spec,
+        &meshd_containers,
+    );
+    if !pod.prefix.is_empty() {
+        for v in verdict.findings.iter_mut().flat_map(|f| &mut f.violations) {
+            v.field.insert_str(0, pod.prefix);
+        }
+    }
+    verdict
+}

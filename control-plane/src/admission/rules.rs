@@ -53,10 +53,35 @@ pub fn containers(spec: &PodSpec) -> Vec<ContainerView<'_>> {
     out
 }
 
-/// Whether the pod's namespace requires mTLS (STRICT), for `requireMesh`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What `requireMesh` needs to know of the pod's place in the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MeshFacts {
+    /// The namespace's mTLS is STRICT.
     pub namespace_strict: bool,
+    /// The namespace is labelled `meshd.io/inject=enabled`.
+    pub namespace_injected: bool,
+    /// The pod is a workload's template: its pods are injected when they are created,
+    /// so it must be one the injector will take, not one that has the sidecar.
+    pub template: bool,
+}
+
+/// Whether the pod will run without meshd's sidecar: a pod without it, or a template
+/// the injector will not take (neither its namespace nor its label opts it in).
+fn facts_say_unmeshed(meta: &ObjectMeta, spec: &PodSpec, mesh: MeshFacts) -> bool {
+    if mesh.template {
+        let label = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(crate::inject::INJECT_LABEL))
+            .map(String::as_str);
+        return !(mesh.namespace_injected || label == Some("true"));
+    }
+    !spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .any(|c| c.name == crate::inject::template::SIDECAR)
 }
 
 /// Every violation of `rules` by the pod `meta` + `spec`.
@@ -104,12 +129,7 @@ pub fn check(rules: &Rules, meta: &ObjectMeta, spec: &PodSpec, mesh: MeshFacts) 
                  mTLS is STRICT"
                     .into(),
             ));
-        } else if !spec
-            .init_containers
-            .iter()
-            .flatten()
-            .any(|c| c.name == crate::inject::template::SIDECAR)
-        {
+        } else if facts_say_unmeshed(meta, spec, mesh) {
             out.push(pod(
                 "requireMesh",
                 "spec.initContainers",
@@ -230,6 +250,7 @@ mod tests {
             p.spec.as_ref().unwrap(),
             MeshFacts {
                 namespace_strict: strict,
+                ..MeshFacts::default()
             },
         )
         .iter()
@@ -264,6 +285,7 @@ mod tests {
             p.spec.as_ref().unwrap(),
             MeshFacts {
                 namespace_strict: true,
+                ..MeshFacts::default()
             },
         );
         let got: Vec<(&str, &str)> = found

@@ -8,17 +8,7 @@
 use serde_json::Value;
 
 use super::{InjectConfig, Outcome};
-
-/// Where an object of a kind keeps its pod template (a JSON pointer), if it has one.
-fn template_pointer(api_version: &str, kind: &str) -> Option<&'static str> {
-    match (api_version, kind) {
-        ("v1", "Pod") => Some(""),
-        ("apps/v1", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet")
-        | ("batch/v1", "Job") => Some("/spec/template"),
-        ("batch/v1", "CronJob") => Some("/spec/jobTemplate/spec/template"),
-        _ => None,
-    }
-}
+use crate::admission::workload::template_pointer;
 
 /// What one run did, for the summary on stderr.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

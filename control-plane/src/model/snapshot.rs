@@ -219,6 +219,22 @@ impl MeshSnapshot {
             .unwrap_or(self.defaults.mtls_mode)
     }
 
+    /// The mTLS mode of `namespace` as a whole: its own PeerAuthentication without a
+    /// selector, else the root namespace's, else the mesh default. (A workload's
+    /// selector or port can say otherwise: [`Self::mtls_mode`].)
+    pub fn namespace_mtls(&self, namespace: &str) -> MtlsMode {
+        let root = self.defaults.root_namespace.as_str();
+        let wide = |ns: &str| {
+            self.peer_authentications
+                .values()
+                .filter(|p| p.key.namespace == ns && p.selector.is_none())
+                .find_map(|p| p.mode)
+        };
+        wide(namespace)
+            .or_else(|| wide(root))
+            .unwrap_or(self.defaults.mtls_mode)
+    }
+
     /// The workloads of `namespace`.
     fn workloads_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
         self.workloads
