@@ -88,7 +88,7 @@ fn same(want: &Value, got: &Value, at: &str) -> bool {
                         || (at == "resources" && k == "requests")
                         || DEFAULTED
                             .iter()
-                            .any(|(name, default)| k == name && v.to_string() == *default)
+                            .any(|(name, default)| k == name && *v == serde_json::from_str::<Value>(default).unwrap_or_default())
                 })
         }
         (Value::Array(w), Value::Array(g)) => {
