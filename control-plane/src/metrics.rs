@@ -70,6 +70,17 @@ pub struct Metrics {
     pub token_reviews: Family<ReasonLabel, Counter>,
     pub admission_reviews: Family<AdmissionLabel, Counter>,
     pub admission_duration: Histogram,
+    pub admission_violations: Family<ViolationLabel, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViolationLabel {
+    /// `namespace/name` of the WorkloadPolicy.
+    pub policy: String,
+    /// `Enforce`, `Warn` or `Audit`.
+    pub mode: &'static str,
+    /// The rule or Pod Security Standards control.
+    pub rule: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -105,6 +116,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         token_reviews: Family::default(),
         admission_reviews: Family::default(),
         admission_duration: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+        admission_violations: Family::default(),
         registry: Registry::default(),
     };
     registry.register(
@@ -187,6 +199,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "admission_review_duration_seconds",
         "Time to answer one AdmissionReview, from its body to the answer",
         m.admission_duration.clone(),
+    );
+    registry.register(
+        "admission_policy_violations",
+        "Violations the validating webhook found in the objects it reviewed, by policy, mode and rule (Audit ones are admitted and only counted here)",
+        m.admission_violations.clone(),
     );
     Metrics { registry, ..m }
 });

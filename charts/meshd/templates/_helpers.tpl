@@ -57,6 +57,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
 One container argument, `--flag=value`, as a single YAML string whatever the value
 holds (": ", "#", quotes, newlines): JSON strings are YAML strings.
 */}}
+{{/*
+"true" when meshd serves webhooks at all (injection, admission or both).
+*/}}
+{{- define "meshd.webhooks" -}}
+{{- if or .Values.injection.enabled .Values.admission.enabled }}true{{ end }}
+{{- end }}
+
 {{- define "meshd.arg" -}}
 {{- printf "--%s=%s" (index . 0) (index . 1) | toJson }}
 {{- end }}

@@ -123,7 +123,7 @@ struct Args {
     #[arg(long, env = "MESHD_HEALTH_ADDRESS", default_value = "127.0.0.1:15021")]
     health_address: SocketAddr,
 
-    /// Address of the admission webhooks (`/inject`): HTTPS with meshd's serving
+    /// Address of the admission webhooks (`/inject`, `/validate`): HTTPS with meshd's serving
     /// certificate, no client certificate. Off unless given; in a pod, the pod IP or
     /// 0.0.0.0 behind the webhook Service.
     #[arg(long, env = "MESHD_WEBHOOK_ADDRESS")]
@@ -134,8 +134,9 @@ struct Args {
     #[arg(long, value_name = "NAME", requires = "webhook_address")]
     webhook_service: Option<String>,
 
-    /// The MutatingWebhookConfiguration whose `caBundle` the Lease holder keeps equal
-    /// to the mesh's trust bundle (--source kubernetes).
+    /// The MutatingWebhookConfiguration (injection) and ValidatingWebhookConfiguration
+    /// (admission) of this name, whose `caBundle` the Lease holder keeps equal to the
+    /// mesh's trust bundle (--source kubernetes).
     #[arg(long, value_name = "NAME", requires = "webhook_address")]
     webhook_configuration: Option<String>,
 
@@ -310,6 +311,7 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on --webhook-address {address}"))?;
         let state = meshd::webhook::WebhookState {
             inject: Arc::new(inject),
+            mesh: started.store.subscribe(),
         };
         let certs = certs.clone();
         tokio::spawn(async move {

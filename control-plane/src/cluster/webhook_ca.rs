@@ -1,6 +1,9 @@
-//! The `caBundle` of meshd's MutatingWebhookConfiguration (`--webhook-configuration`),
-//! kept equal to the mesh's trust bundle by the Lease holder, so that the API server
-//! trusts meshd's serving certificate without cert-manager or a hand-made CA.
+//! The `caBundle` of meshd's webhook configurations (`--webhook-configuration`: the
+//! MutatingWebhookConfiguration of injection and the ValidatingWebhookConfiguration of
+//! admission, both of that name), kept equal to the mesh's trust bundle by the Lease
+//! holder, so that the API server trusts meshd's serving certificate without
+//! cert-manager or a hand-made CA. One task per kind; a kind the chart does not
+//! install (injection or admission turned off) is noted once and waited for.
 //!
 //! The chart installs the configuration with an empty `caBundle`; the Lease holder
 //! writes it at once, again whenever the trust bundle changes (a root rotation's
@@ -16,22 +19,81 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+};
 use kube::api::PostParams;
 use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use crate::identity::CertManager;
 
+/// A webhook configuration kind: where its webhooks keep their client config.
+trait WebhookConfiguration:
+    Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+    + Clone
+    + std::fmt::Debug
+    + DeserializeOwned
+    + Serialize
+    + Send
+    + Sync
+    + 'static
+{
+    /// What the webhooks of this kind do, for the log.
+    const PURPOSE: &'static str;
+    fn client_configs(&mut self) -> Vec<&mut WebhookClientConfig>;
+}
+
+impl WebhookConfiguration for MutatingWebhookConfiguration {
+    const PURPOSE: &'static str = "injection";
+    fn client_configs(&mut self) -> Vec<&mut WebhookClientConfig> {
+        self.webhooks
+            .iter_mut()
+            .flatten()
+            .map(|w| &mut w.client_config)
+            .collect()
+    }
+}
+
+impl WebhookConfiguration for ValidatingWebhookConfiguration {
+    const PURPOSE: &'static str = "admission";
+    fn client_configs(&mut self) -> Vec<&mut WebhookClientConfig> {
+        self.webhooks
+            .iter_mut()
+            .flatten()
+            .map(|w| &mut w.client_config)
+            .collect()
+    }
+}
+
+/// Keeps the `caBundle` of both configurations named `name`.
 pub fn spawn(
+    client: Client,
+    certs: Arc<CertManager>,
+    is_leader: watch::Receiver<bool>,
+    name: String,
+) {
+    keep::<MutatingWebhookConfiguration>(
+        client.clone(),
+        certs.clone(),
+        is_leader.clone(),
+        name.clone(),
+    );
+    keep::<ValidatingWebhookConfiguration>(client, certs, is_leader, name);
+}
+
+fn keep<K: WebhookConfiguration>(
     client: Client,
     certs: Arc<CertManager>,
     mut is_leader: watch::Receiver<bool>,
     name: String,
 ) {
     tokio::spawn(async move {
-        let api: Api<MutatingWebhookConfiguration> = Api::all(client);
+        let kind = K::kind(&());
+        let api: Api<K> = Api::all(client);
         let mut events = watcher::watcher(
             api.clone(),
             watcher::Config::default().fields(&format!("metadata.name={name}")),
@@ -46,17 +108,17 @@ pub fn spawn(
                 match reconcile(&api, &name, &certs.trust_bundle().pem()).await {
                     Ok(Reconciled::Written(n)) => {
                         missing_reported = false;
-                        tracing::info!(webhook_configuration = %name, webhooks = n, "caBundle set to the mesh's trust bundle");
+                        tracing::info!(webhook_configuration = %name, %kind, webhooks = n, "caBundle set to the mesh's trust bundle");
                     }
                     Ok(Reconciled::Current) => missing_reported = false,
                     Ok(Reconciled::Missing) => {
                         if !missing_reported {
-                            tracing::warn!(webhook_configuration = %name, "MutatingWebhookConfiguration not found: nothing calls meshd's injection webhook (is the chart installed?)");
+                            tracing::info!(webhook_configuration = %name, "{kind} not found: nothing calls meshd's {} webhook (off in the chart, or the chart not installed)", K::PURPOSE);
                             missing_reported = true;
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(webhook_configuration = %name, "cannot set caBundle: {e} (retrying)");
+                        tracing::warn!(webhook_configuration = %name, %kind, "cannot set caBundle: {e} (retrying)");
                         retry = Duration::from_secs(2);
                     }
                 }
@@ -67,7 +129,7 @@ pub fn spawn(
                 event = events.next() => match event {
                     None => return,
                     Some(Err(e)) => {
-                        tracing::debug!(webhook_configuration = %name, "watch: {e}");
+                        tracing::debug!(webhook_configuration = %name, %kind, "watch: {e}");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                     Some(Ok(_)) => {}
@@ -86,8 +148,8 @@ enum Reconciled {
     Missing,
 }
 
-async fn reconcile(
-    api: &Api<MutatingWebhookConfiguration>,
+async fn reconcile<K: WebhookConfiguration>(
+    api: &Api<K>,
     name: &str,
     bundle: &str,
 ) -> Result<Reconciled, kube::Error> {
@@ -96,9 +158,9 @@ async fn reconcile(
     };
     let wanted = ByteString(bundle.as_bytes().to_vec());
     let mut written = 0;
-    for webhook in config.webhooks.iter_mut().flatten() {
-        if webhook.client_config.ca_bundle.as_ref() != Some(&wanted) {
-            webhook.client_config.ca_bundle = Some(wanted.clone());
+    for client_config in config.client_configs() {
+        if client_config.ca_bundle.as_ref() != Some(&wanted) {
+            client_config.ca_bundle = Some(wanted.clone());
             written += 1;
         }
     }

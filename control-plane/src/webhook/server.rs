@@ -12,10 +12,13 @@ use axum::routing::post;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 
-use super::inject;
+use tokio::sync::watch;
+
+use super::{inject, validate};
 use crate::identity::CertManager;
 use crate::inject::InjectConfig;
 use crate::metrics::{Metrics, metrics};
+use crate::model::MeshSnapshot;
 use crate::tls::{self, Port, TlsSetupError};
 
 /// An AdmissionReview carries the object (etcd keeps at most 1.5 MiB) and, for
@@ -24,7 +27,11 @@ const BODY_LIMIT: usize = 4 << 20;
 
 #[derive(Debug, Clone)]
 pub struct WebhookState {
+    /// The injection template: what `/inject` adds, and what `/validate` recognises as
+    /// meshd's own containers.
     pub inject: Arc<InjectConfig>,
+    /// The mesh in force (its WorkloadPolicies, namespaces, mTLS), for `/validate`.
+    pub mesh: watch::Receiver<Arc<MeshSnapshot>>,
 }
 
 /// Serves the webhooks on `listener` until the runtime ends.
@@ -38,6 +45,7 @@ pub async fn serve(
     };
     let app = Router::new()
         .route(inject::PATH, post(inject_review))
+        .route(validate::PATH, post(validate_review))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state);
     if let Err(e) = axum::serve(connections, app).await {
@@ -49,6 +57,13 @@ pub async fn serve(
 async fn inject_review(State(state): State<WebhookState>, body: Bytes) -> Response {
     let started = Instant::now();
     let response = inject::handle(&state.inject, &body);
+    Metrics::observe(&metrics().admission_duration, started.elapsed());
+    response
+}
+
+async fn validate_review(State(state): State<WebhookState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let response = validate::handle(&state, &body);
     Metrics::observe(&metrics().admission_duration, started.elapsed());
     response
 }

@@ -1,0 +1,167 @@
+//! `POST /validate`: Pods and the pod templates of workloads against the mesh's
+//! `WorkloadPolicy`s ([`crate::admission`]), with the mesh snapshot in force when the
+//! review arrives, so a policy change applies to the next request.
+//!
+//! - Enforce: denied, one line per Enforce policy naming the policy, and every
+//!   violation with its container, field and rule.
+//! - Warn: admitted with one warning per violation (kubectl prints each as
+//!   `Warning: ...`).
+//! - Audit: admitted; each violation is counted
+//!   (`meshd_admission_policy_violations_total{policy,mode,rule}`, as are the other
+//!   modes') and put in the API server's audit log (`auditAnnotations`).
+//!
+//! An object whose pod cannot be read is denied with the parse error: never admitted
+//! unchecked. Updates that leave the pod (template) as it was are admitted without a
+//! check (a label change or a scale must not be blocked by a policy that arrived
+//! later); `pods/ephemeralcontainers` is checked, since it adds containers. Other
+//! kinds and sub-resources are admitted unchanged.
+
+use std::collections::HashMap;
+
+use axum::response::Response;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
+
+use super::review;
+use super::server::WebhookState;
+use crate::admission::{self, workload};
+use crate::logging::Escaped;
+use crate::metrics::{ViolationLabel, metrics};
+use crate::model::workload_policy::Mode;
+
+pub const PATH: &str = "/validate";
+
+/// Audit annotation key (the API server prefixes it with the webhook's name).
+const AUDIT_KEY: &str = "violations";
+
+pub fn handle(state: &WebhookState, body: &[u8]) -> Response {
+    let request = match review::request(body) {
+        Ok(r) => r,
+        Err(reason) => return review::invalid(PATH, &reason),
+    };
+    let allowed = AdmissionResponse::from(&request);
+    let Some(checked) = to_check(&request) else {
+        return review::answer(PATH, "unchanged", allowed);
+    };
+    let (api_version, object) = checked;
+    let kind = &request.kind.kind;
+    let namespace = request
+        .namespace
+        .clone()
+        .or_else(|| object.metadata.namespace.clone())
+        .unwrap_or_else(|| "default".into());
+    let name = object
+        .metadata
+        .name
+        .clone()
+        .or_else(|| {
+            object
+                .metadata
+                .generate_name
+                .as_ref()
+                .map(|g| format!("{g}*"))
+        })
+        .unwrap_or_default();
+    let read = serde_json::to_value(object)
+        .map_err(|e| e.to_string())
+        .and_then(|value| workload::pod_of(&api_version, kind, &value));
+    let pod = match read {
+        Ok(Some(pod)) => pod,
+        Ok(None) => return review::answer(PATH, "unchanged", allowed),
+        Err(e) => {
+            let message = format!("meshd cannot read {kind} {namespace}/{name}: {e}");
+            tracing::info!("{}", Escaped(&message));
+            return review::answer(PATH, "denied", allowed.deny(message));
+        }
+    };
+    let verdict = {
+        let mesh = state.mesh.borrow();
+        admission::check(&mesh, &state.inject, &namespace, &pod)
+    };
+    for f in &verdict.findings {
+        for v in &f.violations {
+            metrics()
+                .admission_violations
+                .get_or_create(&ViolationLabel {
+                    policy: f.policy.to_string(),
+                    mode: f.mode.name(),
+                    rule: v.control,
+                })
+                .inc();
+        }
+    }
+    let lines = |mode: Mode| -> Vec<String> {
+        verdict
+            .findings
+            .iter()
+            .zip(verdict.messages())
+            .filter(|(f, _)| f.mode == mode)
+            .map(|(_, m)| m)
+            .collect()
+    };
+    let mut response = allowed;
+    let warnings: Vec<String> = verdict
+        .findings
+        .iter()
+        .filter(|f| f.mode == Mode::Warn)
+        .flat_map(|f| {
+            f.violations
+                .iter()
+                .map(move |v| format!("meshd {} (Warn): {v} [{}]", f.policy, v.control))
+        })
+        .collect();
+    if !warnings.is_empty() {
+        response.warnings = Some(warnings);
+    }
+    let audit = lines(Mode::Audit);
+    if !audit.is_empty() {
+        response.audit_annotations = HashMap::from([(AUDIT_KEY.to_string(), audit.join("\n"))]);
+    }
+    let object = format!("{kind} {namespace}/{name}");
+    match verdict.mode() {
+        Some(Mode::Enforce) => {
+            let message = lines(Mode::Enforce).join("\n");
+            tracing::info!(object = %Escaped(&object), "{}", Escaped(&message));
+            review::answer(PATH, "denied", response.deny(message))
+        }
+        Some(Mode::Warn) => review::answer(PATH, "warned", response),
+        Some(Mode::Audit) => review::answer(PATH, "audited", response),
+        None => review::answer(PATH, "allowed", response),
+    }
+}
+
+/// The object to check and its `apiVersion`, or `None` when the request is one the
+/// webhook admits unchanged (see the module doc).
+fn to_check(request: &AdmissionRequest<DynamicObject>) -> Option<(String, &DynamicObject)> {
+    let object = request.object.as_ref()?;
+    let gvk = &request.kind;
+    let api_version = match gvk.group.as_str() {
+        "" => gvk.version.clone(),
+        group => format!("{group}/{}", gvk.version),
+    };
+    workload::template_pointer(&api_version, &gvk.kind)?;
+    let sub_resource = request.sub_resource.as_deref().unwrap_or("");
+    let is_pod = gvk.kind == "Pod";
+    match (&request.operation, sub_resource) {
+        (Operation::Create, "") => Some((api_version, object)),
+        (Operation::Update, "ephemeralcontainers") if is_pod => Some((api_version, object)),
+        (Operation::Update, "") => {
+            let pointer = if is_pod {
+                "/spec"
+            } else {
+                workload::template_pointer(&api_version, &gvk.kind)?
+            };
+            let pod_of = |o: &DynamicObject| {
+                serde_json::to_value(o)
+                    .ok()
+                    .and_then(|v| v.pointer(pointer).cloned())
+            };
+            let unchanged = request
+                .old_object
+                .as_ref()
+                .is_some_and(|old| pod_of(old) == pod_of(object));
+            (!unchanged).then_some((api_version, object))
+        }
+        _ => None,
+    }
+}
