@@ -12,7 +12,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use kube::Api;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -44,6 +46,23 @@ pub async fn install(api: &KubeApi, url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Renders the chart with the validating webhook calling `url` and creates its
+/// ValidatingWebhookConfiguration (and nothing else of the chart) in `api`.
+pub async fn install_validating(api: &KubeApi, url: &str) -> anyhow::Result<()> {
+    let rendered = render(
+        "meshd",
+        "meshd-system",
+        &["--set", &format!("admission.url={url}")],
+    )?;
+    let object = rendered.one("ValidatingWebhookConfiguration")?;
+    let config: ValidatingWebhookConfiguration = serde_json::from_value(object.clone())?;
+    Api::<ValidatingWebhookConfiguration>::all(api.client.clone())
+        .create(&Default::default(), &config)
+        .await
+        .context("create the chart's ValidatingWebhookConfiguration")?;
+    Ok(())
+}
+
 /// The certificates of a PEM bundle, DER.
 fn certificates(pem: &[u8]) -> Vec<Vec<u8>> {
     CertificateDer::pem_slice_iter(pem)
@@ -52,26 +71,62 @@ fn certificates(pem: &[u8]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Waits until every webhook of [`CONFIGURATION`] trusts exactly the certificates of
-/// `bundle` (meshd's Lease holder writes them).
+/// Waits until every webhook of the MutatingWebhookConfiguration [`CONFIGURATION`]
+/// trusts exactly the certificates of `bundle` (meshd's Lease holder writes them).
 pub async fn wait_ca_bundle(api: &KubeApi, bundle: &str) -> anyhow::Result<()> {
+    let webhooks: Api<MutatingWebhookConfiguration> = Api::all(api.client.clone());
+    wait_bundles(bundle, || {
+        let webhooks = webhooks.clone();
+        async move {
+            let config = webhooks.get(CONFIGURATION).await?;
+            Ok(config
+                .webhooks
+                .into_iter()
+                .flatten()
+                .map(|w| (w.name, w.client_config.ca_bundle))
+                .collect())
+        }
+    })
+    .await
+}
+
+/// [`wait_ca_bundle`] for the ValidatingWebhookConfiguration [`CONFIGURATION`].
+pub async fn wait_validating_ca_bundle(api: &KubeApi, bundle: &str) -> anyhow::Result<()> {
+    let webhooks: Api<ValidatingWebhookConfiguration> = Api::all(api.client.clone());
+    wait_bundles(bundle, || {
+        let webhooks = webhooks.clone();
+        async move {
+            let config = webhooks.get(CONFIGURATION).await?;
+            Ok(config
+                .webhooks
+                .into_iter()
+                .flatten()
+                .map(|w| (w.name, w.client_config.ca_bundle))
+                .collect())
+        }
+    })
+    .await
+}
+
+async fn wait_bundles<F, Fut>(bundle: &str, mut read: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Vec<(String, Option<k8s_openapi::ByteString>)>>>,
+{
     let want = certificates(bundle.as_bytes());
     anyhow::ensure!(!want.is_empty(), "no certificate in the expected bundle");
-    let webhooks: Api<MutatingWebhookConfiguration> = Api::all(api.client.clone());
     eventually(
         "meshd wrote the webhooks' caBundle",
         Duration::from_secs(20),
         || {
-            let webhooks = webhooks.clone();
+            let webhooks = read();
             let want = want.clone();
             async move {
-                let config = webhooks.get(CONFIGURATION).await?;
-                for w in config.webhooks.iter().flatten() {
-                    let have = w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice());
+                for (name, ca_bundle) in webhooks.await? {
+                    let have = ca_bundle.as_ref().map(|b| b.0.as_slice());
                     anyhow::ensure!(
                         have.map(certificates).as_ref() == Some(&want),
-                        "webhook {} trusts {:?}",
-                        w.name,
+                        "webhook {name} trusts {:?}",
                         have.map(String::from_utf8_lossy)
                     );
                 }

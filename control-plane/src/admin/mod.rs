@@ -103,6 +103,9 @@ pub struct SnapshotSummary {
     pub services: usize,
     pub workloads: usize,
     pub endpoints: usize,
+    /// WorkloadPolicies in force (admission).
+    #[serde(default)]
+    pub workload_policies: usize,
     pub connected_proxies: usize,
     pub config_errors: Vec<String>,
     /// What the config directory holds that meshd ignores (not errors).
@@ -129,6 +132,7 @@ async fn snapshot(State(state): State<AdminState>) -> Json<SnapshotSummary> {
         services: snap.mesh.services.len(),
         workloads: snap.mesh.workloads.len(),
         endpoints: snap.mesh.endpoints.values().map(|e| e.len()).sum(),
+        workload_policies: snap.mesh.workload_policies.len(),
         connected_proxies: state.registry.len(),
         config_errors: lines(&state.config_errors),
         config_notes: lines(&state.config_notes),

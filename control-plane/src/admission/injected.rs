@@ -5,9 +5,12 @@
 //! validating webhook carries what meshd's injector produced; [`recognise`] renders
 //! the template again for that pod (its capture annotations give `meshd-init`'s
 //! arguments, its `meshd.io/original-probes` the sidecar's probe table) and names
-//! the containers that are exactly that. Only those are exempt. A container that
-//! merely carries the name — another image, another argument, one more capability, a
-//! `hostPort` — is judged like any other.
+//! the containers that are exactly that, in a pod that carries the injector's
+//! `meshd.io/injected` annotation. Only those are exempt. A container that merely
+//! carries the name — another image, another argument, one more capability, a
+//! `hostPort` — is judged like any other. (A byte-for-byte copy of what meshd would
+//! inject, annotation included, is exempt: it runs meshd's image with meshd's
+//! arguments, which is what injection grants any pod anyway.)
 //!
 //! "Exactly" allows for what the API server adds when it stores a pod: fields the
 //! template leaves unset that are defaulted (`terminationMessagePath`,
@@ -21,14 +24,17 @@ use meshd_sidecar::capture;
 use meshd_sidecar::probes::{AppProbes, ORIGINAL_PROBES_ANNOTATION};
 use serde_json::Value;
 
-use crate::inject::InjectConfig;
-use crate::inject::template;
+use crate::inject::{INJECTED_ANNOTATION, InjectConfig, template};
 
 /// The names of the containers of `spec` that are exactly the ones meshd's template
-/// (with `config`) injects into this pod.
+/// (with `config`) injects into this pod; none unless the pod carries the injector's
+/// annotation ([`INJECTED_ANNOTATION`]).
 pub fn recognise(meta: &ObjectMeta, spec: &PodSpec, config: &InjectConfig) -> Vec<String> {
     let empty = Default::default();
     let annotations = meta.annotations.as_ref().unwrap_or(&empty);
+    if !annotations.contains_key(INJECTED_ANNOTATION) {
+        return Vec::new();
+    }
     let mut expected: Vec<Container> = Vec::new();
     if let Ok(args) = capture::init_args(annotations) {
         expected.push(template::init_container(config, args));
@@ -266,6 +272,15 @@ mod tests {
         let other_config =
             InjectConfig::parse("proxyImage: registry.example.com/meshd-proxy:2\n").unwrap();
         assert!(names(&pod, &other_config).is_empty());
+        // Without the injector's annotation nothing is meshd's.
+        let mut unannotated = pod.clone();
+        unannotated
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(INJECTED_ANNOTATION);
+        assert!(names(&unannotated, &config).is_empty());
     }
 
     #[test]
