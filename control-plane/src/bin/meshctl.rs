@@ -815,6 +815,7 @@ mod tests {
             services: 1,
             workloads: 2,
             endpoints: 1,
+            workload_policies: 0,
             connected_proxies: 2,
             config_errors: vec![],
             config_notes: vec![],
