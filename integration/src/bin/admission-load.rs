@@ -1,8 +1,12 @@
-//! `admission-load`: meshd's admission webhook under a steady load over HTTPS, as the
-//! API server calls it. Starts meshd (file source, an empty mesh) with
-//! `--webhook-address` pinned to one core, then sends `--rate` AdmissionReviews per
-//! second of a Deployment's pod (two containers, three probes, capture annotations) for
-//! `--seconds`, open loop: each request is timed from the moment the schedule sends it,
+//! `admission-load`: meshd's admission webhooks under a steady load over HTTPS, as the
+//! API server calls them. Starts meshd (file source) with `--webhook-address` pinned to
+//! one core, then sends `--rate` AdmissionReviews per second of a Deployment's pod (two
+//! containers, three probes, capture annotations) for `--seconds`. `--path /inject`:
+//! the pod as written, in an empty mesh. `--path /validate`: the pod as `/inject`
+//! returned it (meshd's init container and sidecar included, so recognising them is
+//! part of the cost), against two Enforce WorkloadPolicies of the root namespace
+//! (`restricted`, and every rule beyond it but `requireMesh`), which it keeps. Open
+//! loop: each request is timed from the moment the schedule sends it,
 //! so a slow answer delays the ones queued behind it on its connection in the figures
 //! too. Requests go over `--connections`
 //! kept-alive HTTPS/1.1 connections that verify meshd's certificate against the trust
@@ -31,13 +35,41 @@ struct Args {
     /// Kept-alive connections the requests are spread over.
     #[arg(long, default_value_t = 4)]
     connections: usize,
-    /// The webhook: /inject.
+    /// The webhook: /inject or /validate.
     #[arg(long, default_value = "/inject")]
     path: String,
     /// The core meshd runs on (`taskset`); the load runs on the others.
     #[arg(long, default_value_t = 0)]
     core: usize,
 }
+
+/// What `restricted` and the rules ask of a container.
+fn secure(mut container: serde_json::Value) -> serde_json::Value {
+    container["securityContext"] = json!({
+        "runAsNonRoot": true, "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+        "readOnlyRootFilesystem": true,
+    });
+    container["resources"] = json!({"limits": {"cpu": "1", "memory": "256Mi"}});
+    container
+}
+
+const POLICIES: &str = "apiVersion: security.meshd.io/v1alpha1
+kind: WorkloadPolicy
+metadata: {name: restricted, namespace: meshd-system}
+spec: {mode: Enforce, profile: restricted}
+---
+apiVersion: security.meshd.io/v1alpha1
+kind: WorkloadPolicy
+metadata: {name: rules, namespace: meshd-system}
+spec:
+  mode: Enforce
+  rules:
+    readOnlyRootFilesystem: true
+    allowedRegistries: [registry.example/]
+    forbidLatestTag: true
+    forbidDefaultServiceAccount: true
+";
 
 fn pod() -> serde_json::Value {
     json!({
@@ -67,7 +99,15 @@ async fn main() -> anyhow::Result<()> {
         args.rate > 0 && args.connections > 0,
         "--rate and --connections must be positive"
     );
+    let validate = match args.path.as_str() {
+        "/inject" => false,
+        "/validate" => true,
+        other => anyhow::bail!("--path {other}: use /inject or /validate"),
+    };
     let mesh = MeshDir::new()?;
+    if validate {
+        mesh.write_raw("policies.yaml", POLICIES)?;
+    }
     let port = free_port();
     let address = format!("127.0.0.1:{port}");
     let meshd = Meshd::start_with(
@@ -77,7 +117,25 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     meshd.pin_to_core(args.core)?;
     let bundle = meshd.trust_bundle_pem().await?;
-    let body = serde_json::to_vec(&review("shop", "CREATE", &pod()))?;
+    let mut object = pod();
+    if validate {
+        for c in object["spec"]["containers"]
+            .as_array_mut()
+            .context("containers")?
+        {
+            *c = secure(c.take());
+        }
+        // The pod as the API server hands it to validation: after injection.
+        let mut client = WebhookClient::new(address.parse()?, &bundle)?;
+        let injected = client.review("/inject", "shop", "CREATE", &object).await?;
+        // kube's AdmissionResponse writes the patch as an array of bytes, which the
+        // API server's decoder reads as well as base64.
+        let bytes: Vec<u8> = serde_json::from_value(injected["patch"].clone())
+            .with_context(|| format!("no patch from /inject: {injected}"))?;
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes)?;
+        json_patch::patch(&mut object, &patch)?;
+    }
+    let body = serde_json::to_vec(&review("shop", "CREATE", &object))?;
 
     let mut clients = Vec::new();
     for _ in 0..args.connections {
