@@ -808,6 +808,7 @@ async fn the_table_through_the_api_server() -> anyhow::Result<()> {
     let mut failures = Vec::new();
     for case in &table {
         let answer = c.kubectl_create(case.ns, &case.object).await?;
+        eprintln!("{} (in {}):\n{}", case.name, case.ns, answer.stderr);
         if let Err(e) = judge(case, &answer) {
             failures.push(e);
         }
