@@ -148,9 +148,12 @@ impl KubeApi {
         name: &str,
         labels: &[(&str, &str)],
     ) -> anyhow::Result<()> {
+        // kube-apiserver labels every namespace with its name (what webhook
+        // configurations select namespaces by); the test server does not.
         let labels: serde_json::Map<String, Value> = labels
             .iter()
             .map(|(k, v)| (k.to_string(), json!(v)))
+            .chain([("kubernetes.io/metadata.name".to_string(), json!(name))])
             .collect();
         let ns = json!({"apiVersion": "v1", "kind": "Namespace",
                         "metadata": {"name": name, "labels": labels}});

@@ -9,8 +9,11 @@
 //! passing), each rule beyond the standards, `requireMesh`, exemptions, Warn, Audit
 //! (admitted and counted in `/metrics`), several policies at once, the templates of
 //! every workload kind, meshd's injected containers passing and hand-made copies
-//! failing. Then: a policy change applies to the next request; an injected pod is
-//! stored and admitted under `restricted`; objects the webhook cannot read are denied.
+//! failing. Then: a policy change applies to the next request and an invalid one is
+//! refused (`Accepted=False`) while the version in force stays; an injected pod is
+//! stored and admitted under `restricted`; objects the webhook cannot read are denied;
+//! with meshd gone, `failurePolicy: Fail` refuses, and meshd's own namespace is never
+//! sent to the webhook.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -80,6 +83,34 @@ struct Answer {
     stderr: String,
 }
 
+/// Runs the real kubectl against `api` with `object` on stdin.
+async fn kubectl(api: &KubeApi, args: &[&str], object: &Value) -> anyhow::Result<Answer> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(kubectl_binary()?)
+        .args(args)
+        .env("KUBECONFIG", api.kubeconfig())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    stdin.write_all(object.to_string().as_bytes()).await?;
+    drop(stdin);
+    let out = child.wait_with_output().await?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Client-side noise of the test server's schemaless OpenAPI (see its README).
+    let stderr = stderr
+        .lines()
+        .filter(|l| !l.contains("error calculating patch from openapi"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok(Answer {
+        admitted: out.status.success(),
+        stderr,
+    })
+}
+
 impl Cluster {
     /// `kubectl create --dry-run=server` of `object` in `ns`.
     async fn kubectl_create(&self, ns: &str, object: &Value) -> anyhow::Result<Answer> {
@@ -100,30 +131,7 @@ impl Cluster {
     }
 
     async fn kubectl(&self, args: &[&str], object: &Value) -> anyhow::Result<Answer> {
-        use tokio::io::AsyncWriteExt;
-        let mut child = tokio::process::Command::new(kubectl_binary()?)
-            .args(args)
-            .env("KUBECONFIG", self.api.kubeconfig())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut stdin = child.stdin.take().context("stdin")?;
-        stdin.write_all(object.to_string().as_bytes()).await?;
-        drop(stdin);
-        let out = child.wait_with_output().await?;
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        // Client-side noise of the test server's schemaless OpenAPI (see its README).
-        let stderr = stderr
-            .lines()
-            .filter(|l| !l.contains("error calculating patch from openapi"))
-            .collect::<Vec<_>>()
-            .join("\n");
-        Ok(Answer {
-            admitted: out.status.success(),
-            stderr,
-        })
+        kubectl(&self.api, args, object).await
     }
 
     async fn policy(&self, ns: &str, name: &str, spec: Value) -> anyhow::Result<()> {
@@ -885,6 +893,43 @@ async fn policy_changes_apply_to_the_next_request_and_injected_pods_are_admitted
         "{answer:?}"
     );
 
+    // An invalid policy is not accepted, names the field, and the version in force stays.
+    c.policy(
+        "shop",
+        "baseline",
+        json!({"mode": "Deny", "profile": "baseline"}),
+    )
+    .await?;
+    let policies: Api<WorkloadPolicy> = Api::namespaced(c.api.client.clone(), "shop");
+    let message = eventually("Accepted=False", Duration::from_secs(20), || async {
+        let p = policies.get("baseline").await?;
+        let status = p.status.context("no status")?;
+        let accepted = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Accepted")
+            .context("no Accepted condition")?;
+        ensure!(
+            accepted.status == "False"
+                && accepted.observed_generation == p.metadata.generation.unwrap_or(0),
+            "{accepted:?}"
+        );
+        Ok(accepted.message.clone())
+    })
+    .await?;
+    ensure!(
+        message.contains("spec.mode") && message.contains("\"Deny\" is not a mode"),
+        "{message}"
+    );
+    let answer = c.kubectl_create("shop", &privileged).await?;
+    ensure!(
+        answer.admitted
+            && answer
+                .stderr
+                .contains("Warning: meshd shop/baseline (Warn)"),
+        "the accepted version (Warn) still applies: {answer:?}"
+    );
+
     // restricted enforced on an injected namespace: the pod is stored, injected, admitted.
     c.policy(
         "shop",
@@ -925,8 +970,8 @@ async fn policy_changes_apply_to_the_next_request_and_injected_pods_are_admitted
 }
 
 #[tokio::test]
-async fn objects_the_webhook_cannot_read_are_denied_and_bad_reviews_get_400() -> anyhow::Result<()>
-{
+async fn unreadable_objects_are_denied_bad_reviews_get_400_and_an_unreachable_meshd_fails_closed()
+-> anyhow::Result<()> {
     let c = cluster().await?;
     let mut client = WebhookClient::new(c.webhook, &c.bundle)?;
     let review = |object: Value, group: &str, version: &str, kind: &str| {
@@ -979,6 +1024,38 @@ async fn objects_the_webhook_cannot_read_are_denied_and_bad_reviews_get_400() ->
         let (status, text) = post(&mut client, body).await?;
         ensure!(status == 400 && !text.trim().is_empty(), "{status} {text}");
     }
+
+    // meshd unreachable: failurePolicy Fail refuses what it would check; meshd's own
+    // namespace is never sent to it.
+    c.api.create_namespace("shop", &[]).await?;
+    c.api.create_namespace("meshd-system", &[]).await?;
+    let Cluster { meshd, api, .. } = c;
+    meshd.terminate().await?;
+    let dry_run = |ns: &'static str| {
+        [
+            "create",
+            "--dry-run=server",
+            "-n",
+            ns,
+            "-o",
+            "name",
+            "-f",
+            "-",
+        ]
+    };
+    let answer = kubectl(&api, &dry_run("shop"), &pod("p", |_| {})).await?;
+    ensure!(
+        !answer.admitted
+            && answer
+                .stderr
+                .contains("failed calling webhook \"validate.meshd.io\""),
+        "{answer:?}"
+    );
+    let answer = kubectl(&api, &dry_run("meshd-system"), &pod("p", |_| {})).await?;
+    ensure!(
+        answer.admitted,
+        "meshd's namespace waited on meshd: {answer:?}"
+    );
     Ok(())
 }
 

@@ -282,7 +282,16 @@ fn injection_values_reach_the_template_and_the_webhook() -> anyhow::Result<()> {
         "{webhook}"
     );
 
-    let off = render("meshd", NS, &["--set", "injection.enabled=false"])?;
+    let off = render(
+        "meshd",
+        NS,
+        &[
+            "--set",
+            "injection.enabled=false",
+            "--set",
+            "admission.enabled=false",
+        ],
+    )?;
     let kinds: BTreeSet<_> = off.names().into_iter().map(|(kind, _, _)| kind).collect();
     ensure!(!kinds.contains("MutatingWebhookConfiguration") && !kinds.contains("ConfigMap"));
     ensure!(
@@ -291,6 +300,103 @@ fn injection_values_reach_the_template_and_the_webhook() -> anyhow::Result<()> {
             .any(|a| a.as_str().is_some_and(|a| a.starts_with("--webhook"))),
         "{:?}",
         args(&off)?
+    );
+    Ok(())
+}
+
+/// The `admission` values reach the ValidatingWebhookConfiguration; admission alone
+/// (injection off) still serves the webhook port and reads the injection template,
+/// which is how it recognises meshd's own containers.
+#[test]
+fn admission_values_reach_the_validating_webhook() -> anyhow::Result<()> {
+    let default = render("meshd", NS, &[])?;
+    let config = default.one("ValidatingWebhookConfiguration")?;
+    ensure!(config["metadata"]["name"] == "meshd-meshd-system");
+    let webhook = &config["webhooks"][0];
+    ensure!(webhook["name"] == "validate.meshd.io" && webhook["failurePolicy"] == "Fail");
+    ensure!(
+        webhook["clientConfig"]["service"]
+            == json!({"name": "meshd", "namespace": NS, "path": "/validate", "port": 443}),
+        "{webhook}"
+    );
+    ensure!(
+        webhook["namespaceSelector"]["matchExpressions"][0]
+            == json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                      "values": [NS, "kube-system"]}),
+        "{webhook}"
+    );
+    let resources: Vec<&Value> = webhook["rules"]
+        .as_array()
+        .context("rules")?
+        .iter()
+        .flat_map(|r| r["resources"].as_array().into_iter().flatten())
+        .collect();
+    ensure!(
+        resources
+            == [
+                "pods",
+                "pods/ephemeralcontainers",
+                "deployments",
+                "statefulsets",
+                "daemonsets",
+                "replicasets",
+                "jobs",
+                "cronjobs"
+            ],
+        "{resources:?}"
+    );
+    // The Lease holder may write exactly this configuration's caBundle.
+    let role = default
+        .objects
+        .iter()
+        .find(|o| o["kind"] == "ClusterRole")
+        .context("no ClusterRole")?;
+    ensure!(
+        role["rules"].as_array().context("rules")?.iter().any(|r| {
+            r["resources"]
+                == json!([
+                    "mutatingwebhookconfigurations",
+                    "validatingwebhookconfigurations"
+                ])
+                && r["resourceNames"] == json!(["meshd-meshd-system"])
+        }),
+        "{role}"
+    );
+
+    let alone = render(
+        "meshd",
+        NS,
+        &[
+            "--set",
+            "injection.enabled=false",
+            "--set",
+            "admission.failurePolicy=Ignore",
+            "--set-json",
+            "admission.excludeNamespaces=[]",
+            "--set",
+            "admission.url=https://meshd.example:15017/validate",
+        ],
+    )?;
+    for version in KUBERNETES {
+        alone.validate(version)?;
+    }
+    let kinds: BTreeSet<_> = alone.names().into_iter().map(|(kind, _, _)| kind).collect();
+    ensure!(!kinds.contains("MutatingWebhookConfiguration") && kinds.contains("ConfigMap"));
+    let webhook = &alone.one("ValidatingWebhookConfiguration")?["webhooks"][0];
+    ensure!(webhook["failurePolicy"] == "Ignore");
+    ensure!(
+        webhook["clientConfig"] == json!({"url": "https://meshd.example:15017/validate"}),
+        "{webhook}"
+    );
+    ensure!(
+        webhook["namespaceSelector"]["matchExpressions"][0]["values"] == json!([NS]),
+        "{webhook}"
+    );
+    let arguments = args(&alone)?;
+    ensure!(
+        arguments.contains(&json!("--webhook-address=0.0.0.0:15017"))
+            && arguments.contains(&json!("--inject-config=/etc/meshd/inject/config.yaml")),
+        "{arguments:?}"
     );
     Ok(())
 }
@@ -426,6 +532,21 @@ fn the_schema_refuses_values_meshd_would_crash_on() -> anyhow::Result<()> {
         (
             "injection.proxy.image.tag=a:b",
             "'/injection/proxy/image/tag'",
+            "does not match pattern",
+        ),
+        (
+            "admission.failurePolicy=Never",
+            "'/admission/failurePolicy'",
+            "'Fail', 'Ignore'",
+        ),
+        (
+            "admission.url=http://meshd.example:15017/validate",
+            "'/admission/url'",
+            "does not match pattern",
+        ),
+        (
+            "admission.excludeNamespaces={Kube_System}",
+            "'/admission/excludeNamespaces/0'",
             "does not match pattern",
         ),
     ] {
@@ -733,7 +854,10 @@ async fn helm_install_upgrade_and_uninstall_keep_the_crds_current() -> anyhow::R
     std::fs::write(&crds, text.replace("name: Accepted", "name: Obsolete"))?;
     let old = old.path().to_str().context("temp path")?;
 
-    helm(&["install", "meshd", old, "-n", NS, "--create-namespace"])?;
+    // As kube-apiserver creates it: labelled with its name, which keeps meshd's own
+    // namespace out of its webhooks (an upgrade of meshd never waits on meshd).
+    api.create_namespace(NS, &[]).await?;
+    helm(&["install", "meshd", old, "-n", NS])?;
     let columns = || async {
         let crds: Api<CustomResourceDefinition> = Api::all(api.client.clone());
         let crd = crds.get("authorizationpolicies.security.meshd.io").await?;
