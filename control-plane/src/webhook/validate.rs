@@ -165,3 +165,146 @@ fn to_check(request: &AdmissionRequest<DynamicObject>) -> Option<(String, &Dynam
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::to_bytes;
+    use serde_json::{Value, json};
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::inject::InjectConfig;
+    use crate::model::workload_policy::{Profile, Rules, WorkloadPolicy};
+    use crate::model::{MeshDefaults, MeshObject, MeshSnapshot, ObjectKey};
+
+    fn state() -> WebhookState {
+        let policy = WorkloadPolicy {
+            key: ObjectKey::new("shop", "baseline"),
+            mode: Mode::Enforce,
+            profile: Some(Profile::Baseline),
+            namespace_selector: None,
+            selector: None,
+            rules: Rules::default(),
+            exemptions: Vec::new(),
+        };
+        let mesh = MeshSnapshot::build(
+            1,
+            MeshDefaults::default(),
+            [MeshObject::WorkloadPolicy(Arc::new(policy))],
+        );
+        let (_tx, rx) = watch::channel(Arc::new(mesh));
+        WebhookState {
+            inject: Arc::new(InjectConfig::default()),
+            mesh: rx,
+        }
+    }
+
+    fn deployment(privileged: bool, replicas: u32) -> Value {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}}, "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "app", "image": "web:1",
+                    "securityContext": {"privileged": privileged}}]}}}})
+    }
+
+    fn review(
+        kind: (&str, &str, &str),
+        operation: &str,
+        sub_resource: Option<&str>,
+        object: Value,
+        old: Option<Value>,
+    ) -> Vec<u8> {
+        let (group, version, kind) = kind;
+        serde_json::to_vec(
+            &json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u", "kind": {"group": group, "version": version, "kind": kind},
+                "resource": {"group": group, "version": version, "resource": "x"},
+                "subResource": sub_resource, "name": "web", "namespace": "shop",
+                "operation": operation, "userInfo": {}, "object": object, "oldObject": old}}),
+        )
+        .unwrap()
+    }
+
+    async fn allowed(body: Vec<u8>) -> (bool, String) {
+        let response = handle(&state(), &body);
+        let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        let message = v["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        (v["response"]["allowed"] == json!(true), message)
+    }
+
+    const DEPLOYMENT: (&str, &str, &str) = ("apps", "v1", "Deployment");
+
+    #[tokio::test]
+    async fn updates_are_checked_only_when_the_pod_template_changes() {
+        // A scale of a Deployment admitted before the policy: not blocked.
+        let (ok, _) = allowed(review(
+            DEPLOYMENT,
+            "UPDATE",
+            None,
+            deployment(true, 3),
+            Some(deployment(true, 1)),
+        ))
+        .await;
+        assert!(ok);
+        // Its template made privileged: denied.
+        let (ok, message) = allowed(review(
+            DEPLOYMENT,
+            "UPDATE",
+            None,
+            deployment(true, 1),
+            Some(deployment(false, 1)),
+        ))
+        .await;
+        assert!(!ok);
+        assert!(
+            message.starts_with("denied by shop/baseline (Enforce): container \"app\""),
+            "{message}"
+        );
+        // Status and scale sub-resources are none of its business.
+        let (ok, _) = allowed(review(
+            DEPLOYMENT,
+            "UPDATE",
+            Some("status"),
+            deployment(true, 1),
+            Some(deployment(false, 1)),
+        ))
+        .await;
+        assert!(ok);
+    }
+
+    #[tokio::test]
+    async fn ephemeral_containers_are_checked() {
+        let pod = |ephemeral: Value| {
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"containers": [{"name": "app", "image": "web:1"}], "ephemeralContainers": ephemeral}})
+        };
+        let debug =
+            json!([{"name": "debug", "image": "busybox", "securityContext": {"privileged": true}}]);
+        let (ok, message) = allowed(review(
+            ("", "v1", "Pod"),
+            "UPDATE",
+            Some("ephemeralcontainers"),
+            pod(debug),
+            Some(pod(json!([]))),
+        ))
+        .await;
+        assert!(!ok);
+        assert!(message.contains("container \"debug\""), "{message}");
+        // A metadata-only update of the pod: admitted.
+        let (ok, _) = allowed(review(
+            ("", "v1", "Pod"),
+            "UPDATE",
+            None,
+            pod(json!([{"name": "debug", "image": "busybox", "securityContext": {"privileged": true}}])),
+            Some(pod(json!([{"name": "debug", "image": "busybox", "securityContext": {"privileged": true}}]))),
+        ))
+        .await;
+        assert!(ok);
+    }
+}

@@ -1038,6 +1038,32 @@ metadata:
         }
     }
 
+    #[test]
+    fn workload_policies_parse_and_bad_ones_name_the_field() {
+        let good = "apiVersion: security.meshd.io/v1alpha1\nkind: WorkloadPolicy\nmetadata: {name: restricted, namespace: meshd-system}\nspec:\n  mode: Warn\n  profile: restricted\n  rules: {allowedRegistries: [registry.example.com/]}\n  exemptions: [{container: debug, reason: break glass}]\n";
+        let objs = parse_file(&p(), good).unwrap().defined;
+        let MeshObject::WorkloadPolicy(wp) = &objs[0].object else {
+            panic!("{objs:?}")
+        };
+        assert_eq!(wp.mode, crate::model::workload_policy::Mode::Warn);
+        assert_eq!(wp.rules.allowed_registries, ["registry.example.com/"]);
+        for (bad, field, says) in [
+            (good.replace("mode: Warn", "mode: Deny"), "spec.mode", "is not a mode"),
+            (good.replace("profile: restricted", "profile: strict"), "spec.profile", "is not a profile"),
+            (good.replace("registry.example.com/", "' '"), "spec.rules.allowedRegistries[0]", "is not a registry prefix"),
+            (good.replace("reason: break glass", "reason: ''"), "spec.exemptions[0].reason", "needs its reason"),
+            (good.replace("container: debug", "container: debug, image: x"), "spec.exemptions[0]", "exactly one"),
+            (good.replace("  profile: restricted\n  rules: {allowedRegistries: [registry.example.com/]}\n", ""), "spec", "requires nothing"),
+            (good.replace("mode: Warn", "mode: Warn\n  enforce: true"), "spec.enforce", "unknown field `enforce`"),
+        ] {
+            let errs = parse_file(&p(), &bad).unwrap_err();
+            let e = &errs[0];
+            assert_eq!(e.object.as_deref(), Some("WorkloadPolicy meshd-system/restricted"));
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+    }
+
     /// The source reads its files after every change; those reads raise inotify access
     /// events. Taken for changes, they made it rescan every 50 ms forever, so a burst
     /// never went quiet and every snapshot waited for `--debounce-max`.
