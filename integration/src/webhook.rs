@@ -74,55 +74,50 @@ fn certificates(pem: &[u8]) -> Vec<Vec<u8>> {
 /// Waits until every webhook of the MutatingWebhookConfiguration [`CONFIGURATION`]
 /// trusts exactly the certificates of `bundle` (meshd's Lease holder writes them).
 pub async fn wait_ca_bundle(api: &KubeApi, bundle: &str) -> anyhow::Result<()> {
-    let webhooks: Api<MutatingWebhookConfiguration> = Api::all(api.client.clone());
-    wait_bundles(bundle, || {
-        let webhooks = webhooks.clone();
-        async move {
-            let config = webhooks.get(CONFIGURATION).await?;
-            Ok(config
-                .webhooks
-                .into_iter()
-                .flatten()
-                .map(|w| (w.name, w.client_config.ca_bundle))
-                .collect())
-        }
+    wait_bundles(api, bundle, |c: MutatingWebhookConfiguration| {
+        let webhooks = c.webhooks.into_iter().flatten();
+        webhooks
+            .map(|w| (w.name, w.client_config.ca_bundle))
+            .collect()
     })
     .await
 }
 
 /// [`wait_ca_bundle`] for the ValidatingWebhookConfiguration [`CONFIGURATION`].
 pub async fn wait_validating_ca_bundle(api: &KubeApi, bundle: &str) -> anyhow::Result<()> {
-    let webhooks: Api<ValidatingWebhookConfiguration> = Api::all(api.client.clone());
-    wait_bundles(bundle, || {
-        let webhooks = webhooks.clone();
-        async move {
-            let config = webhooks.get(CONFIGURATION).await?;
-            Ok(config
-                .webhooks
-                .into_iter()
-                .flatten()
-                .map(|w| (w.name, w.client_config.ca_bundle))
-                .collect())
-        }
+    wait_bundles(api, bundle, |c: ValidatingWebhookConfiguration| {
+        let webhooks = c.webhooks.into_iter().flatten();
+        webhooks
+            .map(|w| (w.name, w.client_config.ca_bundle))
+            .collect()
     })
     .await
 }
 
-async fn wait_bundles<F, Fut>(bundle: &str, mut read: F) -> anyhow::Result<()>
+/// Waits until every webhook `webhooks` finds in [`CONFIGURATION`] of kind `K` trusts
+/// exactly the certificates of `bundle`.
+async fn wait_bundles<K>(
+    api: &KubeApi,
+    bundle: &str,
+    webhooks: fn(K) -> Vec<(String, Option<k8s_openapi::ByteString>)>,
+) -> anyhow::Result<()>
 where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Vec<(String, Option<k8s_openapi::ByteString>)>>>,
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::ClusterResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
 {
     let want = certificates(bundle.as_bytes());
     anyhow::ensure!(!want.is_empty(), "no certificate in the expected bundle");
+    let configs: Api<K> = Api::all(api.client.clone());
     eventually(
         "meshd wrote the webhooks' caBundle",
         Duration::from_secs(20),
         || {
-            let webhooks = read();
+            let configs = configs.clone();
             let want = want.clone();
             async move {
-                for (name, ca_bundle) in webhooks.await? {
+                for (name, ca_bundle) in webhooks(configs.get(CONFIGURATION).await?) {
                     let have = ca_bundle.as_ref().map(|b| b.0.as_slice());
                     anyhow::ensure!(
                         have.map(certificates).as_ref() == Some(&want),

@@ -23,23 +23,7 @@ pub fn handle(config: &InjectConfig, body: &[u8]) -> Response {
     else {
         return review::answer(PATH, "unchanged", allowed);
     };
-    let namespace = request
-        .namespace
-        .clone()
-        .or_else(|| object.metadata.namespace.clone())
-        .unwrap_or_else(|| "default".into());
-    let name = object
-        .metadata
-        .name
-        .clone()
-        .or_else(|| {
-            object
-                .metadata
-                .generate_name
-                .as_ref()
-                .map(|g| format!("{g}*"))
-        })
-        .unwrap_or_default();
+    let (namespace, name) = review::object_name(&request, object);
     let value = match serde_json::to_value(object) {
         Ok(v) => v,
         Err(e) => {

@@ -22,6 +22,32 @@ pub fn request(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
         .map_err(|_| "the AdmissionReview has no request".to_string())
 }
 
+/// The namespace and name of the object `request` is about; `generateName*` while it
+/// has no name yet.
+pub fn object_name(
+    request: &AdmissionRequest<DynamicObject>,
+    object: &DynamicObject,
+) -> (String, String) {
+    let namespace = request
+        .namespace
+        .clone()
+        .or_else(|| object.metadata.namespace.clone())
+        .unwrap_or_else(|| "default".into());
+    let name = object
+        .metadata
+        .name
+        .clone()
+        .or_else(|| {
+            object
+                .metadata
+                .generate_name
+                .as_ref()
+                .map(|g| format!("{g}*"))
+        })
+        .unwrap_or_default();
+    (namespace, name)
+}
+
 /// The `400` for a body that is not a review, with the reason.
 pub fn invalid(webhook: &'static str, reason: &str) -> Response {
     count(webhook, "invalid");

@@ -45,23 +45,7 @@ pub fn handle(state: &WebhookState, body: &[u8]) -> Response {
     };
     let (api_version, object) = checked;
     let kind = &request.kind.kind;
-    let namespace = request
-        .namespace
-        .clone()
-        .or_else(|| object.metadata.namespace.clone())
-        .unwrap_or_else(|| "default".into());
-    let name = object
-        .metadata
-        .name
-        .clone()
-        .or_else(|| {
-            object
-                .metadata
-                .generate_name
-                .as_ref()
-                .map(|g| format!("{g}*"))
-        })
-        .unwrap_or_default();
+    let (namespace, name) = review::object_name(&request, object);
     let read = serde_json::to_value(object)
         .map_err(|e| e.to_string())
         .and_then(|value| workload::pod_of(&api_version, kind, &value));
