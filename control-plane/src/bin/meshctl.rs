@@ -972,4 +972,66 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn the_admission_report_shows_top_rules_and_the_offenders_it_has() {
+        use meshd::sources::crd::{PolicyOffender, PolicyReport, RuleCount};
+        let rule = |rule: &str, pods| RuleCount {
+            rule: rule.into(),
+            pods,
+        };
+        let entries = [
+            PolicyReportEntry {
+                policy: "meshd-system/restricted".into(),
+                mode: "Audit".into(),
+                accepted: Some("True".into()),
+                message: String::new(),
+                report: Some(PolicyReport {
+                    evaluated_at: "2026-12-01T10:00:00Z".into(),
+                    pods: 30,
+                    violating_pods: 12,
+                    rules: vec![
+                        rule("runAsNonRoot", 12),
+                        rule("seccompProfile_restricted", 12),
+                        rule("capabilities_restricted", 9),
+                        rule("forbidLatestTag", 1),
+                    ],
+                    offenders: vec![PolicyOffender {
+                        pod: "shop/web-0".into(),
+                        violations: vec!["container \"app\": x [runAsNonRoot]".into()],
+                    }],
+                }),
+            },
+            PolicyReportEntry {
+                policy: "shop/new".into(),
+                mode: "Enforce".into(),
+                accepted: Some("False".into()),
+                message: "spec.mode: \"Deny\" is not a mode".into(),
+                report: None,
+            },
+        ];
+        let text = admission_report_text(&entries);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[..3],
+            [
+                "POLICY                   MODE     ACCEPTED  PODS  VIOLATING  TOP RULES",
+                "meshd-system/restricted  Audit    True      30    12         runAsNonRoot(12) seccompProfile_restricted(12) capabilities_restricted(9) +1 more",
+                "shop/new                 Enforce  False     -     -          (not evaluated yet)",
+            ],
+            "{text}"
+        );
+        assert_eq!(
+            lines[3..],
+            [
+                "",
+                "meshd-system/restricted (Audit), evaluated at 2026-12-01T10:00:00Z: offenders (the first 1 of 12)",
+                "  shop/web-0",
+                "    container \"app\": x [runAsNonRoot]",
+                "shop/new: not accepted: spec.mode: \"Deny\" is not a mode",
+            ],
+            "{text}"
+        );
+        assert_eq!(admission_report_text(&[]), "no WorkloadPolicies\n");
+    }
 }
