@@ -324,6 +324,7 @@ async fn a_second_replica_serves_the_report_and_takes_it_over_with_the_lease() -
     init_test_logging();
     let api = KubeApi::start().await?;
     api.create_namespace("shop", &[]).await?;
+    api.create_namespace("other", &[]).await?;
     create_pod(&api, "shop", latest_pod("first")).await?;
     let args = |name: &'static str| ["--replica-name", name, "--lease-duration", "3s"];
     let (args_a, args_b) = (args("replica-a"), args("replica-b"));
@@ -350,10 +351,31 @@ async fn a_second_replica_serves_the_report_and_takes_it_over_with_the_lease() -
         ),
     )
     .await?;
+    api.apply::<WorkloadPolicy>(
+        "other",
+        policy(
+            "other",
+            "latest",
+            json!({"mode": "Audit", "rules": {"forbidLatestTag": true}}),
+        ),
+    )
+    .await?;
     let first = wait_report(&api, "shop", "latest", "1 violating", |r| {
         r.violating_pods == 1
     })
     .await?;
+    wait_report(&api, "other", "latest", "no pods", |r| r.pods == 0).await?;
+
+    // A pod elsewhere changes the other report only: shop's is not written again.
+    create_pod(&api, "other", latest_pod("elsewhere")).await?;
+    wait_report(&api, "other", "latest", "1 violating", |r| {
+        r.violating_pods == 1
+    })
+    .await?;
+    ensure!(
+        report(&api, "shop", "latest").await? == first,
+        "an unchanged report was written again"
+    );
 
     // The follower answers from the status; only the leader exports the metrics.
     let out = follower
@@ -362,7 +384,7 @@ async fn a_second_replica_serves_the_report_and_takes_it_over_with_the_lease() -
     ensure!(out.status.success(), "{out:?}");
     let entries: Vec<PolicyReportEntry> = serde_json::from_slice(&out.stdout)?;
     ensure!(
-        entries.len() == 1 && entries[0].report.as_ref() == Some(&first),
+        entries.len() == 2 && entries[1].report.as_ref() == Some(&first),
         "{entries:#?}"
     );
     ensure!(
