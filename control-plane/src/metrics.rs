@@ -17,6 +17,9 @@
 //! | `meshd_ca_refused_total{reason}` | CA calls refused, by the check that failed (`token_expired`, `csr_identity`, `pod_uid`, …) |
 //! | `meshd_token_reviews_total{reason}` | TokenReviews sent to the API server, by outcome (`authenticated`, `token_refused`, …) |
 //! | `meshd_xds_refused_streams_total{reason}` | ADS streams ended by meshd for exceeding a limit (`request_size`, `type_urls`, `names`, `name_length`) |
+//! | `meshd_workload_policy_pods{policy}` | running pods a WorkloadPolicy applies to (Lease holder only, [`crate::cluster::admission_report`]) |
+//! | `meshd_workload_policy_violating_pods{policy,mode}` | of those, the pods that break it |
+//! | `meshd_workload_policy_rule_violating_pods{policy,mode,rule}` | the pods that break one rule of it (only rules some pod breaks) |
 //!
 //! One process-wide set ([`metrics()`]): metrics are a property of the process, and
 //! passing a handle through every layer would buy nothing.
@@ -51,6 +54,26 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// A WorkloadPolicy, `namespace/name`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct PolicyLabel {
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct PolicyModeLabel {
+    pub policy: String,
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct PolicyRuleLabel {
+    pub policy: String,
+    pub mode: &'static str,
+    /// A Pod Security Standards control id or a rule name.
+    pub rule: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connected_proxies: Gauge,
@@ -70,17 +93,10 @@ pub struct Metrics {
     pub token_reviews: Family<ReasonLabel, Counter>,
     pub admission_reviews: Family<AdmissionLabel, Counter>,
     pub admission_duration: Histogram,
-    pub admission_violations: Family<ViolationLabel, Counter>,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ViolationLabel {
-    /// `namespace/name` of the WorkloadPolicy.
-    pub policy: String,
-    /// `Enforce`, `Warn` or `Audit`.
-    pub mode: &'static str,
-    /// The rule or Pod Security Standards control.
-    pub rule: &'static str,
+    pub admission_violations: Family<PolicyRuleLabel, Counter>,
+    pub workload_policy_pods: Family<PolicyLabel, Gauge>,
+    pub workload_policy_violating_pods: Family<PolicyModeLabel, Gauge>,
+    pub workload_policy_rule_violating_pods: Family<PolicyRuleLabel, Gauge>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -117,6 +133,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         admission_reviews: Family::default(),
         admission_duration: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
         admission_violations: Family::default(),
+        workload_policy_pods: Family::default(),
+        workload_policy_violating_pods: Family::default(),
+        workload_policy_rule_violating_pods: Family::default(),
         registry: Registry::default(),
     };
     registry.register(
@@ -204,6 +223,21 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "admission_policy_violations",
         "Violations the validating webhook found in the objects it reviewed, by policy, mode and rule (Audit ones are admitted and only counted here)",
         m.admission_violations.clone(),
+    );
+    registry.register(
+        "workload_policy_pods",
+        "Running pods a WorkloadPolicy applies to (on the Lease holder)",
+        m.workload_policy_pods.clone(),
+    );
+    registry.register(
+        "workload_policy_violating_pods",
+        "Running pods that break a WorkloadPolicy (on the Lease holder)",
+        m.workload_policy_violating_pods.clone(),
+    );
+    registry.register(
+        "workload_policy_rule_violating_pods",
+        "Running pods that break one rule of a WorkloadPolicy (on the Lease holder)",
+        m.workload_policy_rule_violating_pods.clone(),
     );
     Metrics { registry, ..m }
 });

@@ -20,11 +20,14 @@
 //!   for one request ([`authz_check`](crate::authz::check))
 //! - `GET /ca/status`, `POST /ca/rotate-root`: the staged root rotation (logged with
 //!   the operator who asked)
+//! - `GET /admission/report`: every WorkloadPolicy's mode, `Accepted` and report on
+//!   running pods ([`admission_report`])
 //!
 //! Both ports refuse requests whose `Host` is not a loopback name when they listen on
 //! loopback ([`host_check`]), so a page that rebinds its DNS name to 127.0.0.1 is
 //! refused. Nothing here ever contains key material.
 
+pub mod admission_report;
 pub mod health;
 mod host_check;
 mod listener;
@@ -51,7 +54,7 @@ use crate::xds::serve::status::{ProxyRegistry, ProxyStatus};
 use crate::xds::translate::cache::XdsSnapshot;
 use crate::xds::translate::resources::ResourceType;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AdminState {
     pub snapshots: watch::Receiver<Arc<XdsSnapshot>>,
     pub registry: ProxyRegistry,
@@ -66,6 +69,8 @@ pub struct AdminState {
     /// Root rotation requests go to the Secret the replicas share (Kubernetes source
     /// with meshd's own root); otherwise [`CertManager`] rotates by itself.
     pub shared_rotation: Option<crate::cluster::root_rotation::Requests>,
+    /// The cluster's API (Kubernetes source): the policies' status.
+    pub kube: Option<kube::Client>,
 }
 
 /// The warning meshd logs at start when the admin API listens beyond loopback.
@@ -88,6 +93,7 @@ pub fn router(state: AdminState, local: std::net::SocketAddr) -> Router {
         .route("/debug/authz/check", axum::routing::post(authz_check))
         .route("/ca/status", get(ca_status))
         .route("/ca/rotate-root", axum::routing::post(rotate_root))
+        .route("/admission/report", get(admission_report::report))
         .layer(axum::middleware::from_fn_with_state(
             local.ip().is_loopback(),
             host_check::check,

@@ -127,7 +127,7 @@ pub fn evaluate<'p>(
     Verdict { findings }
 }
 
-fn applies(
+pub(crate) fn applies(
     policy: &WorkloadPolicy,
     ns: NamespaceFacts<'_>,
     pod_labels: &BTreeMap<String, String>,

@@ -20,11 +20,14 @@ pub mod workload;
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
 use self::evaluate::NamespaceFacts;
 pub use self::evaluate::{PolicyFindings, Verdict};
 use self::rules::MeshFacts;
 use self::workload::PodOf;
 use crate::inject::{INJECT_LABEL, InjectConfig};
+use crate::model::workload_policy::WorkloadPolicy;
 use crate::model::{MeshSnapshot, MtlsMode};
 
 /// The pod `pod` of namespace `namespace` against every `WorkloadPolicy` of `mesh`;
@@ -33,17 +36,7 @@ use crate::model::{MeshSnapshot, MtlsMode};
 /// Deployment).
 pub fn check(mesh: &MeshSnapshot, inject: &InjectConfig, namespace: &str, pod: &PodOf) -> Verdict {
     let empty = BTreeMap::new();
-    let labels = mesh.namespaces.get(namespace).map_or(&empty, |n| &n.labels);
-    let facts = NamespaceFacts {
-        name: namespace,
-        labels,
-        root: &mesh.defaults.root_namespace,
-        mesh: MeshFacts {
-            namespace_strict: mesh.namespace_mtls(namespace) == MtlsMode::Strict,
-            namespace_injected: labels.get(INJECT_LABEL).map(String::as_str) == Some("enabled"),
-            template: pod.template,
-        },
-    };
+    let facts = namespace_facts(mesh, namespace, pod.template, &empty);
     // A template's pods are injected later: it holds none of meshd's containers yet.
     let meshd_containers = if pod.template {
         Vec::new()
@@ -63,4 +56,41 @@ pub fn check(mesh: &MeshSnapshot, inject: &InjectConfig, namespace: &str, pod: &
         }
     }
     verdict
+}
+
+/// The policies of `mesh` that apply to a pod with `meta` in `namespace` (by
+/// namespace and selector; exemptions aside), as [`check`] chooses them: what the
+/// report counts a policy's pods by.
+pub fn applying<'m>(
+    mesh: &'m MeshSnapshot,
+    namespace: &str,
+    meta: &ObjectMeta,
+) -> Vec<&'m WorkloadPolicy> {
+    let empty = BTreeMap::new();
+    let facts = namespace_facts(mesh, namespace, false, &empty);
+    let labels = meta.labels.as_ref().unwrap_or(&empty);
+    mesh.workload_policies
+        .values()
+        .map(|p| &**p)
+        .filter(|p| evaluate::applies(p, facts, labels))
+        .collect()
+}
+
+fn namespace_facts<'a>(
+    mesh: &'a MeshSnapshot,
+    namespace: &'a str,
+    template: bool,
+    empty: &'a BTreeMap<String, String>,
+) -> NamespaceFacts<'a> {
+    let labels = mesh.namespaces.get(namespace).map_or(empty, |n| &n.labels);
+    NamespaceFacts {
+        name: namespace,
+        labels,
+        root: &mesh.defaults.root_namespace,
+        mesh: MeshFacts {
+            namespace_strict: mesh.namespace_mtls(namespace) == MtlsMode::Strict,
+            namespace_injected: labels.get(INJECT_LABEL).map(String::as_str) == Some("enabled"),
+            template,
+        },
+    }
 }

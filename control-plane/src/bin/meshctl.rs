@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use hyper::Method;
+use meshd::admin::admission_report::PolicyReportEntry;
 use meshd::admin::{ProxyConfig, SnapshotSummary};
 use meshd::authz::check::{CheckRequest, CheckResponse};
 use meshd::authz::stats;
@@ -86,6 +87,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         inject_config: Option<PathBuf>,
     },
+    /// Admission of what runs: WorkloadPolicies and the pods they find.
+    #[command(subcommand)]
+    Admission(AdmissionCommand),
     /// Show the resources meshd serves to one workload's sidecar.
     ProxyConfig {
         /// The workload, as <namespace>/<pod>.
@@ -192,6 +196,21 @@ fn operator_name() -> String {
         .ok()
         .filter(|u| OperatorId::new(meshd_ca::DEFAULT_TRUST_DOMAIN, u).is_ok())
         .unwrap_or_else(|| "meshctl".to_string())
+}
+
+#[derive(Debug, Subcommand)]
+enum AdmissionCommand {
+    /// How the running pods stand against every WorkloadPolicy: pods it applies to,
+    /// those that break it, the rules broken most and the first offenders.
+    ///
+    /// The replica that holds the Lease evaluates the cluster's pods (at most every
+    /// 10 s) and keeps this in each policy's status (--source kubernetes).
+    Report {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -428,6 +447,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", status_text(&summary, &proxies));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Admission(AdmissionCommand::Report { admin, output }) => {
+            let entries: Vec<PolicyReportEntry> =
+                admin.connect()?.get_json("/admission/report").await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                print!("{}", admission_report_text(&entries));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ca(CaCommand::Status { admin, output }) => {
             let status: RotationStatus = admin.connect()?.get_json("/ca/status").await?;
             print_rotation(&status, output)?;
@@ -625,6 +654,86 @@ fn status_text(summary: &SnapshotSummary, proxies: &[ProxyStatus]) -> String {
             let _ = writeln!(out, "{d}");
         }
     }
+    out
+}
+
+/// Rules shown per policy in `meshctl admission report`'s table.
+const TOP_RULES: usize = 3;
+
+/// `meshctl admission report` as text: a table of the policies, then each policy's
+/// offenders with their violations.
+fn admission_report_text(entries: &[PolicyReportEntry]) -> String {
+    use std::fmt::Write as _;
+    if entries.is_empty() {
+        return "no WorkloadPolicies\n".to_string();
+    }
+    let mut rows = vec![
+        [
+            "POLICY",
+            "MODE",
+            "ACCEPTED",
+            "PODS",
+            "VIOLATING",
+            "TOP RULES",
+        ]
+        .map(String::from),
+    ];
+    let mut details = String::new();
+    for e in entries {
+        let accepted = e.accepted.clone().unwrap_or("-".into());
+        if !e.message.is_empty() {
+            let _ = writeln!(details, "{}: not accepted: {}", e.policy, e.message);
+        }
+        let Some(r) = &e.report else {
+            rows.push([
+                e.policy.clone(),
+                e.mode.clone(),
+                accepted,
+                "-".into(),
+                "-".into(),
+                "(not evaluated yet)".into(),
+            ]);
+            continue;
+        };
+        let mut top: Vec<String> = (r.rules.iter().take(TOP_RULES))
+            .map(|rule| format!("{}({})", rule.rule, rule.pods))
+            .collect();
+        if r.rules.len() > TOP_RULES {
+            top.push(format!("+{} more", r.rules.len() - TOP_RULES));
+        }
+        rows.push([
+            e.policy.clone(),
+            e.mode.clone(),
+            accepted,
+            r.pods.to_string(),
+            r.violating_pods.to_string(),
+            if top.is_empty() {
+                "-".into()
+            } else {
+                top.join(" ")
+            },
+        ]);
+        if r.offenders.is_empty() {
+            continue;
+        }
+        let shown = match r.violating_pods as usize {
+            n if n > r.offenders.len() => format!(" (the first {} of {n})", r.offenders.len()),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            details,
+            "\n{} ({}), evaluated at {}: offenders{shown}",
+            e.policy, e.mode, r.evaluated_at
+        );
+        for o in &r.offenders {
+            let _ = writeln!(details, "  {}", o.pod);
+            for v in &o.violations {
+                let _ = writeln!(details, "    {v}");
+            }
+        }
+    }
+    let mut out = table(&rows);
+    out.push_str(&details);
     out
 }
 
@@ -863,5 +972,67 @@ mod tests {
                 "cds:3(acked)"
             ]
         );
+    }
+
+    #[test]
+    fn the_admission_report_shows_top_rules_and_the_offenders_it_has() {
+        use meshd::sources::crd::{PolicyOffender, PolicyReport, RuleCount};
+        let rule = |rule: &str, pods| RuleCount {
+            rule: rule.into(),
+            pods,
+        };
+        let entries = [
+            PolicyReportEntry {
+                policy: "meshd-system/restricted".into(),
+                mode: "Audit".into(),
+                accepted: Some("True".into()),
+                message: String::new(),
+                report: Some(PolicyReport {
+                    evaluated_at: "2026-12-01T10:00:00Z".into(),
+                    pods: 30,
+                    violating_pods: 12,
+                    rules: vec![
+                        rule("runAsNonRoot", 12),
+                        rule("seccompProfile_restricted", 12),
+                        rule("capabilities_restricted", 9),
+                        rule("forbidLatestTag", 1),
+                    ],
+                    offenders: vec![PolicyOffender {
+                        pod: "shop/web-0".into(),
+                        violations: vec!["container \"app\": x [runAsNonRoot]".into()],
+                    }],
+                }),
+            },
+            PolicyReportEntry {
+                policy: "shop/new".into(),
+                mode: "Enforce".into(),
+                accepted: Some("False".into()),
+                message: "spec.mode: \"Deny\" is not a mode".into(),
+                report: None,
+            },
+        ];
+        let text = admission_report_text(&entries);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[..3],
+            [
+                "POLICY                   MODE     ACCEPTED  PODS  VIOLATING  TOP RULES",
+                "meshd-system/restricted  Audit    True      30    12         runAsNonRoot(12) seccompProfile_restricted(12) capabilities_restricted(9) +1 more",
+                "shop/new                 Enforce  False     -     -          (not evaluated yet)",
+            ],
+            "{text}"
+        );
+        assert_eq!(
+            lines[3..],
+            [
+                "",
+                "meshd-system/restricted (Audit), evaluated at 2026-12-01T10:00:00Z: offenders (the first 1 of 12)",
+                "  shop/web-0",
+                "    container \"app\": x [runAsNonRoot]",
+                "shop/new: not accepted: spec.mode: \"Deny\" is not a mode",
+            ],
+            "{text}"
+        );
+        assert_eq!(admission_report_text(&[]), "no WorkloadPolicies\n");
     }
 }

@@ -280,12 +280,28 @@ async fn main() -> anyhow::Result<()> {
             mesh: started.store.subscribe(),
         });
     let ca_service = meshd::ca_service::CaService::new(certs.clone(), pod_tokens);
+    // The injection template: the webhook injects with it, and the webhook and the
+    // admission report recognise meshd's own containers by it.
+    let mut inject = match &args.inject_config {
+        Some(path) => InjectConfig::load(path)?,
+        None => InjectConfig::default(),
+    };
+    inject.fill(&args.namespace, &args.ca.trust_domain, &args.token_audience);
+    let inject = Arc::new(inject);
     if let (Some(client), Some(leadership)) = (&started.kube_client, &started.leadership) {
         cluster::trust_bundle::spawn(
             client.clone(),
             certs.clone(),
             started.store.subscribe(),
             leadership.is_leader(),
+            started.replica.clone(),
+        );
+        cluster::admission_report::spawn(
+            client.clone(),
+            started.store.subscribe(),
+            inject.clone(),
+            leadership.is_leader(),
+            args.namespace.clone(),
             started.replica.clone(),
         );
     }
@@ -301,16 +317,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if let Some(address) = args.webhook_address {
-        let mut inject = match &args.inject_config {
-            Some(path) => InjectConfig::load(path)?,
-            None => InjectConfig::default(),
-        };
-        inject.fill(&args.namespace, &args.ca.trust_domain, &args.token_audience);
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("cannot listen on --webhook-address {address}"))?;
         let state = meshd::webhook::WebhookState {
-            inject: Arc::new(inject),
+            inject: inject.clone(),
             mesh: started.store.subscribe(),
         };
         let certs = certs.clone();
@@ -360,6 +371,7 @@ async fn main() -> anyhow::Result<()> {
             pending: started.pending,
             leader: started.leadership.as_ref().map(|l| l.is_leader()),
             shared_rotation,
+            kube: started.kube_client.clone(),
         },
         args.admin_address,
     );

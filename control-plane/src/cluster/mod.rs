@@ -9,6 +9,8 @@
 //! - [`lease`]: a `coordination.k8s.io/v1` Lease elects one replica; singleton duties
 //!   follow it.
 //! - [`policy_status`]: the Lease holder writes each policy's `Accepted` condition.
+//! - [`admission_report`]: the Lease holder puts the running pods against every
+//!   WorkloadPolicy and keeps a bounded summary in its `status.report` and `/metrics`.
 //! - [`root_rotation`]: the Lease holder moves staged root rotations on, in the Secret;
 //!   every replica follows it.
 //! - [`trust_bundle`]: the Lease holder keeps the trust bundle in a ConfigMap in every
@@ -16,6 +18,7 @@
 //! - [`webhook_ca`]: the Lease holder keeps the `caBundle` of meshd's webhook
 //!   configuration equal to the trust bundle.
 
+pub mod admission_report;
 pub mod ca_secret;
 pub mod lease;
 pub mod policy_status;

@@ -26,7 +26,7 @@ use super::review;
 use super::server::WebhookState;
 use crate::admission::{self, workload};
 use crate::logging::Escaped;
-use crate::metrics::{ViolationLabel, metrics};
+use crate::metrics::{PolicyRuleLabel, metrics};
 use crate::model::workload_policy::Mode;
 
 pub const PATH: &str = "/validate";
@@ -66,7 +66,7 @@ pub fn handle(state: &WebhookState, body: &[u8]) -> Response {
         for v in &f.violations {
             metrics()
                 .admission_violations
-                .get_or_create(&ViolationLabel {
+                .get_or_create(&PolicyRuleLabel {
                     policy: f.policy.to_string(),
                     mode: f.mode.name(),
                     rule: v.control,

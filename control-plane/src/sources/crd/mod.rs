@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 mod workload_policy;
 
 pub use self::workload_policy::{
-    ExemptionSpec, PolicyOffender, PolicyReport, RulesSpec, WorkloadPolicy, WorkloadPolicySpec,
-    WorkloadPolicyStatus, workload_policy,
+    ExemptionSpec, PolicyOffender, PolicyReport, RuleCount, RulesSpec, WorkloadPolicy,
+    WorkloadPolicySpec, WorkloadPolicyStatus, workload_policy,
 };
 use super::convert::{FieldError, object_key};
 use crate::model::MtlsMode;

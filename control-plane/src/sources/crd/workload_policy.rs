@@ -5,8 +5,6 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use std::collections::BTreeMap;
-
 use super::{PolicyCondition, WorkloadSelector};
 use crate::model::workload_policy::{
     self as model, Exemption, ExemptionTarget, Mode, Profile, Rules,
@@ -70,13 +68,21 @@ pub struct PolicyReport {
     pub pods: u64,
     /// Of those, the pods that break it.
     pub violating_pods: u64,
-    /// Per rule (a Pod Security Standards control id or a rule name): the pods that
-    /// break it.
+    /// Per rule broken (a Pod Security Standards control id or a rule name): the pods
+    /// that break it, most first. A list, not a map, so that a merge patch of the
+    /// report replaces it whole and a rule no pod breaks any more leaves it.
     #[serde(default)]
-    pub rules: BTreeMap<String, u64>,
+    pub rules: Vec<RuleCount>,
     /// The first offenders by namespace and name (at most 10).
     #[serde(default)]
     pub offenders: Vec<PolicyOffender>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleCount {
+    pub rule: String,
+    pub pods: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
