@@ -86,9 +86,10 @@ fn same(want: &Value, got: &Value, at: &str) -> bool {
                 && g.iter().all(|(k, v)| {
                     w.contains_key(k)
                         || (at == "resources" && k == "requests")
-                        || DEFAULTED
-                            .iter()
-                            .any(|(name, default)| k == name && *v == serde_json::from_str::<Value>(default).unwrap_or_default())
+                        || DEFAULTED.iter().any(|(name, default)| {
+                            k == name
+                                && *v == serde_json::from_str::<Value>(default).unwrap_or_default()
+                        })
                 })
         }
         (Value::Array(w), Value::Array(g)) => {
