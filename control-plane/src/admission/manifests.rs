@@ -347,3 +347,238 @@ pub fn check(
         objects,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(path: &str, text: &str) -> Input {
+        Input {
+            path: path.into(),
+            text: text.into(),
+        }
+    }
+
+    fn policy(namespace: &str, name: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: security.meshd.io/v1alpha1\nkind: WorkloadPolicy\n\
+             metadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n"
+        )
+    }
+
+    const LATEST: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n\
+        spec: {template: {spec: {containers: [{name: app, image: 'nginx:latest'}]}}}\n";
+
+    fn run(manifests: &[Input], policies: &[Input]) -> Result<Report, Error> {
+        check(
+            manifests,
+            policies,
+            &InjectConfig::default(),
+            "meshd-system",
+        )
+    }
+
+    fn verdicts(report: &Report) -> Vec<(String, Option<Mode>)> {
+        report
+            .objects
+            .iter()
+            .map(|o| (format!("{} {}/{}", o.kind, o.namespace, o.name), o.mode))
+            .collect()
+    }
+
+    #[test]
+    fn policies_come_from_policy_files_and_from_the_manifests() {
+        let enforce = policy(
+            "meshd-system",
+            "latest",
+            "{mode: Enforce, rules: {forbidLatestTag: true}}",
+        );
+        let warn = policy(
+            "shop",
+            "digest",
+            "{mode: Warn, rules: {requireImageDigest: true}}",
+        );
+        let report = run(
+            &[input("m.yaml", &format!("{LATEST}---\n{warn}"))],
+            &[input("p.yaml", &enforce)],
+        )
+        .unwrap();
+        assert_eq!(report.policies, ["meshd-system/latest", "shop/digest"]);
+        assert_eq!(
+            verdicts(&report),
+            [("Deployment shop/web".to_string(), Some(Mode::Enforce))]
+        );
+        assert!(report.denied());
+        let o = &report.objects[0];
+        assert_eq!((o.file.as_str(), o.document), ("m.yaml", 1));
+        assert_eq!(o.findings.len(), 2);
+        let v = &o.findings[0].violations[0];
+        assert_eq!(
+            (v.rule, v.container.as_deref(), v.field.as_str()),
+            (
+                "forbidLatestTag",
+                Some("app"),
+                "spec.template.spec.containers[0].image"
+            )
+        );
+        assert_eq!(o.findings[1].mode, Mode::Warn);
+        assert_eq!(
+            report.table(),
+            "Deployment shop/web: denied\n  denied by meshd-system/latest (Enforce): container \"app\": \
+             image \"nginx:latest\" uses the tag latest [forbidLatestTag]\n  warning by shop/digest (Warn): \
+             container \"app\": image \"nginx:latest\" must be pinned by digest (@sha256:...) [requireImageDigest]\n"
+        );
+        assert_eq!(
+            report.summary(),
+            "1 object checked against 2 WorkloadPolicies: 1 denied, 0 with warnings, 0 audited, 0 allowed"
+        );
+
+        // A --policy file's pods are not checked; without policies everything passes.
+        let report = run(&[input("m.yaml", &enforce)], &[input("p.yaml", LATEST)]).unwrap();
+        assert!(report.objects.is_empty());
+        let report = run(&[input("m.yaml", LATEST)], &[]).unwrap();
+        assert!(report.policies.is_empty());
+        assert_eq!(
+            verdicts(&report),
+            [("Deployment shop/web".to_string(), None)]
+        );
+    }
+
+    #[test]
+    fn namespaces_give_labels_and_peer_authentications_mtls() {
+        let prod = policy(
+            "meshd-system",
+            "mesh",
+            "{mode: Enforce, namespaceSelector: {matchLabels: {tier: prod}}, rules: {requireMesh: true}}",
+        );
+        let host = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop}\n\
+                    spec: {hostNetwork: true, containers: [{name: app, image: x}]}\n";
+        let namespace =
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {tier: prod}}\n";
+        let permissive = "apiVersion: security.meshd.io/v1alpha1\nkind: PeerAuthentication\n\
+                          metadata: {name: default, namespace: shop}\nspec: {mtls: {mode: PERMISSIVE}}\n";
+        let mode = |manifests: &[&str]| {
+            let text = manifests.join("---\n");
+            run(&[input("m.yaml", &text)], &[input("p.yaml", &prod)])
+                .unwrap()
+                .objects[0]
+                .mode
+        };
+        assert_eq!(mode(&[host]), None, "shop is not labelled tier=prod");
+        assert_eq!(
+            mode(&[host, namespace]),
+            Some(Mode::Enforce),
+            "STRICT by default"
+        );
+        assert_eq!(mode(&[host, namespace, permissive]), None);
+
+        // Another root namespace: the policy in meshd-system is then shop's no more.
+        let elsewhere = check(
+            &[input("m.yaml", &[host, namespace].join("---\n"))],
+            &[input("p.yaml", &prod)],
+            &InjectConfig::default(),
+            "mesh-root",
+        )
+        .unwrap();
+        assert_eq!(elsewhere.objects[0].mode, None);
+    }
+
+    #[test]
+    fn an_unreadable_pod_is_denied_with_the_field() {
+        let list = "apiVersion: v1\nkind: List\nitems:\n\
+            - {apiVersion: v1, kind: ConfigMap, metadata: {name: c}}\n\
+            - {apiVersion: batch/v1, kind: CronJob, metadata: {name: nightly, namespace: ops},\n   \
+               spec: {jobTemplate: {spec: {template: {spec: {containers: [{name: a, ports: [{containerPort: x}]}]}}}}}}\n";
+        let report = run(&[input("m.yaml", list)], &[]).unwrap();
+        let o = &report.objects[0];
+        assert_eq!(
+            (o.document, o.item, o.mode),
+            (1, Some(1), Some(Mode::Enforce))
+        );
+        let e = o.error.as_deref().unwrap();
+        assert!(
+            e.starts_with("spec.jobTemplate.spec.template.spec.containers[0].ports[0].containerPort: invalid type"),
+            "{e}"
+        );
+        assert!(report.table().starts_with(
+            "CronJob ops/nightly: denied\n  its pod cannot be read: spec.jobTemplate"
+        ));
+        assert!(report.denied());
+    }
+
+    #[test]
+    fn an_invalid_policy_is_an_error_naming_file_document_object_and_field() {
+        let bad = policy("shop", "oops", "{mode: Deny, profile: baseline}");
+        let err = run(&[input("m.yaml", &format!("{LATEST}---\n{bad}"))], &[])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "m.yaml: document 2 (WorkloadPolicy shop/oops): spec.mode: \"Deny\" is not a mode: use Enforce, Warn or Audit"
+        );
+        let err = run(&[input("m.yaml", LATEST)], &[input("p.yaml", "apiVersion: security.meshd.io/v1alpha1\nkind: WorkloadPolicies\nmetadata: {name: x}\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("p.yaml: document 1 (WorkloadPolicies default/x): kind: "),
+            "{err}"
+        );
+        let err = run(&[input("m.yaml", "kind: Deployment\n")], &[])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "m.yaml: document 1: apiVersion: is required");
+        let err = run(&[input("m.yaml", "a: [")], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("m.yaml: not valid YAML"), "{err}");
+
+        let twice = policy("shop", "p", "{mode: Enforce, profile: baseline}");
+        let err = run(&[input("m.yaml", &twice)], &[input("p.yaml", &twice)])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "m.yaml: document 1 (WorkloadPolicy shop/p): already defined in p.yaml: document 1"
+        );
+    }
+
+    #[test]
+    fn a_directory_is_read_recursively() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("apps/web")).unwrap();
+        std::fs::write(dir.path().join("apps/web/deploy.yml"), LATEST).unwrap();
+        std::fs::write(dir.path().join("apps/notes.txt"), "not yaml: [").unwrap();
+        std::fs::write(
+            dir.path().join("policy.yaml"),
+            policy(
+                "meshd-system",
+                "latest",
+                "{mode: Audit, rules: {forbidLatestTag: true}}",
+            ),
+        )
+        .unwrap();
+        let inputs = load(dir.path()).unwrap();
+        let names: Vec<_> = inputs
+            .iter()
+            .map(|i| {
+                i.path
+                    .strip_prefix(dir.path())
+                    .unwrap()
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(names, ["apps/web/deploy.yml", "policy.yaml"]);
+        let report = run(&inputs, &[]).unwrap();
+        assert_eq!(
+            verdicts(&report),
+            [("Deployment shop/web".to_string(), Some(Mode::Audit))]
+        );
+        assert!(!report.denied());
+        let missing = load(&dir.path().join("gone.yaml")).unwrap_err().to_string();
+        assert!(
+            missing.starts_with("cannot read ") && missing.contains("gone.yaml: "),
+            "{missing}"
+        );
+    }
+}
