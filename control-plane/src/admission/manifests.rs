@@ -209,7 +209,7 @@ pub fn check(
         let documents = match parse::documents(&input.path, &input.text) {
             Ok(d) => d,
             Err(e) => {
-                errors.push(e);
+                errors.push(*e);
                 continue;
             }
         };

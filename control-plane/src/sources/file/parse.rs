@@ -107,7 +107,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Parsed, Vec<ConfigError>> {
         field,
         message,
     };
-    let values = documents(path, text).map_err(|e| vec![e])?;
+    let values = documents(path, text).map_err(|e| vec![*e])?;
     let mut parsed = Parsed::default();
     let mut errors = Vec::new();
     let mut seen = HashMap::new();
@@ -160,14 +160,16 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Parsed, Vec<ConfigError>> {
 
 /// The YAML documents of one file's text, within meshd's budgets (`meshctl admission
 /// check` reads manifests with it too).
-pub fn documents(path: &Path, text: &str) -> Result<Vec<Value>, ConfigError> {
-    serde_saphyr::from_multiple_with_options(text, options()).map_err(|e| ConfigError {
-        file: path.to_path_buf(),
-        document: None,
-        item: None,
-        object: None,
-        field: None,
-        message: yaml_error(&e),
+pub fn documents(path: &Path, text: &str) -> Result<Vec<Value>, Box<ConfigError>> {
+    serde_saphyr::from_multiple_with_options(text, options()).map_err(|e| {
+        Box::new(ConfigError {
+            file: path.to_path_buf(),
+            document: None,
+            item: None,
+            object: None,
+            field: None,
+            message: yaml_error(&e),
+        })
     })
 }
 
