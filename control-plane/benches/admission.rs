@@ -3,7 +3,8 @@
 //! `restricted`, one policy; (b) that pod injected by meshd, recognition of its own
 //! containers included, against `restricted` and every rule; (c) a pod that breaks
 //! every control and rule it can (building the violations and messages included);
-//! (d) the injected pod against 10 policies (the two of (b), eight of its namespace).
+//! (d) the injected pod against 10 policies (the two of (b), eight of its namespace);
+//! and the recognition of meshd's containers alone, which (b) and (d) include.
 
 use std::sync::Arc;
 
@@ -199,5 +200,26 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// What (b) and (d) spend on telling meshd's own containers from look-alikes.
+fn recognition(c: &mut Criterion) {
+    let config = InjectConfig::default();
+    let pod = workload::pod_of("v1", "Pod", &injected(&config))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        admission::injected::recognise(&pod.meta, &pod.spec, &config),
+        ["meshd-init", "meshd-proxy"]
+    );
+    c.bench_function("admission::injected::recognise (the injected pod)", |b| {
+        b.iter(|| {
+            admission::injected::recognise(
+                std::hint::black_box(&pod.meta),
+                std::hint::black_box(&pod.spec),
+                &config,
+            )
+        })
+    });
+}
+
+criterion_group!(benches, bench, recognition);
 criterion_main!(benches);
