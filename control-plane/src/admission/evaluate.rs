@@ -110,11 +110,13 @@ pub fn evaluate<'p>(
             None => Vec::new(),
         };
         violations.extend(rules::check(&policy.rules, meta, spec, ns.mesh));
+        // meshd's own containers first: that test is cheap, and in an injected pod
+        // `meshd-init` breaks every profile.
         violations.retain(|v| {
-            !exempt(policy, v, spec)
-                && v.container
-                    .as_ref()
-                    .is_none_or(|c| !meshd_containers.contains(c))
+            v.container
+                .as_ref()
+                .is_none_or(|c| !meshd_containers.contains(c))
+                && !exempt(policy, v, spec)
         });
         if !violations.is_empty() {
             findings.push(PolicyFindings {
@@ -151,6 +153,9 @@ fn exempt(policy: &WorkloadPolicy, v: &Violation, spec: &PodSpec) -> bool {
     let Some(container) = v.container.as_deref() else {
         return false;
     };
+    if policy.exemptions.is_empty() {
+        return false;
+    }
     let image = rules::containers(spec)
         .into_iter()
         .find(|c| c.name == container)

@@ -9,11 +9,13 @@
 //! [`injected`] recognises meshd's own injected containers exactly, which are exempt;
 //! [`evaluate`] puts the pod against every policy that applies to it and says which
 //! mode decides. [`check`] ties them to the mesh snapshot: its policies, its
-//! namespaces' labels, their mTLS mode.
+//! namespaces' labels, their mTLS mode. [`manifests`] builds such a snapshot from
+//! files, for `meshctl admission check`.
 
 pub mod evaluate;
 pub mod image;
 pub mod injected;
+pub mod manifests;
 pub mod pss;
 pub mod rules;
 pub mod workload;

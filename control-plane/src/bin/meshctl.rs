@@ -87,13 +87,59 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         inject_config: Option<PathBuf>,
     },
-    /// Admission of what runs: WorkloadPolicies and the pods they find.
+    /// Admission of what runs: check manifests against WorkloadPolicies offline, or
+    /// read the report on running pods.
     #[command(subcommand)]
     Admission(AdmissionCommand),
     /// Show the resources meshd serves to one workload's sidecar.
     ProxyConfig {
         /// The workload, as <namespace>/<pod>.
         workload: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdmissionCommand {
+    /// Check the Pods and pod templates of manifests as meshd's validating webhook would.
+    ///
+    /// The policies are the WorkloadPolicies of the --policy files and of the manifests;
+    /// Namespaces there give namespace labels, PeerAuthentications the mTLS mode (STRICT
+    /// unless one says otherwise). Prints each object's verdict (stderr: a summary).
+    /// Exit status: 0 when nothing is denied, 1 when an Enforce policy denies an object
+    /// (or its pod cannot be read), 2 when an input is invalid.
+    ///
+    ///   meshctl admission check -f manifests/ --policy restricted.yaml
+    ///   meshctl inject -f deploy.yaml | meshctl admission check -f - --policy p.yaml
+    #[command(verbatim_doc_comment)]
+    Check {
+        /// The manifests: a file, a directory (every *.yaml/*.yml under it) or `-`
+        /// (stdin); repeat for more.
+        #[arg(long, short = 'f', value_name = "PATH", required = true)]
+        filename: Vec<PathBuf>,
+        /// More WorkloadPolicies (and Namespaces, PeerAuthentications): a file or a
+        /// directory; repeat for more.
+        #[arg(long, value_name = "PATH")]
+        policy: Vec<PathBuf>,
+        /// The injection settings meshd uses (the chart's `<release>-inject` ConfigMap,
+        /// key config.yaml), by which meshd's injected containers are recognised.
+        #[arg(long, value_name = "FILE")]
+        inject_config: Option<PathBuf>,
+        /// The mesh's root namespace: its policies apply to every namespace.
+        #[arg(long, value_name = "NS", default_value = DEFAULT_MESHD_NAMESPACE)]
+        root_namespace: String,
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// How the running pods stand against every WorkloadPolicy: pods it applies to,
+    /// those that break it, the rules broken most and the first offenders.
+    ///
+    /// The replica that holds the Lease evaluates the cluster's pods (at most every
+    /// 10 s) and keeps this in each policy's status (--source kubernetes).
+    Report {
         #[command(flatten)]
         admin: AdminArgs,
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
@@ -196,21 +242,6 @@ fn operator_name() -> String {
         .ok()
         .filter(|u| OperatorId::new(meshd_ca::DEFAULT_TRUST_DOMAIN, u).is_ok())
         .unwrap_or_else(|| "meshctl".to_string())
-}
-
-#[derive(Debug, Subcommand)]
-enum AdmissionCommand {
-    /// How the running pods stand against every WorkloadPolicy: pods it applies to,
-    /// those that break it, the rules broken most and the first offenders.
-    ///
-    /// The replica that holds the Lease evaluates the cluster's pods (at most every
-    /// 10 s) and keeps this in each policy's status (--source kubernetes).
-    Report {
-        #[command(flatten)]
-        admin: AdminArgs,
-        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -350,6 +381,44 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("not injected: {left}");
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Admission(AdmissionCommand::Check {
+            filename,
+            policy,
+            inject_config,
+            root_namespace,
+            output,
+        }) => {
+            use meshd::admission::manifests;
+            let config = match &inject_config {
+                Some(path) => meshd::inject::InjectConfig::load(path)?,
+                None => meshd::inject::InjectConfig::default(),
+            };
+            let load = |paths: &[PathBuf]| -> anyhow::Result<Vec<manifests::Input>> {
+                Ok(paths
+                    .iter()
+                    .map(|p| manifests::load(p))
+                    .collect::<Result<Vec<_>, _>>()?
+                    .concat())
+            };
+            let report =
+                manifests::check(&load(&filename)?, &load(&policy)?, &config, &root_namespace)?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            if report.policies.is_empty() {
+                eprintln!(
+                    "no WorkloadPolicy in the manifests or --policy files: nothing to check against"
+                );
+            }
+            eprintln!("{}", report.summary());
+            Ok(if report.denied() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Bootstrap(args) => {
             let BootstrapArgs {

@@ -107,8 +107,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Parsed, Vec<ConfigError>> {
         field,
         message,
     };
-    let values: Vec<Value> = serde_saphyr::from_multiple_with_options(text, options())
-        .map_err(|e| vec![err(None, None, None, None, yaml_error(&e))])?;
+    let values = documents(path, text).map_err(|e| vec![*e])?;
     let mut parsed = Parsed::default();
     let mut errors = Vec::new();
     let mut seen = HashMap::new();
@@ -159,9 +158,24 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Parsed, Vec<ConfigError>> {
     }
 }
 
+/// The YAML documents of one file's text, within meshd's budgets (`meshctl admission
+/// check` reads manifests with it too).
+pub fn documents(path: &Path, text: &str) -> Result<Vec<Value>, Box<ConfigError>> {
+    serde_saphyr::from_multiple_with_options(text, options()).map_err(|e| {
+        Box::new(ConfigError {
+            file: path.to_path_buf(),
+            document: None,
+            item: None,
+            object: None,
+            field: None,
+            message: yaml_error(&e),
+        })
+    })
+}
+
 /// The objects a document stands for: itself, or the items of a `v1` List, each with
 /// its index.
-fn objects_of(mut value: Value) -> Result<Vec<(Option<usize>, Value)>, FieldError> {
+pub fn objects_of(mut value: Value) -> Result<Vec<(Option<usize>, Value)>, FieldError> {
     let is_list = value.get("apiVersion").and_then(Value::as_str) == Some("v1")
         && value.get("kind").and_then(Value::as_str) == Some("List");
     if !is_list {
@@ -198,13 +212,13 @@ fn yaml_error(e: &serde_saphyr::Error) -> String {
 }
 
 impl FieldError {
-    fn field_opt(&self) -> Option<String> {
+    pub(crate) fn field_opt(&self) -> Option<String> {
         Some(self.field.clone()).filter(|f| !f.is_empty())
     }
 }
 
 /// What one document (or List item) is to meshd.
-enum Read {
+pub enum Read {
     Object(MeshObject),
     /// A kind meshd does not read: `object` names it, `why` says so.
     Ignored {
@@ -224,7 +238,9 @@ const READ: [(&str, &str); 7] = [
     (crd::GROUP_VERSION, "WorkloadPolicy"),
 ];
 
-fn parse_document(value: Value) -> Result<Read, (Option<String>, FieldError)> {
+/// One document (or List item) as meshd reads it; an error comes with the object's
+/// label (`WorkloadPolicy shop/x`) when it has one.
+pub fn parse_document(value: Value) -> Result<Read, (Option<String>, FieldError)> {
     let text = |key: &str| value.get(key).and_then(|v| v.as_str()).map(str::to_string);
     let api_version =
         text("apiVersion").ok_or_else(|| (None, FieldError::new("apiVersion", "is required")))?;
