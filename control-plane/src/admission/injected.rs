@@ -18,13 +18,11 @@
 //! `apiVersion`, ...), each only with its default value, `resources.requests`
 //! copied from `limits`, and quantities written in another form (`0.5` as `500m`).
 
+use crate::inject::{INJECTED_ANNOTATION, InjectConfig, template};
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use meshd_sidecar::capture;
 use meshd_sidecar::probes::{AppProbes, ORIGINAL_PROBES_ANNOTATION};
-use serde_json::Value;
-
-use crate::inject::{INJECTED_ANNOTATION, InjectConfig, template};
 
 /// The names of the containers of `spec` that are exactly the ones meshd's template
 /// (with `config`) injects into this pod; none unless the pod carries the injector's
@@ -48,76 +46,99 @@ pub fn recognise(meta: &ObjectMeta, spec: &PodSpec, config: &InjectConfig) -> Ve
     }
     let mut out = Vec::new();
     for actual in spec.init_containers.iter().flatten() {
-        let Some(want) = expected.iter().find(|c| c.name == actual.name) else {
-            continue;
-        };
-        let (Ok(want), Ok(got)) = (serde_json::to_value(want), serde_json::to_value(actual)) else {
-            continue;
-        };
-        if same(&want, &got, "") {
+        if expected
+            .iter()
+            .any(|want| want.name == actual.name && same(want, actual))
+        {
             out.push(actual.name.clone());
         }
     }
     out
 }
 
-/// Fields the API server sets when a stored pod leaves them out, with their value.
-const DEFAULTED: [(&str, &str); 7] = [
-    ("terminationMessagePath", "\"/dev/termination-log\""),
-    ("terminationMessagePolicy", "\"File\""),
-    ("successThreshold", "1"),
-    ("timeoutSeconds", "1"),
-    ("periodSeconds", "10"),
-    ("failureThreshold", "3"),
-    ("apiVersion", "\"v1\""),
-];
-
-/// Whether `got` is `want` as the API server stores it (see the module doc). `at` is
-/// the key `got` is under.
-fn same(want: &Value, got: &Value, at: &str) -> bool {
-    match (want, got) {
-        (Value::Object(_), Value::Object(_)) if matches!(at, "limits" | "requests") => {
-            same_quantities(want, got)
+/// Whether `got` is `want` as the API server stores it: equal once the defaults it
+/// adds where `want` leaves a field out are taken away again (see the module doc).
+fn same(want: &Container, got: &Container) -> bool {
+    let mut got = got.clone();
+    undefault(
+        &mut got.termination_message_path,
+        &want.termination_message_path,
+        "/dev/termination-log".to_string(),
+    );
+    undefault(
+        &mut got.termination_message_policy,
+        &want.termination_message_policy,
+        "File".to_string(),
+    );
+    for (got, want) in [
+        (&mut got.startup_probe, &want.startup_probe),
+        (&mut got.readiness_probe, &want.readiness_probe),
+        (&mut got.liveness_probe, &want.liveness_probe),
+    ] {
+        if let (Some(got), Some(want)) = (got.as_mut(), want.as_ref()) {
+            undefault(&mut got.success_threshold, &want.success_threshold, 1);
+            undefault(&mut got.timeout_seconds, &want.timeout_seconds, 1);
+            undefault(&mut got.period_seconds, &want.period_seconds, 10);
+            undefault(&mut got.failure_threshold, &want.failure_threshold, 3);
         }
-        (Value::Object(w), Value::Object(g)) => {
-            // Requests default to the limits when only limits are written.
-            if at == "resources" && !w.contains_key("requests") && g.contains_key("requests") {
-                let limits = w.get("limits").cloned().unwrap_or_default();
-                if !same_quantities(&limits, &g["requests"]) {
-                    return false;
-                }
+    }
+    if let (Some(got), Some(want)) = (got.env.as_mut(), want.env.as_ref()) {
+        for (got, want) in got.iter_mut().zip(want) {
+            let field_ref = |e: &k8s_openapi::api::core::v1::EnvVar| {
+                e.value_from
+                    .as_ref()
+                    .and_then(|v| v.field_ref.as_ref())
+                    .map(|f| f.api_version.clone())
+            };
+            let want_version = field_ref(want).flatten();
+            if let Some(f) = got.value_from.as_mut().and_then(|v| v.field_ref.as_mut()) {
+                undefault(&mut f.api_version, &want_version, "v1".to_string());
             }
-            w.iter()
-                .all(|(k, v)| g.get(k).is_some_and(|gv| same(v, gv, k)))
-                && g.iter().all(|(k, v)| {
-                    w.contains_key(k)
-                        || (at == "resources" && k == "requests")
-                        || DEFAULTED.iter().any(|(name, default)| {
-                            k == name
-                                && *v == serde_json::from_str::<Value>(default).unwrap_or_default()
-                        })
-                })
         }
-        (Value::Array(w), Value::Array(g)) => {
-            w.len() == g.len() && w.iter().zip(g).all(|(w, g)| same(w, g, at))
+    }
+    // Quantities compare by value; requests default to the limits.
+    let (got_resources, want_resources) = (got.resources.take(), want.resources.as_ref());
+    let resources_same = match (got_resources.as_ref(), want_resources) {
+        (None, None) => true,
+        (Some(g), Some(w)) => {
+            let requests_same = match (&g.requests, &w.requests) {
+                (Some(g), None) => w.limits.as_ref().is_some_and(|l| same_quantities(l, g)),
+                (g, w) => same_optional_quantities(g.as_ref(), w.as_ref()),
+            };
+            requests_same
+                && same_optional_quantities(g.limits.as_ref(), w.limits.as_ref())
+                && g.claims == w.claims
         }
-        _ => want == got,
+        _ => false,
+    };
+    got.resources = want.resources.clone();
+    resources_same && got == *want
+}
+
+/// Takes the API server's `default` out of `got` where `want` leaves the field out.
+fn undefault<T: PartialEq>(got: &mut Option<T>, want: &Option<T>, default: T) {
+    if want.is_none() && got.as_ref() == Some(&default) {
+        *got = None;
     }
 }
 
-fn same_quantities(want: &Value, got: &Value) -> bool {
-    match (want.as_object(), got.as_object()) {
-        (Some(w), Some(g)) => {
-            w.len() == g.len()
-                && w.iter().all(|(k, v)| {
-                    g.get(k).is_some_and(|gv| match (v.as_str(), gv.as_str()) {
-                        (Some(a), Some(b)) => quantity(a).is_some() && quantity(a) == quantity(b),
-                        _ => false,
-                    })
-                })
-        }
+type Quantities =
+    std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>;
+
+fn same_optional_quantities(got: Option<&Quantities>, want: Option<&Quantities>) -> bool {
+    match (got, want) {
+        (None, None) => true,
+        (Some(g), Some(w)) => same_quantities(w, g),
         _ => false,
     }
+}
+
+fn same_quantities(want: &Quantities, got: &Quantities) -> bool {
+    want.len() == got.len()
+        && want.iter().all(|(k, w)| {
+            got.get(k)
+                .is_some_and(|g| quantity(&w.0).is_some() && quantity(&w.0) == quantity(&g.0))
+        })
 }
 
 /// A Kubernetes quantity in thousandths (`500m` = 500, `1` = 1000, `64Mi` =
@@ -156,7 +177,7 @@ fn quantity(text: &str) -> Option<u128> {
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::core::v1::Pod;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
     use crate::inject;

@@ -39,12 +39,9 @@ use crate::model::{MeshSnapshot, MtlsMode};
 pub fn check(mesh: &MeshSnapshot, inject: &InjectConfig, namespace: &str, pod: &PodOf) -> Verdict {
     let empty = BTreeMap::new();
     let facts = namespace_facts(mesh, namespace, pod.template, &empty);
-    // A template's pods are injected later: it holds none of meshd's containers yet.
-    let meshd_containers = if pod.template {
-        Vec::new()
-    } else {
-        injected::recognise(&pod.meta, &pod.spec, inject)
-    };
+    // A template is usually injected later, in its pods; one `meshctl inject` wrote
+    // carries meshd's containers and annotation already, and is recognised the same.
+    let meshd_containers = injected::recognise(&pod.meta, &pod.spec, inject);
     let mut verdict = evaluate::evaluate(
         mesh.workload_policies.values().map(|p| &**p),
         facts,
@@ -94,5 +91,75 @@ fn namespace_facts<'a>(
             namespace_injected: labels.get(INJECT_LABEL).map(String::as_str) == Some("enabled"),
             template,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::workload_policy::{Mode, Profile, Rules};
+    use crate::model::{MeshDefaults, MeshObject, ObjectKey};
+
+    fn restricted_mesh() -> MeshSnapshot {
+        let policy = WorkloadPolicy {
+            key: ObjectKey::new("meshd-system", "restricted"),
+            mode: Mode::Enforce,
+            profile: Some(Profile::Restricted),
+            namespace_selector: None,
+            selector: None,
+            rules: Rules {
+                require_mesh: true,
+                ..Rules::default()
+            },
+            exemptions: Vec::new(),
+        };
+        MeshSnapshot::build(
+            1,
+            MeshDefaults::default(),
+            [MeshObject::WorkloadPolicy(Arc::new(policy))],
+        )
+    }
+
+    /// `meshctl inject -f deploy.yaml | kubectl apply -f -`: the Deployment arrives with
+    /// meshd's containers in its template, and they pass as they do in a pod.
+    #[test]
+    fn a_template_injected_by_meshctl_passes_as_its_pods_do() {
+        let config = InjectConfig::default();
+        let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "app", "image": "web:1", "securityContext": {
+                    "runAsNonRoot": true, "allowPrivilegeEscalation": false,
+                    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}}]}}}});
+        let yaml = serde_saphyr::to_string(&deployment).unwrap();
+        let (injected, _) = crate::inject::manifests::inject_yaml(&yaml, &config).unwrap();
+        let injected: serde_json::Value = serde_saphyr::from_str(&injected).unwrap();
+        let mesh = restricted_mesh();
+        let verdict = |object: &serde_json::Value| {
+            let pod = workload::pod_of("apps/v1", "Deployment", object)
+                .unwrap()
+                .unwrap();
+            check(&mesh, &config, "shop", &pod).messages()
+        };
+        assert_eq!(verdict(&injected), Vec::<String>::new());
+        // As written, the template is unmeshed in a STRICT namespace the injector does
+        // not take.
+        let messages = verdict(&deployment);
+        assert!(messages[0].contains("[requireMesh]"), "{messages:?}");
+        // Another proxy image setting: meshd-init is no longer meshd's.
+        let other = InjectConfig::parse("proxyImage: other/meshd-proxy:1\n").unwrap();
+        let pod = workload::pod_of("apps/v1", "Deployment", &injected)
+            .unwrap()
+            .unwrap();
+        let messages = check(&mesh, &other, "shop", &pod).messages();
+        assert!(
+            messages[0].contains("container \"meshd-init\""),
+            "{messages:?}"
+        );
     }
 }

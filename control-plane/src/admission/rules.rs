@@ -66,8 +66,18 @@ pub struct MeshFacts {
 }
 
 /// Whether the pod will run without meshd's sidecar: a pod without it, or a template
-/// the injector will not take (neither its namespace nor its label opts it in).
+/// without it (`meshctl inject` adds it) that the injector will not take either
+/// (neither its namespace nor its label opts it in).
 fn facts_say_unmeshed(meta: &ObjectMeta, spec: &PodSpec, mesh: MeshFacts) -> bool {
+    let has_sidecar = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .any(|c| c.name == crate::inject::template::SIDECAR);
+    if has_sidecar {
+        return false;
+    }
     if mesh.template {
         let label = meta
             .labels
@@ -76,12 +86,7 @@ fn facts_say_unmeshed(meta: &ObjectMeta, spec: &PodSpec, mesh: MeshFacts) -> boo
             .map(String::as_str);
         return !(mesh.namespace_injected || label == Some("true"));
     }
-    !spec
-        .init_containers
-        .iter()
-        .flatten()
-        .chain(&spec.containers)
-        .any(|c| c.name == crate::inject::template::SIDECAR)
+    true
 }
 
 /// Every violation of `rules` by the pod `meta` + `spec`.
