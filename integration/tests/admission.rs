@@ -9,7 +9,8 @@
 //! passing), each rule beyond the standards, `requireMesh`, exemptions, Warn, Audit
 //! (admitted and counted in `/metrics`), several policies at once, the templates of
 //! every workload kind, meshd's injected containers passing and hand-made copies
-//! failing. Then: a policy change applies to the next request and an invalid one is
+//! failing; `meshctl admission check` on the same objects gives the same verdicts
+//! and messages. Then: a policy change applies to the next request and an invalid one is
 //! refused (`Accepted=False`) while the version in force stays; an injected pod is
 //! stored and admitted under `restricted`; objects the webhook cannot read are denied;
 //! with meshd gone, `failurePolicy: Fail` refuses, and meshd's own namespace is never
@@ -709,82 +710,236 @@ fn table() -> Vec<Case> {
     t
 }
 
+/// The table's namespaces and their labels.
+const NAMESPACES: [(&str, &[(&str, &str)]); 10] = [
+    ("baseline", &[]),
+    ("restricted", &[]),
+    ("rules", &[]),
+    ("mesh", &[]),
+    ("warn", &[]),
+    ("audit", &[]),
+    ("exempt", &[]),
+    ("prod", &[("tier", "prod")]),
+    ("dev", &[("tier", "dev")]),
+    ("meshed", &[("meshd.io/inject", "enabled")]),
+];
+
+/// The table's WorkloadPolicies: namespace, name, spec.
+fn policies() -> Vec<(&'static str, &'static str, Value)> {
+    vec![
+        (
+            "baseline",
+            "baseline",
+            json!({"mode": "Enforce", "profile": "baseline"}),
+        ),
+        (
+            "restricted",
+            "restricted",
+            json!({"mode": "Enforce", "profile": "restricted"}),
+        ),
+        (
+            "rules",
+            "rules",
+            json!({"mode": "Enforce", "rules": {
+            "readOnlyRootFilesystem": true, "allowedRegistries": ["registry.example.com/"],
+            "requireImageDigest": true, "forbidLatestTag": true, "requireResourceLimits": true,
+            "forbidDefaultServiceAccount": true}}),
+        ),
+        (
+            "mesh",
+            "require-mesh",
+            json!({"mode": "Enforce", "rules": {"requireMesh": true}}),
+        ),
+        (
+            "warn",
+            "restricted",
+            json!({"mode": "Warn", "profile": "restricted"}),
+        ),
+        (
+            "audit",
+            "restricted",
+            json!({"mode": "Audit", "profile": "restricted"}),
+        ),
+        (
+            "exempt",
+            "restricted",
+            json!({"mode": "Enforce", "profile": "restricted", "exemptions": [
+            {"container": "debug", "reason": "break glass"},
+            {"image": "registry.example.com/ops/*", "reason": "ops tools"},
+            {"serviceAccount": "legacy", "reason": "being migrated"}]}),
+        ),
+        (
+            "meshd-system",
+            "no-latest",
+            json!({"mode": "Enforce",
+            "namespaceSelector": {"matchLabels": {"tier": "prod"}}, "rules": {"forbidLatestTag": true}}),
+        ),
+        (
+            "prod",
+            "baseline",
+            json!({"mode": "Warn", "profile": "baseline"}),
+        ),
+        (
+            "meshed",
+            "restricted",
+            json!({"mode": "Enforce", "profile": "restricted",
+            "rules": {"requireMesh": true}}),
+        ),
+    ]
+}
+
 async fn install_policies(c: &Cluster) -> anyhow::Result<()> {
-    for (ns, labels) in [
-        ("baseline", vec![]),
-        ("restricted", vec![]),
-        ("rules", vec![]),
-        ("mesh", vec![]),
-        ("warn", vec![]),
-        ("audit", vec![]),
-        ("exempt", vec![]),
-        ("prod", vec![("tier", "prod")]),
-        ("dev", vec![("tier", "dev")]),
-        ("meshed", vec![("meshd.io/inject", "enabled")]),
-    ] {
-        c.api.create_namespace(ns, &labels).await?;
+    for (ns, labels) in NAMESPACES {
+        c.api.create_namespace(ns, labels).await?;
     }
-    let restricted = json!({"mode": "Enforce", "profile": "restricted"});
-    c.policy(
-        "baseline",
-        "baseline",
-        json!({"mode": "Enforce", "profile": "baseline"}),
-    )
-    .await?;
-    c.policy("restricted", "restricted", restricted.clone())
+    let all = policies();
+    for (ns, name, spec) in &all {
+        c.policy(ns, name, spec.clone()).await?;
+    }
+    c.wait_policies(all.len()).await
+}
+
+/// Whether the API server sends `case`'s object through the injection webhook first.
+fn injected_by_the_api_server(case: &Case) -> bool {
+    let label = case.object["metadata"]["labels"]["meshd.io/inject"].as_str();
+    case.object["kind"] == "Pod"
+        && label != Some("false")
+        && (case.ns == "meshed" || label == Some("true"))
+}
+
+/// `meshctl admission check` on the table written as files (the policies and
+/// namespaces in a `--policy` file; a pod the API server would inject first through
+/// `meshctl inject`): the same verdict as the webhook for every case, and every
+/// denial's message word for word.
+async fn offline_verdicts_match(
+    c: &Cluster,
+    table: &[Case],
+    answers: &[Answer],
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let yaml = |docs: &[Value]| -> anyhow::Result<String> {
+        let docs: Result<Vec<String>, _> = docs.iter().map(serde_saphyr::to_string).collect();
+        Ok(docs?.join("---\n"))
+    };
+    let mut defs: Vec<Value> = NAMESPACES
+        .iter()
+        .map(|(ns, labels)| {
+            let labels: serde_json::Map<String, Value> =
+                labels.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}})
+        })
+        .collect();
+    defs.extend(policies().into_iter().map(|(ns, name, spec)| {
+        json!({"apiVersion": "security.meshd.io/v1alpha1", "kind": "WorkloadPolicy",
+               "metadata": {"name": name, "namespace": ns}, "spec": spec})
+    }));
+    let policy_file = dir.path().join("policies.yaml");
+    std::fs::write(&policy_file, yaml(&defs)?)?;
+    // The settings meshd injects with, as `kubectl get configmap` would give them.
+    let inject_config = dir.path().join("inject.yaml");
+    std::fs::write(
+        &inject_config,
+        format!(
+            "{INJECT_CONFIG}meshdNamespace: {}\n",
+            c.meshd.meshd_namespace()
+        ),
+    )?;
+    let cases = dir.path().join("cases");
+    std::fs::create_dir(&cases)?;
+    for (i, case) in table.iter().enumerate() {
+        let mut object = case.object.clone();
+        object["metadata"]["namespace"] = json!(case.ns);
+        let mut text = yaml(&[object])?;
+        if injected_by_the_api_server(case) {
+            let raw = dir.path().join(format!("raw-{i}.yaml"));
+            std::fs::write(&raw, &text)?;
+            let out = c
+                .meshd
+                .meshctl(&[
+                    "inject",
+                    "-f",
+                    path(&raw)?,
+                    "--inject-config",
+                    path(&inject_config)?,
+                ])
+                .await?;
+            ensure!(
+                out.status.success(),
+                "meshctl inject: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            text = String::from_utf8(out.stdout)?;
+        }
+        std::fs::write(cases.join(format!("case-{i:03}.yaml")), text)?;
+    }
+    let out = c
+        .meshd
+        .meshctl(&[
+            "admission",
+            "check",
+            "-f",
+            path(&cases)?,
+            "--policy",
+            path(&policy_file)?,
+            "--inject-config",
+            path(&inject_config)?,
+            "-o",
+            "json",
+        ])
         .await?;
-    c.policy(
-        "rules",
-        "rules",
-        json!({"mode": "Enforce", "rules": {
-        "readOnlyRootFilesystem": true, "allowedRegistries": ["registry.example.com/"],
-        "requireImageDigest": true, "forbidLatestTag": true, "requireResourceLimits": true,
-        "forbidDefaultServiceAccount": true}}),
-    )
-    .await?;
-    c.policy(
-        "mesh",
-        "require-mesh",
-        json!({"mode": "Enforce", "rules": {"requireMesh": true}}),
-    )
-    .await?;
-    c.policy(
-        "warn",
-        "restricted",
-        json!({"mode": "Warn", "profile": "restricted"}),
-    )
-    .await?;
-    c.policy(
-        "audit",
-        "restricted",
-        json!({"mode": "Audit", "profile": "restricted"}),
-    )
-    .await?;
-    c.policy(
-        "exempt",
-        "restricted",
-        json!({"mode": "Enforce", "profile": "restricted", "exemptions": [
-        {"container": "debug", "reason": "break glass"},
-        {"image": "registry.example.com/ops/*", "reason": "ops tools"},
-        {"serviceAccount": "legacy", "reason": "being migrated"}]}),
-    )
-    .await?;
-    c.policy("meshd-system", "no-latest", json!({"mode": "Enforce",
-        "namespaceSelector": {"matchLabels": {"tier": "prod"}}, "rules": {"forbidLatestTag": true}})).await?;
-    c.policy(
-        "prod",
-        "baseline",
-        json!({"mode": "Warn", "profile": "baseline"}),
-    )
-    .await?;
-    c.policy(
-        "meshed",
-        "restricted",
-        json!({"mode": "Enforce", "profile": "restricted",
-        "rules": {"requireMesh": true}}),
-    )
-    .await?;
-    c.wait_policies(10).await
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("meshctl: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let objects = report["objects"].as_array().context("objects")?;
+    ensure!(
+        objects.len() == table.len(),
+        "{} objects checked of {}",
+        objects.len(),
+        table.len()
+    );
+    let mut mismatches = Vec::new();
+    for object in objects {
+        let file = object["file"].as_str().context("file")?;
+        let i: usize = file
+            .rsplit_once("case-")
+            .and_then(|(_, n)| n.strip_suffix(".yaml"))
+            .context("case file")?
+            .parse()?;
+        let (case, answer) = (&table[i], &answers[i]);
+        let offline = match object["mode"].as_str() {
+            Some("Enforce") => "denied",
+            Some("Warn") => "warned",
+            _ => "admitted",
+        };
+        let webhook = match (answer.admitted, answer.stderr.contains("Warning: meshd")) {
+            (false, _) => "denied",
+            (true, true) => "warned",
+            (true, false) => "admitted",
+        };
+        let messages: Vec<&str> = object["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter(|m| m.starts_with("denied by"))
+            .collect();
+        if offline != webhook || messages.iter().any(|m| !answer.stderr.contains(m)) {
+            mismatches.push(format!(
+                "{} (in {}): webhook {webhook}, meshctl {offline} {messages:?}; kubectl:\n{}",
+                case.name, case.ns, answer.stderr
+            ));
+        }
+    }
+    ensure!(
+        mismatches.is_empty(),
+        "{} cases differ:\n{}",
+        mismatches.len(),
+        mismatches.join("\n\n")
+    );
+    Ok(())
+}
+
+fn path(p: &std::path::Path) -> anyhow::Result<&str> {
+    p.to_str().context("a UTF-8 path")
 }
 
 fn judge(case: &Case, answer: &Answer) -> Result<(), String> {
@@ -814,12 +969,14 @@ async fn the_table_through_the_api_server() -> anyhow::Result<()> {
     let table = table();
     ensure!(table.len() >= 40, "{} cases", table.len());
     let mut failures = Vec::new();
+    let mut answers = Vec::new();
     for case in &table {
         let answer = c.kubectl_create(case.ns, &case.object).await?;
         eprintln!("{} (in {}):\n{}", case.name, case.ns, answer.stderr);
         if let Err(e) = judge(case, &answer) {
             failures.push(e);
         }
+        answers.push(answer);
     }
     ensure!(
         failures.is_empty(),
@@ -828,6 +985,7 @@ async fn the_table_through_the_api_server() -> anyhow::Result<()> {
         table.len(),
         failures.join("\n\n")
     );
+    offline_verdicts_match(&c, &table, &answers).await?;
     // Audit admitted the pod and counted its violation.
     let metrics = c.meshd.metrics().await?;
     ensure!(
