@@ -4,7 +4,8 @@
 //! containers included, against `restricted` and every rule; (c) a pod that breaks
 //! every control and rule it can (building the violations and messages included);
 //! (d) the injected pod against 10 policies (the two of (b), eight of its namespace);
-//! and the recognition of meshd's containers alone, which (b) and (d) include.
+//! the recognition of meshd's containers alone, which (b) and (d) include; and the
+//! whole `/validate` review of (b), from its body to the answer.
 
 use std::sync::Arc;
 
@@ -221,5 +222,43 @@ fn recognition(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench, recognition);
+/// The whole `/validate` answer for (b): the AdmissionReview read, the pod found, checked
+/// and the review written, as the webhook does it for every request.
+fn whole_review(c: &mut Criterion) {
+    let config = InjectConfig::default();
+    let (_tx, snapshot) = tokio::sync::watch::channel(Arc::new(mesh(vec![
+        policy(
+            "meshd-system",
+            "restricted",
+            Some(Profile::Restricted),
+            Rules::default(),
+        ),
+        policy(
+            "meshd-system",
+            "rules",
+            Some(Profile::Baseline),
+            every_rule(),
+        ),
+    ])));
+    let review = serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "name": "web", "namespace": "shop", "operation": "CREATE", "userInfo": {},
+            "object": injected(&config)}}))
+    .unwrap();
+    c.bench_function(
+        &format!(
+            "webhook /validate: the whole review of (b) ({} bytes)",
+            review.len()
+        ),
+        |b| {
+            b.iter(|| {
+                meshd::webhook::validate_review(&config, &snapshot, std::hint::black_box(&review))
+            })
+        },
+    );
+}
+
+criterion_group!(benches, bench, recognition, whole_review);
 criterion_main!(benches);

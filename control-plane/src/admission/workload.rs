@@ -34,32 +34,68 @@ pub struct PodOf {
 /// The pod of `object` (an `api_version` + `kind`), `Ok(None)` for a kind without one,
 /// or why it cannot be read: the field and the error, as a user can fix it.
 pub fn pod_of(api_version: &str, kind: &str, object: &Value) -> Result<Option<PodOf>, String> {
+    if template_pointer(api_version, kind).is_none() {
+        return Ok(None);
+    }
+    let meta: ObjectMeta = match object.get("metadata") {
+        Some(meta) => typed(meta, "metadata")?,
+        None => ObjectMeta::default(),
+    };
+    pod_of_parts(api_version, kind, &meta, object)
+}
+
+/// [`pod_of`] for an object already read in two parts: its `metadata`, and the rest
+/// (`spec`, ...), as kube's `DynamicObject` holds it. What the webhook reads, without
+/// turning the object back into one JSON tree first.
+pub fn pod_of_parts(
+    api_version: &str,
+    kind: &str,
+    metadata: &ObjectMeta,
+    rest: &Value,
+) -> Result<Option<PodOf>, String> {
     let Some(pointer) = template_pointer(api_version, kind) else {
         return Ok(None);
     };
+    if pointer.is_empty() {
+        let spec = rest.get("spec").ok_or("spec: is required")?;
+        return Ok(Some(PodOf {
+            prefix: "",
+            template: false,
+            meta: metadata.clone(),
+            spec: typed(spec, "spec")?,
+        }));
+    }
     let prefix = match pointer {
-        "" => "",
         "/spec/template" => "spec.template.",
         _ => "spec.jobTemplate.spec.template.",
     };
-    let at = |field: &str| format!("{prefix}{field}");
-    let template = object
+    let at = prefix.trim_end_matches('.');
+    let template = rest
         .pointer(pointer)
-        .ok_or_else(|| format!("{}: is required", at("").trim_end_matches('.')))?;
-    let read: PodTemplateSpec = serde_path_to_error::deserialize(template).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." { String::new() } else { path };
-        format!("{}: {}", at(&field).trim_end_matches('.'), e.into_inner())
-    })?;
+        .ok_or_else(|| format!("{at}: is required"))?;
+    let read: PodTemplateSpec = typed(template, at)?;
     let spec = read
         .spec
-        .ok_or_else(|| format!("{}: is required", at("spec")))?;
+        .ok_or_else(|| format!("{prefix}spec: is required"))?;
     Ok(Some(PodOf {
         prefix,
-        template: !prefix.is_empty(),
+        template: true,
         meta: read.metadata.unwrap_or_default(),
         spec,
     }))
+}
+
+/// `value` read as a `T`; the error names the field under `at`.
+fn typed<T: serde::de::DeserializeOwned>(value: &Value, at: &str) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            at.to_string()
+        } else {
+            format!("{at}.{path}")
+        };
+        format!("{field}: {}", e.into_inner())
+    })
 }
 
 #[cfg(test)]

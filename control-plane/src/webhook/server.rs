@@ -63,7 +63,7 @@ async fn inject_review(State(state): State<WebhookState>, body: Bytes) -> Respon
 
 async fn validate_review(State(state): State<WebhookState>, body: Bytes) -> Response {
     let started = Instant::now();
-    let response = validate::handle(&state, &body);
+    let response = validate::handle(&state.inject, &state.mesh, &body);
     Metrics::observe(&metrics().admission_duration, started.elapsed());
     response
 }

@@ -17,16 +17,20 @@
 //! kinds and sub-resources are admitted unchanged.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::response::Response;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 
 use super::review;
-use super::server::WebhookState;
+use tokio::sync::watch;
+
 use crate::admission::{self, workload};
+use crate::inject::InjectConfig;
 use crate::logging::Escaped;
 use crate::metrics::{PolicyRuleLabel, metrics};
+use crate::model::MeshSnapshot;
 use crate::model::workload_policy::Mode;
 
 pub const PATH: &str = "/validate";
@@ -34,7 +38,13 @@ pub const PATH: &str = "/validate";
 /// Audit annotation key (the API server prefixes it with the webhook's name).
 const AUDIT_KEY: &str = "violations";
 
-pub fn handle(state: &WebhookState, body: &[u8]) -> Response {
+/// Answers the review in `body` with the snapshot `mesh` holds now; `inject` is the
+/// injection template meshd's own containers are recognised by.
+pub fn handle(
+    inject: &InjectConfig,
+    mesh: &watch::Receiver<Arc<MeshSnapshot>>,
+    body: &[u8],
+) -> Response {
     let request = match review::request(body) {
         Ok(r) => r,
         Err(reason) => return review::invalid(PATH, &reason),
@@ -46,9 +56,7 @@ pub fn handle(state: &WebhookState, body: &[u8]) -> Response {
     let (api_version, object) = checked;
     let kind = &request.kind.kind;
     let (namespace, name) = review::object_name(&request, object);
-    let read = serde_json::to_value(object)
-        .map_err(|e| e.to_string())
-        .and_then(|value| workload::pod_of(&api_version, kind, &value));
+    let read = workload::pod_of_parts(&api_version, kind, &object.metadata, &object.data);
     let pod = match read {
         Ok(Some(pod)) => pod,
         Ok(None) => return review::answer(PATH, "unchanged", allowed),
@@ -59,8 +67,8 @@ pub fn handle(state: &WebhookState, body: &[u8]) -> Response {
         }
     };
     let verdict = {
-        let mesh = state.mesh.borrow();
-        admission::check(&mesh, &state.inject, &namespace, &pod)
+        let mesh = mesh.borrow();
+        admission::check(&mesh, inject, &namespace, &pod)
     };
     for f in &verdict.findings {
         for v in &f.violations {
@@ -135,15 +143,10 @@ fn to_check(request: &AdmissionRequest<DynamicObject>) -> Option<(String, &Dynam
             } else {
                 workload::template_pointer(&api_version, &gvk.kind)?
             };
-            let pod_of = |o: &DynamicObject| {
-                serde_json::to_value(o)
-                    .ok()
-                    .and_then(|v| v.pointer(pointer).cloned())
-            };
             let unchanged = request
                 .old_object
                 .as_ref()
-                .is_some_and(|old| pod_of(old) == pod_of(object));
+                .is_some_and(|old| old.data.pointer(pointer) == object.data.pointer(pointer));
             (!unchanged).then_some((api_version, object))
         }
         _ => None,
@@ -152,18 +155,14 @@ fn to_check(request: &AdmissionRequest<DynamicObject>) -> Option<(String, &Dynam
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use axum::body::to_bytes;
     use serde_json::{Value, json};
-    use tokio::sync::watch;
 
     use super::*;
-    use crate::inject::InjectConfig;
     use crate::model::workload_policy::{Profile, Rules, WorkloadPolicy};
-    use crate::model::{MeshDefaults, MeshObject, MeshSnapshot, ObjectKey};
+    use crate::model::{MeshDefaults, MeshObject, ObjectKey};
 
-    fn state() -> WebhookState {
+    fn mesh() -> watch::Receiver<Arc<MeshSnapshot>> {
         let policy = WorkloadPolicy {
             key: ObjectKey::new("shop", "baseline"),
             mode: Mode::Enforce,
@@ -178,11 +177,7 @@ mod tests {
             MeshDefaults::default(),
             [MeshObject::WorkloadPolicy(Arc::new(policy))],
         );
-        let (_tx, rx) = watch::channel(Arc::new(mesh));
-        WebhookState {
-            inject: Arc::new(InjectConfig::default()),
-            mesh: rx,
-        }
+        watch::channel(Arc::new(mesh)).1
     }
 
     fn deployment(privileged: bool, replicas: u32) -> Value {
@@ -212,7 +207,7 @@ mod tests {
     }
 
     async fn allowed(body: Vec<u8>) -> (bool, String) {
-        let response = handle(&state(), &body);
+        let response = handle(&InjectConfig::default(), &mesh(), &body);
         let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         let message = v["response"]["status"]["message"]
