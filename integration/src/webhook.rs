@@ -63,6 +63,35 @@ pub async fn install_validating(api: &KubeApi, url: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// meshd on `api` serving its webhooks on `addr` with the injection settings
+/// `inject_config`, once its Lease holder has written the mutating configuration's
+/// caBundle (and the validating one's, with `validating`); and that trust bundle.
+pub async fn start_meshd(
+    api: &KubeApi,
+    addr: SocketAddr,
+    inject_config: &std::path::Path,
+    validating: bool,
+) -> anyhow::Result<(crate::meshd::Meshd, String)> {
+    let meshd = crate::meshd::Meshd::start_kubernetes(
+        api,
+        &[
+            "--webhook-address",
+            &addr.to_string(),
+            "--webhook-configuration",
+            CONFIGURATION,
+            "--inject-config",
+            inject_config.to_str().context("path")?,
+        ],
+    )
+    .await?;
+    let bundle = meshd.trust_bundle_pem().await?;
+    wait_ca_bundle(api, &bundle).await?;
+    if validating {
+        wait_validating_ca_bundle(api, &bundle).await?;
+    }
+    Ok((meshd, bundle))
+}
+
 /// The certificates of a PEM bundle, DER.
 fn certificates(pem: &[u8]) -> Vec<Vec<u8>> {
     CertificateDer::pem_slice_iter(pem)

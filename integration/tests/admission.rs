@@ -29,7 +29,7 @@ use meshd_integration::meshd::Meshd;
 use meshd_integration::net::free_port;
 use meshd_integration::tools::kubectl_binary;
 use meshd_integration::wait::eventually;
-use meshd_integration::webhook::{self, CONFIGURATION, WebhookClient};
+use meshd_integration::webhook::{self, WebhookClient};
 use serde_json::{Value, json};
 
 const INJECT_CONFIG: &str = "proxyImage: registry.example.com/meshd-proxy:9.9.9\n";
@@ -52,21 +52,7 @@ async fn cluster() -> anyhow::Result<Cluster> {
     let inject_config = tempfile::NamedTempFile::new()?;
     std::fs::write(inject_config.path(), INJECT_CONFIG)?;
     let webhook: SocketAddr = ([127, 0, 0, 1], port).into();
-    let meshd = Meshd::start_kubernetes(
-        &api,
-        &[
-            "--webhook-address",
-            &webhook.to_string(),
-            "--webhook-configuration",
-            CONFIGURATION,
-            "--inject-config",
-            inject_config.path().to_str().context("path")?,
-        ],
-    )
-    .await?;
-    let bundle = meshd.trust_bundle_pem().await?;
-    webhook::wait_ca_bundle(&api, &bundle).await?;
-    webhook::wait_validating_ca_bundle(&api, &bundle).await?;
+    let (meshd, bundle) = webhook::start_meshd(&api, webhook, inject_config.path(), true).await?;
     Ok(Cluster {
         api,
         meshd,

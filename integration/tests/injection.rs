@@ -39,20 +39,7 @@ async fn cluster() -> anyhow::Result<Cluster> {
     let inject_config = tempfile::NamedTempFile::new()?;
     std::fs::write(inject_config.path(), INJECT_CONFIG)?;
     let webhook: SocketAddr = ([127, 0, 0, 1], port).into();
-    let meshd = Meshd::start_kubernetes(
-        &api,
-        &[
-            "--webhook-address",
-            &webhook.to_string(),
-            "--webhook-configuration",
-            CONFIGURATION,
-            "--inject-config",
-            inject_config.path().to_str().context("path")?,
-        ],
-    )
-    .await?;
-    let bundle = meshd.trust_bundle_pem().await?;
-    webhook::wait_ca_bundle(&api, &bundle).await?;
+    let (meshd, bundle) = webhook::start_meshd(&api, webhook, inject_config.path(), false).await?;
     api.create_namespace("shop", &[("meshd.io/inject", "enabled")])
         .await?;
     api.create_namespace("plain", &[]).await?;

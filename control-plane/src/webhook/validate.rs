@@ -22,10 +22,9 @@ use std::sync::Arc;
 use axum::response::Response;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
-
-use super::review;
 use tokio::sync::watch;
 
+use super::review;
 use crate::admission::{self, workload};
 use crate::inject::InjectConfig;
 use crate::logging::Escaped;
@@ -82,13 +81,14 @@ pub fn handle(
                 .inc();
         }
     }
-    let lines = |mode: Mode| -> Vec<String> {
+    let messages = verdict.messages();
+    let lines = |mode: Mode| -> Vec<&str> {
         verdict
             .findings
             .iter()
-            .zip(verdict.messages())
+            .zip(&messages)
             .filter(|(f, _)| f.mode == mode)
-            .map(|(_, m)| m)
+            .map(|(_, m)| m.as_str())
             .collect()
     };
     let mut response = allowed;
