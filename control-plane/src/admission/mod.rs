@@ -38,7 +38,7 @@ use crate::model::{MeshSnapshot, MtlsMode};
 /// Deployment).
 pub fn check(mesh: &MeshSnapshot, inject: &InjectConfig, namespace: &str, pod: &PodOf) -> Verdict {
     let empty = BTreeMap::new();
-    let facts = namespace_facts(mesh, namespace, pod.template, &empty);
+    let facts = namespace_facts(mesh, namespace, pod.is_template(), &empty);
     // A template is usually injected later, in its pods; one `meshctl inject` wrote
     // carries meshd's containers and annotation already, and is recognised the same.
     let meshd_containers = injected::recognise(&pod.meta, &pod.spec, inject);

@@ -25,8 +25,6 @@ pub struct PodOf {
     /// Put in front of the pod's field paths: `""` for a Pod, `spec.template.` for a
     /// Deployment, `spec.jobTemplate.spec.template.` for a CronJob.
     pub prefix: &'static str,
-    /// Whether it is a template (its pods are created, and injected, later).
-    pub template: bool,
     pub meta: ObjectMeta,
     pub spec: PodSpec,
 }
@@ -60,7 +58,6 @@ pub fn pod_of_parts(
         let spec = rest.get("spec").ok_or("spec: is required")?;
         return Ok(Some(PodOf {
             prefix: "",
-            template: false,
             meta: metadata.clone(),
             spec: typed(spec, "spec")?,
         }));
@@ -79,10 +76,16 @@ pub fn pod_of_parts(
         .ok_or_else(|| format!("{prefix}spec: is required"))?;
     Ok(Some(PodOf {
         prefix,
-        template: true,
         meta: read.metadata.unwrap_or_default(),
         spec,
     }))
+}
+
+impl PodOf {
+    /// Whether it is a workload's template (its pods are created, and injected, later).
+    pub fn is_template(&self) -> bool {
+        !self.prefix.is_empty()
+    }
 }
 
 /// `value` read as a `T`; the error names the field under `at`.
@@ -109,13 +112,13 @@ mod tests {
         let pod = json!({"metadata": {"name": "p", "labels": {"a": "b"}},
             "spec": {"containers": [{"name": "app", "image": "x"}]}});
         let read = pod_of("v1", "Pod", &pod).unwrap().unwrap();
-        assert_eq!((read.prefix, read.template), ("", false));
+        assert_eq!((read.prefix, read.is_template()), ("", false));
         assert_eq!(read.spec.containers[0].name, "app");
 
         let cron = json!({"spec": {"jobTemplate": {"spec": {"template": pod.clone()}}}});
         let read = pod_of("batch/v1", "CronJob", &cron).unwrap().unwrap();
         assert_eq!(read.prefix, "spec.jobTemplate.spec.template.");
-        assert!(read.template);
+        assert!(read.is_template());
         assert_eq!(read.meta.labels.unwrap()["a"], "b");
 
         assert!(pod_of("v1", "ConfigMap", &json!({})).unwrap().is_none());

@@ -176,7 +176,6 @@ fn running(pod: Pod) -> Option<(ObjectKey, PodOf)> {
         key,
         PodOf {
             prefix: "",
-            template: false,
             meta,
             spec,
         },
