@@ -8,6 +8,7 @@
 //! | `meshd_xds_nacks_total{type}` | responses a proxy rejected |
 //! | `meshd_xds_push_duration_seconds` | building and queueing one response |
 //! | `meshd_xds_convergence_seconds` | from the first change of a burst until a proxy has ACKed the snapshot with it |
+//! | `meshd_xds_woken_streams` | streams one xDS snapshot woke: those it concerns ([`crate::xds::serve::wake`]) |
 //! | `meshd_snapshot_debounce_seconds` | from the first change of a burst until its snapshot is published |
 //! | `meshd_snapshot_build_seconds` | deriving one mesh snapshot |
 //! | `meshd_snapshots_total` | mesh snapshots published |
@@ -82,6 +83,7 @@ pub struct Metrics {
     pub nacks: Family<TypeLabel, Counter>,
     pub push_duration: Histogram,
     pub convergence: Histogram,
+    pub woken_streams: Histogram,
     pub debounce: Histogram,
     pub snapshot_build: Histogram,
     pub snapshots: Counter,
@@ -121,6 +123,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         nacks: Family::default(),
         push_duration: Histogram::new(latency_buckets()),
         convergence: Histogram::new(latency_buckets()),
+        // 1 … ~500,000 streams.
+        woken_streams: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
         debounce: Histogram::new(latency_buckets()),
         snapshot_build: Histogram::new(latency_buckets()),
         snapshots: Counter::default(),
@@ -167,6 +171,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "xds_convergence_seconds",
         "From the first change of a burst until a proxy ACKed the snapshot holding it",
         m.convergence.clone(),
+    );
+    registry.register(
+        "xds_woken_streams",
+        "ADS streams one xDS snapshot woke (the ones it concerns)",
+        m.woken_streams.clone(),
     );
     registry.register(
         "snapshot_debounce_seconds",

@@ -69,8 +69,14 @@ impl Fixture {
         write_policy(&self.mesh, sa)
     }
 
+    /// The inbound listener of `port`.
     fn name(&self, port: u16) -> String {
         format!("inbound|{}", self.web.inbound(port))
+    }
+
+    /// The inbound route of HTTP `port`.
+    fn route(&self, port: u16) -> String {
+        format!("inbound|{port}")
     }
 
     fn cert(&self) -> anyhow::Result<ClientCert> {
@@ -181,6 +187,7 @@ async fn sotw_a_rejected_route_or_listener_denies_everything_until_a_changed_pol
 -> anyhow::Result<()> {
     let f = Fixture::start().await?;
     let (http, tcp) = (f.name(8080), f.name(5432));
+    let rds = f.route(8080);
     let mut c = SotwClient::connect(f.meshd.xds_addr, &f.cert()?).await?;
 
     // LDS: the proxy rejects both inbound listeners; it never accepted any, so both are
@@ -216,15 +223,15 @@ async fn sotw_a_rejected_route_or_listener_denies_everything_until_a_changed_pol
     );
 
     // RDS: the proxy rejects the compiled route; the next push denies everything.
-    c.request(None, RDS, &[&http], None).await?;
+    c.request(None, RDS, &[&rds], None).await?;
     let r1 = c.recv().await?;
     ensure!(compiled(&decode(&r1.resources[0])?));
-    c.nack(&r1, &[&http], ENVOY_SAYS).await?;
+    c.nack(&r1, &[&rds], ENVOY_SAYS).await?;
     let r2 = c.recv().await?;
     let route: RouteConfiguration = decode(&r2.resources[0])?;
-    ensure!(route.name == http && denies_everything(&route), "{route:?}");
-    c.request(None, RDS, &[&http], Some(&r2)).await?;
-    f.wait_reported(&[("lds", &http), ("lds", &tcp), ("rds", &http)])
+    ensure!(route.name == rds && denies_everything(&route), "{route:?}");
+    c.request(None, RDS, &[&rds], Some(&r2)).await?;
+    f.wait_reported(&[("lds", &http), ("lds", &tcp), ("rds", &rds)])
         .await?;
     let (problems, _) = f.reported().await?;
     ensure!(
@@ -250,7 +257,7 @@ async fn sotw_a_rejected_route_or_listener_denies_everything_until_a_changed_pol
     c.request(None, LDS, &[], Some(&l3)).await?;
     let r3 = c.recv().await?;
     ensure!(r3.type_url == RDS && compiled(&decode(&r3.resources[0])?));
-    c.request(None, RDS, &[&http], Some(&r3)).await?;
+    c.request(None, RDS, &[&rds], Some(&r3)).await?;
     f.wait_reported(&[("lds", &http)]).await?;
 
     // Rejected again: denying again.
@@ -258,11 +265,11 @@ async fn sotw_a_rejected_route_or_listener_denies_everything_until_a_changed_pol
     let l4 = c.recv().await?;
     c.request(None, LDS, &[], Some(&l4)).await?;
     let r4 = c.recv().await?;
-    c.nack(&r4, &[&http], ENVOY_SAYS).await?;
+    c.nack(&r4, &[&rds], ENVOY_SAYS).await?;
     let r5 = c.recv().await?;
     ensure!(denies_everything(&decode(&r5.resources[0])?));
-    c.request(None, RDS, &[&http], Some(&r5)).await?;
-    f.wait_reported(&[("lds", &http), ("rds", &http)]).await?;
+    c.request(None, RDS, &[&rds], Some(&r5)).await?;
+    f.wait_reported(&[("lds", &http), ("rds", &rds)]).await?;
 
     // The stream's end ends its fail-closed state.
     drop(c);
@@ -274,13 +281,13 @@ async fn sotw_a_rejected_route_or_listener_denies_everything_until_a_changed_pol
 async fn delta_a_rejected_route_denies_everything_until_a_changed_policy_is_accepted()
 -> anyhow::Result<()> {
     let f = Fixture::start().await?;
-    let http = f.name(8080);
+    let rds = f.route(8080);
     let mut d = DeltaClient::connect(f.meshd.xds_addr, &f.cert()?).await?;
     d.subscribe(Some(node(NS, "web-1", "web")), LDS, &[])
         .await?;
     let l1 = d.recv().await?;
     d.ack(&l1).await?;
-    d.subscribe(None, RDS, &[&http]).await?;
+    d.subscribe(None, RDS, &[&rds]).await?;
     let r1 = d.recv().await?;
     ensure!(compiled(&decode(
         r1.resources[0].resource.as_ref().context("body")?
@@ -299,12 +306,12 @@ async fn delta_a_rejected_route_denies_everything_until_a_changed_policy_is_acce
     )
     .await?;
     let r2 = d.recv().await?;
-    ensure!(r2.resources.len() == 1 && r2.resources[0].name == http);
+    ensure!(r2.resources.len() == 1 && r2.resources[0].name == rds);
     ensure!(denies_everything(&decode(
         r2.resources[0].resource.as_ref().context("body")?
     )?));
     d.ack(&r2).await?;
-    f.wait_reported(&[("rds", &http)]).await?;
+    f.wait_reported(&[("rds", &rds)]).await?;
     d.expect_silence(QUIET).await?;
 
     // A changed policy compiles anew; accepted, the compiled policy is back.

@@ -217,7 +217,7 @@ impl StreamFlavor for DeltaStream {
             }
             state.unanswered.push_back((nonce.clone(), guarded));
         }
-        let version = self.conn.snapshot.version().to_string();
+        let version = self.conn.version.to_string();
         let now_has = state.has.len();
         let response = DeltaDiscoveryResponse {
             system_version_info: version.clone(),

@@ -3,6 +3,7 @@
 //!
 //! - [`server`]: the tonic service; picks a flavour and hands the stream to [`stream`].
 //! - [`stream`]: the per-stream driver shared by both flavours.
+//! - [`wake`]: which streams a snapshot concerns; only those are woken.
 //! - `sotw` and `delta`: the two protocol state machines.
 //! - [`node`]: who a stream is (node id, metadata, client certificate).
 //! - [`status`]: per-proxy sent/ACK/NACK state for the admin API.
@@ -19,3 +20,4 @@ pub mod server;
 mod sotw;
 pub mod status;
 pub mod stream;
+pub(crate) mod wake;

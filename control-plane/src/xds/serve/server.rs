@@ -20,6 +20,7 @@ use super::node::peer_identity;
 use super::secrets::SecretCache;
 use super::status::ProxyRegistry;
 use super::stream::{self, Queued, StreamContext};
+use super::wake::Wakers;
 use super::{delta, sotw};
 use crate::identity::CertManager;
 use crate::xds::translate::cache::XdsSnapshot;
@@ -30,18 +31,22 @@ const STREAM_BUFFER: usize = 8;
 #[derive(Clone, Debug)]
 pub struct AdsServer {
     snapshots: watch::Receiver<Arc<XdsSnapshot>>,
+    wakers: Wakers,
     registry: ProxyRegistry,
     certs: Arc<CertManager>,
     secrets: SecretCache,
 }
 
 impl AdsServer {
+    /// The service over `snapshots`; starts the task that wakes the streams each
+    /// snapshot concerns ([`super::wake`]), so it must be called within a runtime.
     pub fn new(
         snapshots: watch::Receiver<Arc<XdsSnapshot>>,
         registry: ProxyRegistry,
         certs: Arc<CertManager>,
     ) -> Self {
         Self {
+            wakers: Wakers::follow(snapshots.clone()),
             snapshots,
             registry,
             secrets: SecretCache::new(certs.clone()),
@@ -53,6 +58,7 @@ impl AdsServer {
         let certs = request.peer_certs();
         StreamContext {
             snapshots: self.snapshots.clone(),
+            wakers: self.wakers.clone(),
             registry: self.registry.clone(),
             certs: self.certs.clone(),
             secrets: self.secrets.clone(),

@@ -2,11 +2,12 @@
 //! request, then serve its requests, new snapshots and new certificates until it ends.
 //!
 //! One task per stream. A stream task owns everything about its proxy (subscriptions,
-//! nonces, what was sent and ACKed) and follows the xDS snapshot through its own `watch`
-//! receiver, so there is no shared lock on the push path and a slow proxy only slows its
-//! own task: `watch` hands it the newest snapshot when it is ready, skipping the ones it
-//! was too slow to see. This module and [`super::server`] are the only places that build
-//! `tonic::Status`.
+//! nonces, what was sent and ACKed). It runs only when a snapshot concerns its proxy
+//! ([`super::wake`]: the index wakes it), when certificates change, or when its proxy
+//! sends a request; it then computes its config from the newest snapshot, so a slow
+//! proxy only slows its own task and skips the states it was too slow to see. No lock is
+//! held on the push path while encoding. This module and [`super::server`] are the only
+//! places that build `tonic::Status`.
 
 use std::sync::Arc;
 
@@ -21,12 +22,14 @@ use super::limits::{self, LimitError, StreamEnd};
 use super::node::{IdentifyError, IdentityError, ProxyId, identify};
 use super::secrets::SecretCache;
 use super::status::{Nack, ProxyHandle, ProxyRegistry, ProxyStatus, XdsFlavor, now_rfc3339};
+use super::wake::{Subscription, Wakers};
 use crate::identity::CertManager;
 use crate::logging::{Escaped, Throttle};
 use crate::metrics::{self, metrics};
 use crate::throttled_warn;
 use crate::xds::translate::cache::XdsSnapshot;
 use crate::xds::translate::resources::{ProxyResources, Resource, ResourceType};
+use crate::xds::translate::touched::Interest;
 
 /// Warnings any authenticated peer can trigger at will: each kind at most 20 lines per
 /// 10 s (the metrics count every one).
@@ -43,6 +46,7 @@ pub(crate) type Queued<T> = Box<Result<T, Status>>;
 /// What a stream task starts from.
 pub(crate) struct StreamContext {
     pub snapshots: watch::Receiver<Arc<XdsSnapshot>>,
+    pub wakers: Wakers,
     pub registry: ProxyRegistry,
     pub certs: Arc<CertManager>,
     pub secrets: SecretCache,
@@ -70,11 +74,15 @@ impl StreamContext {
     }
 }
 
-/// The part of a stream's state both flavours share: who the proxy is, the snapshot it
-/// is on, what it should have, and its entry in the registry.
+/// The part of a stream's state both flavours share: who the proxy is, what it should
+/// have and from which snapshot, and its entries in the registry and the wake index.
 pub(crate) struct ProxyConn {
     pub id: ProxyId,
-    pub snapshot: Arc<XdsSnapshot>,
+    /// The version of the snapshot [`Self::resources`] were computed from. Not the
+    /// snapshot itself: a stream no change concerns would keep an old one alive.
+    pub version: u64,
+    snapshots: watch::Receiver<Arc<XdsSnapshot>>,
+    subscription: Subscription,
     pub resources: ProxyResources,
     /// The proxy's SDS secrets, encoded when its certificate changes.
     secrets: Vec<Arc<Resource>>,
@@ -98,10 +106,11 @@ impl ProxyConn {
             flavor,
         ))?;
         tracing::info!(node = %id.node_id, workload = %id.workload, identity = %id.identity, ?flavor, "proxy connected");
-        let snapshot = ctx.snapshots.borrow_and_update().clone();
         let mut conn = ProxyConn {
             id,
-            snapshot,
+            version: 0,
+            snapshots: ctx.snapshots.clone(),
+            subscription: ctx.wakers.subscribe(),
             resources: ProxyResources::default(),
             secrets: Vec::new(),
             secret_problem: None,
@@ -126,14 +135,20 @@ impl ProxyConn {
                 self.secret_problem = Some(format!("no workload certificate: {e}"));
             }
         }
-        let snapshot = self.snapshot.clone();
-        self.refresh(snapshot);
+        self.refresh();
     }
 
-    /// Recomputes what the proxy should have from `snapshot` (keeping its secrets: the
-    /// certificate manager is only asked when certificates change, never per snapshot).
-    pub fn refresh(&mut self, snapshot: Arc<XdsSnapshot>) {
-        let (mut problems, mut resources) = match snapshot.proxy_resources(&self.id.workload) {
+    /// Recomputes what the proxy should have from the newest snapshot (keeping its
+    /// secrets: the certificate manager is only asked when certificates change, never
+    /// per snapshot), and records in the wake index what that depends on.
+    pub fn refresh(&mut self) {
+        let snapshot = self.snapshots.borrow().clone();
+        let computed = snapshot.proxy_resources(&self.id.workload);
+        let interest = match &computed {
+            Some((view, _)) => Interest::of(view),
+            None => Interest::of_absent(&self.id.workload),
+        };
+        let (mut problems, mut resources) = match computed {
             Some((view, _))
                 if view.workload.service_account != self.id.identity.service_account() =>
             {
@@ -174,8 +189,9 @@ impl ProxyConn {
             s.snapshot_version = version;
             s.snapshot_changed_at = changed_at;
         });
-        self.snapshot = snapshot;
+        self.version = version;
         self.resources = resources;
+        self.subscription.update(interest, version);
     }
 
     pub fn next_nonce(&mut self) -> String {
@@ -202,8 +218,7 @@ impl ProxyConn {
         };
         self.record_answer_status(t, nonce, error);
         if changed {
-            let snapshot = self.snapshot.clone();
-            self.refresh(snapshot);
+            self.refresh();
         }
     }
 
@@ -403,7 +418,7 @@ async fn finish<T>(id: Option<&ProxyId>, end: StreamEnd, tx: &mpsc::Sender<Queue
 /// Serves until the stream ends; returns why it ended.
 async fn serve<F: StreamFlavor>(
     stream: &mut F,
-    mut ctx: StreamContext,
+    ctx: StreamContext,
     first: F::Request,
     mut requests: Streaming<F::Request>,
 ) -> StreamEnd
@@ -429,12 +444,11 @@ where
                 Some(Err(status)) => return request_error(&status),
                 None => return StreamEnd::Gone("closed by the proxy".into()),
             },
-            changed = ctx.snapshots.changed() => {
-                if changed.is_err() {
+            open = stream.conn().subscription.woken() => {
+                if !open {
                     return StreamEnd::Gone("meshd is shutting down".into());
                 }
-                let snapshot = ctx.snapshots.borrow_and_update().clone();
-                stream.conn().refresh(snapshot);
+                stream.conn().refresh();
             }
             _ = cert_changes.changed() => {
                 cert_changes.borrow_and_update();

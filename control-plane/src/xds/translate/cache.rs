@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use super::resources::{ProxyResources, Resource, ResourceType};
+use super::touched::Touched;
 use crate::authz::compile as rbac;
 use crate::model::authorization::AuthorizationPolicy;
 use crate::model::snapshot::{Endpoint, InboundPort, ServicePortKey};
@@ -155,16 +156,66 @@ fn other_ports(mesh: &MeshSnapshot, view: &ProxyView) -> Vec<(Option<u16>, MtlsM
     out
 }
 
+/// What an inbound HTTP port's route is built from: its port and the policies that
+/// select the pod (by value; hashed by their names).
+#[derive(Debug, PartialEq, Eq)]
+struct RouteInputs {
+    port: u16,
+    policies: Vec<Arc<AuthorizationPolicy>>,
+}
+
+impl std::hash::Hash for RouteInputs {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.port.hash(state);
+        for p in &self.policies {
+            p.key.hash(state);
+        }
+    }
+}
+
+/// Inbound routes by content, shared by the snapshots like the workload cache: a policy
+/// that selects 10,000 pods is compiled and encoded once per port, not per pod, and every
+/// one of those proxies is sent the same resource. Entries no workload holds any more are
+/// dropped in the translator's pass.
+#[derive(Debug, Default, Clone)]
+struct SharedRoutes(Arc<Mutex<HashMap<RouteInputs, Arc<Resource>>>>);
+
+impl SharedRoutes {
+    fn get(&self, port: u16, policies: &[Arc<AuthorizationPolicy>]) -> Arc<Resource> {
+        let inputs = RouteInputs {
+            port,
+            policies: policies.to_vec(),
+        };
+        let lock = || self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = lock().get(&inputs) {
+            return hit.clone();
+        }
+        // Compiled and encoded outside the lock; if two streams raced, the first stored
+        // wins and both use it, so every proxy gets one version.
+        let refs: Vec<&AuthorizationPolicy> = policies.iter().map(|p| &**p).collect();
+        let route = translate::routes::inbound_route(port, &rbac::compile(&refs, true));
+        let encoded = Resource::encode(translate::names::inbound_route_name(port), &route);
+        lock().entry(inputs).or_insert(encoded).clone()
+    }
+
+    /// Drops the routes only this cache still holds.
+    fn prune(&self) {
+        let mut routes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        routes.retain(|_, r| Arc::strong_count(r) > 1);
+    }
+}
+
 impl WorkloadResources {
     fn build(
-        mesh: &MeshSnapshot,
         view: &ProxyView,
         ports: Option<&Arc<Vec<InboundPort>>>,
         policies: Vec<Arc<AuthorizationPolicy>>,
         transparent: Option<TransparentInputs>,
+        routes: &SharedRoutes,
     ) -> WorkloadResources {
         let workload = &view.workload;
         let mut resources = Vec::new();
+        let refs: Vec<&AuthorizationPolicy> = policies.iter().map(|p| &**p).collect();
         if let Some(address) = workload.address {
             // The explicit layout has a listener per port; the transparent one gathers
             // the ports' chains in one virtual listener. Clusters and routes are the same.
@@ -179,17 +230,15 @@ impl WorkloadResources {
                         &translate::clusters::inbound_cluster(port, app_port),
                     ),
                 ));
-                let rbac = rbac::inbound_rbac(mesh, workload, port);
+                // An HTTP port's RBAC is all in its route (shared by content); its
+                // listener's filters do not depend on it.
+                let rbac = if port.protocol.is_http() {
+                    resources.push((ResourceType::Route, routes.get(port.port, &policies)));
+                    rbac::PortRbac::default()
+                } else {
+                    rbac::compile(&refs, false)
+                };
                 let listener = translate::names::inbound_listener_name(address, port.port);
-                if port.protocol.is_http() {
-                    resources.push((
-                        ResourceType::Route,
-                        Resource::encode(
-                            listener.clone(),
-                            &translate::routes::inbound_route(&listener, port, &rbac),
-                        ),
-                    ));
-                }
                 match transparent {
                     Some(_) => virtual_ports.push((port.clone(), rbac)),
                     None => resources.push((
@@ -202,12 +251,11 @@ impl WorkloadResources {
                 }
             }
             if let Some(t) = &transparent {
-                let policies: Vec<&AuthorizationPolicy> = policies.iter().map(|p| &**p).collect();
                 let inbound = VirtualInbound {
                     address,
                     ports: virtual_ports,
                     other_ports: t.other_ports.clone(),
-                    other_rbac: rbac::compile(&policies, false),
+                    other_rbac: rbac::compile(&refs, false),
                 };
                 resources.push((
                     ResourceType::Listener,
@@ -275,6 +323,12 @@ pub struct XdsSnapshot {
     workloads: WorkloadCache,
     /// Transparent proxies' virtual outbound listeners, one per scope.
     outbound: SharedOutbound,
+    /// Inbound HTTP routes, one per port and set of policies.
+    routes: SharedRoutes,
+    /// What this snapshot changed since [`Self::after`]: which proxies it concerns.
+    pub touched: Touched,
+    /// The version of the snapshot [`Self::touched`] is relative to (`None` for the first).
+    pub after: Option<u64>,
 }
 
 /// The passthrough, black-hole and inbound passthrough clusters: the same for every
@@ -405,11 +459,20 @@ impl XdsSnapshot {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|key, _| mesh.workloads.contains_key(key));
         let outbound = SharedOutbound::after(previous.map(|p| &p.outbound));
+        let routes = previous.map(|p| p.routes.clone()).unwrap_or_default();
+        routes.prune();
+        let touched = match previous {
+            Some(p) => Touched::between(p, &mesh, &services),
+            None => Touched::everything(),
+        };
         XdsSnapshot {
+            after: previous.map(|p| p.version()),
             mesh,
             services,
             workloads,
             outbound,
+            routes,
+            touched,
         }
     }
 
@@ -438,11 +501,11 @@ impl XdsSnapshot {
         // streams of one workload built at once, the first to store wins, and both use
         // it, so they agree on versions.
         let built = Arc::new(WorkloadResources::build(
-            &self.mesh,
             view,
             ports,
             policies.clone(),
             transparent.clone(),
+            &self.routes,
         ));
         let mut cache = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(hit) = cached(&cache) {
@@ -485,12 +548,10 @@ impl XdsSnapshot {
                 &translate::listeners::virtual_inbound_listener(&inbound, true),
             ));
         }
-        let port = self
-            .mesh
-            .inbound
-            .get(workload)?
-            .iter()
-            .find(|p| translate::names::inbound_listener_name(address, p.port) == name)?;
+        let port = self.mesh.inbound.get(workload)?.iter().find(|p| match t {
+            ResourceType::Route => translate::names::inbound_route_name(p.port) == name,
+            _ => translate::names::inbound_listener_name(address, p.port) == name,
+        })?;
         match t {
             ResourceType::Route if port.protocol.is_http() => Some(Resource::encode(
                 name,
@@ -700,7 +761,7 @@ mod tests {
                     .collect::<Vec<_>>()
             })
             .collect();
-        assert_eq!(changed, [(ResourceType::Route, "inbound|10.0.0.1:8080")]);
+        assert_eq!(changed, [(ResourceType::Route, "inbound|8080")]);
     }
 
     /// Each caller's cluster connects from its own pod IP (a pod without one gets the
@@ -805,7 +866,7 @@ mod tests {
             snap.proxy_resources(&web)
                 .expect("web")
                 .1
-                .get(ResourceType::Route)["inbound|10.0.0.1:8080"]
+                .get(ResourceType::Route)["inbound|8080"]
                 .clone()
         };
         let first = XdsSnapshot::build(mesh(vec![]), None, "cluster.local");
@@ -816,6 +877,57 @@ mod tests {
         let deny = policy("no-x", Action::Deny, Rule::default());
         let changed = XdsSnapshot::build(mesh(vec![deny]), Some(&same), "cluster.local");
         assert_ne!(served.version, route(&changed).version);
+    }
+
+    /// Pods the same policies select share one encoded inbound route per port, and a
+    /// policy change encodes it once for all of them.
+    #[test]
+    fn pods_with_the_same_policies_share_one_inbound_route() {
+        let with = |policies: Vec<AuthorizationPolicy>| {
+            let one = mesh(policies);
+            let mut second = (*one.workloads[&ObjectKey::new("shop", "web-1")]).clone();
+            second.key = ObjectKey::new("shop", "web-2");
+            second.address = Some("10.0.0.2".parse().unwrap());
+            let mut objects: Vec<MeshObject> = one
+                .workloads
+                .values()
+                .cloned()
+                .map(MeshObject::Workload)
+                .collect();
+            objects.push(MeshObject::Workload(Arc::new(second)));
+            objects.extend(one.services.values().cloned().map(MeshObject::Service));
+            objects.extend(
+                one.authorization_policies
+                    .values()
+                    .cloned()
+                    .map(MeshObject::AuthorizationPolicy),
+            );
+            Arc::new(MeshSnapshot::build(1, MeshDefaults::default(), objects))
+        };
+        let route = |x: &XdsSnapshot, pod: &str| {
+            x.proxy_resources(&ObjectKey::new("shop", pod))
+                .expect("pod")
+                .1
+                .get(ResourceType::Route)["inbound|8080"]
+                .clone()
+        };
+        let first = XdsSnapshot::build(with(vec![]), None, "cluster.local");
+        let open = route(&first, "web-1");
+        assert!(Arc::ptr_eq(&open, &route(&first, "web-2")));
+        let deny = policy("no-x", Action::Deny, Rule::default());
+        let second = XdsSnapshot::build(with(vec![deny]), Some(&first), "cluster.local");
+        let denying = route(&second, "web-1");
+        assert!(Arc::ptr_eq(&denying, &route(&second, "web-2")));
+        assert_ne!(denying.version, open.version);
+        drop(open);
+        // The old route is held only by the workload cache's stale entries until they
+        // are rebuilt; once nothing holds it, the next snapshot drops it.
+        let third = XdsSnapshot::build(
+            with(vec![policy("no-x", Action::Deny, Rule::default())]),
+            Some(&second),
+            "cluster.local",
+        );
+        assert_eq!(third.routes.0.lock().unwrap().len(), 1);
     }
 
     /// A transparent pod gets the two virtual listeners and no explicit ones; pods of

@@ -31,8 +31,8 @@ use super::filters::{
 use super::names::{
     BLACKHOLE_CLUSTER, INBOUND_CAPTURE_PORT, INBOUND_PASSTHROUGH_CLUSTER, OUTBOUND_CAPTURE_PORT,
     PASSTHROUGH_CLUSTER, egress_listener_name, inbound_cluster_name, inbound_listener_name,
-    outbound_listener_name, service_cluster_name, virtual_inbound_listener_name,
-    virtual_outbound_listener_name,
+    inbound_route_name, outbound_listener_name, service_cluster_name,
+    virtual_inbound_listener_name, virtual_outbound_listener_name,
 };
 use super::resources::any;
 use super::routes::inbound_route_denied;
@@ -60,7 +60,7 @@ fn inbound_filters(name: &str, inbound: &InboundPort, rbac: &PortRbac) -> Vec<Fi
             name,
             http_connection_manager::RouteSpecifier::Rds(Rds {
                 config_source: Some(ads()),
-                route_config_name: name.to_string(),
+                route_config_name: inbound_route_name(inbound.port),
             }),
             rbac_filters,
             stdout_access_log(Some(INBOUND_HTTP_LOG)),

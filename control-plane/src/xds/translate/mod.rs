@@ -6,7 +6,8 @@
 //!   of the same name. These are shared by every proxy that calls the service.
 //! - each inbound port of a workload becomes a listener `inbound|<podIP>:<port>` that
 //!   forwards to a static cluster `inbound|<port>||` at `127.0.0.1:<app port>`; on HTTP
-//!   ports over a route configuration of the same name, which carries the port's RBAC.
+//!   ports over a route configuration `inbound|<port>`, which carries the port's RBAC and
+//!   nothing of the pod's own, so the pods the same policies select share one.
 //! - each declared upstream becomes a listener `outbound|127.0.0.1:<local port>` that
 //!   sends to the service's cluster, over RDS for HTTP ports, `tcp_proxy` for TCP.
 //! - a pod's egress port becomes a listener `egress|127.0.0.1:<port>` whose route
@@ -26,6 +27,7 @@ pub mod names;
 pub mod resources;
 pub mod routes;
 pub mod secrets;
+pub mod touched;
 mod transport;
 pub mod virtual_outbound;
 

@@ -18,6 +18,14 @@ pub fn inbound_listener_name(address: IpAddr, port: u16) -> String {
     format!("inbound|{}", std::net::SocketAddr::new(address, port))
 }
 
+/// The route of an inbound HTTP port. Without the pod's address, unlike its listener:
+/// a route's content is its port and the policies that select the pod, so the pods a
+/// policy selects share one encoded route per port (a proxy has one pod, so the name is
+/// still unique on its stream).
+pub fn inbound_route_name(port: u16) -> String {
+    format!("inbound|{port}")
+}
+
 pub fn outbound_listener_name(local_port: u16) -> String {
     format!("outbound|127.0.0.1:{local_port}")
 }

@@ -9,11 +9,12 @@ use envoy_types::pb::google::protobuf::Duration;
 
 use super::filters::{DENIAL_BODY_PREFIX, DENIED_BY_HEADER, INVALID_POLICY};
 use super::inline;
-use super::names::{egress_listener_name, inbound_cluster_name, service_cluster_name};
+use super::names::{
+    egress_listener_name, inbound_cluster_name, inbound_route_name, service_cluster_name,
+};
 use super::resources::any;
 use crate::authz::compile::PortRbac;
 use crate::model::proxy_view::EgressView;
-use crate::model::snapshot::InboundPort;
 use crate::model::{Service, ServicePort};
 
 /// The route configuration of an HTTP service port: everything to its cluster.
@@ -31,20 +32,21 @@ pub fn service_route(svc: &Service, port: &ServicePort) -> RouteConfiguration {
     }
 }
 
-/// The route configuration of an inbound HTTP port, named like its listener: everything
+/// The route configuration of an inbound HTTP port ([`inbound_route_name`]): everything
 /// to the local app, through the port's RBAC stages (see [`crate::authz::compile`]: the stages
-/// live here so that they change together, and for the next request).
-pub fn inbound_route(listener: &str, inbound: &InboundPort, rbac: &PortRbac) -> RouteConfiguration {
-    let mut route = route_to(&inbound_cluster_name(inbound.port));
+/// live here so that they change together, and for the next request). Nothing in it is
+/// the pod's own, so pods with the same policies share it.
+pub fn inbound_route(port: u16, rbac: &PortRbac) -> RouteConfiguration {
+    let mut route = route_to(&inbound_cluster_name(port));
     route.typed_per_filter_config = rbac.per_route_configs();
-    inbound_route_config(listener, route)
+    inbound_route_config(&inbound_route_name(port), route)
 }
 
 /// What an inbound HTTP port's route becomes when the sidecar rejected the compiled one
 /// ([`crate::xds::serve::fail_closed`]): every request gets 403 naming [`INVALID_POLICY`]. A direct
 /// response, with the RBAC filters switched off for it (a generic `FilterConfig`), so it
 /// needs none of the RBAC machinery the sidecar may have refused.
-pub fn inbound_route_denied(listener: &str) -> RouteConfiguration {
+pub fn inbound_route_denied(name: &str) -> RouteConfiguration {
     use envoy_types::pb::envoy::config::core::v3::{
         HeaderValue, HeaderValueOption, header_value_option,
     };
@@ -82,7 +84,7 @@ pub fn inbound_route_denied(listener: &str) -> RouteConfiguration {
         }],
         ..Default::default()
     };
-    inbound_route_config(listener, route)
+    inbound_route_config(name, route)
 }
 
 /// One virtual host per HTTP service port in scope, answering to the names a client
@@ -141,11 +143,11 @@ pub(super) fn route_to(cluster: &str) -> Route {
     }
 }
 
-/// An inbound port's route configuration, named like its listener: one virtual host
-/// answering every name with `route`.
-fn inbound_route_config(listener: &str, route: Route) -> RouteConfiguration {
+/// An inbound port's route configuration `name`: one virtual host answering every name
+/// with `route`.
+fn inbound_route_config(name: &str, route: Route) -> RouteConfiguration {
     RouteConfiguration {
-        name: listener.to_string(),
+        name: name.to_string(),
         virtual_hosts: vec![VirtualHost {
             name: "inbound".to_string(),
             domains: vec!["*".to_string()],
