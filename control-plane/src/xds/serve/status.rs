@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use crate::metrics::{self, metrics};
 use crate::xds::serve::limits::{self, LimitError};
+use crate::xds::serve::wake::Currency;
 use serde::{Deserialize, Serialize};
 
 pub use meshd_sidecar::XdsFlavor;
@@ -48,7 +49,8 @@ pub struct ProxyStatus {
     pub identity: String,
     pub flavor: XdsFlavor,
     pub connected_at: String,
-    /// The newest mesh snapshot this stream has computed its config from.
+    /// The newest mesh snapshot this stream has computed its config from. Snapshots
+    /// after it did not concern the proxy ([`super::wake`]): its config is the same.
     pub snapshot_version: u64,
     /// The newest snapshot whose responses have all been sent (what the proxy
     /// subscribes to so far).
@@ -66,6 +68,10 @@ pub struct ProxyStatus {
     pub unknown_type_urls: Vec<String>,
     /// Why part of this proxy's config is missing, if it is.
     pub problems: Vec<String>,
+    /// How current the config is beyond `snapshot_version` (snapshots that did not
+    /// concern the proxy); applied by [`ProxyRegistry::list`].
+    #[serde(skip)]
+    pub(crate) currency: Option<Currency>,
 }
 
 impl ProxyStatus {
@@ -85,6 +91,7 @@ impl ProxyStatus {
             types: BTreeMap::new(),
             unknown_type_urls: Vec::new(),
             problems: Vec::new(),
+            currency: None,
         }
     }
 
@@ -152,10 +159,30 @@ impl ProxyRegistry {
         })
     }
 
-    /// A copy of every connected proxy's status, by stream id.
+    /// A copy of every connected proxy's status, by stream id. A proxy no snapshot
+    /// since its `snapshot_version` concerned is on the newest one: its config for it
+    /// is the same, and so are what was pushed and ACKed.
     pub fn list(&self) -> Vec<ProxyStatus> {
         let entries: Vec<_> = lock(&self.entries).by_stream.values().cloned().collect();
-        entries.iter().map(|s| lock(s).clone()).collect()
+        entries
+            .iter()
+            .map(|s| {
+                let mut s = lock(s).clone();
+                let computed = s.snapshot_version;
+                if let Some(current) = s.currency.as_ref().map(|c| c.current_through(computed))
+                    && current > computed
+                {
+                    if s.pushed_version == computed {
+                        s.pushed_version = current;
+                    }
+                    if s.synced_version == Some(computed) {
+                        s.synced_version = Some(current);
+                    }
+                    s.snapshot_version = current;
+                }
+                s
+            })
+            .collect()
     }
 
     pub fn len(&self) -> usize {

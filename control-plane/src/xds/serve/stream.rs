@@ -106,11 +106,14 @@ impl ProxyConn {
             flavor,
         ))?;
         tracing::info!(node = %id.node_id, workload = %id.workload, identity = %id.identity, ?flavor, "proxy connected");
+        let subscription = ctx.wakers.subscribe();
+        let currency = subscription.currency();
+        status.update(|s| s.currency = Some(currency));
         let mut conn = ProxyConn {
             id,
             version: 0,
             snapshots: ctx.snapshots.clone(),
-            subscription: ctx.wakers.subscribe(),
+            subscription,
             resources: ProxyResources::default(),
             secrets: Vec::new(),
             secret_problem: None,

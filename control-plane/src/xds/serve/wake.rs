@@ -34,6 +34,8 @@ struct Index {
     closed: bool,
     next_id: u64,
     streams: HashMap<u64, Arc<Notify>>,
+    /// Streams notified that have not computed their config again yet.
+    pending: HashSet<u64>,
     by_key: HashMap<Key, HashSet<u64>>,
 }
 
@@ -55,20 +57,26 @@ impl Index {
         }
     }
 
-    /// The streams `snapshot` concerns, given that `previous` was the last one handled.
-    fn concerned(&self, snapshot: &XdsSnapshot, previous: u64) -> Vec<Arc<Notify>> {
-        if snapshot.touched.everything || snapshot.after != Some(previous) {
-            return self.streams.values().cloned().collect();
-        }
-        let mut ids = HashSet::new();
-        for key in snapshot.touched.keys() {
-            if let Some(streams) = self.by_key.get(&key) {
-                ids.extend(streams.iter().copied());
+    /// Marks the streams `snapshot` concerns pending and returns them, given that
+    /// `previous` was the last snapshot handled.
+    fn concerned(&mut self, snapshot: &XdsSnapshot, previous: u64) -> Vec<Arc<Notify>> {
+        let ids: HashSet<u64> = if snapshot.touched.everything || snapshot.after != Some(previous) {
+            self.streams.keys().copied().collect()
+        } else {
+            let mut ids = HashSet::new();
+            for key in snapshot.touched.keys() {
+                if let Some(streams) = self.by_key.get(&key) {
+                    ids.extend(streams.iter().copied());
+                }
             }
-        }
-        ids.iter()
+            ids
+        };
+        let woken = ids
+            .iter()
             .filter_map(|id| self.streams.get(id).cloned())
-            .collect()
+            .collect();
+        self.pending.extend(ids);
+        woken
     }
 }
 
@@ -120,6 +128,18 @@ impl Wakers {
         woken.len()
     }
 
+    /// The newest version stream `id`'s config is current for, if it was computed from
+    /// `computed`: the newest snapshot handled, unless one of them concerned it and it
+    /// has not computed its config again yet.
+    fn current_through(&self, id: u64, computed: u64) -> u64 {
+        let index = self.lock();
+        if index.pending.contains(&id) {
+            computed
+        } else {
+            computed.max(index.handled)
+        }
+    }
+
     /// A new stream's entry; it has no interest until [`Subscription::update`].
     pub fn subscribe(&self) -> Subscription {
         let notify = Arc::new(Notify::new());
@@ -157,6 +177,7 @@ impl Subscription {
     /// depends on `interest`.
     pub fn update(&mut self, interest: Interest, version: u64) {
         let mut index = self.wakers.lock();
+        index.pending.remove(&self.id);
         if self.interest.as_ref() != Some(&interest) {
             if let Some(old) = &self.interest {
                 index.remove(self.id, old);
@@ -166,8 +187,32 @@ impl Subscription {
         }
         if index.handled > version {
             // Handled with the old interest: look again.
+            index.pending.insert(self.id);
             self.notify.notify_one();
         }
+    }
+
+    /// What the stream's status reads to say how current its config is.
+    pub fn currency(&self) -> Currency {
+        Currency {
+            id: self.id,
+            wakers: self.wakers.clone(),
+        }
+    }
+}
+
+/// How current a stream's config is: the snapshots that did not concern it leave it
+/// as current for them as for the one it was computed from. Read by the proxies'
+/// status ([`super::status::ProxyRegistry::list`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Currency {
+    id: u64,
+    wakers: Wakers,
+}
+
+impl Currency {
+    pub fn current_through(&self, computed: u64) -> u64 {
+        self.wakers.current_through(self.id, computed)
     }
 }
 
@@ -175,6 +220,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let mut index = self.wakers.lock();
         index.streams.remove(&self.id);
+        index.pending.remove(&self.id);
         if let Some(old) = &self.interest {
             index.remove(self.id, old);
         }
@@ -241,6 +287,12 @@ mod tests {
         assert!(was_woken(&scoped).await);
         assert!(!was_woken(&other).await);
         assert!(!was_woken(&elsewhere).await);
+
+        // Woken streams are behind until they compute again; the others are current.
+        assert_eq!(other.currency().current_through(1), 2);
+        assert_eq!(caller.currency().current_through(1), 1);
+        caller.update(interest("web-1", &["api"], vec![]), 2);
+        assert_eq!(caller.currency().current_through(2), 2);
 
         // Its own pod changed: only that stream.
         let mut third = snapshot(3, Some(&second));

@@ -206,16 +206,29 @@ impl SharedRoutes {
 }
 
 impl WorkloadResources {
+    /// Builds the workload's resources; from `stale`, its previous entry, it takes the
+    /// encoded resources that do not carry policy when only the policies changed (a
+    /// policy selecting every pod then encodes no cluster or HTTP listener again).
     fn build(
         view: &ProxyView,
         ports: Option<&Arc<Vec<InboundPort>>>,
         policies: Vec<Arc<AuthorizationPolicy>>,
         transparent: Option<TransparentInputs>,
         routes: &SharedRoutes,
+        stale: Option<&WorkloadResources>,
     ) -> WorkloadResources {
         let workload = &view.workload;
         let mut resources = Vec::new();
         let refs: Vec<&AuthorizationPolicy> = policies.iter().map(|p| &**p).collect();
+        let unchanged = stale.filter(|s| s.built_from(view, ports, &s.policies, &transparent));
+        let encoded = |t: ResourceType, name: String, encode: &dyn Fn() -> Arc<Resource>| {
+            let kept = unchanged.and_then(|s| {
+                s.resources
+                    .iter()
+                    .find(|(st, r)| *st == t && *r.name == *name)
+            });
+            kept.map(|(_, r)| r.clone()).unwrap_or_else(encode)
+        };
         if let Some(address) = workload.address {
             // The explicit layout has a listener per port; the transparent one gathers
             // the ports' chains in one virtual listener. Clusters and routes are the same.
@@ -223,30 +236,39 @@ impl WorkloadResources {
             // The view's ports: in transparent capture, without the sidecar's own.
             for port in &view.inbound {
                 let app_port = workload.app_port(port.port);
+                let name = translate::names::inbound_cluster_name(port.port);
                 resources.push((
                     ResourceType::Cluster,
-                    Resource::encode(
-                        translate::names::inbound_cluster_name(port.port),
-                        &translate::clusters::inbound_cluster(port, app_port),
-                    ),
+                    encoded(ResourceType::Cluster, name.clone(), &|| {
+                        Resource::encode(
+                            name.clone(),
+                            &translate::clusters::inbound_cluster(port, app_port),
+                        )
+                    }),
                 ));
                 // An HTTP port's RBAC is all in its route (shared by content); its
                 // listener's filters do not depend on it.
-                let rbac = if port.protocol.is_http() {
+                let http = port.protocol.is_http();
+                let rbac = if http {
                     resources.push((ResourceType::Route, routes.get(port.port, &policies)));
                     rbac::PortRbac::default()
                 } else {
                     rbac::compile(&refs, false)
                 };
                 let listener = translate::names::inbound_listener_name(address, port.port);
+                let encode = || {
+                    Resource::encode(
+                        listener.clone(),
+                        &translate::listeners::inbound_listener(address, port, &rbac),
+                    )
+                };
                 match transparent {
-                    Some(_) => virtual_ports.push((port.clone(), rbac)),
+                    Some(_) => virtual_ports.push((port.clone(), rbac.clone())),
+                    // A TCP port's listener carries its network RBAC: always built anew.
+                    None if !http => resources.push((ResourceType::Listener, encode())),
                     None => resources.push((
                         ResourceType::Listener,
-                        Resource::encode(
-                            listener,
-                            &translate::listeners::inbound_listener(address, port, &rbac),
-                        ),
+                        encoded(ResourceType::Listener, listener.clone(), &encode),
                     )),
                 }
             }
@@ -275,14 +297,18 @@ impl WorkloadResources {
             let name = translate::names::egress_listener_name(egress.port);
             resources.push((
                 ResourceType::Route,
-                Resource::encode(
-                    name.clone(),
-                    &translate::routes::egress_route(egress, &workload.key.namespace),
-                ),
+                encoded(ResourceType::Route, name.clone(), &|| {
+                    Resource::encode(
+                        name.clone(),
+                        &translate::routes::egress_route(egress, &workload.key.namespace),
+                    )
+                }),
             ));
             resources.push((
                 ResourceType::Listener,
-                Resource::encode(name, &translate::listeners::egress_listener(egress)),
+                encoded(ResourceType::Listener, name.clone(), &|| {
+                    Resource::encode(name.clone(), &translate::listeners::egress_listener(egress))
+                }),
             ));
         }
         WorkloadResources {
@@ -494,9 +520,13 @@ impl XdsSnapshot {
                 .filter(|c| c.built_from(view, ports, &policies, &transparent))
                 .cloned()
         };
-        if let Some(hit) = cached(&self.workloads.lock().unwrap_or_else(|e| e.into_inner())) {
-            return hit;
-        }
+        let stale = {
+            let cache = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(hit) = cached(&cache) {
+                return hit;
+            }
+            cache.get(key).cloned()
+        };
         // Built outside the lock, so streams never wait for each other's builds; if two
         // streams of one workload built at once, the first to store wins, and both use
         // it, so they agree on versions.
@@ -506,6 +536,7 @@ impl XdsSnapshot {
             policies.clone(),
             transparent.clone(),
             &self.routes,
+            stale.as_deref(),
         ));
         let mut cache = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(hit) = cached(&cache) {
@@ -877,6 +908,19 @@ mod tests {
         let deny = policy("no-x", Action::Deny, Rule::default());
         let changed = XdsSnapshot::build(mesh(vec![deny]), Some(&same), "cluster.local");
         assert_ne!(served.version, route(&changed).version);
+        // Only the route carries the policy: the cluster and HTTP listener are kept.
+        let own = |snap: &XdsSnapshot, t: ResourceType, name: &str| {
+            snap.proxy_resources(&web).expect("web").1.get(t)[name].clone()
+        };
+        for (t, name) in [
+            (ResourceType::Cluster, "inbound|8080||"),
+            (ResourceType::Listener, "inbound|10.0.0.1:8080"),
+        ] {
+            assert!(
+                Arc::ptr_eq(&own(&same, t, name), &own(&changed, t, name)),
+                "{name}"
+            );
+        }
     }
 
     /// Pods the same policies select share one encoded inbound route per port, and a
