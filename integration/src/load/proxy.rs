@@ -399,8 +399,9 @@ async fn sotw_stream(
         })
         .collect();
     let (tx, requests) = channel_with(first);
-    let mut stream = ads_client(spec.addr, spec.cert.as_ref())
-        .await?
+    let mut client = ads_client(spec.addr, spec.cert.as_ref()).await?;
+    recorder.state("connected, waiting for the response headers");
+    let mut stream = client
         .stream_aggregated_resources(requests)
         .await?
         .into_inner();
@@ -518,8 +519,9 @@ async fn delta_stream(
         })
         .collect();
     let (tx, requests) = channel_with(first);
-    let mut stream = ads_client(spec.addr, spec.cert.as_ref())
-        .await?
+    let mut client = ads_client(spec.addr, spec.cert.as_ref()).await?;
+    recorder.state("connected, waiting for the response headers");
+    let mut stream = client
         .delta_aggregated_resources(requests)
         .await?
         .into_inner();
