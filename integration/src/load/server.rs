@@ -41,8 +41,10 @@ pub struct Server {
     kind: Kind,
 }
 
+// One per run: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
-    Meshd(Box<Meshd>),
+    Meshd(Meshd),
     Command(Command),
     Target,
 }
@@ -58,7 +60,7 @@ impl Server {
             stats: Some(ProcessStats::watch(
                 meshd.pid().context("meshd has no pid")?,
             )),
-            kind: Kind::Meshd(Box::new(meshd)),
+            kind: Kind::Meshd(meshd),
         })
     }
 
