@@ -121,16 +121,29 @@ pub(crate) async fn client(
     addr: SocketAddr,
     cert: &ClientCert,
 ) -> anyhow::Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>> {
+    ads_client(addr, Some(cert)).await
+}
+
+/// An ADS client on its own connection: mutual TLS with `cert` (the server must present
+/// the DNS name `meshd`, as meshd's certificate does), or plaintext without one.
+pub(crate) async fn ads_client(
+    addr: SocketAddr,
+    cert: Option<&ClientCert>,
+) -> anyhow::Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>> {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&cert.trust_bundle_pem))
-        .identity(Identity::from_pem(&cert.chain_pem, &cert.key_pem))
-        .domain_name("meshd");
-    let channel = Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls)?
+    let endpoint = match cert {
+        Some(cert) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&cert.trust_bundle_pem))
+                .identity(Identity::from_pem(&cert.chain_pem, &cert.key_pem))
+                .domain_name("meshd"),
+        )?,
+        None => Endpoint::from_shared(format!("http://{addr}"))?,
+    };
+    let channel = endpoint
         .connect()
         .await
-        .with_context(|| format!("connect to meshd xDS at {addr}"))?;
+        .with_context(|| format!("connect to the xDS server at {addr}"))?;
     Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX))
 }
 

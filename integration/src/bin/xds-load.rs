@@ -1,8 +1,9 @@
-//! `xds-load`: meshd under many proxies. Writes a scenario, starts meshd on it, opens
-//! one Envoy-like ADS stream per proxy (mutual TLS, one certificate each), waits until
-//! every proxy has its full config, then applies changes — one after the other, or at
-//! `--rate` per second — and measures how long each takes to reach every proxy it
-//! concerns, and what each of those proxies received for it. Prints a table (or JSON
+//! `xds-load`: an xDS control plane under many proxies. Writes a scenario, starts meshd
+//! on it (or another server: `--server-cmd`, `--target`), opens one Envoy-like ADS
+//! stream per proxy (mutual TLS, one certificate each), waits until every proxy has its
+//! full config, then applies changes — one after the other, or at `--rate` per second
+//! — and measures how long each takes to reach every proxy it concerns (the push that
+//! carries it), and what each of those proxies received for it. Prints a table (or JSON
 //! with `-o json`).
 //!
 //! The changes (`--kinds`, cycled):
@@ -16,15 +17,45 @@
 //!
 //! `./scripts/bench-xds.sh --proxies 1000` (release build of meshd and of this tool).
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use meshd_integration::load::{self, NAMESPACE, Scenario, SharedTimeline, Timeline};
-use meshd_integration::meshd::Meshd;
+use meshd_integration::load::measure::{self, KindReport};
+use meshd_integration::load::server::Server;
+use meshd_integration::load::{
+    self, Applied, ChangeKind, ChangeWriter, Probes, ProxySpec, Scenario, SharedTimeline, Timeline,
+};
+
+const SERVERS: &str = "\
+Servers other than meshd:
+  --server-cmd CMD runs `sh -c CMD` (in a process group of its own, stopped at the end)
+  with the scenario in its environment:
+    XDS_LOAD_ADDRESS       127.0.0.1:<port> to serve ADS (gRPC) on
+    XDS_LOAD_SCENARIO_DIR  the scenario: Kubernetes YAML in meshd's file-source layout
+    XDS_LOAD_CA_DIR        the mesh CA (root-cert.pem, root-key.pem: meshd's --ca-dir)
+    XDS_LOAD_SERVER_CERT   a serving certificate chain (PEM) from that CA, for the
+                           DNS name `meshd` the proxies check
+    XDS_LOAD_SERVER_KEY    its key (PEM)
+    XDS_LOAD_TRUST_BUNDLE  the roots the proxies' client certificates chain to (PEM)
+  It is measured once it accepts connections; its peak RSS and CPU are its process
+  tree's, from /proc.
+  --target ADDR connects to a server already running, following --scenario-dir and
+  trusting --ca-dir (created there if empty); RSS and CPU only with --target-pid.
+  Every change is made by rewriting files in the scenario directory: the server must
+  follow them (watch the directory) as meshd's file source does. NACK and push counts
+  come from meshd's metrics and are reported for meshd only.
+
+  Example, meshd as a foreign command:
+    xds-load --server-cmd 'exec meshd --config-dir \"$XDS_LOAD_SCENARIO_DIR\" \\
+      --ca-dir \"$XDS_LOAD_CA_DIR\" --xds-address \"$XDS_LOAD_ADDRESS\" \\
+      --admin-address 127.0.0.1:0 --health-address 127.0.0.1:0'";
 
 #[derive(Debug, Parser)]
+#[command(after_long_help = SERVERS)]
 struct Args {
     /// Connected proxies (client sidecars).
     #[arg(long, default_value_t = 1000)]
@@ -66,9 +97,30 @@ struct Args {
     /// Proxies (the first N) that NACK every update after their initial config.
     #[arg(long, default_value_t = 0)]
     nacking_proxies: usize,
-    /// How long to wait for all proxies' initial config.
+    /// How long to wait for all proxies' initial config, and for each change.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Run this command (`sh -c`) as the server instead of meshd; see below.
+    #[arg(long, value_name = "CMD", conflicts_with = "target")]
+    server_cmd: Option<String>,
+    /// Load a server already running at ADDR (needs --scenario-dir, and --ca-dir unless
+    /// --plaintext); see below.
+    #[arg(long, value_name = "ADDR", requires = "scenario_dir")]
+    target: Option<SocketAddr>,
+    /// With --target: the server's process, for its RSS and CPU.
+    #[arg(long, value_name = "PID", requires = "target")]
+    target_pid: Option<u32>,
+    /// Where to write the scenario (default: a temporary directory).
+    #[arg(long, value_name = "DIR")]
+    scenario_dir: Option<PathBuf>,
+    /// With --target: the CA the server trusts (meshd's --ca-dir layout), which issues
+    /// the proxies' certificates; created if the directory has none.
+    #[arg(long, value_name = "DIR", requires = "target")]
+    ca_dir: Option<PathBuf>,
+    /// Plaintext gRPC, for a server without TLS (--server-cmd or --target only): the
+    /// proxies present no certificate.
+    #[arg(long)]
+    plaintext: bool,
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     output: Output,
 }
@@ -77,16 +129,6 @@ struct Args {
 enum Flavor {
     Sotw,
     Delta,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-enum ChangeKind {
-    EndpointAdd,
-    EndpointRemove,
-    PodRoll,
-    ServiceAdd,
-    Policy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -103,6 +145,8 @@ enum Output {
 
 #[derive(Debug, serde::Serialize)]
 struct Report {
+    /// What was loaded: `meshd`, `command: <CMD>` or `target <ADDR>`.
+    server: String,
     flavor: String,
     /// Capture layout and what each proxy's scope covers.
     layout: String,
@@ -113,44 +157,22 @@ struct Report {
     initial_config_s: f64,
     /// What one proxy received until its config was complete, on average.
     initial_bytes_per_proxy: f64,
+    /// Changes per second asked for (0: one after the other) and made.
     rate_per_s: f64,
+    achieved_rate_per_s: Option<f64>,
     nacking_proxies: usize,
     changes: Vec<KindReport>,
-    meshd_peak_rss_mib: f64,
-    meshd_rss_per_proxy_kib: f64,
-    meshd_cpu_s: f64,
-    pushes_per_s: f64,
-    nacks: f64,
-    stream_errors: usize,
-}
-
-/// The figures of one kind of change.
-#[derive(Debug, serde::Serialize)]
-struct KindReport {
-    kind: ChangeKind,
-    changes: usize,
-    /// Proxies each change concerns, on average.
-    proxies_per_change: f64,
-    convergence_p50_ms: f64,
-    convergence_p99_ms: f64,
-    convergence_max_ms: f64,
-    /// What one concerned proxy received for one change.
-    bytes_per_proxy_per_change: f64,
-    /// What proxies the change does not concern received (should be 0); only measured
-    /// when changes run one after the other (at a rate, pushes of one change overlap
-    /// the next).
-    bytes_to_others: Option<usize>,
-}
-
-/// One applied change and who it concerns.
-struct Applied {
-    kind: ChangeKind,
-    at: Instant,
-    /// Proxies that must receive it, and the arrival that shows they did.
-    concerned: Vec<usize>,
-    matches: Box<dyn Fn(&load::Arrival) -> bool>,
-    /// Where each proxy's timeline stood when it was applied.
-    marks: Vec<usize>,
+    /// The server's process (tree), if known.
+    server_peak_rss_mib: Option<f64>,
+    server_rss_per_proxy_kib: Option<f64>,
+    server_cpu_s: Option<f64>,
+    /// From meshd's metrics (meshd only).
+    pushes_per_s: Option<f64>,
+    nacks: Option<f64>,
+    /// Streams that failed or ended and were opened again, in all and by proxy.
+    reconnects: usize,
+    proxies_reconnected: usize,
+    last_stream_error: Option<String>,
 }
 
 #[tokio::main]
@@ -163,6 +185,12 @@ async fn main() -> anyhow::Result<()> {
             args.proxies
         );
     }
+    if args.plaintext && args.server_cmd.is_none() && args.target.is_none() {
+        bail!("--plaintext needs --server-cmd or --target: meshd serves ADS over TLS only");
+    }
+    if args.target.is_some() && args.ca_dir.is_none() && !args.plaintext {
+        bail!("--target needs --ca-dir (the CA the server trusts), or --plaintext");
+    }
     let scenario = Scenario {
         services: args.services,
         endpoints: args.endpoints,
@@ -174,50 +202,85 @@ async fn main() -> anyhow::Result<()> {
         }),
         transparent: args.transparent,
     };
-    let dir = tempfile::Builder::new().prefix("xds-load-").tempdir()?;
-    scenario.write(dir.path())?;
-    eprintln!("scenario written; starting meshd");
-    let meshd = Meshd::start_with(dir.path(), &["--debounce", "100ms", "--log", "warn"]).await?;
-    let pid = meshd.pid().context("meshd has no pid")?;
-    let certs = load::certificates(&meshd.ca_dir(), args.proxies)?;
+    let work = tempfile::Builder::new().prefix("xds-load-").tempdir()?;
+    let dir = match &args.scenario_dir {
+        Some(dir) => dir.clone(),
+        None => work.path().join("scenario"),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("--scenario-dir {}", dir.display()))?;
+    scenario.write(&dir)?;
+    let (mut server, server_name) = match (&args.server_cmd, args.target) {
+        (Some(command), _) => {
+            eprintln!("scenario written; starting the server command");
+            let server = Server::command(command, &dir, work.path()).await?;
+            (server, format!("command: {command}"))
+        }
+        (None, Some(addr)) => {
+            let ca_dir = args
+                .ca_dir
+                .clone()
+                .unwrap_or_else(|| work.path().join("ca"));
+            load::scenario::write_ca(&ca_dir, work.path())?;
+            (
+                Server::target(addr, &ca_dir, args.target_pid),
+                format!("target {addr}"),
+            )
+        }
+        (None, None) => {
+            eprintln!("scenario written; starting meshd");
+            (Server::meshd(&dir).await?, "meshd".to_string())
+        }
+    };
+    let certs = match args.plaintext {
+        true => vec![None; args.proxies],
+        false => load::certificates(&server.ca_dir, args.proxies)?
+            .into_iter()
+            .map(Some)
+            .collect(),
+    };
 
     eprintln!("connecting {} proxies", args.proxies);
     let started = Instant::now();
-    let cpu_before = cpu_seconds(pid);
+    let cpu_before = server.stats.as_ref().map(|s| s.cpu_seconds());
     let timelines: Vec<SharedTimeline> = (0..args.proxies)
         .map(|_| Arc::new(Mutex::new(Timeline::default())))
         .collect();
-    for (i, cert) in certs.into_iter().enumerate() {
-        tokio::spawn(load::run_proxy(
-            meshd.xds_addr,
-            cert,
-            Scenario::proxy(i),
-            args.flavor == Flavor::Delta,
-            if i < args.nacking_proxies {
-                load::Nack::Updates
-            } else {
-                load::Nack::Never
-            },
-            timelines[i].clone(),
-        ));
-    }
+    let probes = Probes::default();
+    let proxies: Vec<tokio::task::JoinHandle<()>> = certs
+        .into_iter()
+        .enumerate()
+        .map(|(i, cert)| {
+            let spec = ProxySpec {
+                addr: server.addr,
+                cert,
+                pod: Scenario::proxy(i),
+                delta: args.flavor == Flavor::Delta,
+                nack: match i < args.nacking_proxies {
+                    true => load::Nack::Updates,
+                    false => load::Nack::Never,
+                },
+            };
+            tokio::spawn(load::run_proxy(spec, timelines[i].clone(), probes.clone()))
+        })
+        .collect();
     // Every proxy complete.
     let initial = loop {
-        let (done, errors) = count(&timelines, |t| t.complete.is_some());
+        server.check_running()?;
+        let done = measure::completed(&timelines);
         if done == args.proxies {
             let last = timelines
                 .iter()
                 .filter_map(|t| t.lock().expect("timeline").complete)
                 .max()
-                .expect("proxies");
-            break last - started;
+                .unwrap_or(started);
+            break last.saturating_duration_since(started);
         }
         if started.elapsed() > args.timeout {
             bail!(
-                "only {done} of {} proxies had their full config after {:?} ({errors} stream errors: {:?})",
+                "{done} of {} proxies had their full config after {:?}; the others: {}",
                 args.proxies,
                 args.timeout,
-                first_error(&timelines)
+                measure::stalled(&timelines)
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -235,13 +298,14 @@ async fn main() -> anyhow::Result<()> {
                 .sum::<usize>()
         })
         .sum();
-    let pushes_before = metric(&meshd, "meshd_xds_pushes_total").await?;
-    let nacks_before = metric(&meshd, "meshd_xds_nacks_total").await?;
+    let pushes_before = server.metric("meshd_xds_pushes_total").await?;
+    let nacks_before = server.metric("meshd_xds_nacks_total").await?;
     let changes_started = Instant::now();
 
-    let mut writer = ChangeWriter::new(&scenario, dir.path());
+    let mut writer = ChangeWriter::new(&scenario, &dir, probes.clone());
     let mut applied: Vec<Applied> = Vec::new();
     for k in 0..args.changes {
+        server.check_running()?;
         let kind = args.kinds[k % args.kinds.len()];
         if args.rate > 0.0 {
             let due = changes_started + Duration::from_secs_f64(k as f64 / args.rate);
@@ -250,35 +314,35 @@ async fn main() -> anyhow::Result<()> {
         // A pod added and removed within one debounce window is, rightly, never
         // pushed at all; so a removal waits until the pod it removes has arrived.
         if let (ChangeKind::EndpointRemove, Some(added)) = (kind, writer.next_removal()) {
-            wait_reached(&applied[added], &timelines, added).await?;
+            measure::wait_reached(&applied[added], &timelines, added, args.timeout).await?;
         }
-        let marks = timelines
-            .iter()
-            .map(|t| t.lock().expect("timeline").arrivals.len())
-            .collect();
-        let (concerned, matches) = writer.apply(kind, k)?;
-        applied.push(Applied {
-            kind,
-            at: Instant::now(),
-            concerned,
-            matches,
-            marks,
-        });
+        applied.push(writer.apply(kind, k)?);
         if args.rate == 0.0 {
             let last = applied.last().expect("just applied");
-            wait_reached(last, &timelines, k).await?;
+            measure::wait_reached(last, &timelines, k, args.timeout).await?;
             // Let the change settle before the next.
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
+    // Changes made per second: from the first to the last, as the tool kept up.
+    let achieved_rate = match (applied.first(), applied.last()) {
+        (Some(first), Some(last)) if args.rate > 0.0 && applied.len() > 1 => {
+            Some((applied.len() - 1) as f64 / (last.at - first.at).as_secs_f64())
+        }
+        _ => None,
+    };
     for (k, change) in applied.iter().enumerate() {
-        wait_reached(change, &timelines, k).await?;
+        measure::wait_reached(change, &timelines, k, args.timeout).await?;
     }
     // Anything that would still reach uninvolved proxies.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pushes = metric(&meshd, "meshd_xds_pushes_total").await? - pushes_before;
-    let nacks = metric(&meshd, "meshd_xds_nacks_total").await? - nacks_before;
     let change_time = changes_started.elapsed();
+    let since = |now: Option<f64>, before: Option<f64>| Some(now? - before?);
+    let pushes = since(
+        server.metric("meshd_xds_pushes_total").await?,
+        pushes_before,
+    );
+    let nacks = since(server.metric("meshd_xds_nacks_total").await?, nacks_before);
     let mut kinds: Vec<ChangeKind> = args.kinds.clone();
     kinds.sort();
     kinds.dedup();
@@ -286,12 +350,13 @@ async fn main() -> anyhow::Result<()> {
         .into_iter()
         .map(|kind| {
             let of_kind: Vec<&Applied> = applied.iter().filter(|a| a.kind == kind).collect();
-            kind_report(kind, &of_kind, &applied, &timelines, args.rate == 0.0)
+            measure::kind_report(kind, &of_kind, &applied, &timelines, args.rate == 0.0)
         })
         .collect();
-    let (_, errors) = count(&timelines, |_| true);
-    let rss = peak_rss_kib(pid) as f64;
+    let (reconnects, proxies_reconnected, last_stream_error) = measure::reconnects(&timelines);
+    let rss_kib = server.stats.as_ref().map(|s| s.peak_rss_kib() as f64);
     let report = Report {
+        server: server_name,
         flavor: format!("{:?}", args.flavor).to_lowercase(),
         layout: format!(
             "{} capture, scope {}",
@@ -313,15 +378,25 @@ async fn main() -> anyhow::Result<()> {
         initial_config_s: initial.as_secs_f64(),
         initial_bytes_per_proxy: initial_bytes as f64 / args.proxies as f64,
         rate_per_s: args.rate,
+        achieved_rate_per_s: achieved_rate,
         nacking_proxies: args.nacking_proxies,
         changes,
-        meshd_peak_rss_mib: rss / 1024.0,
-        meshd_rss_per_proxy_kib: rss / args.proxies as f64,
-        meshd_cpu_s: cpu_seconds(pid) - cpu_before,
-        pushes_per_s: pushes / change_time.as_secs_f64(),
+        server_peak_rss_mib: rss_kib.map(|k| k / 1024.0),
+        server_rss_per_proxy_kib: rss_kib.map(|k| k / args.proxies as f64),
+        server_cpu_s: server
+            .stats
+            .as_ref()
+            .zip(cpu_before)
+            .map(|(s, before)| s.cpu_seconds() - before),
+        pushes_per_s: pushes.map(|p| p / change_time.as_secs_f64()),
         nacks,
-        stream_errors: errors,
+        reconnects,
+        proxies_reconnected,
+        last_stream_error,
     };
+    for proxy in proxies {
+        proxy.abort();
+    }
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Table => print_table(&report),
@@ -329,227 +404,20 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes changes into the scenario's directory, as files meshd picks up.
-struct ChangeWriter<'a> {
-    scenario: &'a Scenario,
-    dir: &'a std::path::Path,
-    /// Files of `endpoint-add` changes not yet removed, oldest first: (file, service,
-    /// index of the change).
-    added: std::collections::VecDeque<(std::path::PathBuf, usize, usize)>,
-}
-
-impl<'a> ChangeWriter<'a> {
-    fn new(scenario: &'a Scenario, dir: &'a std::path::Path) -> Self {
-        ChangeWriter {
-            scenario,
-            dir,
-            added: Default::default(),
-        }
-    }
-
-    /// The change whose pod the next `endpoint-remove` removes.
-    fn next_removal(&self) -> Option<usize> {
-        self.added.front().map(|(_, _, k)| *k)
-    }
-
-    /// Applies change `k` of `kind`; returns the proxies it concerns and how to tell
-    /// that one of them received it.
-    #[allow(clippy::type_complexity)]
-    fn apply(
-        &mut self,
-        kind: ChangeKind,
-        k: usize,
-    ) -> anyhow::Result<(Vec<usize>, Box<dyn Fn(&load::Arrival) -> bool>)> {
-        let sc = self.scenario;
-        let svc = (k * 13) % sc.services;
-        // A fresh address for every pod a change creates.
-        let address = sc.endpoints + k;
-        let eds_of = |svc: usize| -> (Vec<usize>, Box<dyn Fn(&load::Arrival) -> bool>) {
-            let cluster = format!("||{}.{NAMESPACE}.", Scenario::service(svc));
-            // A transparent proxy without a scope of its own covers its namespace: all.
-            let everyone = sc.egress == Some(load::EgressScope::All)
-                || (sc.transparent && sc.egress.is_none());
-            let callers = (0..sc.proxies)
-                .filter(|p| everyone || sc.upstreams_of(*p).contains(&svc))
-                .collect();
-            let matches = move |a: &load::Arrival| {
-                a.type_url.ends_with("ClusterLoadAssignment")
-                    && (a.names.is_empty() || a.names.iter().any(|n| n.contains(&cluster)))
-            };
-            (callers, Box::new(matches))
-        };
-        match kind {
-            ChangeKind::EndpointAdd => {
-                let file = self.dir.join(format!("endpoint-{k}.yaml"));
-                std::fs::write(&file, sc.backend(address, svc))?;
-                self.added.push_back((file, svc, k));
-                Ok(eds_of(svc))
-            }
-            ChangeKind::EndpointRemove => match self.added.pop_front() {
-                Some((file, svc, _)) => {
-                    std::fs::remove_file(file)?;
-                    Ok(eds_of(svc))
-                }
-                None => bail!("endpoint-remove needs an endpoint-add before it (--kinds)"),
-            },
-            ChangeKind::PodRoll => {
-                // The file holds one pod of the service: rewriting it replaces that pod
-                // by one with a new name and address in one step, as a rollout does.
-                let file = self.dir.join(Scenario::roll_file(svc));
-                std::fs::write(&file, sc.pod(&format!("roll-{svc}-{k}"), address, svc))?;
-                Ok(eds_of(svc))
-            }
-            ChangeKind::ServiceAdd => {
-                std::fs::write(
-                    self.dir.join(format!("service-{k}.yaml")),
-                    format!(
-                        "apiVersion: v1\nkind: Service\nmetadata: {{name: added-{k}, namespace: {NAMESPACE}}}\nspec:\n  selector: {{app: {}}}\n  ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]\n",
-                        Scenario::service(svc)
-                    ),
-                )?;
-                Ok((Vec::new(), Box::new(|_: &load::Arrival| false)))
-            }
-            ChangeKind::Policy => {
-                std::fs::write(
-                    self.dir.join("policy.yaml"),
-                    format!(
-                        "apiVersion: security.meshd.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: clients, namespace: {NAMESPACE}}}\nspec:\n  selector: {{matchLabels: {{app: client}}}}\n  action: ALLOW\n  rules:\n    - from: [{{source: {{namespaces: [{NAMESPACE}, caller-{k}]}}}}]\n"
-                    ),
-                )?;
-                let matches = |a: &load::Arrival| {
-                    a.type_url.ends_with("RouteConfiguration")
-                        && (a.names.is_empty() || a.names.iter().any(|n| n.starts_with("inbound|")))
-                };
-                Ok(((0..sc.proxies).collect(), Box::new(matches)))
-            }
-        }
-    }
-}
-
-/// For each proxy `change` concerns: how long until it arrived, and its size.
-fn reached(change: &Applied, timelines: &[SharedTimeline]) -> Vec<Option<(Duration, usize)>> {
-    change
-        .concerned
-        .iter()
-        .map(|p| {
-            let t = timelines[*p].lock().expect("timeline");
-            t.arrivals[change.marks[*p]..]
-                .iter()
-                .find(|a| a.at >= change.at && (change.matches)(a))
-                .map(|a| (a.at - change.at, a.bytes))
-        })
-        .collect()
-}
-
-async fn wait_reached(
-    change: &Applied,
-    timelines: &[SharedTimeline],
-    k: usize,
-) -> anyhow::Result<()> {
-    let deadline = change.at + Duration::from_secs(60);
-    loop {
-        let missing = reached(change, timelines)
-            .iter()
-            .filter(|r| r.is_none())
-            .count();
-        if missing == 0 {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "change {k} ({:?}) did not reach {missing} of {} proxies within 60s",
-                change.kind,
-                change.concerned.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-fn kind_report(
-    kind: ChangeKind,
-    of_kind: &[&Applied],
-    all: &[Applied],
-    timelines: &[SharedTimeline],
-    sequential: bool,
-) -> KindReport {
-    let mut convergence: Vec<Duration> = Vec::new();
-    let mut bytes: Vec<usize> = Vec::new();
-    let mut bytes_to_others = 0;
-    for change in of_kind {
-        for (d, b) in reached(change, timelines).into_iter().flatten() {
-            convergence.push(d);
-            bytes.push(b);
-        }
-        // What proxies it does not concern received between it and the next change
-        // (or the end), when no other change concerns them in that span.
-        let index = all
-            .iter()
-            .position(|a| std::ptr::eq(a, *change))
-            .expect("a change of the run");
-        let until = all.get(index + 1).map(|n| n.at);
-        let busy: std::collections::HashSet<usize> = all
-            .iter()
-            .filter(|a| !std::ptr::eq(*a, *change))
-            .filter(|a| until.is_none_or(|u| a.at < u) && a.at >= change.at)
-            .flat_map(|a| a.concerned.iter().copied())
-            .collect();
-        let concerned: std::collections::HashSet<usize> =
-            change.concerned.iter().copied().collect();
-        for (p, t) in timelines.iter().enumerate() {
-            if concerned.contains(&p) || busy.contains(&p) {
-                continue;
-            }
-            let t = t.lock().expect("timeline");
-            for a in t.arrivals[change.marks[p]..]
-                .iter()
-                .filter(|a| a.at >= change.at && until.is_none_or(|u| a.at < u))
-                .filter(|a| !a.type_url.ends_with("Secret"))
-            {
-                if std::env::var("XDS_LOAD_DEBUG").is_ok() {
-                    eprintln!(
-                        "{kind:?}: proxy {p} got {} {:?} {}",
-                        a.type_url, a.names, a.bytes
-                    );
-                }
-                bytes_to_others += a.bytes;
-            }
-        }
-    }
-    convergence.sort();
-    let pct = |p: f64| -> f64 {
-        if convergence.is_empty() {
-            return 0.0;
-        }
-        let i = ((convergence.len() as f64 - 1.0) * p).round() as usize;
-        convergence[i].as_secs_f64() * 1e3
-    };
-    KindReport {
-        kind,
-        changes: of_kind.len(),
-        proxies_per_change: of_kind.iter().map(|a| a.concerned.len()).sum::<usize>() as f64
-            / of_kind.len().max(1) as f64,
-        convergence_p50_ms: pct(0.5),
-        convergence_p99_ms: pct(0.99),
-        convergence_max_ms: pct(1.0),
-        bytes_per_proxy_per_change: bytes.iter().sum::<usize>() as f64 / bytes.len().max(1) as f64,
-        bytes_to_others: sequential.then_some(bytes_to_others),
-    }
-}
-
 fn print_table(r: &Report) {
     println!(
-        "xds-load: {} proxies ({}, {}), {} services, {} endpoints, {} upstreams per proxy{}{}",
+        "xds-load on {}: {} proxies ({}, {}), {} services, {} endpoints, {} upstreams per proxy{}{}",
+        r.server,
         r.proxies,
         r.flavor,
         r.layout,
         r.services,
         r.endpoints,
         r.upstreams_per_proxy,
-        if r.rate_per_s > 0.0 {
-            format!(", {} changes/s", r.rate_per_s)
-        } else {
-            String::new()
+        match r.achieved_rate_per_s {
+            Some(achieved) => format!(", {} changes/s asked, {achieved:.1} made", r.rate_per_s),
+            None if r.rate_per_s > 0.0 => format!(", {} changes/s", r.rate_per_s),
+            None => String::new(),
         },
         if r.nacking_proxies > 0 {
             format!(", {} proxies NACKing every update", r.nacking_proxies)
@@ -585,73 +453,40 @@ fn print_table(r: &Report) {
                 .map_or("- (overlapping changes)".to_string(), |b| b.to_string())
         );
     }
+    let unknown = || "- (process unknown)".to_string();
     println!(
-        "| meshd peak RSS | {:.0} MiB ({:.0} KiB per proxy) |",
-        r.meshd_peak_rss_mib, r.meshd_rss_per_proxy_kib
+        "| server peak RSS | {} |",
+        r.server_peak_rss_mib
+            .zip(r.server_rss_per_proxy_kib)
+            .map_or_else(unknown, |(m, k)| format!(
+                "{m:.0} MiB ({k:.0} KiB per proxy)"
+            ))
     );
-    println!("| meshd CPU (connect + changes) | {:.1} s |", r.meshd_cpu_s);
     println!(
-        "| pushes per second during the changes | {:.0} |",
+        "| server CPU (connect + changes) | {} |",
+        r.server_cpu_s.map_or_else(unknown, |c| format!("{c:.1} s"))
+    );
+    let meshd_only = || "- (meshd only)".to_string();
+    println!(
+        "| pushes per second during the changes | {} |",
         r.pushes_per_s
+            .map_or_else(meshd_only, |p| format!("{p:.0}"))
     );
-    println!("| NACKs meshd recorded | {:.0} |", r.nacks);
-    println!("| stream errors | {} |", r.stream_errors);
+    println!(
+        "| NACKs meshd recorded | {} |",
+        r.nacks.map_or_else(meshd_only, |n| format!("{n:.0}"))
+    );
+    println!(
+        "| reconnects (proxies that reconnected) | {} ({}){} |",
+        r.reconnects,
+        r.proxies_reconnected,
+        r.last_stream_error
+            .as_ref()
+            .map_or(String::new(), |e| format!(", last: {e}"))
+    );
 }
 
-/// (timelines where `f` holds, timelines with an error).
-fn count(timelines: &[SharedTimeline], f: impl Fn(&Timeline) -> bool) -> (usize, usize) {
-    let mut ok = 0;
-    let mut errors = 0;
-    for t in timelines {
-        let t = t.lock().expect("timeline");
-        ok += usize::from(f(&t));
-        errors += usize::from(t.error.is_some());
-    }
-    (ok, errors)
-}
-
-fn first_error(timelines: &[SharedTimeline]) -> Option<String> {
-    timelines
-        .iter()
-        .find_map(|t| t.lock().expect("timeline").error.clone())
-}
-
-async fn metric(meshd: &Meshd, name: &str) -> anyhow::Result<f64> {
-    let text = meshd.metrics().await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
-
-/// meshd's user + system CPU seconds so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime is the 12th, stime 13th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// This process's soft open-file limit (`ulimit -n`); meshd inherits it.
+/// This process's soft open-file limit (`ulimit -n`); a server it starts inherits it.
 fn open_file_limit() -> u64 {
     std::fs::read_to_string("/proc/self/limits")
         .ok()
