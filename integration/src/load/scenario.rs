@@ -73,7 +73,7 @@ impl Scenario {
             services,
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: client, namespace: {NAMESPACE}}}\nspec:\n  selector: {{app: client}}\n  ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]\n"
         );
-        std::fs::write(dir.join("services.yaml"), services)?;
+        write_split(dir, "services", &services)?;
         // The first backend of each service in a file of its own (`roll-<s>.yaml`),
         // which a `pod-roll` rewrites with a pod of a new name and address.
         let mut backends = String::new();
@@ -85,7 +85,7 @@ impl Scenario {
                 let _ = write!(backends, "{}", self.backend(e, s));
             }
         }
-        std::fs::write(dir.join("backends.yaml"), backends)?;
+        write_split(dir, "backends", &backends)?;
         let mut proxies = String::new();
         for p in 0..self.proxies {
             let ups: Vec<String> = self
@@ -119,7 +119,7 @@ impl Scenario {
                 ip(1 << 20 | p)
             );
         }
-        std::fs::write(dir.join("proxies.yaml"), proxies)?;
+        write_split(dir, "proxies", &proxies)?;
         Ok(())
     }
 
@@ -171,6 +171,25 @@ pub struct ServingFiles {
     /// The roots proxies' certificates chain to (PEM).
     pub trust_bundle: std::path::PathBuf,
 }
+
+/// Writes `yaml` (documents separated by `---` lines) as `<stem>-<n>.yaml` files of at
+/// most [`DOCUMENTS_PER_FILE`] documents each: meshd refuses a config file with more than
+/// `sources::file::parse::MAX_DOCUMENTS`.
+fn write_split(dir: &Path, stem: &str, yaml: &str) -> anyhow::Result<()> {
+    let mut documents = yaml.split("---\n").filter(|d| !d.trim().is_empty());
+    let mut n = 0;
+    loop {
+        let chunk: Vec<&str> = documents.by_ref().take(DOCUMENTS_PER_FILE).collect();
+        if chunk.is_empty() && n > 0 {
+            return Ok(());
+        }
+        std::fs::write(dir.join(format!("{stem}-{n}.yaml")), chunk.join("---\n"))?;
+        n += 1;
+    }
+}
+
+/// Well under meshd's limit of documents per file.
+const DOCUMENTS_PER_FILE: usize = meshd::sources::file::parse::MAX_DOCUMENTS / 2;
 
 /// Creates a CA in `ca_dir` (meshd's `--ca-dir` layout), unless one is there, and
 /// writes a serving certificate, its key and the trust bundle into `out`.
