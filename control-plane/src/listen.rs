@@ -2,10 +2,11 @@
 //!
 //! When every sidecar of a large mesh connects at once (meshd restarted, a node pool
 //! rolled), connections that finished the TCP handshake wait in the kernel's accept
-//! queue until meshd's accept loop takes them. `tokio::net::TcpListener::bind` asks for
-//! a backlog of 1024; at 10,000 proxies connecting at once the queue overflowed
-//! (`TcpExtListenOverflows`), the kernel dropped the handshakes' final ACKs and each
-//! such client waited for a SYN retransmit: a second or more added to its initial sync.
+//! queue until meshd's accept loop takes them. `tokio::net::TcpListener::bind` gave
+//! meshd a backlog of 128 (`ss -ltn` showed it; std's default); when 10,000 proxies
+//! connect at once the queue can overflow (`TcpExtListenOverflows`): the kernel drops
+//! the handshakes' final ACKs and each such client waits for a SYN retransmit, a
+//! second or more added to its initial sync.
 //! [`bind`] asks for [`BACKLOG`]; the kernel caps it at `net.core.somaxconn`, which
 //! [`bind`] reads and logs when it is lower, so an operator knows to raise it.
 //!
