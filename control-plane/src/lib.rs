@@ -13,6 +13,7 @@ pub mod cli;
 pub mod cluster;
 pub mod identity;
 pub mod inject;
+pub mod listen;
 pub mod logging;
 pub mod metrics;
 pub mod model;
