@@ -5,7 +5,7 @@
 //! Each change registers a probe ([`Probes::add`]) before it touches a file: an EDS
 //! change is carried by the assignment of its service's cluster that has (or, for a
 //! removal, no longer has) the pod's address; a policy change by a route that names
-//! the change's own namespace (`caller-<k>-ns`, a string no other change's contains).
+//! its own namespace (`caller-<k>-ns`) or a later policy change's, which replaces it.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -138,7 +138,7 @@ impl<'a> ChangeWriter<'a> {
                         "apiVersion: security.meshd.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: clients, namespace: {NAMESPACE}}}\nspec:\n  selector: {{matchLabels: {{app: client}}}}\n  action: ALLOW\n  rules:\n    - from: [{{source: {{namespaces: [{NAMESPACE}, caller-{k}-ns]}}}}]\n"
                     ),
                 );
-                let carries = route_naming(format!("caller-{k}-ns"));
+                let carries = policy_from(k);
                 ((0..sc.proxies).collect(), carries, edit)
             }
         };
@@ -195,10 +195,22 @@ pub fn endpoint(svc: usize, address: String, present: bool) -> ProbeFn {
     })
 }
 
-/// A route configuration whose encoding holds `token`.
-pub fn route_naming(token: String) -> ProbeFn {
-    Box::new(move |type_url, _, value| {
-        type_url == RDS && value.windows(token.len()).any(|w| w == token.as_bytes())
+/// A route configuration carrying policy change `k` or a later one: each rewrites the
+/// same policy, so a later one replaces it, and a server may push both in one
+/// snapshot (the newest state wins). It names the change's namespace,
+/// `caller-<j>-ns`.
+pub fn policy_from(k: usize) -> ProbeFn {
+    Box::new(move |type_url, _, value| type_url == RDS && policy_changes(value).any(|j| j >= k))
+}
+
+/// The `j` of every `caller-<j>-ns` in `bytes`.
+fn policy_changes(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    const PREFIX: &[u8] = b"caller-";
+    (0..bytes.len().saturating_sub(PREFIX.len())).filter_map(|i| {
+        let rest = bytes[i..].strip_prefix(PREFIX)?;
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        rest[digits..].starts_with(b"-ns").then_some(())?;
+        std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
     })
 }
 
@@ -213,4 +225,20 @@ fn names_host(name: &str, host: &str) -> bool {
 /// per proxy and rotate on their own).
 pub fn counts_as_config(type_url: &str) -> bool {
     type_url != SDS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_change_is_carried_by_its_own_route_or_a_later_ones() {
+        let route = |ns: &str| format!("\x12\x10/ns/{ns}/sa/\x1a").into_bytes();
+        let carries = policy_from(2);
+        assert!(carries(RDS, "inbound|8080", &route("caller-2-ns")));
+        assert!(carries(RDS, "inbound|8080", &route("caller-12-ns")));
+        assert!(!carries(RDS, "inbound|8080", &route("caller-1-ns")));
+        assert!(!carries(RDS, "inbound|8080", &route("caller-2x-ns")));
+        assert!(!carries(EDS, "inbound|8080", &route("caller-2-ns")));
+    }
 }

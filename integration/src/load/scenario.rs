@@ -144,6 +144,20 @@ impl Scenario {
     }
 }
 
+/// Documents per file: meshd reads at most 1,024 from one file.
+const DOCUMENTS_PER_FILE: usize = 1000;
+
+/// Writes the YAML documents of `text` as `<stem>-<n>.yaml`, [`DOCUMENTS_PER_FILE`] in
+/// each.
+fn write_split(dir: &Path, stem: &str, text: &str) -> anyhow::Result<()> {
+    let docs: Vec<&str> = text.split("---\n").filter(|d| !d.is_empty()).collect();
+    for (n, chunk) in docs.chunks(DOCUMENTS_PER_FILE).enumerate() {
+        let file: String = chunk.iter().map(|d| format!("---\n{d}")).collect();
+        std::fs::write(dir.join(format!("{stem}-{n}.yaml")), file)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn ip(i: usize) -> String {
     format!("10.{}.{}.{}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff)
 }
@@ -213,4 +227,33 @@ pub fn write_ca(ca_dir: &Path, out: &Path) -> anyhow::Result<ServingFiles> {
     meshd_ca::store::write_file(&files.key, issued.key.secret_pem(), 0o600, true)?;
     meshd_ca::store::write_file(&files.trust_bundle, &ca.trust_bundle().pem(), 0o644, true)?;
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// meshd rejects a file of more than 1,024 documents (its pods then never appear
+    /// and their proxies get an empty config).
+    #[test]
+    fn no_file_holds_more_documents_than_meshd_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let scenario = Scenario {
+            services: 1100,
+            endpoints: 2500,
+            proxies: 2100,
+            upstreams: 10,
+            egress: None,
+            transparent: false,
+        };
+        scenario.write(dir.path()).unwrap();
+        let mut pods = 0;
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            let docs = text.matches("kind: ").count();
+            assert!(docs <= 1024, "{docs} documents in one file");
+            pods += text.matches("kind: Pod").count();
+        }
+        assert_eq!(pods, 2500 + 2100);
+    }
 }
