@@ -186,24 +186,6 @@ pub struct ServingFiles {
     pub trust_bundle: std::path::PathBuf,
 }
 
-/// Writes `yaml` (documents separated by `---` lines) as `<stem>-<n>.yaml` files of at
-/// most [`DOCUMENTS_PER_FILE`] documents each: meshd refuses a config file with more than
-/// `sources::file::parse::MAX_DOCUMENTS`.
-fn write_split(dir: &Path, stem: &str, yaml: &str) -> anyhow::Result<()> {
-    let mut documents = yaml.split("---\n").filter(|d| !d.trim().is_empty());
-    let mut n = 0;
-    loop {
-        let chunk: Vec<&str> = documents.by_ref().take(DOCUMENTS_PER_FILE).collect();
-        if chunk.is_empty() && n > 0 {
-            return Ok(());
-        }
-        std::fs::write(dir.join(format!("{stem}-{n}.yaml")), chunk.join("---\n"))?;
-        n += 1;
-    }
-}
-
-/// Well under meshd's limit of documents per file.
-const DOCUMENTS_PER_FILE: usize = meshd::sources::file::parse::MAX_DOCUMENTS / 2;
 
 /// Creates a CA in `ca_dir` (meshd's `--ca-dir` layout), unless one is there, and
 /// writes a serving certificate, its key and the trust bundle into `out`.
