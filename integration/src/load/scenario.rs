@@ -186,7 +186,6 @@ pub struct ServingFiles {
     pub trust_bundle: std::path::PathBuf,
 }
 
-
 /// Creates a CA in `ca_dir` (meshd's `--ca-dir` layout), unless one is there, and
 /// writes a serving certificate, its key and the trust bundle into `out`.
 pub fn write_ca(ca_dir: &Path, out: &Path) -> anyhow::Result<ServingFiles> {
