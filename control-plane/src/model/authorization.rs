@@ -131,6 +131,17 @@ pub struct AuthorizationPolicy {
 }
 
 impl AuthorizationPolicy {
+    /// Whether the policy applies to `workload`: its own namespace's or the root
+    /// namespace's, and its selector (none: every pod) matches the pod's labels.
+    pub fn applies_to(&self, workload: &super::Workload, root_namespace: &str) -> bool {
+        let ns = self.key.namespace.as_str();
+        (ns == workload.key.namespace || ns == root_namespace)
+            && self
+                .selector
+                .as_ref()
+                .is_none_or(|sel| sel.iter().all(|(k, v)| workload.labels.get(k) == Some(v)))
+    }
+
     /// The name a rule carries in Envoy and in denials: `<namespace>/<name>#<index>`.
     pub fn rule_id(&self, index: usize) -> String {
         format!("{}/{}#{}", self.key.namespace, self.key.name, index)

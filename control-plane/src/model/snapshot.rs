@@ -169,13 +169,7 @@ impl MeshSnapshot {
         let root = self.defaults.root_namespace.as_str();
         self.authorization_policies
             .values()
-            .filter(|p| {
-                let ns = p.key.namespace.as_str();
-                (ns == workload.key.namespace || ns == root)
-                    && p.selector.as_ref().is_none_or(|sel| {
-                        sel.iter().all(|(k, v)| workload.labels.get(k) == Some(v))
-                    })
-            })
+            .filter(|p| p.applies_to(workload, root))
             .collect()
     }
 

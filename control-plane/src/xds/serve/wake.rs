@@ -281,7 +281,6 @@ mod tests {
         let mut second = snapshot(2, Some(&first));
         second.touched = Default::default();
         second.touched.services.insert(ObjectKey::new("a", "api"));
-        second.touched.namespaces.insert("a".into());
         assert_eq!(wakers.handle(&second), 2);
         assert!(was_woken(&caller).await);
         assert!(was_woken(&scoped).await);

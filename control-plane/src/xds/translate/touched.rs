@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use super::cache::{ServicePortResources, XdsSnapshot};
 use crate::model::snapshot::ServicePortKey;
-use crate::model::{MeshSnapshot, ObjectKey, ProxyView, ScopeEntry, Workload};
+use crate::model::{MeshSnapshot, ObjectKey, ProxyView, ScopeEntry};
 
 /// One thing a proxy's config can depend on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -47,8 +47,6 @@ pub struct Touched {
     pub everything: bool,
     pub workloads: HashSet<ObjectKey>,
     pub services: HashSet<ObjectKey>,
-    /// The namespaces of [`Self::services`].
-    pub namespaces: HashSet<String>,
 }
 
 impl Touched {
@@ -65,7 +63,7 @@ impl Touched {
             || match key {
                 Key::Workload(w) => self.workloads.contains(w),
                 Key::Service(s) => self.services.contains(s),
-                Key::Namespace(ns) => self.namespaces.contains(ns),
+                Key::Namespace(ns) => self.services.iter().any(|s| s.namespace == *ns),
                 Key::AnyService => !self.services.is_empty(),
             }
     }
@@ -74,7 +72,10 @@ impl Touched {
     pub fn keys(&self) -> impl Iterator<Item = Key> + '_ {
         let workloads = self.workloads.iter().cloned().map(Key::Workload);
         let services = self.services.iter().cloned().map(Key::Service);
-        let namespaces = self.namespaces.iter().cloned().map(Key::Namespace);
+        let namespaces: HashSet<&str> = self.services.iter().map(|s| &*s.namespace).collect();
+        let namespaces = namespaces
+            .into_iter()
+            .map(|ns| Key::Namespace(ns.to_string()));
         let any = (!self.services.is_empty()).then_some(Key::AnyService);
         workloads.chain(services).chain(namespaces).chain(any)
     }
@@ -111,12 +112,10 @@ impl Touched {
                 mesh.authorization_policies.get(key),
             ];
             for snap in [before, mesh] {
-                let selected = snap.workloads.values().filter(|w| {
-                    versions
-                        .iter()
-                        .flatten()
-                        .any(|p| selects(&p.key.namespace, p.selector.as_ref(), root, w))
-                });
+                let selected = snap
+                    .workloads
+                    .values()
+                    .filter(|w| versions.iter().flatten().any(|p| p.applies_to(w, root)));
                 t.workloads.extend(selected.map(|w| w.key.clone()));
             }
         }
@@ -137,21 +136,8 @@ impl Touched {
         {
             t.services.insert(key.0.clone());
         }
-        t.namespaces = t.services.iter().map(|s| s.namespace.clone()).collect();
         t
     }
-}
-
-/// Whether a policy in `namespace` with `selector` applies to `w`: the same rule as
-/// [`MeshSnapshot::authorization_policies_for`].
-fn selects(
-    namespace: &str,
-    selector: Option<&BTreeMap<String, String>>,
-    root: &str,
-    w: &Workload,
-) -> bool {
-    (namespace == w.key.namespace || namespace == root)
-        && selector.is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
 }
 
 /// A map both snapshots have, by key.
@@ -257,7 +243,7 @@ mod tests {
     use crate::model::authorization::{Action, AuthorizationPolicy, Rule};
     use crate::model::{
         Capture, ContainerPort, Egress, MeshDefaults, MeshObject, ObjectKind, PeerAuthentication,
-        Protocol, Service, ServicePort, TargetPort, Upstream,
+        Protocol, Service, ServicePort, TargetPort, Upstream, Workload,
     };
     use crate::xds::translate::resources::ResourceType;
 
